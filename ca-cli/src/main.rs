@@ -1,1 +1,671 @@
-fn main() {}
+//! `ca-cli`: key ceremonies, signing, verification and the istiod bundle.
+#![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use ca_core::cert::{load_cert, load_certs, read_file, to_pem};
+use ca_core::duration::Validity;
+use ca_core::error::fmt_time;
+use ca_core::names::{SpiffeId, TrustDomain};
+use ca_core::outputs::OutputSet;
+use ca_core::profile::{CertRequest, ProfileKind};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use hsm::{KeyAlgorithm, KeyRef};
+use serde_json::{Value, json};
+use time::OffsetDateTime;
+
+#[derive(Parser)]
+#[command(
+    name = "ca-cli",
+    version,
+    about = "Hierarchical PKI for service meshes: ceremonies, signing, verification"
+)]
+struct Cli {
+    /// Output format for commands that print data.
+    #[arg(long, global = true, value_enum, default_value_t = Output::Text)]
+    output: Output,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Generate or inspect keys.
+    #[command(subcommand)]
+    Key(KeyCmd),
+    /// Create a self-signed root certificate.
+    #[command(subcommand)]
+    Root(RootCmd),
+    /// Create a certificate signing request.
+    #[command(subcommand)]
+    Csr(CsrCmd),
+    /// Sign a CSR with a CA key under a profile.
+    Sign(SignArgs),
+    /// Istio integration.
+    #[command(subcommand)]
+    Istio(IstioCmd),
+    /// Verify a certificate chain to a root.
+    Verify(VerifyArgs),
+    /// Certificate revocation lists.
+    #[command(subcommand)]
+    Crl(CrlCmd),
+    /// Check or run a ceremony file.
+    #[command(subcommand)]
+    Ceremony(CeremonyCmd),
+    /// Build a throwaway hierarchy (root, environment, cluster) and an istiod bundle in DIR.
+    Quickstart(QuickstartArgs),
+}
+
+#[derive(Subcommand)]
+enum KeyCmd {
+    /// Generate a key in a PKCS#11 token or a new file.
+    Generate {
+        #[arg(long)]
+        key: KeyRef,
+        #[arg(long)]
+        algorithm: KeyAlgorithm,
+        /// Also write the public key (PEM) here.
+        #[arg(long)]
+        public_out: Option<PathBuf>,
+    },
+    /// Show a key's public key and, for token keys, its custody attributes.
+    Info {
+        #[arg(long)]
+        key: KeyRef,
+    },
+}
+
+#[derive(Subcommand)]
+enum RootCmd {
+    Create {
+        #[arg(long)]
+        key: KeyRef,
+        #[arg(long)]
+        subject: String,
+        #[arg(long)]
+        validity: Validity,
+        #[arg(long, default_value_t = 2)]
+        path_len: u32,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum CsrCmd {
+    Create {
+        #[arg(long)]
+        key: KeyRef,
+        #[arg(long)]
+        subject: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct SignArgs {
+    #[arg(long)]
+    profile: ProfileKind,
+    #[arg(long)]
+    ca_cert: PathBuf,
+    #[arg(long)]
+    ca_key: KeyRef,
+    #[arg(long)]
+    csr: PathBuf,
+    /// Trust domain the CA serves (environment and cluster profiles); repeatable.
+    #[arg(long = "trust-domain")]
+    trust_domains: Vec<TrustDomain>,
+    #[arg(long)]
+    validity: Validity,
+    /// Add critical URI name constraints permitting only the trust domains.
+    #[arg(long)]
+    name_constraints: bool,
+    /// CRL distribution point URL; repeatable.
+    #[arg(long = "crl-url")]
+    crl_urls: Vec<String>,
+    /// AIA caIssuers URL; repeatable.
+    #[arg(long = "ca-issuer-url")]
+    ca_issuer_urls: Vec<String>,
+    /// SPIFFE ID of a workload certificate (workload profile).
+    #[arg(long)]
+    spiffe_id: Option<SpiffeId>,
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum IstioCmd {
+    /// Write istiod's plug-in CA files and a `cacerts` Secret manifest.
+    Cacerts {
+        #[arg(long)]
+        cert: PathBuf,
+        /// The cluster key; istiod must hold it, so it is a file: key.
+        #[arg(long)]
+        key: KeyRef,
+        /// Intermediate certificates between the cluster and the root; repeatable.
+        #[arg(long)]
+        chain: Vec<PathBuf>,
+        #[arg(long)]
+        root: PathBuf,
+        #[arg(long)]
+        out_dir: PathBuf,
+        #[arg(long, default_value = "istio-system")]
+        namespace: String,
+    },
+}
+
+#[derive(Args)]
+struct VerifyArgs {
+    #[arg(long)]
+    root: PathBuf,
+    /// Intermediate certificates; repeatable.
+    #[arg(long)]
+    chain: Vec<PathBuf>,
+    leaf: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum CrlCmd {
+    Create {
+        #[arg(long)]
+        ca_cert: PathBuf,
+        #[arg(long)]
+        ca_key: KeyRef,
+        /// SERIAL[:reason], serial in hex; repeatable.
+        #[arg(long)]
+        revoke: Vec<String>,
+        #[arg(long)]
+        next_update: Validity,
+        /// Defaults to the current Unix time, which keeps CRL numbers increasing without state.
+        #[arg(long)]
+        crl_number: Option<u64>,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum CeremonyCmd {
+    /// Validate a ceremony file, its inputs and outputs without touching the HSM.
+    Check { file: PathBuf },
+    /// Run a ceremony and append its transcript next to the outputs.
+    Run {
+        file: PathBuf,
+        /// Recorded in the transcript; defaults to $CEREMONY_OPERATOR or $USER.
+        #[arg(long)]
+        operator: Option<String>,
+    },
+}
+
+#[derive(Args)]
+struct QuickstartArgs {
+    #[arg(long)]
+    dir: PathBuf,
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    #[arg(long, default_value = "dev")]
+    environment: String,
+    #[arg(long, default_value = "dev-1")]
+    cluster: String,
+    /// Use file keys even when SoftHSM2 is installed.
+    #[arg(long)]
+    file_keys: bool,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CA_LOG")
+                .unwrap_or_else(|_| "warn,cryptoki=off".into()),
+        )
+        .init();
+    let cli = Cli::parse();
+    match run(cli.cmd, cli.output) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let chain: Vec<String> = e.chain().map(ToString::to_string).collect();
+            eprintln!("error: {}", dedup_chain(chain).join(": "));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Joins an error chain into one line without repeating a cause its parent already quoted.
+fn dedup_chain(chain: Vec<String>) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for msg in chain {
+        if out.last().is_some_and(|prev| prev.contains(&msg)) {
+            continue;
+        }
+        out.push(msg.replace('\n', " "));
+    }
+    out
+}
+
+fn emit(output: Output, value: Value, text: impl FnOnce(&Value) -> String) {
+    match output {
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&value).expect("serialisable")
+        ),
+        Output::Text => println!("{}", text(&value)),
+    }
+}
+
+fn write_one(path: &Path, contents: impl Into<Vec<u8>>) -> Result<()> {
+    let mut out = OutputSet::new();
+    out.add(path, contents);
+    out.commit()?;
+    Ok(())
+}
+
+fn preflight(paths: &[&Path]) -> Result<()> {
+    ca_core::outputs::preflight(paths.iter().copied())?;
+    Ok(())
+}
+
+fn cert_json(c: &ca_core::cert::CertInfo, path: &Path) -> Value {
+    json!({
+        "path": path,
+        "subject": c.subject,
+        "issuer": c.issuer,
+        "serial": c.serial,
+        "not_before": fmt_time(c.not_before),
+        "not_after": fmt_time(c.not_after),
+        "is_ca": c.is_ca,
+        "path_len": c.path_len,
+        "trust_domains": c.trust_domains(),
+        "uris": c.uris,
+        "sha256_fingerprint": c.fingerprint(),
+    })
+}
+
+fn cert_text(v: &Value) -> String {
+    format!(
+        "wrote {}\n  subject:  {}\n  issuer:   {}\n  serial:   {}\n  validity: {} .. {}\n  sha256:   {}",
+        v["path"].as_str().unwrap_or_default(),
+        v["subject"].as_str().unwrap_or_default(),
+        v["issuer"].as_str().unwrap_or_default(),
+        v["serial"].as_str().unwrap_or_default(),
+        v["not_before"].as_str().unwrap_or_default(),
+        v["not_after"].as_str().unwrap_or_default(),
+        v["sha256_fingerprint"].as_str().unwrap_or_default(),
+    )
+}
+
+fn run(cmd: Cmd, output: Output) -> Result<()> {
+    match cmd {
+        Cmd::Key(KeyCmd::Generate {
+            key,
+            algorithm,
+            public_out,
+        }) => {
+            if let Some(p) = &public_out {
+                preflight(&[p])?;
+            }
+            let public = hsm::generate_key(&key, algorithm)
+                .with_context(|| format!("generating {algorithm} key {key}"))?;
+            if let Some(p) = &public_out {
+                write_one(p, public.to_pem())?;
+            }
+            let v = json!({
+                "key": key.to_string(),
+                "algorithm": algorithm.as_str(),
+                "public_key_sha256": hex_str(&public.fingerprint()),
+                "public_out": public_out,
+                "public_key_pem": public.to_pem(),
+            });
+            emit(output, v, |v| {
+                format!(
+                    "generated {} key {}\n  public key sha256: {}{}",
+                    algorithm,
+                    key,
+                    v["public_key_sha256"].as_str().unwrap_or_default(),
+                    public_out
+                        .as_ref()
+                        .map(|p| format!("\n  public key written to {}", p.display()))
+                        .unwrap_or_default()
+                )
+            });
+        }
+        Cmd::Key(KeyCmd::Info { key }) => {
+            let signer = hsm::open_signer(&key)?;
+            let public = signer.public_key();
+            let mut v = json!({
+                "key": key.to_string(),
+                "algorithm": signer.algorithm().as_str(),
+                "public_key_sha256": hex_str(&public.fingerprint()),
+                "hardware": signer.is_hardware(),
+            });
+            if signer.is_hardware() {
+                let a = signer.token_attributes()?;
+                v["pkcs11"] = json!({
+                    "token": a.token, "object": a.object, "id": a.id,
+                    "token_object": a.token_object, "private": a.private,
+                    "sensitive": a.sensitive, "extractable": a.extractable,
+                    "always_sensitive": a.always_sensitive, "never_extractable": a.never_extractable,
+                    "sign": a.sign,
+                });
+            }
+            emit(output, v, |v| {
+                serde_json::to_string_pretty(v).unwrap_or_default()
+            });
+        }
+        Cmd::Root(RootCmd::Create {
+            key,
+            subject,
+            validity,
+            path_len,
+            out,
+        }) => {
+            preflight(&[&out])?;
+            let subject = ca_core::dn::parse_subject(&subject)?;
+            let signer = hsm::open_signer(&key)?;
+            let not_before = ca_core::issue::default_not_before();
+            let req = CertRequest {
+                profile: ProfileKind::Root,
+                subject,
+                subject_key: signer.public_key().clone(),
+                not_before,
+                not_after: not_before + validity.duration(),
+                path_len: Some(path_len),
+                trust_domains: vec![],
+                name_constraints: false,
+                crl_urls: vec![],
+                ca_issuer_urls: vec![],
+                spiffe_id: None,
+            };
+            let issued = ca_core::issue::create_root(&signer, &req)?;
+            write_one(&out, issued.pem())?;
+            emit(output, cert_json(&issued.cert, &out), cert_text);
+        }
+        Cmd::Csr(CsrCmd::Create { key, subject, out }) => {
+            preflight(&[&out])?;
+            let subject_dn = ca_core::dn::parse_subject(&subject)?;
+            let signer = hsm::open_signer(&key)?;
+            let pem = ca_core::csr::create_csr(&signer, subject_dn)?;
+            write_one(&out, pem)?;
+            let v = json!({"path": out, "subject": subject, "public_key_sha256": hex_str(&signer.public_key().fingerprint())});
+            emit(output, v, |v| {
+                format!(
+                    "wrote {} for {}",
+                    out.display(),
+                    v["subject"].as_str().unwrap_or_default()
+                )
+            });
+        }
+        Cmd::Sign(a) => sign(a, output)?,
+        Cmd::Istio(IstioCmd::Cacerts {
+            cert,
+            key,
+            chain,
+            root,
+            out_dir,
+            namespace,
+        }) => {
+            let report = ca_core::cacerts::write_cacerts(
+                &ca_core::cacerts::CacertsInput {
+                    cert: &cert,
+                    key: &key,
+                    chain: &chain,
+                    root: &root,
+                    namespace: &namespace,
+                },
+                &out_dir,
+            )?;
+            let v = serde_json::to_value(&report)?;
+            emit(output, v, |_| {
+                let mut s = format!(
+                    "wrote istiod plug-in CA files to {}:\n",
+                    report.out_dir.display()
+                );
+                for f in &report.files {
+                    s.push_str(&format!("  {}\n", f.display()));
+                }
+                s.push_str(&format!(
+                    "chain: {}\nsigning certificate expires {}\napply with: kubectl apply -f {}",
+                    report.chain.join(" -> "),
+                    report.signing_cert_not_after,
+                    report.out_dir.join("cacerts.yaml").display()
+                ));
+                s
+            });
+        }
+        Cmd::Verify(a) => {
+            let leaf = load_cert(&a.leaf)?;
+            let mut inter = Vec::new();
+            for p in &a.chain {
+                inter.extend(load_certs(p)?);
+            }
+            let roots = load_certs(&a.root)?;
+            let path =
+                ca_core::chain::verify_chain(&leaf, &inter, &roots, OffsetDateTime::now_utc())?;
+            let v = json!({
+                "ok": true,
+                "path": path.iter().map(|c| json!({
+                    "subject": c.subject, "serial": c.serial, "not_after": fmt_time(c.not_after), "uris": c.uris,
+                })).collect::<Vec<_>>(),
+            });
+            emit(output, v, |_| {
+                let names: Vec<String> = path
+                    .iter()
+                    .map(|c| {
+                        if c.subject.is_empty() {
+                            c.uris.join(",")
+                        } else {
+                            c.subject.clone()
+                        }
+                    })
+                    .collect();
+                format!("{}: OK\n  {}", a.leaf.display(), names.join("\n  -> "))
+            });
+        }
+        Cmd::Crl(CrlCmd::Create {
+            ca_cert,
+            ca_key,
+            revoke,
+            next_update,
+            crl_number,
+            out,
+        }) => {
+            preflight(&[&out])?;
+            let now = OffsetDateTime::now_utc().replace_nanosecond(0)?;
+            let revoked = revoke
+                .iter()
+                .map(|r| ca_core::crl::parse_revocation(r, now))
+                .collect::<Result<Vec<_>, _>>()?;
+            let issuer =
+                ca_core::issue::CaIssuer::new(load_cert(&ca_cert)?, hsm::open_signer(&ca_key)?)?;
+            let number = crl_number.unwrap_or(now.unix_timestamp() as u64);
+            let req = ca_core::crl::CrlRequest {
+                number,
+                this_update: now,
+                next_update: now + next_update.duration(),
+                revoked,
+            };
+            let der = ca_core::crl::create_crl(&issuer, &req)?;
+            write_one(&out, to_pem("X509 CRL", &der))?;
+            let v = json!({
+                "path": out, "issuer": issuer.cert.subject, "crl_number": number,
+                "this_update": fmt_time(req.this_update), "next_update": fmt_time(req.next_update),
+                "revoked": req.revoked.iter().map(|r| hex_str(&r.serial)).collect::<Vec<_>>(),
+            });
+            emit(output, v, |v| {
+                format!(
+                    "wrote {} (CRL number {number}, {} revoked, next update {})",
+                    out.display(),
+                    req.revoked.len(),
+                    v["next_update"].as_str().unwrap_or_default()
+                )
+            });
+        }
+        Cmd::Ceremony(CeremonyCmd::Check { file }) => {
+            let c = ca_core::ceremony::load(&file)?;
+            let report = c.check()?;
+            let v = serde_json::to_value(&report)?;
+            emit(output, v, |_| {
+                format!(
+                    "{}: {} ceremony OK\n  sha256: {}\n  keys: {}\n  outputs: {}",
+                    file.display(),
+                    serde_json::to_value(report.ceremony_type)
+                        .ok()
+                        .and_then(|v| v.as_str().map(String::from))
+                        .unwrap_or_default(),
+                    report.sha256,
+                    report.keys.join(", "),
+                    report
+                        .outputs
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            });
+        }
+        Cmd::Ceremony(CeremonyCmd::Run { file, operator }) => {
+            let c = ca_core::ceremony::load(&file)?;
+            let operator = operator.unwrap_or_else(ca_core::ceremony::default_operator);
+            let report = c.run(&operator)?;
+            let v = serde_json::to_value(&report)?;
+            emit(output, v, |_| {
+                let mut s = format!("{}: ceremony completed\n", file.display());
+                for o in &report.entry.outputs {
+                    s.push_str(&format!(
+                        "  wrote {} (sha256 {})\n",
+                        o.path,
+                        o.sha256.as_deref().unwrap_or("?")
+                    ));
+                }
+                for (k, v) in &report.details {
+                    s.push_str(&format!(
+                        "  {k}: {}\n",
+                        v.as_str()
+                            .map(String::from)
+                            .unwrap_or_else(|| v.to_string())
+                    ));
+                }
+                s.push_str(&format!("  transcript: {}", report.transcript.display()));
+                s
+            });
+        }
+        Cmd::Quickstart(a) => {
+            let opts = ca_core::quickstart::Options {
+                dir: a.dir,
+                trust_domain: a.trust_domain,
+                environment: a.environment,
+                cluster: a.cluster,
+                operator: ca_core::ceremony::default_operator(),
+                file_keys: a.file_keys,
+            };
+            if opts.file_keys || hsm::softhsm::find_module().is_none() {
+                eprintln!(
+                    "WARNING: SoftHSM2 is not in use: root and environment keys will be PLAIN FILES under {}.\n\
+                     WARNING: this is for trying things out only. Install SoftHSM2 (apt-get install softhsm2) to keep keys in a token.",
+                    opts.dir.display()
+                );
+            }
+            let r = ca_core::quickstart::run(&opts)?;
+            let v = serde_json::to_value(&r)?;
+            emit(output, v, |_| quickstart_text(&r));
+        }
+    }
+    Ok(())
+}
+
+fn quickstart_text(r: &ca_core::quickstart::Report) -> String {
+    let custody = match &r.hsm_module {
+        Some(m) => format!(
+            "SoftHSM2 token {:?} ({})",
+            ca_core::quickstart::TOKEN_LABEL,
+            m.display()
+        ),
+        None => "file keys (no HSM)".into(),
+    };
+    let mut s = format!(
+        "quickstart hierarchy in {}\n  key custody:  {custody}\n",
+        r.dir.display()
+    );
+    s.push_str(&format!("  root:         {}\n", r.root_cert.display()));
+    s.push_str(&format!(
+        "  environment:  {}\n",
+        r.environment_cert.display()
+    ));
+    s.push_str(&format!("  cluster:      {}\n", r.cluster_cert.display()));
+    s.push_str(&format!("  istiod files: {}\n", r.cacerts_dir.display()));
+    s.push_str("  ceremonies:\n");
+    for c in &r.ceremonies {
+        s.push_str(&format!("    {}\n", c.display()));
+    }
+    s.push_str("  transcripts:\n");
+    for t in &r.transcripts {
+        s.push_str(&format!("    {}\n", t.display()));
+    }
+    if let Some(conf) = &r.softhsm_conf {
+        s.push_str(&format!(
+            "\nTo use the token yourself: export SOFTHSM2_CONF={}\n",
+            conf.display()
+        ));
+    }
+    s.push_str(&format!(
+        "Next: ca-cli verify --root {} --chain {} {}\n      kubectl apply -f {}",
+        r.root_cert.display(),
+        r.environment_cert.display(),
+        r.cluster_cert.display(),
+        r.cacerts_dir.join("cacerts.yaml").display()
+    ));
+    s
+}
+
+fn sign(a: SignArgs, output: Output) -> Result<()> {
+    preflight(&[&a.out])?;
+    if !matches!(
+        a.profile,
+        ProfileKind::Environment | ProfileKind::Cluster | ProfileKind::Workload
+    ) {
+        bail!(
+            "--profile must be environment, cluster or workload (use `root create` or a cross-sign ceremony for the others)"
+        );
+    }
+    if a.profile == ProfileKind::Workload && !a.trust_domains.is_empty() {
+        bail!("--trust-domain is for CA profiles; a workload certificate takes --spiffe-id");
+    }
+    if a.profile != ProfileKind::Workload && a.spiffe_id.is_some() {
+        bail!("--spiffe-id is only for the workload profile");
+    }
+    let csr = ca_core::csr::VerifiedCsr::parse(&read_file(&a.csr)?)
+        .with_context(|| a.csr.display().to_string())?;
+    let issuer =
+        ca_core::issue::CaIssuer::new(load_cert(&a.ca_cert)?, hsm::open_signer(&a.ca_key)?)?;
+    let not_before = ca_core::issue::default_not_before();
+    let req = CertRequest {
+        profile: a.profile,
+        subject: csr.subject().clone(),
+        subject_key: csr.public_key().clone(),
+        not_before,
+        not_after: not_before + a.validity.duration(),
+        path_len: None,
+        trust_domains: a.trust_domains,
+        name_constraints: a.name_constraints,
+        crl_urls: a.crl_urls,
+        ca_issuer_urls: a.ca_issuer_urls,
+        spiffe_id: a.spiffe_id,
+    };
+    let issued = ca_core::issue::issue(&issuer, &req)?;
+    write_one(&a.out, issued.pem())?;
+    emit(output, cert_json(&issued.cert, &a.out), cert_text);
+    Ok(())
+}
+
+fn hex_str(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}

@@ -47,6 +47,45 @@ pub fn open_signer(key: &KeyRef) -> Result<KeySigner> {
     })
 }
 
+/// A `file:` key's PKCS#8 PEM, for handing a cluster key to istiod, which must hold it.
+/// Token keys are never exported.
+pub fn export_file_key(key: &KeyRef) -> Result<ExportedKey> {
+    match key {
+        KeyRef::Pkcs11(_) => Err(HsmError::KeyFormat(format!(
+            "{key} is a PKCS#11 key and cannot be exported; istiod needs a file: key"
+        ))),
+        KeyRef::File(path) => {
+            let (kp, public, _) = file::load(path)?;
+            Ok(ExportedKey {
+                pem: kp.serialize_pem(),
+                public,
+            })
+        }
+    }
+}
+
+/// Exported private key material. `Debug` never shows it.
+pub struct ExportedKey {
+    pem: String,
+    public: PublicKey,
+}
+
+impl ExportedKey {
+    pub fn public_key(&self) -> &PublicKey {
+        &self.public
+    }
+
+    pub fn expose_pem(&self) -> &str {
+        &self.pem
+    }
+}
+
+impl fmt::Debug for ExportedKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ExportedKey({:?}, ...)", self.public)
+    }
+}
+
 enum Backend {
     File {
         kp: rcgen::KeyPair,

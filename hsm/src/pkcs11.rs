@@ -194,11 +194,13 @@ impl Token {
     }
 
     pub(crate) fn supports(&self, mechanism: MechanismType) -> Result<bool> {
-        let list = self
-            .ctx
-            .get_mechanism_list(self.slot)
-            .map_err(|e| device(&self.label, "C_GetMechanismList", e))?;
-        Ok(list.contains(&mechanism))
+        // C_GetMechanismInfo rather than the whole list: cryptoki logs an error for every
+        // vendor mechanism in a list it cannot name.
+        match self.ctx.get_mechanism_info(self.slot, mechanism) {
+            Ok(_) => Ok(true),
+            Err(CkError::Pkcs11(RvError::MechanismInvalid, _)) => Ok(false),
+            Err(e) => Err(device(&self.label, "C_GetMechanismInfo", e)),
+        }
     }
 
     fn require(&self, mechanism: MechanismType, name: &str) -> Result<()> {

@@ -105,3 +105,10 @@ pub fn use_config(conf: &Path) {
     // concurrently at that point.
     unsafe { std::env::set_var("SOFTHSM2_CONF", conf) };
 }
+
+/// A fresh random PIN for a throwaway token (32 hex characters).
+pub fn random_pin() -> Result<SecretString> {
+    let mut b = [0u8; 16];
+    aws_lc_rs::rand::fill(&mut b).map_err(|_| HsmError::KeyFormat("system RNG failed".into()))?;
+    Ok(SecretString::from(hex::encode(b)))
+}

@@ -1,0 +1,98 @@
+//! CSRs: verify the self-signature, keep only the public key and subject.
+
+use x509_parser::certification_request::X509CertificationRequest;
+use x509_parser::prelude::FromDer;
+
+use crate::cert::pem_blocks;
+use crate::error::CsrError;
+
+/// A CSR whose self-signature verified and whose key passed the key policy. Everything else it
+/// asked for (extensions, SANs, key usages) has been dropped: the profile decides those.
+#[derive(Clone, Debug)]
+pub struct VerifiedCsr {
+    public_key: hsm::PublicKey,
+    subject: rcgen::DistinguishedName,
+    subject_text: String,
+}
+
+impl VerifiedCsr {
+    /// Parses PEM (`CERTIFICATE REQUEST`) or DER.
+    pub fn parse(data: &[u8]) -> Result<Self, CsrError> {
+        let der = if data.first() == Some(&0x30) {
+            data.to_vec()
+        } else {
+            let mut blocks = pem_blocks(data, "CERTIFICATE REQUEST", "CSR")
+                .or_else(|_| pem_blocks(data, "NEW CERTIFICATE REQUEST", "CSR"))
+                .map_err(|e| CsrError::Malformed(e.to_string()))?;
+            if blocks.len() != 1 {
+                return Err(CsrError::Malformed(format!(
+                    "expected one CSR, found {}",
+                    blocks.len()
+                )));
+            }
+            blocks.remove(0)
+        };
+        Self::from_der(&der)
+    }
+
+    pub fn from_der(der: &[u8]) -> Result<Self, CsrError> {
+        let (rest, csr) = X509CertificationRequest::from_der(der)
+            .map_err(|e| CsrError::Malformed(e.to_string()))?;
+        if !rest.is_empty() {
+            return Err(CsrError::Malformed("trailing bytes after the CSR".into()));
+        }
+        let info = &csr.certification_request_info;
+        // Key policy first: a weak key gets the precise error, not a signature failure.
+        let public_key = hsm::PublicKey::from_spki_der(info.subject_pki.raw)
+            .map_err(|e| CsrError::WeakKey(e.to_string()))?;
+        public_key
+            .verify(
+                &csr.signature_algorithm.algorithm.to_id_string(),
+                info.raw,
+                &csr.signature_value.data,
+            )
+            .map_err(|_| CsrError::BadSignature)?;
+        let subject = crate::dn::from_x509_name(&info.subject)
+            .map_err(|e| CsrError::Subject(e.to_string()))?;
+        Ok(VerifiedCsr {
+            public_key,
+            subject,
+            subject_text: info.subject.to_string(),
+        })
+    }
+
+    pub fn public_key(&self) -> &hsm::PublicKey {
+        &self.public_key
+    }
+
+    pub fn subject(&self) -> &rcgen::DistinguishedName {
+        &self.subject
+    }
+
+    pub fn subject_text(&self) -> &str {
+        &self.subject_text
+    }
+}
+
+/// Creates a CSR signed by `signer` carrying only a subject: the issuing profile adds the rest.
+pub fn create_csr(
+    signer: &hsm::KeySigner,
+    subject: rcgen::DistinguishedName,
+) -> crate::Result<String> {
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name = subject;
+    let csr = params.serialize_request(signer).map_err(|e| {
+        crate::error::CoreError::Signing(
+            signer
+                .take_error()
+                .map(|h| h.to_string())
+                .unwrap_or(e.to_string()),
+        )
+    })?;
+    let pem = csr
+        .pem()
+        .map_err(|e| crate::error::CoreError::Signing(e.to_string()))?;
+    // Prove the signature before anyone relies on it.
+    VerifiedCsr::parse(pem.as_bytes())?;
+    Ok(pem)
+}

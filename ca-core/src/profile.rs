@@ -1,0 +1,241 @@
+//! Profiles: the only place that decides what goes into a certificate. A CSR contributes its
+//! verified public key (and, for CAs, its subject); everything else comes from here.
+
+use std::fmt;
+
+use rcgen::string::Ia5String;
+use rcgen::{
+    BasicConstraints, CertificateParams, CrlDistributionPoint, CustomExtension, DistinguishedName,
+    ExtendedKeyUsagePurpose, IsCa, KeyUsagePurpose, SanType, SerialNumber,
+};
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use yasna::Tag;
+
+use crate::error::PolicyError;
+use crate::names::{SpiffeId, TrustDomain};
+
+/// Which kind of certificate is being made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProfileKind {
+    Root,
+    Environment,
+    Cluster,
+    Workload,
+    CrossSign,
+}
+
+impl ProfileKind {
+    pub fn is_ca(self) -> bool {
+        !matches!(self, ProfileKind::Workload)
+    }
+
+    /// The fixed pathLen of intermediate profiles (root and cross-sign take theirs from the request).
+    pub fn fixed_path_len(self) -> Option<u32> {
+        match self {
+            ProfileKind::Environment => Some(1),
+            ProfileKind::Cluster => Some(0),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for ProfileKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ProfileKind::Root => "root",
+            ProfileKind::Environment => "environment",
+            ProfileKind::Cluster => "cluster",
+            ProfileKind::Workload => "workload",
+            ProfileKind::CrossSign => "cross-sign",
+        })
+    }
+}
+
+impl std::str::FromStr for ProfileKind {
+    type Err = PolicyError;
+    fn from_str(s: &str) -> Result<Self, PolicyError> {
+        match s {
+            "root" => Ok(Self::Root),
+            "environment" => Ok(Self::Environment),
+            "cluster" => Ok(Self::Cluster),
+            "workload" => Ok(Self::Workload),
+            "cross-sign" => Ok(Self::CrossSign),
+            _ => Err(PolicyError::Invalid(format!(
+                "unknown profile {s:?} (expected root, environment, cluster, workload or cross-sign)"
+            ))),
+        }
+    }
+}
+
+/// What a certificate should say, before policy turns it into extensions.
+#[derive(Clone, Debug)]
+pub struct CertRequest {
+    pub profile: ProfileKind,
+    pub subject: DistinguishedName,
+    pub subject_key: hsm::PublicKey,
+    pub not_before: OffsetDateTime,
+    pub not_after: OffsetDateTime,
+    /// Root and cross-sign only; intermediates have theirs fixed by the profile.
+    pub path_len: Option<u32>,
+    pub trust_domains: Vec<TrustDomain>,
+    pub name_constraints: bool,
+    pub crl_urls: Vec<String>,
+    pub ca_issuer_urls: Vec<String>,
+    /// Workload only.
+    pub spiffe_id: Option<SpiffeId>,
+}
+
+impl CertRequest {
+    /// The pathLen this request's certificate will carry.
+    pub fn effective_path_len(&self) -> Option<u32> {
+        self.profile.fixed_path_len().or(self.path_len)
+    }
+
+    /// Checks what can be checked without an issuer.
+    pub fn validate(&self) -> Result<(), PolicyError> {
+        if self.not_after <= self.not_before {
+            return Err(PolicyError::Invalid("validity must be positive".into()));
+        }
+        match self.profile {
+            ProfileKind::Root | ProfileKind::CrossSign if self.path_len.is_none() => {
+                return Err(PolicyError::Invalid(format!(
+                    "the {} profile needs a path length",
+                    self.profile
+                )));
+            }
+            ProfileKind::Environment | ProfileKind::Cluster if self.trust_domains.is_empty() => {
+                return Err(PolicyError::Invalid(format!(
+                    "the {} profile needs at least one trust domain",
+                    self.profile
+                )));
+            }
+            ProfileKind::Workload if self.spiffe_id.is_none() => {
+                return Err(PolicyError::Invalid(
+                    "the workload profile needs a SPIFFE ID".into(),
+                ));
+            }
+            _ => {}
+        }
+        if self.name_constraints && self.trust_domains.is_empty() {
+            return Err(PolicyError::Invalid(
+                "name constraints need at least one trust domain".into(),
+            ));
+        }
+        if self.name_constraints && !self.profile.is_ca() {
+            return Err(PolicyError::Invalid(
+                "name constraints belong on CA certificates only".into(),
+            ));
+        }
+        for url in self.crl_urls.iter().chain(&self.ca_issuer_urls) {
+            if !(url.starts_with("http://") || url.starts_with("https://"))
+                || url.contains(char::is_whitespace)
+            {
+                return Err(PolicyError::Invalid(format!(
+                    "{url:?} is not an http:// or https:// URL"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Builds the rcgen parameters. Every extension is decided here.
+    pub fn to_params(&self, serial: SerialNumber) -> Result<CertificateParams, PolicyError> {
+        self.validate()?;
+        let mut p = CertificateParams::default();
+        p.serial_number = Some(serial);
+        p.not_before = self.not_before;
+        p.not_after = self.not_after;
+        p.distinguished_name = self.subject.clone();
+        p.use_authority_key_identifier_extension = self.profile != ProfileKind::Root;
+        let uri = |s: String| {
+            Ia5String::try_from(s.clone())
+                .map(SanType::URI)
+                .map_err(|_| PolicyError::Invalid(format!("{s:?} is not an IA5 string")))
+        };
+        if self.profile.is_ca() {
+            let path_len = self.effective_path_len().expect("validated") as u8;
+            p.is_ca = IsCa::Ca(BasicConstraints::Constrained(path_len));
+            p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+            // The trust domains a CA serves are recorded as SPIFFE IDs of the trust domain.
+            p.subject_alt_names = self
+                .trust_domains
+                .iter()
+                .map(|td| uri(td.spiffe_uri()))
+                .collect::<Result<_, _>>()?;
+            if self.name_constraints {
+                p.custom_extensions
+                    .push(uri_name_constraints(&self.trust_domains));
+            }
+        } else {
+            p.is_ca = IsCa::ExplicitNoCa;
+            p.distinguished_name = DistinguishedName::new();
+            p.key_usages = vec![
+                KeyUsagePurpose::DigitalSignature,
+                KeyUsagePurpose::KeyEncipherment,
+            ];
+            p.extended_key_usages = vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ];
+            let id = self.spiffe_id.as_ref().expect("validated");
+            p.subject_alt_names = vec![uri(id.to_string())?];
+        }
+        if !self.crl_urls.is_empty() {
+            p.crl_distribution_points = vec![CrlDistributionPoint {
+                uris: self.crl_urls.clone(),
+            }];
+        }
+        if !self.ca_issuer_urls.is_empty() {
+            p.custom_extensions
+                .push(authority_info_access(&self.ca_issuer_urls));
+        }
+        Ok(p)
+    }
+}
+
+pub(crate) const OID_NAME_CONSTRAINTS: &[u64] = &[2, 5, 29, 30];
+pub(crate) const OID_AIA: &[u64] = &[1, 3, 6, 1, 5, 5, 7, 1, 1];
+const OID_CA_ISSUERS: &[u64] = &[1, 3, 6, 1, 5, 5, 7, 48, 2];
+
+/// `permitted;URI:<td>` for each trust domain. rcgen has no URI subtree, so the extension is
+/// encoded here: NameConstraints ::= SEQUENCE { permittedSubtrees [0] GeneralSubtrees }.
+fn uri_name_constraints(tds: &[TrustDomain]) -> CustomExtension {
+    let der = yasna::construct_der(|w| {
+        w.write_sequence(|w| {
+            w.next().write_tagged_implicit(Tag::context(0), |w| {
+                w.write_sequence(|w| {
+                    for td in tds {
+                        w.next().write_sequence(|w| {
+                            w.next().write_tagged_implicit(Tag::context(6), |w| {
+                                w.write_ia5_string(td.as_str())
+                            });
+                        });
+                    }
+                });
+            });
+        })
+    });
+    let mut ext = CustomExtension::from_oid_content(OID_NAME_CONSTRAINTS, der);
+    // RFC 5280 4.2.1.10: conforming CAs MUST mark this extension as critical.
+    ext.set_criticality(true);
+    ext
+}
+
+/// Authority Information Access with caIssuers URLs.
+fn authority_info_access(urls: &[String]) -> CustomExtension {
+    let der = yasna::construct_der(|w| {
+        w.write_sequence(|w| {
+            for url in urls {
+                w.next().write_sequence(|w| {
+                    w.next()
+                        .write_oid(&yasna::models::ObjectIdentifier::from_slice(OID_CA_ISSUERS));
+                    w.next()
+                        .write_tagged_implicit(Tag::context(6), |w| w.write_ia5_string(url));
+                });
+            }
+        })
+    });
+    CustomExtension::from_oid_content(OID_AIA, der)
+}
