@@ -69,7 +69,7 @@ enum KeyCmd {
     /// Generate a key in a PKCS#11 token or a new file.
     Generate {
         #[arg(long)]
-        key: KeyRef,
+        key: KeyArg,
         #[arg(long)]
         algorithm: KeyAlgorithm,
         /// Also write the public key (PEM) here.
@@ -79,7 +79,7 @@ enum KeyCmd {
     /// Show a key's public key and, for token keys, its custody attributes.
     Info {
         #[arg(long)]
-        key: KeyRef,
+        key: KeyArg,
     },
 }
 
@@ -87,7 +87,7 @@ enum KeyCmd {
 enum RootCmd {
     Create {
         #[arg(long)]
-        key: KeyRef,
+        key: KeyArg,
         #[arg(long)]
         subject: String,
         #[arg(long)]
@@ -103,7 +103,7 @@ enum RootCmd {
 enum CsrCmd {
     Create {
         #[arg(long)]
-        key: KeyRef,
+        key: KeyArg,
         #[arg(long)]
         subject: String,
         #[arg(long)]
@@ -118,7 +118,7 @@ struct SignArgs {
     #[arg(long)]
     ca_cert: PathBuf,
     #[arg(long)]
-    ca_key: KeyRef,
+    ca_key: KeyArg,
     #[arg(long)]
     csr: PathBuf,
     /// Trust domain the CA serves (environment and cluster profiles); repeatable.
@@ -150,7 +150,7 @@ enum IstioCmd {
         cert: PathBuf,
         /// The cluster key; istiod must hold it, so it is a file: key.
         #[arg(long)]
-        key: KeyRef,
+        key: KeyArg,
         /// Intermediate certificates between the cluster and the root; repeatable.
         #[arg(long)]
         chain: Vec<PathBuf>,
@@ -179,7 +179,7 @@ enum CrlCmd {
         #[arg(long)]
         ca_cert: PathBuf,
         #[arg(long)]
-        ca_key: KeyRef,
+        ca_key: KeyArg,
         /// SERIAL[:reason], serial in hex; repeatable.
         #[arg(long)]
         revoke: Vec<String>,
@@ -221,6 +221,24 @@ struct QuickstartArgs {
     file_keys: bool,
 }
 
+/// A key reference as given on the command line. Parsed by us rather than by clap so that a
+/// refused reference (one carrying `pin-value`, say) is never echoed back in an error.
+#[derive(Clone)]
+struct KeyArg(String);
+
+impl std::str::FromStr for KeyArg {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(KeyArg(s.to_string()))
+    }
+}
+
+impl KeyArg {
+    fn parse(&self) -> Result<KeyRef> {
+        Ok(self.0.parse::<KeyRef>()?)
+    }
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -229,7 +247,32 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| "warn,cryptoki=off".into()),
         )
         .init();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e)
+            if matches!(
+                e.kind(),
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion
+            ) =>
+        {
+            e.exit()
+        }
+        Err(e) => {
+            // One line, like every other error.
+            let text = e.render().to_string();
+            let parts: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .filter(|l| {
+                    !l.is_empty()
+                        && !l.starts_with("Usage:")
+                        && !l.starts_with("For more information")
+                })
+                .collect();
+            eprintln!("{}", parts.join(" "));
+            return ExitCode::from(2);
+        }
+    };
     match run(cli.cmd, cli.output) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -310,6 +353,7 @@ fn run(cmd: Cmd, output: Output) -> Result<()> {
             algorithm,
             public_out,
         }) => {
+            let key = key.parse()?;
             if let Some(p) = &public_out {
                 preflight(&[p])?;
             }
@@ -339,6 +383,7 @@ fn run(cmd: Cmd, output: Output) -> Result<()> {
             });
         }
         Cmd::Key(KeyCmd::Info { key }) => {
+            let key = key.parse()?;
             let signer = hsm::open_signer(&key)?;
             let public = signer.public_key();
             let mut v = json!({
@@ -368,6 +413,7 @@ fn run(cmd: Cmd, output: Output) -> Result<()> {
             path_len,
             out,
         }) => {
+            let key = key.parse()?;
             preflight(&[&out])?;
             let subject = ca_core::dn::parse_subject(&subject)?;
             let signer = hsm::open_signer(&key)?;
@@ -390,6 +436,7 @@ fn run(cmd: Cmd, output: Output) -> Result<()> {
             emit(output, cert_json(&issued.cert, &out), cert_text);
         }
         Cmd::Csr(CsrCmd::Create { key, subject, out }) => {
+            let key = key.parse()?;
             preflight(&[&out])?;
             let subject_dn = ca_core::dn::parse_subject(&subject)?;
             let signer = hsm::open_signer(&key)?;
@@ -413,6 +460,7 @@ fn run(cmd: Cmd, output: Output) -> Result<()> {
             out_dir,
             namespace,
         }) => {
+            let key = key.parse()?;
             let report = ca_core::cacerts::write_cacerts(
                 &ca_core::cacerts::CacertsInput {
                     cert: &cert,
@@ -478,6 +526,7 @@ fn run(cmd: Cmd, output: Output) -> Result<()> {
             crl_number,
             out,
         }) => {
+            let ca_key = ca_key.parse()?;
             preflight(&[&out])?;
             let now = OffsetDateTime::now_utc().replace_nanosecond(0)?;
             let revoked = revoke
@@ -644,8 +693,10 @@ fn sign(a: SignArgs, output: Output) -> Result<()> {
     }
     let csr = ca_core::csr::VerifiedCsr::parse(&read_file(&a.csr)?)
         .with_context(|| a.csr.display().to_string())?;
-    let issuer =
-        ca_core::issue::CaIssuer::new(load_cert(&a.ca_cert)?, hsm::open_signer(&a.ca_key)?)?;
+    let issuer = ca_core::issue::CaIssuer::new(
+        load_cert(&a.ca_cert)?,
+        hsm::open_signer(&a.ca_key.parse()?)?,
+    )?;
     let not_before = ca_core::issue::default_not_before();
     let req = CertRequest {
         profile: a.profile,

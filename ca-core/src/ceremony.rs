@@ -193,7 +193,9 @@ pub struct Ceremony {
 
 pub fn load(file: &Path) -> Result<Ceremony> {
     let bytes = read_file(file)?;
-    parse(file, &bytes)
+    // Absolute, so that transcripts name files unambiguously.
+    let file = file.canonicalize().map_err(|e| CoreError::io(file, e))?;
+    parse(&file, &bytes)
 }
 
 pub fn parse(file: &Path, bytes: &[u8]) -> Result<Ceremony> {
@@ -228,6 +230,7 @@ pub fn parse(file: &Path, bytes: &[u8]) -> Result<Ceremony> {
     ) -> Result<T, CeremonyError> {
         serde_path_to_error::deserialize(v).map_err(|e| {
             let path = e.path().to_string();
+            let msg = e.inner().to_string();
             CeremonyError::Field {
                 file: file.to_path_buf(),
                 field: if path == "." {
@@ -235,7 +238,7 @@ pub fn parse(file: &Path, bytes: &[u8]) -> Result<Ceremony> {
                 } else {
                     path
                 },
-                msg: e.into_inner().to_string(),
+                msg,
             }
         })
     }

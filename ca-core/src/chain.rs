@@ -143,7 +143,7 @@ fn uri_host(uri: &str) -> String {
 
 /// RFC 5280 4.2.1.10: a URI constraint names a host exactly, or with a leading '.' any host
 /// beneath a domain.
-fn host_matches(host: &str, constraint: &str) -> bool {
+pub(crate) fn host_matches(host: &str, constraint: &str) -> bool {
     let c = constraint.to_ascii_lowercase();
     match c.strip_prefix('.') {
         Some(domain) => host.ends_with(&format!(".{domain}")),

@@ -268,6 +268,21 @@ pub fn check_issuer_policy(issuer: &CertInfo, req: &CertRequest) -> Result<()> {
         }
         .into());
     }
+    if let Some(permitted) = &issuer.permitted_uris {
+        let names: Vec<String> = match &req.spiffe_id {
+            Some(id) => vec![id.trust_domain().to_string()],
+            None => req.trust_domains.iter().map(|t| t.to_string()).collect(),
+        };
+        for td in names {
+            if !permitted.iter().any(|p| crate::chain::host_matches(&td, p)) {
+                return Err(PolicyError::Invalid(format!(
+                    "trust domain {td} is outside the issuer's name constraints (permitted: {})",
+                    permitted.join(", ")
+                ))
+                .into());
+            }
+        }
+    }
     if let (Some(limit), true) = (issuer.path_len, req.profile.is_ca()) {
         let child = req.effective_path_len().unwrap_or(u32::MAX);
         if child >= limit {
