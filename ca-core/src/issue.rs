@@ -295,3 +295,68 @@ pub fn check_issuer_policy(issuer: &CertInfo, req: &CertRequest) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU8, Ordering};
+
+    #[test]
+    fn the_real_key_signs_only_the_linted_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = hsm::KeyRef::file(dir.path().join("k.pem"));
+        hsm::generate_key(&r, hsm::KeyAlgorithm::EcdsaP256).unwrap();
+        let key = hsm::open_signer(&r).unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+        let calls = AtomicU8::new(0);
+        // A builder that yields a different TBS on its second call, as a racy or buggy
+        // caller might: the guard must refuse to sign it.
+        let err = sign_linted(
+            &key,
+            key.public_key(),
+            |k| {
+                let mut p = params.clone();
+                p.serial_number = Some(SerialNumber::from(vec![
+                    0x10 + calls
+                        .fetch_add(1, Ordering::SeqCst);
+                    17
+                ]));
+                p.self_signed(&k).map(|c| c.der().to_vec())
+            },
+            |_der, tbs| Ok(crate::lint::tests_support::accept(tbs)),
+            split_cert,
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("TBS changed between lint and signing"),
+            "{err}"
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+
+        // And when lint refuses, the real key is never asked.
+        let calls = AtomicU8::new(0);
+        let err = sign_linted(
+            &key,
+            key.public_key(),
+            |k| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                params.self_signed(&k).map(|c| c.der().to_vec())
+            },
+            |_der, _tbs| {
+                Err(crate::lint::LintFailure(vec![
+                    "x509.version: forced".into(),
+                ]))
+            },
+            split_cert,
+        )
+        .unwrap_err();
+        assert!(matches!(err, CoreError::Lint(_)), "{err}");
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            1,
+            "only the throwaway draft was built"
+        );
+    }
+}
