@@ -138,6 +138,40 @@ fn token_keys_are_sensitive_and_not_extractable() {
         assert_eq!(info["pkcs11"]["never_extractable"], true, "{object}");
         assert_eq!(info["algorithm"], alg);
     }
+    // And as an independent tool reads them (OpenSC's pkcs11-tool; the PIN from the environment).
+    let out = std::process::Command::new("pkcs11-tool")
+        .env("SOFTHSM2_CONF", &hsm().conf)
+        .env(PIN_VAR, PIN)
+        .args([
+            "--module",
+            s(&hsm().module),
+            "--token-label",
+            "custody",
+            "--login",
+            "--pin",
+            &format!("env:{PIN_VAR}"),
+        ])
+        .args(["--list-objects", "--type", "privkey"])
+        .output()
+        .expect("pkcs11-tool (opensc) is installed");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(text.matches("Private Key Object").count(), 3, "{text}");
+    assert_eq!(
+        text.matches("Access:     sensitive, always sensitive, never extractable, local")
+            .count(),
+        3,
+        "{text}"
+    );
+    assert_eq!(
+        text.matches("Usage:      sign\n").count(),
+        3,
+        "signing keys only: {text}"
+    );
 }
 
 #[test]

@@ -475,6 +475,8 @@ pub(crate) fn generate(r: &Pkcs11Ref, alg: KeyAlgorithm) -> Result<PublicKey> {
         Attribute::Token(true),
         Attribute::Private(false),
         Attribute::Verify(true),
+        Attribute::Encrypt(false),
+        Attribute::Wrap(false),
         Attribute::Label(label.clone()),
         Attribute::Id(id.clone()),
     ];
@@ -491,8 +493,10 @@ pub(crate) fn generate(r: &Pkcs11Ref, alg: KeyAlgorithm) -> Result<PublicKey> {
         Attribute::Sensitive(true),
         Attribute::Extractable(false),
         Attribute::Sign(true),
+        // A signing key and nothing else: no decrypt, derive or unwrap.
         Attribute::Decrypt(false),
         Attribute::Derive(false),
+        Attribute::Unwrap(false),
         Attribute::Label(label.clone()),
         Attribute::Id(id.clone()),
     ];
