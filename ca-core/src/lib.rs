@@ -2,6 +2,7 @@
 //! bundle and ceremonies. Knows nothing of HTTP, gRPC or command lines.
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod cacerts;
 pub mod ceremony;
 pub mod cert;
@@ -17,5 +18,6 @@ pub mod names;
 pub mod outputs;
 pub mod profile;
 pub mod quickstart;
+pub mod store;
 
 pub use error::{CoreError, CsrError, PolicyError, Result};

@@ -1,0 +1,614 @@
+//! Storage: SQLite (embedded default, WAL) and PostgreSQL (several replicas).
+//!
+//! One implementation text serves both backends: each method body is written once and expanded
+//! by `on_tx!`/`on_pool!` into a `match` arm per backend, where sqlx type-checks it against
+//! that backend's types. SQL uses `$N` placeholders, which both drivers accept.
+//!
+//! Writes happen in a [`Tx`]. Every transaction is serialised: SQLite has one writer
+//! connection and `BEGIN IMMEDIATE`; PostgreSQL takes a transaction-scoped advisory lock. That
+//! keeps the audit chain linear across replicas and makes "state change + audit record" one
+//! atomic unit.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+
+use crate::audit::{AuditRecord, Checkpoint, GENESIS, record_hash};
+
+/// Key of the PostgreSQL advisory lock that serialises writers.
+const WRITE_LOCK: i64 = 0x706b_692d_6d65_7368; // "pki-mesh"
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("unsupported database URL {0:?}: use sqlite://PATH or postgres://...")]
+    Url(String),
+    #[error("{0} already exists")]
+    Conflict(String),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, sqlx::FromRow)]
+pub struct CertRecord {
+    pub serial: String,
+    pub issuer: String,
+    pub cluster: Option<String>,
+    pub profile: String,
+    pub subject: String,
+    /// JSON array of SAN strings.
+    pub sans: String,
+    pub not_before: i64,
+    pub not_after: i64,
+    pub fingerprint: String,
+    pub requester: String,
+    pub pem: String,
+    pub issued_at: i64,
+    pub revoked_at: Option<i64>,
+    pub revocation_reason: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, sqlx::FromRow)]
+pub struct ClusterRecord {
+    pub name: String,
+    pub environment: String,
+    pub trust_domain: String,
+    /// `pending` (awaiting approval), `active`, or `rejected`.
+    pub status: String,
+    pub request_id: String,
+    #[serde(skip)]
+    pub enrolment_token_hash: Option<String>,
+    pub enrolment_expires_at: Option<i64>,
+    pub enrolled_at: Option<i64>,
+    pub created_by: String,
+    pub created_at: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, sqlx::FromRow)]
+pub struct ApprovalRequest {
+    pub id: String,
+    /// `register-cluster` or `revoke-certificate`.
+    pub kind: String,
+    pub subject: String,
+    /// JSON document with the request's parameters.
+    pub payload: String,
+    pub requested_by: String,
+    pub requested_at: i64,
+    /// `pending`, `approved` or `rejected`.
+    pub status: String,
+    pub decided_by: Option<String>,
+    pub decided_at: Option<i64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, sqlx::FromRow)]
+pub struct CrlRecord {
+    pub issuer: String,
+    pub number: i64,
+    pub this_update: i64,
+    pub next_update: i64,
+    /// Base64 DER.
+    pub der: String,
+}
+
+#[derive(sqlx::FromRow)]
+struct AuditRow {
+    seq: i64,
+    time: i64,
+    actor: String,
+    action: String,
+    subject: String,
+    details: String,
+    prev_hash: String,
+    hash: String,
+}
+
+impl From<AuditRow> for AuditRecord {
+    fn from(r: AuditRow) -> Self {
+        AuditRecord {
+            seq: r.seq,
+            time: r.time,
+            actor: r.actor,
+            action: r.action,
+            subject: r.subject,
+            details: r.details,
+            prev_hash: r.prev_hash,
+            hash: r.hash,
+        }
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct CheckpointRow {
+    seq: i64,
+    hash: String,
+    time: i64,
+    key_id: String,
+    signature: String,
+    signature_algorithm: String,
+}
+
+/// Something that happened, to be appended to the audit trail.
+#[derive(Clone, Debug)]
+pub struct AuditEvent {
+    pub actor: String,
+    pub action: String,
+    pub subject: String,
+    pub details: serde_json::Value,
+}
+
+impl AuditEvent {
+    pub fn new(
+        actor: impl Into<String>,
+        action: impl Into<String>,
+        subject: impl Into<String>,
+        details: serde_json::Value,
+    ) -> Self {
+        AuditEvent {
+            actor: actor.into(),
+            action: action.into(),
+            subject: subject.into(),
+            details,
+        }
+    }
+}
+
+/// Filters for the inventory listing. All optional; `now` decides what "expired" means.
+#[derive(Clone, Debug, Default)]
+pub struct CertFilter {
+    pub cluster: Option<String>,
+    pub issuer: Option<String>,
+    /// `valid`, `revoked` or `expired`.
+    pub status: Option<String>,
+    pub expiring_within_secs: Option<i64>,
+    pub now: i64,
+    pub limit: i64,
+}
+
+#[derive(Clone, Debug)]
+pub enum Store {
+    Sqlite { read: SqlitePool, write: SqlitePool },
+    Postgres(PgPool),
+}
+
+pub enum Tx {
+    Sqlite(sqlx::Transaction<'static, sqlx::Sqlite>),
+    Postgres(sqlx::Transaction<'static, sqlx::Postgres>),
+}
+
+/// Expands `$body` once per backend, with `$c` bound to that backend's executor.
+macro_rules! on_tx {
+    ($self:expr, $c:ident => $body:expr) => {
+        match $self {
+            Tx::Sqlite(tx) => {
+                let $c = &mut **tx;
+                $body
+            }
+            Tx::Postgres(tx) => {
+                let $c = &mut **tx;
+                $body
+            }
+        }
+    };
+}
+
+macro_rules! on_pool {
+    ($self:expr, $c:ident => $body:expr) => {
+        match $self {
+            Store::Sqlite { read, .. } => {
+                let $c = read;
+                $body
+            }
+            Store::Postgres(pool) => {
+                let $c = pool;
+                $body
+            }
+        }
+    };
+}
+
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
+}
+
+impl Store {
+    /// Connects to `sqlite://PATH` (created if missing, WAL) or `postgres://...`, and applies
+    /// the migrations when `migrate` is set.
+    pub async fn connect(url: &str, migrate: bool) -> Result<Store> {
+        let store = if url.starts_with("sqlite:") {
+            let opts = SqliteConnectOptions::from_str(url)?
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Full)
+                .busy_timeout(Duration::from_secs(10))
+                .foreign_keys(true);
+            // One writer: SQLite serialises writes anyway; one connection makes it explicit and
+            // keeps BEGIN IMMEDIATE from queueing on the file lock.
+            let write = SqlitePoolOptions::new()
+                .max_connections(1)
+                .connect_with(opts.clone())
+                .await?;
+            let read = SqlitePoolOptions::new()
+                .max_connections(8)
+                .connect_with(opts.read_only(false))
+                .await?;
+            if migrate {
+                sqlx::migrate!("../migrations/sqlite").run(&write).await?;
+            }
+            Store::Sqlite { read, write }
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            let pool = PgPoolOptions::new()
+                .max_connections(16)
+                .acquire_timeout(Duration::from_secs(10))
+                .connect(url)
+                .await?;
+            if migrate {
+                sqlx::migrate!("../migrations/postgres").run(&pool).await?;
+            }
+            Store::Postgres(pool)
+        } else {
+            return Err(StoreError::Url(url.to_string()));
+        };
+        Ok(store)
+    }
+
+    pub fn backend(&self) -> &'static str {
+        match self {
+            Store::Sqlite { .. } => "sqlite",
+            Store::Postgres(_) => "postgres",
+        }
+    }
+
+    /// Starts a serialised write transaction.
+    pub async fn write(&self) -> Result<Tx> {
+        Ok(match self {
+            Store::Sqlite { write, .. } => Tx::Sqlite(write.begin_with("BEGIN IMMEDIATE").await?),
+            Store::Postgres(pool) => {
+                let mut tx = pool.begin().await?;
+                sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                    .bind(WRITE_LOCK)
+                    .execute(&mut *tx)
+                    .await?;
+                Tx::Postgres(tx)
+            }
+        })
+    }
+
+    /// Appends one audit record in its own transaction.
+    pub async fn audit(&self, event: AuditEvent) -> Result<AuditRecord> {
+        let mut tx = self.write().await?;
+        let r = tx.audit(event).await?;
+        tx.commit().await?;
+        Ok(r)
+    }
+
+    pub async fn ping(&self) -> Result<()> {
+        on_pool!(self, p => sqlx::query("SELECT 1").execute(p).await.map(|r| r.rows_affected()))?;
+        Ok(())
+    }
+
+    pub async fn get_certificate(&self, serial: &str) -> Result<Option<CertRecord>> {
+        Ok(
+            on_pool!(self, p => sqlx::query_as("SELECT * FROM certificates WHERE serial = $1").bind(serial).fetch_optional(p).await)?,
+        )
+    }
+
+    pub async fn get_certificate_by_fingerprint(&self, fp: &str) -> Result<Option<CertRecord>> {
+        Ok(
+            on_pool!(self, p => sqlx::query_as("SELECT * FROM certificates WHERE fingerprint = $1").bind(fp).fetch_optional(p).await)?,
+        )
+    }
+
+    pub async fn list_certificates(&self, f: &CertFilter) -> Result<Vec<CertRecord>> {
+        let expiring_before = f.expiring_within_secs.map(|s| f.now.saturating_add(s));
+        Ok(on_pool!(self, p => sqlx::query_as(
+            "SELECT * FROM certificates
+             WHERE ($1 IS NULL OR cluster = $1)
+               AND ($2 IS NULL OR issuer = $2)
+               AND ($3 IS NULL
+                    OR ($3 = 'revoked' AND revoked_at IS NOT NULL)
+                    OR ($3 = 'expired' AND revoked_at IS NULL AND not_after <= $4)
+                    OR ($3 = 'valid' AND revoked_at IS NULL AND not_after > $4))
+               AND ($5 IS NULL OR (not_after <= $5 AND not_after > $4 AND revoked_at IS NULL))
+             ORDER BY issued_at DESC, serial
+             LIMIT $6")
+            .bind(&f.cluster).bind(&f.issuer).bind(&f.status).bind(f.now).bind(expiring_before).bind(f.limit)
+            .fetch_all(p).await)?)
+    }
+
+    /// Certificates of `issuer` that are revoked and not yet expired long ago: the CRL's content.
+    pub async fn revoked_by_issuer(&self, issuer: &str) -> Result<Vec<CertRecord>> {
+        Ok(
+            on_pool!(self, p => sqlx::query_as("SELECT * FROM certificates WHERE issuer = $1 AND revoked_at IS NOT NULL ORDER BY revoked_at, serial")
+            .bind(issuer).fetch_all(p).await)?,
+        )
+    }
+
+    pub async fn get_cluster(&self, name: &str) -> Result<Option<ClusterRecord>> {
+        Ok(
+            on_pool!(self, p => sqlx::query_as("SELECT * FROM clusters WHERE name = $1").bind(name).fetch_optional(p).await)?,
+        )
+    }
+
+    pub async fn list_clusters(&self) -> Result<Vec<ClusterRecord>> {
+        Ok(
+            on_pool!(self, p => sqlx::query_as("SELECT * FROM clusters ORDER BY name").fetch_all(p).await)?,
+        )
+    }
+
+    pub async fn get_request(&self, id: &str) -> Result<Option<ApprovalRequest>> {
+        Ok(
+            on_pool!(self, p => sqlx::query_as("SELECT * FROM approval_requests WHERE id = $1").bind(id).fetch_optional(p).await)?,
+        )
+    }
+
+    pub async fn list_requests(&self, status: Option<&str>) -> Result<Vec<ApprovalRequest>> {
+        Ok(
+            on_pool!(self, p => sqlx::query_as("SELECT * FROM approval_requests WHERE ($1 IS NULL OR status = $1) ORDER BY requested_at, id")
+            .bind(status).fetch_all(p).await)?,
+        )
+    }
+
+    pub async fn get_crl(&self, issuer: &str) -> Result<Option<CrlRecord>> {
+        Ok(
+            on_pool!(self, p => sqlx::query_as("SELECT * FROM crls WHERE issuer = $1").bind(issuer).fetch_optional(p).await)?,
+        )
+    }
+
+    /// Audit records with `seq > after`, oldest first.
+    pub async fn audit_after(&self, after: i64, limit: i64) -> Result<Vec<AuditRecord>> {
+        let rows: Vec<AuditRow> = on_pool!(self, p => sqlx::query_as("SELECT * FROM audit_log WHERE seq > $1 ORDER BY seq LIMIT $2")
+            .bind(after).bind(limit).fetch_all(p).await)?;
+        Ok(rows.into_iter().map(AuditRecord::from).collect())
+    }
+
+    pub async fn checkpoints(&self) -> Result<Vec<Checkpoint>> {
+        let rows: Vec<CheckpointRow> = on_pool!(self, p => sqlx::query_as("SELECT * FROM audit_checkpoints ORDER BY seq").fetch_all(p).await)?;
+        Ok(rows
+            .into_iter()
+            .map(|r| Checkpoint {
+                seq: r.seq,
+                hash: r.hash,
+                time: r.time,
+                key_id: r.key_id,
+                signature: r.signature,
+                signature_algorithm: r.signature_algorithm,
+            })
+            .collect())
+    }
+
+    pub async fn audit_key_pem(&self, key_id: &str) -> Result<Option<String>> {
+        let row: Option<(String,)> = on_pool!(self, p => sqlx::query_as("SELECT spki_pem FROM audit_keys WHERE key_id = $1").bind(key_id).fetch_optional(p).await)?;
+        Ok(row.map(|r| r.0))
+    }
+
+    pub async fn close(&self) {
+        match self {
+            Store::Sqlite { read, write } => {
+                read.close().await;
+                write.close().await;
+            }
+            Store::Postgres(p) => p.close().await,
+        }
+    }
+}
+
+impl Tx {
+    pub async fn commit(self) -> Result<()> {
+        match self {
+            Tx::Sqlite(tx) => tx.commit().await?,
+            Tx::Postgres(tx) => tx.commit().await?,
+        }
+        Ok(())
+    }
+
+    /// Appends an audit record linked to the current head. Runs inside the serialised write
+    /// transaction, so no other writer can fork the chain.
+    pub async fn audit(&mut self, e: AuditEvent) -> Result<AuditRecord> {
+        let head: Option<(i64, String)> = on_tx!(self, c => sqlx::query_as("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1").fetch_optional(c).await)?;
+        let (seq, prev_hash) = match head {
+            Some((s, h)) => (s + 1, h),
+            None => (1, GENESIS.to_string()),
+        };
+        let time = now_millis();
+        let details = serde_json::to_string(&e.details)
+            .map_err(|err| StoreError::Corrupt(err.to_string()))?;
+        let hash = record_hash(
+            seq, time, &e.actor, &e.action, &e.subject, &details, &prev_hash,
+        );
+        on_tx!(self, c => sqlx::query("INSERT INTO audit_log (seq, time, actor, action, subject, details, prev_hash, hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)")
+            .bind(seq).bind(time).bind(&e.actor).bind(&e.action).bind(&e.subject).bind(&details).bind(&prev_hash).bind(&hash)
+            .execute(c).await.map(|r| r.rows_affected()))?;
+        Ok(AuditRecord {
+            seq,
+            time,
+            actor: e.actor,
+            action: e.action,
+            subject: e.subject,
+            details,
+            prev_hash,
+            hash,
+        })
+    }
+
+    pub async fn audit_head(&mut self) -> Result<Option<(i64, String)>> {
+        Ok(
+            on_tx!(self, c => sqlx::query_as("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1").fetch_optional(c).await)?,
+        )
+    }
+
+    pub async fn last_checkpoint_seq(&mut self) -> Result<i64> {
+        let r: Option<(i64,)> = on_tx!(self, c => sqlx::query_as("SELECT seq FROM audit_checkpoints ORDER BY seq DESC LIMIT 1").fetch_optional(c).await)?;
+        Ok(r.map_or(0, |r| r.0))
+    }
+
+    pub async fn insert_checkpoint(&mut self, cp: &Checkpoint, spki_pem: &str) -> Result<()> {
+        on_tx!(self, c => sqlx::query("INSERT INTO audit_keys (key_id, spki_pem) VALUES ($1, $2) ON CONFLICT (key_id) DO NOTHING")
+            .bind(&cp.key_id).bind(spki_pem).execute(c).await.map(|r| r.rows_affected()))?;
+        on_tx!(self, c => sqlx::query("INSERT INTO audit_checkpoints (seq, hash, time, key_id, signature, signature_algorithm) VALUES ($1, $2, $3, $4, $5, $6)")
+            .bind(cp.seq).bind(&cp.hash).bind(cp.time).bind(&cp.key_id).bind(&cp.signature).bind(&cp.signature_algorithm)
+            .execute(c).await.map(|r| r.rows_affected()))?;
+        Ok(())
+    }
+
+    pub async fn insert_certificate(&mut self, r: &CertRecord) -> Result<()> {
+        let res = on_tx!(self, c => sqlx::query(
+            "INSERT INTO certificates (serial, issuer, cluster, profile, subject, sans, not_before, not_after, fingerprint, requester, pem, issued_at, revoked_at, revocation_reason)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)")
+            .bind(&r.serial).bind(&r.issuer).bind(&r.cluster).bind(&r.profile).bind(&r.subject).bind(&r.sans)
+            .bind(r.not_before).bind(r.not_after).bind(&r.fingerprint).bind(&r.requester).bind(&r.pem).bind(r.issued_at)
+            .bind(r.revoked_at).bind(&r.revocation_reason)
+            .execute(c).await.map(|r| r.rows_affected()));
+        match res {
+            Err(e) if is_unique_violation(&e) => {
+                Err(StoreError::Conflict(format!("certificate {}", r.serial)))
+            }
+            other => other.map(|_| ()).map_err(Into::into),
+        }
+    }
+
+    pub async fn get_certificate(&mut self, serial: &str) -> Result<Option<CertRecord>> {
+        Ok(
+            on_tx!(self, c => sqlx::query_as("SELECT * FROM certificates WHERE serial = $1").bind(serial).fetch_optional(c).await)?,
+        )
+    }
+
+    /// Marks a certificate revoked. Returns false if it was already revoked or is unknown.
+    pub async fn revoke_certificate(
+        &mut self,
+        serial: &str,
+        reason: &str,
+        at: i64,
+    ) -> Result<bool> {
+        let r = on_tx!(self, c => sqlx::query("UPDATE certificates SET revoked_at = $1, revocation_reason = $2 WHERE serial = $3 AND revoked_at IS NULL")
+            .bind(at).bind(reason).bind(serial).execute(c).await.map(|r| r.rows_affected()))?;
+        Ok(r == 1)
+    }
+
+    pub async fn insert_cluster(&mut self, r: &ClusterRecord) -> Result<()> {
+        let res = on_tx!(self, c => sqlx::query(
+            "INSERT INTO clusters (name, environment, trust_domain, status, request_id, enrolment_token_hash, enrolment_expires_at, enrolled_at, created_by, created_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)")
+            .bind(&r.name).bind(&r.environment).bind(&r.trust_domain).bind(&r.status).bind(&r.request_id)
+            .bind(&r.enrolment_token_hash).bind(r.enrolment_expires_at).bind(r.enrolled_at).bind(&r.created_by).bind(r.created_at)
+            .execute(c).await.map(|r| r.rows_affected()));
+        match res {
+            Err(e) if is_unique_violation(&e) => {
+                Err(StoreError::Conflict(format!("cluster {}", r.name)))
+            }
+            other => other.map(|_| ()).map_err(Into::into),
+        }
+    }
+
+    pub async fn get_cluster(&mut self, name: &str) -> Result<Option<ClusterRecord>> {
+        Ok(
+            on_tx!(self, c => sqlx::query_as("SELECT * FROM clusters WHERE name = $1").bind(name).fetch_optional(c).await)?,
+        )
+    }
+
+    pub async fn set_cluster_status(&mut self, name: &str, status: &str) -> Result<()> {
+        on_tx!(self, c => sqlx::query("UPDATE clusters SET status = $1 WHERE name = $2").bind(status).bind(name).execute(c).await.map(|r| r.rows_affected()))?;
+        Ok(())
+    }
+
+    /// Spends the enrolment token: succeeds once, only while unexpired and unused.
+    pub async fn consume_enrolment(
+        &mut self,
+        name: &str,
+        token_hash: &str,
+        now: i64,
+    ) -> Result<bool> {
+        let r = on_tx!(self, c => sqlx::query(
+            "UPDATE clusters SET enrolled_at = $1, enrolment_token_hash = NULL
+             WHERE name = $2 AND status = 'active' AND enrolment_token_hash = $3 AND enrolled_at IS NULL AND enrolment_expires_at > $1")
+            .bind(now).bind(name).bind(token_hash).execute(c).await.map(|r| r.rows_affected()))?;
+        Ok(r == 1)
+    }
+
+    pub async fn insert_request(&mut self, r: &ApprovalRequest) -> Result<()> {
+        on_tx!(self, c => sqlx::query(
+            "INSERT INTO approval_requests (id, kind, subject, payload, requested_by, requested_at, status, decided_by, decided_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)")
+            .bind(&r.id).bind(&r.kind).bind(&r.subject).bind(&r.payload).bind(&r.requested_by).bind(r.requested_at)
+            .bind(&r.status).bind(&r.decided_by).bind(r.decided_at)
+            .execute(c).await.map(|r| r.rows_affected()))?;
+        Ok(())
+    }
+
+    pub async fn get_request(&mut self, id: &str) -> Result<Option<ApprovalRequest>> {
+        Ok(
+            on_tx!(self, c => sqlx::query_as("SELECT * FROM approval_requests WHERE id = $1").bind(id).fetch_optional(c).await)?,
+        )
+    }
+
+    /// Decides a pending request. Returns false if it was no longer pending.
+    pub async fn decide_request(
+        &mut self,
+        id: &str,
+        status: &str,
+        by: &str,
+        at: i64,
+    ) -> Result<bool> {
+        let r = on_tx!(self, c => sqlx::query("UPDATE approval_requests SET status = $1, decided_by = $2, decided_at = $3 WHERE id = $4 AND status = 'pending'")
+            .bind(status).bind(by).bind(at).bind(id).execute(c).await.map(|r| r.rows_affected()))?;
+        Ok(r == 1)
+    }
+
+    pub async fn get_crl(&mut self, issuer: &str) -> Result<Option<CrlRecord>> {
+        Ok(
+            on_tx!(self, c => sqlx::query_as("SELECT * FROM crls WHERE issuer = $1").bind(issuer).fetch_optional(c).await)?,
+        )
+    }
+
+    pub async fn put_crl(&mut self, r: &CrlRecord) -> Result<()> {
+        on_tx!(self, c => sqlx::query(
+            "INSERT INTO crls (issuer, number, this_update, next_update, der) VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (issuer) DO UPDATE SET number = excluded.number, this_update = excluded.this_update,
+                 next_update = excluded.next_update, der = excluded.der")
+            .bind(&r.issuer).bind(r.number).bind(r.this_update).bind(r.next_update).bind(&r.der)
+            .execute(c).await.map(|r| r.rows_affected()))?;
+        Ok(())
+    }
+
+    pub async fn revoked_by_issuer(&mut self, issuer: &str) -> Result<Vec<CertRecord>> {
+        Ok(
+            on_tx!(self, c => sqlx::query_as("SELECT * FROM certificates WHERE issuer = $1 AND revoked_at IS NOT NULL ORDER BY revoked_at, serial")
+            .bind(issuer).fetch_all(c).await)?,
+        )
+    }
+
+    /// Takes or renews the lease `name` for `holder` until `until`. True when `holder` holds it.
+    pub async fn try_lease(
+        &mut self,
+        name: &str,
+        holder: &str,
+        now: i64,
+        until: i64,
+    ) -> Result<bool> {
+        on_tx!(self, c => sqlx::query(
+            "INSERT INTO leases (name, holder, expires_at) VALUES ($1, $2, $3)
+             ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at
+             WHERE leases.holder = excluded.holder OR leases.expires_at < $4")
+            .bind(name).bind(holder).bind(until).bind(now).execute(c).await.map(|r| r.rows_affected()))?;
+        let row: Option<(String,)> = on_tx!(self, c => sqlx::query_as("SELECT holder FROM leases WHERE name = $1").bind(name).fetch_optional(c).await)?;
+        Ok(row.is_some_and(|r| r.0 == holder))
+    }
+}
+
+pub fn now_millis() -> i64 {
+    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+pub fn now_secs() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}

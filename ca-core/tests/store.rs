@@ -1,0 +1,404 @@
+//! One conformance suite, run against SQLite and PostgreSQL.
+
+mod common;
+
+use ca_core::audit::verify_chain;
+use ca_core::store::{
+    ApprovalRequest, AuditEvent, CertFilter, CertRecord, ClusterRecord, CrlRecord, Store,
+    StoreError, now_secs,
+};
+use serde_json::json;
+
+fn cert(serial: &str, cluster: &str, not_after: i64) -> CertRecord {
+    CertRecord {
+        serial: serial.into(),
+        issuer: "prod".into(),
+        cluster: Some(cluster.into()),
+        profile: "cluster".into(),
+        subject: format!("CN={cluster}"),
+        sans: "[\"spiffe://prod.example.com\"]".into(),
+        not_before: now_secs() - 60,
+        not_after,
+        fingerprint: format!("fp-{serial}"),
+        requester: "cluster:".to_string() + cluster,
+        pem: "-----BEGIN CERTIFICATE-----\n...".into(),
+        issued_at: now_secs(),
+        revoked_at: None,
+        revocation_reason: None,
+    }
+}
+
+async fn inventory_and_revocation(s: &Store) {
+    let now = now_secs();
+    let mut tx = s.write().await.unwrap();
+    tx.insert_certificate(&cert("0a", "c1", now + 86400 * 30))
+        .await
+        .unwrap();
+    tx.insert_certificate(&cert("0b", "c1", now + 3600))
+        .await
+        .unwrap();
+    tx.insert_certificate(&cert("0c", "c2", now - 10))
+        .await
+        .unwrap();
+    tx.audit(AuditEvent::new(
+        "test",
+        "certificate.issued",
+        "0a",
+        json!({}),
+    ))
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+
+    let mut tx = s.write().await.unwrap();
+    let dup = tx
+        .insert_certificate(&cert("0a", "c1", now))
+        .await
+        .unwrap_err();
+    assert!(matches!(dup, StoreError::Conflict(_)), "{dup}");
+    drop(tx); // rolled back
+
+    let all = CertFilter {
+        now,
+        limit: 100,
+        ..Default::default()
+    };
+    assert_eq!(s.list_certificates(&all).await.unwrap().len(), 3);
+    let c1 = CertFilter {
+        cluster: Some("c1".into()),
+        ..all.clone()
+    };
+    assert_eq!(s.list_certificates(&c1).await.unwrap().len(), 2);
+    let expiring = CertFilter {
+        expiring_within_secs: Some(7200),
+        ..all.clone()
+    };
+    let e: Vec<_> = s
+        .list_certificates(&expiring)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| c.serial)
+        .collect();
+    assert_eq!(e, vec!["0b"]);
+    let expired = CertFilter {
+        status: Some("expired".into()),
+        ..all.clone()
+    };
+    assert_eq!(s.list_certificates(&expired).await.unwrap()[0].serial, "0c");
+
+    let mut tx = s.write().await.unwrap();
+    assert!(
+        tx.revoke_certificate("0a", "key-compromise", now)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !tx.revoke_certificate("0a", "superseded", now)
+            .await
+            .unwrap(),
+        "revoking twice is a no-op"
+    );
+    assert!(
+        !tx.revoke_certificate("ff", "superseded", now)
+            .await
+            .unwrap()
+    );
+    tx.commit().await.unwrap();
+    let revoked = CertFilter {
+        status: Some("revoked".into()),
+        ..all.clone()
+    };
+    assert_eq!(
+        s.list_certificates(&revoked).await.unwrap()[0]
+            .revocation_reason
+            .as_deref(),
+        Some("key-compromise")
+    );
+    let valid = CertFilter {
+        status: Some("valid".into()),
+        ..all
+    };
+    assert_eq!(s.list_certificates(&valid).await.unwrap().len(), 1);
+    assert_eq!(s.revoked_by_issuer("prod").await.unwrap().len(), 1);
+    assert_eq!(
+        s.get_certificate_by_fingerprint("fp-0b")
+            .await
+            .unwrap()
+            .unwrap()
+            .serial,
+        "0b"
+    );
+}
+
+async fn clusters_requests_and_enrolment(s: &Store) {
+    let now = now_secs();
+    let req = ApprovalRequest {
+        id: "r1".into(),
+        kind: "register-cluster".into(),
+        subject: "c9".into(),
+        payload: "{}".into(),
+        requested_by: "alice".into(),
+        requested_at: now,
+        status: "pending".into(),
+        decided_by: None,
+        decided_at: None,
+    };
+    let cl = ClusterRecord {
+        name: "c9".into(),
+        environment: "prod".into(),
+        trust_domain: "prod.example.com".into(),
+        status: "pending".into(),
+        request_id: "r1".into(),
+        enrolment_token_hash: Some("h".into()),
+        enrolment_expires_at: Some(now + 600),
+        enrolled_at: None,
+        created_by: "alice".into(),
+        created_at: now,
+    };
+    let mut tx = s.write().await.unwrap();
+    tx.insert_request(&req).await.unwrap();
+    tx.insert_cluster(&cl).await.unwrap();
+    tx.commit().await.unwrap();
+    let mut tx = s.write().await.unwrap();
+    assert!(matches!(
+        tx.insert_cluster(&cl).await,
+        Err(StoreError::Conflict(_))
+    ));
+    drop(tx);
+
+    let mut tx = s.write().await.unwrap();
+    assert!(
+        !tx.consume_enrolment("c9", "h", now).await.unwrap(),
+        "pending clusters cannot enrol"
+    );
+    assert!(
+        tx.decide_request("r1", "approved", "bob", now)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !tx.decide_request("r1", "rejected", "carol", now)
+            .await
+            .unwrap(),
+        "decided once"
+    );
+    tx.set_cluster_status("c9", "active").await.unwrap();
+    assert!(!tx.consume_enrolment("c9", "wrong", now).await.unwrap());
+    assert!(tx.consume_enrolment("c9", "h", now).await.unwrap());
+    assert!(
+        !tx.consume_enrolment("c9", "h", now).await.unwrap(),
+        "single use"
+    );
+    tx.commit().await.unwrap();
+    let got = s.get_cluster("c9").await.unwrap().unwrap();
+    assert_eq!(got.enrolled_at, Some(now));
+    assert_eq!(got.enrolment_token_hash, None);
+    assert_eq!(s.list_requests(Some("approved")).await.unwrap().len(), 1);
+    assert_eq!(
+        s.get_request("r1")
+            .await
+            .unwrap()
+            .unwrap()
+            .decided_by
+            .as_deref(),
+        Some("bob")
+    );
+
+    // An expired token cannot be spent.
+    let mut tx = s.write().await.unwrap();
+    let old = ClusterRecord {
+        name: "c10".into(),
+        status: "active".into(),
+        enrolment_expires_at: Some(now - 1),
+        ..cl
+    };
+    tx.insert_cluster(&old).await.unwrap();
+    assert!(!tx.consume_enrolment("c10", "h", now).await.unwrap());
+    tx.commit().await.unwrap();
+}
+
+async fn crls_and_leases(s: &Store) {
+    let mut tx = s.write().await.unwrap();
+    assert!(tx.get_crl("prod").await.unwrap().is_none());
+    tx.put_crl(&CrlRecord {
+        issuer: "prod".into(),
+        number: 1,
+        this_update: 1,
+        next_update: 2,
+        der: "AA==".into(),
+    })
+    .await
+    .unwrap();
+    tx.put_crl(&CrlRecord {
+        issuer: "prod".into(),
+        number: 2,
+        this_update: 3,
+        next_update: 4,
+        der: "AQ==".into(),
+    })
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(s.get_crl("prod").await.unwrap().unwrap().number, 2);
+
+    let now = now_secs();
+    let mut tx = s.write().await.unwrap();
+    assert!(tx.try_lease("jobs", "a", now, now + 30).await.unwrap());
+    assert!(
+        !tx.try_lease("jobs", "b", now, now + 30).await.unwrap(),
+        "held by a"
+    );
+    assert!(
+        tx.try_lease("jobs", "a", now, now + 60).await.unwrap(),
+        "a renews"
+    );
+    assert!(
+        tx.try_lease("jobs", "b", now + 61, now + 90).await.unwrap(),
+        "expired lease moves to b"
+    );
+    tx.commit().await.unwrap();
+}
+
+async fn audit_chain_under_concurrent_writers(s: &Store) {
+    let mut handles = Vec::new();
+    for w in 0..8 {
+        let s = s.clone();
+        handles.push(tokio::spawn(async move {
+            for i in 0..15 {
+                s.audit(AuditEvent::new(
+                    format!("writer-{w}"),
+                    "test.event",
+                    format!("{i}"),
+                    json!({"w": w, "i": i}),
+                ))
+                .await
+                .unwrap();
+            }
+        }));
+    }
+    for h in handles {
+        h.await.unwrap();
+    }
+    let records = s.audit_after(0, 10_000).await.unwrap();
+    let n = records.len() as i64;
+    assert!(n >= 120);
+    assert_eq!(records.first().unwrap().seq, 1);
+    assert_eq!(records.last().unwrap().seq, n, "no gaps, no forks");
+    let report = verify_chain(records, &[], None).unwrap();
+    assert_eq!(report.head_seq, n);
+    assert_eq!(s.audit_after(n - 2, 10).await.unwrap().len(), 2, "paging");
+}
+
+macro_rules! conformance {
+    ($($backend:ident),*) => { $(
+        mod $backend {
+            use super::*;
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn inventory() { inventory_and_revocation(&common::$backend().await.store).await }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn clusters() { clusters_requests_and_enrolment(&common::$backend().await.store).await }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn crls() { crls_and_leases(&common::$backend().await.store).await }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn audit() { audit_chain_under_concurrent_writers(&common::$backend().await.store).await }
+        }
+    )* };
+}
+
+conformance!(sqlite, postgres);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_postgres_pools_share_one_chain() {
+    // Two "replicas": separate pools on one database, writing at once.
+    let url = common::fresh_pg_url().await;
+    let a = Store::connect(&url, true).await.unwrap();
+    let b = Store::connect(&url, true).await.unwrap();
+    let mut hs = Vec::new();
+    for (i, s) in [a.clone(), b.clone()].into_iter().enumerate() {
+        hs.push(tokio::spawn(async move {
+            for k in 0..40 {
+                s.audit(AuditEvent::new(
+                    format!("replica-{i}"),
+                    "test",
+                    format!("{k}"),
+                    json!({}),
+                ))
+                .await
+                .unwrap();
+            }
+        }));
+    }
+    for h in hs {
+        h.await.unwrap();
+    }
+    let records = a.audit_after(0, 1000).await.unwrap();
+    assert_eq!(records.len(), 80);
+    verify_chain(records, &[], None).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_server_role_may_only_insert_and_select_audit_rows() {
+    let url = common::fresh_pg_url().await;
+    let owner = Store::connect(&url, true).await.unwrap();
+    owner
+        .audit(AuditEvent::new("owner", "test", "x", json!({})))
+        .await
+        .unwrap();
+    let db = url.rsplit('/').next().unwrap().to_string();
+    let role = format!("{db}_srv");
+    let admin = sqlx::PgPool::connect(&url).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE ROLE {role} LOGIN")))
+        .execute(&admin)
+        .await
+        .unwrap();
+    let grants = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../migrations/postgres/roles.sql"
+    ))
+    .unwrap();
+    for stmt in grants
+        .split(';')
+        .map(|s| {
+            s.lines()
+                .filter(|l| !l.trim_start().starts_with("--"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
+        .filter(|s| !s.trim().is_empty())
+    {
+        sqlx::query(sqlx::AssertSqlSafe(stmt.replace("ca_server", &role)))
+            .execute(&admin)
+            .await
+            .unwrap();
+    }
+    let (prefix, rest) = url.split_once("://").unwrap();
+    let host = rest.split_once('@').map_or(rest, |(_, h)| h);
+    let role_url = format!("{prefix}://{role}@{host}");
+    let srv = Store::connect(&role_url, false).await.unwrap();
+    srv.audit(AuditEvent::new("server", "test", "y", json!({})))
+        .await
+        .expect("the server role may append");
+    assert_eq!(srv.audit_after(0, 10).await.unwrap().len(), 2, "and read");
+    let pool = sqlx::PgPool::connect(&role_url).await.unwrap();
+    for stmt in [
+        "UPDATE audit_log SET actor = 'mallory' WHERE seq = 1",
+        "DELETE FROM audit_log WHERE seq = 1",
+        "TRUNCATE audit_log",
+        "UPDATE audit_checkpoints SET hash = 'x'",
+    ] {
+        let err = sqlx::query(stmt).execute(&pool).await.unwrap_err();
+        assert!(
+            err.to_string().contains("permission denied"),
+            "{stmt}: {err}"
+        );
+    }
+    pool.close().await;
+    srv.close().await;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "REASSIGN OWNED BY {role} TO postgres"
+    )))
+    .execute(&admin)
+    .await
+    .ok();
+}

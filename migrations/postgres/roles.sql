@@ -1,0 +1,7 @@
+-- Least privilege for the ca-server role on PostgreSQL. Run once as the schema owner after
+-- the first start (which applies the migrations), replacing ca_server with the server's role.
+-- The server may append to the audit trail and read it, never change or remove a record.
+REVOKE ALL ON audit_log, audit_checkpoints, audit_keys FROM ca_server;
+GRANT SELECT, INSERT ON audit_log, audit_checkpoints, audit_keys TO ca_server;
+GRANT SELECT, INSERT, UPDATE ON clusters, certificates, approval_requests, crls, leases TO ca_server;
+GRANT SELECT ON _sqlx_migrations TO ca_server;
