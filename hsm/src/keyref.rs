@@ -119,9 +119,10 @@ fn parse_pkcs11(rest: &str) -> Result<Pkcs11Ref> {
     };
     let mut token = None;
     let mut object = None;
-    for attr in path.split(';').filter(|a| !a.is_empty()) {
+    for (i, attr) in path.split(';').filter(|a| !a.is_empty()).enumerate() {
+        // Never echo a malformed attribute: it may be a mistyped PIN.
         let (k, v) = attr.split_once('=').ok_or_else(|| {
-            HsmError::InvalidKeyRef(format!("path attribute {attr:?} has no '='"))
+            HsmError::InvalidKeyRef(format!("path attribute {} has no '='", i + 1))
         })?;
         let v = decode(v, k)?;
         match k {
@@ -143,12 +144,9 @@ fn parse_pkcs11(rest: &str) -> Result<Pkcs11Ref> {
     }
     let mut module = None;
     let mut pin_source = None;
-    for attr in query.unwrap_or("").split('&').filter(|a| !a.is_empty()) {
+    for (i, attr) in query.unwrap_or("").split('&').filter(|a| !a.is_empty()).enumerate() {
         let (k, v) = attr.split_once('=').ok_or_else(|| {
-            HsmError::InvalidKeyRef(format!(
-                "query attribute {k:?} has no '='",
-                k = attr.split('=').next().unwrap_or("")
-            ))
+            HsmError::InvalidKeyRef(format!("query attribute {} has no '='", i + 1))
         })?;
         match k {
             "module-path" => module = Some(PathBuf::from(decode(v, k)?)),
@@ -274,6 +272,8 @@ mod tests {
             "pkcs11:token=t?pin-source=env:X",
             "pkcs11:token=t;object=o",
             "pkcs11:token=t;object=o?pin-value=1234",
+            "pkcs11:token=t;object=o?pin-value:1234",
+            "pkcs11:token=t;object=o;1234?pin-source=env:X",
             "pkcs11:token=t;object=o;serial=1?pin-source=env:X",
             "pkcs11:token=t;object=o?pin-source=env:",
             "file:",

@@ -47,6 +47,15 @@ pub fn open_signer(key: &KeyRef) -> Result<KeySigner> {
     })
 }
 
+/// Opens the key again from scratch: for a token, logs in anew instead of reusing sessions
+/// that may have died with the device. Used to recover after an HSM outage.
+pub fn reopen_signer(key: &KeyRef) -> Result<KeySigner> {
+    if let KeyRef::Pkcs11(r) = key {
+        pkcs11::Token::forget(r);
+    }
+    open_signer(key)
+}
+
 /// A `file:` key's PKCS#8 PEM, for handing a cluster key to istiod, which must hold it.
 /// Token keys are never exported.
 pub fn export_file_key(key: &KeyRef) -> Result<ExportedKey> {

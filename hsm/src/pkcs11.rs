@@ -8,13 +8,13 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::mechanism::{Mechanism, MechanismType};
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
-use cryptoki::session::{Session, UserType};
+use cryptoki::session::{Session, SessionState, UserType};
 use cryptoki::slot::Slot;
 use secrecy::SecretString;
 use sha2::Digest;
@@ -101,13 +101,40 @@ pub(crate) fn login_error(token: &str, e: CkError) -> HsmError {
     }
 }
 
+/// Most sessions a token keeps open at once; more concurrent callers wait for one.
+const MAX_SESSIONS: usize = 16;
+
 /// A logged-in token with a pool of sessions.
 pub(crate) struct Token {
     label: String,
     ctx: Pkcs11,
     slot: Slot,
     pin_source: PinSource,
-    pool: Mutex<Vec<Session>>,
+    /// SHA-256 of a per-process salt and the PIN that logged in: a later reference to the same
+    /// token must present the same PIN, because PKCS#11 would otherwise accept it unchecked
+    /// (login state belongs to the application, not to a reference).
+    pin_digest: [u8; 32],
+    pool: Mutex<Pool>,
+    available: Condvar,
+}
+
+struct Pool {
+    idle: Vec<Session>,
+    open: usize,
+}
+
+fn pin_digest(pin: &SecretString) -> [u8; 32] {
+    use secrecy::ExposeSecret;
+    static SALT: OnceLock<[u8; 32]> = OnceLock::new();
+    let salt = SALT.get_or_init(|| {
+        let mut b = [0u8; 32];
+        aws_lc_rs::rand::fill(&mut b).expect("system RNG");
+        b
+    });
+    let mut h = sha2::Sha256::new();
+    h.update(salt);
+    h.update(pin.expose_secret().as_bytes());
+    h.finalize().into()
 }
 
 impl Token {
@@ -118,6 +145,10 @@ impl Token {
         // Held across login so two threads cannot both log in the same token.
         let mut map = tokens().lock().unwrap_or_else(|p| p.into_inner());
         if let Some(t) = map.get(&key) {
+            let pin = r.pin_source.read()?;
+            if pin_digest(&pin) != t.pin_digest {
+                return Err(HsmError::WrongPin { token: r.token.clone() });
+            }
             return Ok(t.clone());
         }
         let ctx = module(&module_path)?;
@@ -140,57 +171,91 @@ impl Token {
             ctx,
             slot,
             pin_source: r.pin_source.clone(),
-            pool: Mutex::new(vec![session]),
+            pin_digest: pin_digest(&pin),
+            pool: Mutex::new(Pool { idle: vec![session], open: 1 }),
+            available: Condvar::new(),
         });
         map.insert(key, token.clone());
         Ok(token)
+    }
+
+    /// Drops the cached login for a token so that the next open starts afresh: after a token
+    /// was removed and returned, its old sessions are dead.
+    pub(crate) fn forget(r: &Pkcs11Ref) {
+        if let Ok(module_path) = r.module_path() {
+            tokens()
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&(module_path, r.token.clone()));
+        }
     }
 
     pub(crate) fn label(&self) -> &str {
         &self.label
     }
 
-    /// Runs `f` on a pooled session. A session the token says is gone is dropped rather than
-    /// returned; a lost login (token reset, session closed) is restored once from the PIN
-    /// source and the call retried.
+    /// Runs `f` on a pooled session that is logged in. A lost login (token reset, all
+    /// sessions closed) is restored from the PIN source first; a session the token says is
+    /// gone is dropped rather than returned.
     pub(crate) fn with_session<T>(
         &self,
         function: &str,
         f: impl Fn(&Session) -> std::result::Result<T, CkError>,
     ) -> Result<T> {
         let session = self.take_session()?;
-        let mut result = f(&session);
+        // Without a login, C_FindObjects silently returns only public objects, so "key not
+        // found" would hide the real cause: check the session's state up front.
+        let logged_in = session
+            .get_session_info()
+            .map(|i| matches!(i.session_state(), SessionState::RoUser | SessionState::RwUser | SessionState::RwSecurityOfficer))
+            .unwrap_or(true);
+        let mut result = if logged_in { f(&session) } else { Err(CkError::Pkcs11(RvError::UserNotLoggedIn, cryptoki::context::Function::Login)) };
         if let Err(CkError::Pkcs11(RvError::UserNotLoggedIn, _)) = result {
             let pin: SecretString = self.pin_source.read()?;
-            login(&session, &self.label, &pin)?;
+            if let Err(e) = login(&session, &self.label, &pin) {
+                self.return_session(session, false);
+                return Err(e);
+            }
             result = f(&session);
         }
-        match &result {
+        let dead = matches!(
+            &result,
             Err(CkError::Pkcs11(
-                RvError::SessionHandleInvalid
-                | RvError::SessionClosed
-                | RvError::DeviceRemoved
-                | RvError::TokenNotPresent,
+                RvError::SessionHandleInvalid | RvError::SessionClosed | RvError::DeviceRemoved | RvError::TokenNotPresent,
                 _,
-            )) => {
-                drop(session);
-            }
-            _ => self
-                .pool
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(session),
-        }
+            ))
+        );
+        self.return_session(session, !dead);
         result.map_err(|e| device(&self.label, function, e))
     }
 
     fn take_session(&self) -> Result<Session> {
-        if let Some(s) = self.pool.lock().unwrap_or_else(|p| p.into_inner()).pop() {
-            return Ok(s);
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(s) = pool.idle.pop() {
+                return Ok(s);
+            }
+            if pool.open < MAX_SESSIONS {
+                pool.open += 1;
+                drop(pool);
+                return self.ctx.open_rw_session(self.slot).map_err(|e| {
+                    self.pool.lock().unwrap_or_else(|p| p.into_inner()).open -= 1;
+                    device(&self.label, "C_OpenSession", e)
+                });
+            }
+            pool = self.available.wait(pool).unwrap_or_else(|p| p.into_inner());
         }
-        self.ctx
-            .open_rw_session(self.slot)
-            .map_err(|e| device(&self.label, "C_OpenSession", e))
+    }
+
+    fn return_session(&self, session: Session, keep: bool) {
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        if keep {
+            pool.idle.push(session);
+        } else {
+            pool.open -= 1;
+            drop(session);
+        }
+        self.available.notify_one();
     }
 
     pub(crate) fn supports(&self, mechanism: MechanismType) -> Result<bool> {

@@ -106,11 +106,21 @@ fn wrong_pin_unknown_token_and_missing_key_are_named() {
     assert!(matches!(err, HsmError::WrongPin { .. }), "{err}");
     assert!(!err.to_string().contains("9999"));
 
+    // Once the token is logged in for one reference, another reference with a wrong PIN is
+    // still refused (PKCS#11 itself would accept it: login state is per application).
+    let good = key_ref(e, "errs", "k");
+    hsm::generate_key(&good, KeyAlgorithm::EcdsaP256).unwrap();
+    hsm::open_signer(&good).unwrap();
+    let err = hsm::open_signer(&r).unwrap_err();
+    assert!(matches!(err, HsmError::WrongPin { .. }), "cached login must not bypass the PIN: {err}");
+
     let err = hsm::open_signer(&key_ref(e, "no-such-token", "k")).unwrap_err();
     assert!(matches!(err, HsmError::TokenNotFound { .. }), "{err}");
 
     let err = hsm::open_signer(&key_ref(e, "errs", "absent")).unwrap_err();
     assert!(matches!(err, HsmError::KeyNotFound { .. }), "{err}");
+    let err = hsm::generate_key(&key_ref(e, "errs", "k"), KeyAlgorithm::EcdsaP256).unwrap_err();
+    assert!(matches!(err, HsmError::LabelExists { .. }), "{err}");
 }
 
 #[test]
@@ -119,7 +129,8 @@ fn concurrent_signing_is_safe() {
     let r = key_ref(e, "conc", "k");
     let public = hsm::generate_key(&r, KeyAlgorithm::EcdsaP256).unwrap();
     let signer = Arc::new(hsm::open_signer(&r).unwrap());
-    let handles: Vec<_> = (0..8)
+    // More threads than the session cap: callers wait for a session rather than fail.
+    let handles: Vec<_> = (0..24)
         .map(|t| {
             let s = signer.clone();
             let p = public.clone();
