@@ -18,11 +18,7 @@ fn broken_csr_signature_is_refused() {
     let last = der.len() - 1;
     der[last] ^= 0x01;
     let broken = dir.path().join("broken.csr");
-    std::fs::write(
-        &broken,
-        pem::encode(&pem::Pem::new("CERTIFICATE REQUEST", der)),
-    )
-    .unwrap();
+    std::fs::write(&broken, pem::encode(&pem::Pem::new("CERTIFICATE REQUEST", der))).unwrap();
     let out = dir.path().join("x.pem");
     let err = fails(&[
         "sign",
@@ -75,28 +71,11 @@ fn weak_keys_in_csrs_are_refused() {
     for (name, newkey) in [("rsa1024", "rsa:1024"), ("p521", "ec:-")] {
         let csr = dir.path().join(format!("{name}.csr"));
         let key = dir.path().join(format!("{name}.key"));
-        let mut args = vec![
-            "req",
-            "-new",
-            "-nodes",
-            "-subj",
-            "/CN=weak",
-            "-keyout",
-            s(&key),
-            "-out",
-            s(&csr),
-        ];
+        let mut args = vec!["req", "-new", "-nodes", "-subj", "/CN=weak", "-keyout", s(&key), "-out", s(&csr)];
         let params = dir.path().join("p521.params");
         if name == "p521" {
-            assert!(
-                openssl(&["ecparam", "-name", "secp521r1", "-out", s(&params)])
-                    .status
-                    .success()
-            );
-            args.extend([
-                "-newkey",
-                &*Box::leak(format!("ec:{}", params.display()).into_boxed_str()),
-            ]);
+            assert!(openssl(&["ecparam", "-name", "secp521r1", "-out", s(&params)]).status.success());
+            args.extend(["-newkey", &*Box::leak(format!("ec:{}", params.display()).into_boxed_str())]);
         } else {
             args.extend(["-newkey", newkey]);
         }
@@ -130,14 +109,7 @@ fn a_child_may_not_outlive_its_parent() {
     let dir = tempfile::tempdir().unwrap();
     let p = |f: &str| dir.path().join(f);
     let root_key = p11("outlive", "root");
-    ok(&[
-        "key",
-        "generate",
-        "--key",
-        &root_key,
-        "--algorithm",
-        "ecdsa-p256",
-    ]);
+    ok(&["key", "generate", "--key", &root_key, "--algorithm", "ecdsa-p256"]);
     let root_json: serde_json::Value = serde_json::from_str(&ok(&[
         "--output",
         "json",
@@ -155,24 +127,8 @@ fn a_child_may_not_outlive_its_parent() {
     .unwrap();
     let root_not_after = root_json["not_after"].as_str().unwrap().to_string();
     let env_key = format!("file:{}", p("env.key").display());
-    ok(&[
-        "key",
-        "generate",
-        "--key",
-        &env_key,
-        "--algorithm",
-        "ecdsa-p256",
-    ]);
-    ok(&[
-        "csr",
-        "create",
-        "--key",
-        &env_key,
-        "--subject",
-        "CN=env",
-        "--out",
-        s(&p("env.csr")),
-    ]);
+    ok(&["key", "generate", "--key", &env_key, "--algorithm", "ecdsa-p256"]);
+    ok(&["csr", "create", "--key", &env_key, "--subject", "CN=env", "--out", s(&p("env.csr"))]);
     let err = fails(&[
         "sign",
         "--profile",
@@ -191,15 +147,8 @@ fn a_child_may_not_outlive_its_parent() {
         s(&p("env.pem")),
     ]);
     assert!(err.contains("past the issuer's notAfter"), "{err}");
-    assert!(
-        err.contains(&root_not_after),
-        "names the issuer's date {root_not_after}: {err}"
-    );
-    assert_eq!(
-        err.matches("T").count() >= 2,
-        true,
-        "names both dates: {err}"
-    );
+    assert!(err.contains(&root_not_after), "names the issuer's date {root_not_after}: {err}");
+    assert_eq!(err.matches("T").count() >= 2, true, "names both dates: {err}");
     assert_absent(&p("env.pem"));
 }
 
@@ -210,40 +159,16 @@ fn existing_output_files_are_never_overwritten() {
     let out = dir.path().join("root.pem");
     std::fs::write(&out, "precious").unwrap();
     let key = p11("exists", "root");
-    ok(&[
-        "key",
-        "generate",
-        "--key",
-        &key,
-        "--algorithm",
-        "ecdsa-p256",
-    ]);
-    let err = fails(&[
-        "root",
-        "create",
-        "--key",
-        &key,
-        "--subject",
-        "CN=R",
-        "--validity",
-        "1y",
-        "--out",
-        s(&out),
-    ]);
+    ok(&["key", "generate", "--key", &key, "--algorithm", "ecdsa-p256"]);
+    let err = fails(&["root", "create", "--key", &key, "--subject", "CN=R", "--validity", "1y", "--out", s(&out)]);
     assert!(err.contains("already exists"), "{err}");
     assert_eq!(std::fs::read_to_string(&out).unwrap(), "precious");
 
     // A file key is never replaced either.
     let file_key = dir.path().join("k.pem");
     std::fs::write(&file_key, "precious").unwrap();
-    let err = fails(&[
-        "key",
-        "generate",
-        "--key",
-        &format!("file:{}", file_key.display()),
-        "--algorithm",
-        "ecdsa-p256",
-    ]);
+    let err =
+        fails(&["key", "generate", "--key", &format!("file:{}", file_key.display()), "--algorithm", "ecdsa-p256"]);
     assert!(err.contains("already exists"), "{err}");
     assert_eq!(std::fs::read_to_string(&file_key).unwrap(), "precious");
 
@@ -262,32 +187,15 @@ fn existing_output_files_are_never_overwritten() {
     ]);
     assert!(err.contains("already exists"), "{err}");
     let err = fails(&["key", "info", "--key", &p11("exists", "second")]);
-    assert!(
-        err.contains("no private key labelled"),
-        "no key was generated: {err}"
-    );
+    assert!(err.contains("no private key labelled"), "no key was generated: {err}");
 }
 
 #[test]
 fn an_existing_hsm_label_is_refused() {
     token("label");
     let key = p11("label", "root");
-    ok(&[
-        "key",
-        "generate",
-        "--key",
-        &key,
-        "--algorithm",
-        "ecdsa-p256",
-    ]);
-    let err = fails(&[
-        "key",
-        "generate",
-        "--key",
-        &key,
-        "--algorithm",
-        "ecdsa-p384",
-    ]);
+    ok(&["key", "generate", "--key", &key, "--algorithm", "ecdsa-p256"]);
+    let err = fails(&["key", "generate", "--key", &key, "--algorithm", "ecdsa-p384"]);
     assert!(err.contains("already exists in token \"label\""), "{err}");
 }
 
@@ -295,35 +203,15 @@ fn an_existing_hsm_label_is_refused() {
 fn wrong_pin_is_named_without_the_pin() {
     token("pin");
     let key = p11("pin", "root");
-    ok(&[
-        "key",
-        "generate",
-        "--key",
-        &key,
-        "--algorithm",
-        "ecdsa-p256",
-    ]);
-    let err = fails_with(
-        ca_cli()
-            .env(PIN_VAR, "0000-wrong")
-            .args(["key", "info", "--key", &key]),
-    );
+    ok(&["key", "generate", "--key", &key, "--algorithm", "ecdsa-p256"]);
+    let err = fails_with(ca_cli().env(PIN_VAR, "0000-wrong").args(["key", "info", "--key", &key]));
     assert!(err.contains("wrong PIN for token \"pin\""), "{err}");
     assert!(!err.contains("0000-wrong"));
     // A PIN in the reference itself is refused: it would end up in argv and shell history.
-    let err = fails(&[
-        "key",
-        "info",
-        "--key",
-        "pkcs11:token=pin;object=root?pin-value=1234",
-    ]);
+    let err = fails(&["key", "info", "--key", "pkcs11:token=pin;object=root?pin-value=1234"]);
     assert!(err.contains("pin-value is refused"), "{err}");
     // Unset PIN variable.
-    let err = fails_with(
-        ca_cli()
-            .env_remove(PIN_VAR)
-            .args(["key", "info", "--key", &key]),
-    );
+    let err = fails_with(ca_cli().env_remove(PIN_VAR).args(["key", "info", "--key", &key]));
     assert!(err.contains("TEST_TOKEN_PIN is not set"), "{err}");
 }
 
@@ -334,20 +222,10 @@ fn missing_module_token_and_key_are_named() {
         "key",
         "info",
         "--key",
-        &format!(
-            "pkcs11:token=names;object=k?module-path=/nonexistent/libp11.so&pin-source=env:{PIN_VAR}"
-        ),
+        &format!("pkcs11:token=names;object=k?module-path=/nonexistent/libp11.so&pin-source=env:{PIN_VAR}"),
     ]);
-    assert!(
-        err.contains("PKCS#11 module not found at /nonexistent/libp11.so"),
-        "{err}"
-    );
-    let err = fails(&[
-        "key",
-        "info",
-        "--key",
-        &format!("pkcs11:token=names;object=k?pin-source=env:{PIN_VAR}"),
-    ]);
+    assert!(err.contains("PKCS#11 module not found at /nonexistent/libp11.so"), "{err}");
+    let err = fails(&["key", "info", "--key", &format!("pkcs11:token=names;object=k?pin-source=env:{PIN_VAR}")]);
     assert!(err.contains("PKCS11_MODULE"), "{err}");
     let err = fails(&["key", "info", "--key", &p11("no-such-token", "k")]);
     assert!(err.contains("no token labelled \"no-such-token\""), "{err}");
@@ -360,60 +238,18 @@ fn malformed_arguments_get_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("x.pem");
     let key = format!("file:{}", dir.path().join("k.pem").display());
-    ok(&[
-        "key",
-        "generate",
-        "--key",
-        &key,
-        "--algorithm",
-        "ecdsa-p256",
-    ]);
+    ok(&["key", "generate", "--key", &key, "--algorithm", "ecdsa-p256"]);
     for (args, want) in [
         (
-            vec![
-                "root",
-                "create",
-                "--key",
-                &key,
-                "--subject",
-                "O=No CN",
-                "--validity",
-                "1y",
-                "--out",
-                s(&out),
-            ],
+            vec!["root", "create", "--key", &key, "--subject", "O=No CN", "--validity", "1y", "--out", s(&out)],
             "needs a CN",
         ),
         (
-            vec![
-                "root",
-                "create",
-                "--key",
-                &key,
-                "--subject",
-                "CN=x",
-                "--validity",
-                "1x",
-                "--out",
-                s(&out),
-            ],
+            vec!["root", "create", "--key", &key, "--subject", "CN=x", "--validity", "1x", "--out", s(&out)],
             "invalid duration",
         ),
-        (
-            vec![
-                "key",
-                "generate",
-                "--key",
-                "file:/tmp/never.pem",
-                "--algorithm",
-                "ecdsa-p521",
-            ],
-            "unknown algorithm",
-        ),
-        (
-            vec!["key", "info", "--key", "/plain/path"],
-            "invalid key reference",
-        ),
+        (vec!["key", "generate", "--key", "file:/tmp/never.pem", "--algorithm", "ecdsa-p521"], "unknown algorithm"),
+        (vec!["key", "info", "--key", "/plain/path"], "invalid key reference"),
     ] {
         let o = run(&args);
         assert!(!o.status.success());

@@ -29,11 +29,7 @@ fn ceremony(dir: &Path, verb: &str, file: &str) -> Command {
 
 fn run_ok(mut c: Command) -> String {
     let out = c.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -54,13 +50,8 @@ fn copy_examples(to: &Path) -> Vec<String> {
 fn init_example_tokens() {
     let h = hsm();
     use secrecy::SecretString;
-    hsm::softhsm::init_token(
-        &h.module,
-        "root-hsm",
-        &SecretString::from("so-pin-4711"),
-        &SecretString::from(ROOT_PIN),
-    )
-    .unwrap();
+    hsm::softhsm::init_token(&h.module, "root-hsm", &SecretString::from("so-pin-4711"), &SecretString::from(ROOT_PIN))
+        .unwrap();
     hsm::softhsm::init_token(
         &h.module,
         "prod-env-hsm",
@@ -80,10 +71,7 @@ fn example_ceremonies_build_a_verifiable_hierarchy_with_transcripts() {
         .iter()
         .map(|n| {
             let y = std::fs::read_to_string(dir.path().join(n)).unwrap();
-            y.lines()
-                .find_map(|l| l.strip_prefix("ceremony-type: "))
-                .unwrap()
-                .to_string()
+            y.lines().find_map(|l| l.strip_prefix("ceremony-type: ")).unwrap().to_string()
         })
         .collect();
     for t in ["key", "root", "csr", "intermediate", "cross-sign", "crl"] {
@@ -95,11 +83,7 @@ fn example_ceremonies_build_a_verifiable_hierarchy_with_transcripts() {
     }
     let p = |f: &str| dir.path().join(f);
     let untrusted = p("untrusted.pem");
-    std::fs::write(
-        &untrusted,
-        [std::fs::read(p("prod-env-2026.pem")).unwrap()].concat(),
-    )
-    .unwrap();
+    std::fs::write(&untrusted, [std::fs::read(p("prod-env-2026.pem")).unwrap()].concat()).unwrap();
     let out = openssl(&[
         "verify",
         "-CAfile",
@@ -108,91 +92,46 @@ fn example_ceremonies_build_a_verifiable_hierarchy_with_transcripts() {
         s(&untrusted),
         s(&p("prod-eu1-cluster.pem")),
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    // The cross-signed successor chains to the current root.
-    let out = openssl(&[
-        "verify",
-        "-CAfile",
-        s(&p("root-2026.pem")),
-        s(&p("root-2031-cross-signed-by-2026.pem")),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let cross = String::from_utf8(
-        openssl(&[
-            "x509",
-            "-in",
-            s(&p("root-2031-cross-signed-by-2026.pem")),
-            "-noout",
-            "-subject",
-            "-text",
-        ])
-        .stdout,
-    )
-    .unwrap();
-    assert!(
-        cross.contains("Example Root CA 2031") && cross.contains("pathlen:1"),
-        "{cross}"
-    );
-    let out = openssl(&[
-        "crl",
-        "-in",
-        s(&p("root-2026-crl-1.pem")),
-        "-CAfile",
-        s(&p("root-2026.pem")),
-        "-noout",
-        "-verify",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // After the rotation ceremonies, a cluster (and so every workload under it) chains to the
+    // successor root alone through the cross-certified environment CA ...
+    let cross = p("prod-env-2026-cross-signed-by-2031.pem");
+    let out =
+        openssl(&["verify", "-CAfile", s(&p("root-2031.pem")), "-untrusted", s(&cross), s(&p("prod-eu1-cluster.pem"))]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // ... and our verifier agrees, with the full depth root -> environment -> cluster -> leaf
+    // allowed by the root's pathLen.
+    ok(&["verify", "--root", s(&p("root-2031.pem")), "--chain", s(&cross), s(&p("prod-eu1-cluster.pem"))]);
+    let text = String::from_utf8(openssl(&["x509", "-in", s(&cross), "-noout", "-text"]).stdout).unwrap();
+    let original =
+        String::from_utf8(openssl(&["x509", "-in", s(&p("prod-env-2026.pem")), "-noout", "-text"]).stdout).unwrap();
+    assert!(text.contains("pathlen:1") && text.contains("Issuer: CN = Example Root CA 2031"), "{text}");
+    let subject = |t: &str| t.lines().find(|l| l.trim_start().starts_with("Subject:")).unwrap().to_string();
+    assert_eq!(subject(&text), subject(&original));
+    let ski = |t: &str| t.lines().skip_while(|l| !l.contains("Subject Key Identifier")).nth(1).unwrap().to_string();
+    assert_eq!(ski(&text), ski(&original), "the key identifier is kept");
+    assert!(text.contains("URI:spiffe://prod.example.com"), "trust domains are kept");
+    let out =
+        openssl(&["crl", "-in", s(&p("root-2026-crl-1.pem")), "-CAfile", s(&p("root-2026.pem")), "-noout", "-verify"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
     // The transcript: one line per run, hashes of the file, inputs and outputs, no PIN.
     let transcript = std::fs::read_to_string(p("ceremony-transcript.jsonl")).unwrap();
     assert!(!transcript.contains(ROOT_PIN) && !transcript.contains(ENV_PIN));
-    let lines: Vec<serde_json::Value> = transcript
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines: Vec<serde_json::Value> = transcript.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.len(), names.len());
     for (line, name) in lines.iter().zip(&names) {
         assert_eq!(line["result"], "ok");
         assert_eq!(line["operator"], "alice (witness: bob)");
-        assert_eq!(
-            line["ceremony_sha256"].as_str().unwrap(),
-            sha256_file(&p(name)),
-            "{name}"
-        );
+        assert_eq!(line["ceremony_sha256"].as_str().unwrap(), sha256_file(&p(name)), "{name}");
         assert!(line["time"].as_str().unwrap().ends_with('Z'));
-        for f in line["outputs"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .chain(line["inputs"].as_array().unwrap())
-        {
-            assert_eq!(
-                f["sha256"].as_str().unwrap(),
-                sha256_file(Path::new(f["path"].as_str().unwrap()))
-            );
+        for f in line["outputs"].as_array().unwrap().iter().chain(line["inputs"].as_array().unwrap()) {
+            assert_eq!(f["sha256"].as_str().unwrap(), sha256_file(Path::new(f["path"].as_str().unwrap())));
         }
     }
     let env_line = &lines[names.iter().position(|n| n.starts_with("05-")).unwrap()];
     assert_eq!(env_line["inputs"].as_array().unwrap().len(), 2);
-    assert!(
-        env_line["keys"][0]
-            .as_str()
-            .unwrap()
-            .contains("pin-source=env:ROOT_PIN")
-    );
+    assert!(env_line["keys"][0].as_str().unwrap().contains("pin-source=env:ROOT_PIN"));
     assert_eq!(env_line["details"]["profile"], "environment");
 }
 
@@ -201,29 +140,17 @@ fn check_does_not_touch_the_hsm() {
     let dir = tempfile::tempdir().unwrap();
     copy_examples(dir.path());
     // No module, no token, no PIN: check still passes for the key and root ceremonies.
-    for f in [
-        "01-root-key.yaml",
-        "02-root-cert.yaml",
-        "06-prod-eu1-cluster-key.yaml",
-    ] {
+    for f in ["01-root-key.yaml", "02-root-cert.yaml", "06-prod-eu1-cluster-key.yaml"] {
         let mut c = ceremony(dir.path(), "check", f);
-        c.env("PKCS11_MODULE", "/nonexistent/module.so")
-            .env_remove("ROOT_PIN");
+        c.env("PKCS11_MODULE", "/nonexistent/module.so").env_remove("ROOT_PIN");
         let out = run_ok(c);
         assert!(out.contains("OK"), "{out}");
     }
     assert!(!dir.path().join("root-2026.pub.pem").exists());
     assert!(!dir.path().join("prod-eu1-cluster.key").exists());
-    assert!(
-        !dir.path().join("ceremony-transcript.jsonl").exists(),
-        "check writes no transcript"
-    );
+    assert!(!dir.path().join("ceremony-transcript.jsonl").exists(), "check writes no transcript");
     // But it does check inputs: the environment ceremony needs the root certificate.
-    let err = fails_with(&mut ceremony(
-        dir.path(),
-        "check",
-        "05-prod-env-intermediate.yaml",
-    ));
+    let err = fails_with(&mut ceremony(dir.path(), "check", "05-prod-env-intermediate.yaml"));
     assert!(err.contains("root-2026.pem"), "{err}");
 }
 
@@ -286,10 +213,7 @@ fn bad_ceremony_files_name_the_field() {
         let f = write(d, &format!("c{i}.yaml"), yaml);
         for verb in ["check", "run"] {
             let err = fails(&["ceremony", verb, s(&f)]);
-            assert!(
-                err.contains(want),
-                "case {i} ({verb}): want {want:?} in {err}"
-            );
+            assert!(err.contains(want), "case {i} ({verb}): want {want:?} in {err}");
             assert!(err.contains(&format!("c{i}.yaml")), "names the file: {err}");
         }
     }
@@ -310,19 +234,14 @@ fn outputs_are_never_overwritten_and_failures_are_recorded() {
     let err = fails(&["ceremony", "run", s(&f)]);
     assert!(err.contains("already exists"), "{err}");
     assert_eq!(std::fs::read(d.join("k.pub.pem")).unwrap(), before);
-    let lines: Vec<serde_json::Value> =
-        std::fs::read_to_string(d.join("ceremony-transcript.jsonl"))
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(d.join("ceremony-transcript.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines.len(), 2);
     assert_eq!(lines[0]["result"], "ok");
-    assert!(
-        lines[1]["result"].as_str().unwrap().starts_with("error: "),
-        "{}",
-        lines[1]
-    );
+    assert!(lines[1]["result"].as_str().unwrap().starts_with("error: "), "{}", lines[1]);
     assert_eq!(lines[1]["outputs"].as_array().unwrap().len(), 0);
 }
 
@@ -355,13 +274,7 @@ fn quickstart_builds_a_bundle_istiod_accepts() {
     .unwrap();
     assert!(info["root_key"].as_str().unwrap().starts_with("pkcs11:"));
     assert_eq!(std::fs::read_dir(qs.join("ceremonies")).unwrap().count(), 8);
-    assert!(
-        std::fs::read_to_string(qs.join("root/ceremony-transcript.jsonl"))
-            .unwrap()
-            .lines()
-            .count()
-            == 2
-    );
+    assert!(std::fs::read_to_string(qs.join("root/ceremony-transcript.jsonl")).unwrap().lines().count() == 2);
     // A non-empty directory is refused.
     let err = fails(&["quickstart", "--dir", s(&qs)]);
     assert!(err.contains("already exists"), "{err}");
@@ -371,20 +284,10 @@ fn quickstart_builds_a_bundle_istiod_accepts() {
 fn quickstart_without_softhsm_warns_and_uses_file_keys() {
     let dir = tempfile::tempdir().unwrap();
     let qs = dir.path().join("qs");
-    let out = ca_cli()
-        .args(["quickstart", "--file-keys", "--dir", s(&qs)])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = ca_cli().args(["quickstart", "--file-keys", "--dir", s(&qs)]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("WARNING") && stderr.contains("PLAIN FILES"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("WARNING") && stderr.contains("PLAIN FILES"), "{stderr}");
     assert!(qs.join("keys/root.key").is_file());
     let bundle = qs.join("clusters/dev-1/cacerts");
     let o = openssl(&[

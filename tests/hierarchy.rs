@@ -9,10 +9,7 @@ use rustls_pki_types::{CertificateDer, UnixTime};
 fn webpki_verify(root: &[u8], intermediates: &[Vec<u8>], leaf: &[u8]) -> Result<(), webpki::Error> {
     let root = CertificateDer::from(root.to_vec());
     let anchors = [webpki::anchor_from_trusted_cert(&root)?];
-    let inter: Vec<CertificateDer> = intermediates
-        .iter()
-        .map(|d| CertificateDer::from(d.clone()))
-        .collect();
+    let inter: Vec<CertificateDer> = intermediates.iter().map(|d| CertificateDer::from(d.clone())).collect();
     let leaf = CertificateDer::from(leaf.to_vec());
     let ee = webpki::EndEntityCert::try_from(&leaf)?;
     ee.verify_for_usage(
@@ -35,48 +32,16 @@ fn hierarchy_verifies_with_openssl_webpki_and_ca_cli() {
 
     // openssl, as Envoy's BoringSSL and istiod's Go would.
     let chain = dir.path().join("untrusted.pem");
-    std::fs::write(
-        &chain,
-        [
-            std::fs::read(&h.env).unwrap(),
-            std::fs::read(&h.cluster).unwrap(),
-        ]
-        .concat(),
-    )
-    .unwrap();
-    let out = openssl(&[
-        "verify",
-        "-CAfile",
-        s(&h.root),
-        "-untrusted",
-        s(&chain),
-        s(&leaf),
-    ]);
-    assert!(
-        out.status.success(),
-        "openssl verify: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    std::fs::write(&chain, [std::fs::read(&h.env).unwrap(), std::fs::read(&h.cluster).unwrap()].concat()).unwrap();
+    let out = openssl(&["verify", "-CAfile", s(&h.root), "-untrusted", s(&chain), s(&leaf)]);
+    assert!(out.status.success(), "openssl verify: {}", String::from_utf8_lossy(&out.stderr));
 
     // rustls-webpki.
-    webpki_verify(
-        &der_of(&h.root),
-        &[der_of(&h.env), der_of(&h.cluster)],
-        &der_of(&leaf),
-    )
-    .expect("webpki accepts the chain");
+    webpki_verify(&der_of(&h.root), &[der_of(&h.env), der_of(&h.cluster)], &der_of(&leaf))
+        .expect("webpki accepts the chain");
 
     // Our own verifier, text and JSON.
-    let text = ok(&[
-        "verify",
-        "--root",
-        s(&h.root),
-        "--chain",
-        s(&h.env),
-        "--chain",
-        s(&h.cluster),
-        s(&leaf),
-    ]);
+    let text = ok(&["verify", "--root", s(&h.root), "--chain", s(&h.env), "--chain", s(&h.cluster), s(&leaf)]);
     assert!(text.contains("OK"), "{text}");
     let json: serde_json::Value = serde_json::from_str(&ok(&[
         "--output",
@@ -94,28 +59,20 @@ fn hierarchy_verifies_with_openssl_webpki_and_ca_cli() {
     assert_eq!(json["path"].as_array().unwrap().len(), 4);
 
     // Profiles: what each tier carries.
-    let text =
-        String::from_utf8(openssl(&["x509", "-in", s(&h.env), "-noout", "-text"]).stdout).unwrap();
+    let text = String::from_utf8(openssl(&["x509", "-in", s(&h.env), "-noout", "-text"]).stdout).unwrap();
     assert!(text.contains("CA:TRUE, pathlen:1"), "{text}");
     assert!(text.contains("Certificate Sign, CRL Sign"));
     assert!(text.contains("URI:spiffe://prod.example.com"));
     assert!(!text.contains("Extended Key Usage"));
     assert!(text.contains("X509v3 Authority Key Identifier"));
-    let text =
-        String::from_utf8(openssl(&["x509", "-in", s(&h.cluster), "-noout", "-text"]).stdout)
-            .unwrap();
+    let text = String::from_utf8(openssl(&["x509", "-in", s(&h.cluster), "-noout", "-text"]).stdout).unwrap();
     assert!(text.contains("CA:TRUE, pathlen:0"), "{text}");
-    let text =
-        String::from_utf8(openssl(&["x509", "-in", s(&h.root), "-noout", "-text"]).stdout).unwrap();
+    let text = String::from_utf8(openssl(&["x509", "-in", s(&h.root), "-noout", "-text"]).stdout).unwrap();
     assert!(text.contains("CA:TRUE, pathlen:2"), "{text}");
     assert!(text.contains("ecdsa-with-SHA384"));
     assert!(!text.contains("Authority Key Identifier"));
-    let text =
-        String::from_utf8(openssl(&["x509", "-in", s(&leaf), "-noout", "-text"]).stdout).unwrap();
-    assert!(
-        text.contains("TLS Web Server Authentication, TLS Web Client Authentication"),
-        "{text}"
-    );
+    let text = String::from_utf8(openssl(&["x509", "-in", s(&leaf), "-noout", "-text"]).stdout).unwrap();
+    assert!(text.contains("TLS Web Server Authentication, TLS Web Client Authentication"), "{text}");
     assert!(text.contains("Digital Signature, Key Encipherment"));
     assert!(text.contains("URI:spiffe://prod.example.com/ns/default/sa/web"));
 }
@@ -123,11 +80,7 @@ fn hierarchy_verifies_with_openssl_webpki_and_ca_cli() {
 #[test]
 fn token_keys_are_sensitive_and_not_extractable() {
     token("custody");
-    for (object, alg) in [
-        ("p384", "ecdsa-p384"),
-        ("p256", "ecdsa-p256"),
-        ("rsa3072", "rsa-3072"),
-    ] {
+    for (object, alg) in [("p384", "ecdsa-p384"), ("p256", "ecdsa-p256"), ("rsa3072", "rsa-3072")] {
         let key = p11("custody", object);
         ok(&["key", "generate", "--key", &key, "--algorithm", alg]);
         let info: serde_json::Value =
@@ -142,36 +95,15 @@ fn token_keys_are_sensitive_and_not_extractable() {
     let out = std::process::Command::new("pkcs11-tool")
         .env("SOFTHSM2_CONF", &hsm().conf)
         .env(PIN_VAR, PIN)
-        .args([
-            "--module",
-            s(&hsm().module),
-            "--token-label",
-            "custody",
-            "--login",
-            "--pin",
-            &format!("env:{PIN_VAR}"),
-        ])
+        .args(["--module", s(&hsm().module), "--token-label", "custody", "--login", "--pin", &format!("env:{PIN_VAR}")])
         .args(["--list-objects", "--type", "privkey"])
         .output()
         .expect("pkcs11-tool (opensc) is installed");
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(text.matches("Private Key Object").count(), 3, "{text}");
-    assert_eq!(
-        text.matches("Access:     sensitive, always sensitive, never extractable, local")
-            .count(),
-        3,
-        "{text}"
-    );
-    assert_eq!(
-        text.matches("Usage:      sign\n").count(),
-        3,
-        "signing keys only: {text}"
-    );
+    assert_eq!(text.matches("Access:     sensitive, always sensitive, never extractable, local").count(), 3, "{text}");
+    assert_eq!(text.matches("Usage:      sign\n").count(), 3, "signing keys only: {text}");
 }
 
 #[test]
@@ -180,14 +112,7 @@ fn rsa_root_in_token_signs_a_verifiable_environment() {
     let dir = tempfile::tempdir().unwrap();
     let p = |f: &str| dir.path().join(f);
     let root_key = p11("rsa", "root");
-    ok(&[
-        "key",
-        "generate",
-        "--key",
-        &root_key,
-        "--algorithm",
-        "rsa-3072",
-    ]);
+    ok(&["key", "generate", "--key", &root_key, "--algorithm", "rsa-3072"]);
     ok(&[
         "root",
         "create",
@@ -201,24 +126,8 @@ fn rsa_root_in_token_signs_a_verifiable_environment() {
         s(&p("root.pem")),
     ]);
     let env_key = format!("file:{}", p("env.key").display());
-    ok(&[
-        "key",
-        "generate",
-        "--key",
-        &env_key,
-        "--algorithm",
-        "ecdsa-p256",
-    ]);
-    ok(&[
-        "csr",
-        "create",
-        "--key",
-        &env_key,
-        "--subject",
-        "CN=env,O=Example",
-        "--out",
-        s(&p("env.csr")),
-    ]);
+    ok(&["key", "generate", "--key", &env_key, "--algorithm", "ecdsa-p256"]);
+    ok(&["csr", "create", "--key", &env_key, "--subject", "CN=env,O=Example", "--out", s(&p("env.csr"))]);
     ok(&[
         "sign",
         "--profile",
@@ -237,14 +146,8 @@ fn rsa_root_in_token_signs_a_verifiable_environment() {
         s(&p("env.pem")),
     ]);
     let out = openssl(&["verify", "-CAfile", s(&p("root.pem")), s(&p("env.pem"))]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text =
-        String::from_utf8(openssl(&["x509", "-in", s(&p("env.pem")), "-noout", "-text"]).stdout)
-            .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(openssl(&["x509", "-in", s(&p("env.pem")), "-noout", "-text"]).stdout).unwrap();
     assert!(text.contains("sha256WithRSAEncryption"), "{text}");
 }
 
@@ -252,76 +155,71 @@ fn rsa_root_in_token_signs_a_verifiable_environment() {
 fn name_constraints_confine_leaves_to_the_trust_domain() {
     let dir = tempfile::tempdir().unwrap();
     let h = build_hierarchy("nc", dir.path(), &["--name-constraints"]);
-    let text =
-        String::from_utf8(openssl(&["x509", "-in", s(&h.env), "-noout", "-text"]).stdout).unwrap();
+    let text = String::from_utf8(openssl(&["x509", "-in", s(&h.env), "-noout", "-text"]).stdout).unwrap();
     assert!(text.contains("X509v3 Name Constraints: critical"), "{text}");
     assert!(text.contains("URI:prod.example.com"), "{text}");
 
     let chain = dir.path().join("untrusted.pem");
-    std::fs::write(
-        &chain,
-        [
-            std::fs::read(&h.env).unwrap(),
-            std::fs::read(&h.cluster).unwrap(),
-        ]
-        .concat(),
-    )
-    .unwrap();
+    std::fs::write(&chain, [std::fs::read(&h.env).unwrap(), std::fs::read(&h.cluster).unwrap()].concat()).unwrap();
     let good = workload(&h, "good", "spiffe://prod.example.com/ns/default/sa/web");
-    let out = openssl(&[
-        "verify",
-        "-CAfile",
-        s(&h.root),
-        "-untrusted",
-        s(&chain),
-        s(&good),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = openssl(&["verify", "-CAfile", s(&h.root), "-untrusted", s(&chain), s(&good)]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
-    // The cluster key is a plain file: a holder could sign any name. The constraint in the
-    // environment certificate is what stops a leaf in another trust domain.
-    let evil = workload(&h, "evil", "spiffe://staging.example.com/ns/default/sa/web");
-    let out = openssl(&[
-        "verify",
-        "-CAfile",
-        s(&h.root),
-        "-untrusted",
-        s(&chain),
-        s(&evil),
-    ]);
-    assert!(
-        !out.status.success(),
-        "openssl must reject a leaf outside the permitted trust domain"
-    );
-    let err =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("permitted subtree violation"), "{err}");
+    // Policy refuses a workload outside the cluster's trust domain ...
+    let refused = dir.path().join("refused.pem");
+    let cluster_key = format!("file:{}", h.cluster_key.display());
+    let good_csr = dir.path().join("good.csr");
     let err = fails(&[
-        "verify",
-        "--root",
-        s(&h.root),
-        "--chain",
-        s(&h.env),
-        "--chain",
+        "sign",
+        "--profile",
+        "workload",
+        "--ca-cert",
         s(&h.cluster),
+        "--ca-key",
+        &cluster_key,
+        "--csr",
+        s(&good_csr),
+        "--spiffe-id",
+        "spiffe://staging.example.com/ns/default/sa/web",
+        "--validity",
+        "1h",
+        "--out",
+        s(&refused),
+    ]);
+    assert!(err.contains("not served by the issuer"), "{err}");
+    assert!(!refused.exists());
+    // ... but the cluster key is a plain file that istiod holds: whoever has it can sign any
+    // name with openssl. The constraint in the environment certificate is what stops that leaf.
+    let evil = dir.path().join("evil.pem");
+    let ext = dir.path().join("evil.ext");
+    std::fs::write(&ext, "basicConstraints=critical,CA:FALSE\nsubjectAltName=critical,URI:spiffe://staging.example.com/ns/default/sa/web\n").unwrap();
+    let o = openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        s(&good_csr),
+        "-CA",
+        s(&h.cluster),
+        "-CAkey",
+        s(&h.cluster_key),
+        "-extfile",
+        s(&ext),
+        "-days",
+        "1",
+        "-out",
         s(&evil),
     ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = openssl(&["verify", "-CAfile", s(&h.root), "-untrusted", s(&chain), s(&evil)]);
+    assert!(!out.status.success(), "openssl must reject a leaf outside the permitted trust domain");
+    let err = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("permitted subtree violation"), "{err}");
+    let err = fails(&["verify", "--root", s(&h.root), "--chain", s(&h.env), "--chain", s(&h.cluster), s(&evil)]);
     assert!(err.contains("name constraints"), "{err}");
 
     // The compatibility table in docs/name-constraints.md: rustls-webpki refuses URI constraints.
-    let r = webpki_verify(
-        &der_of(&h.root),
-        &[der_of(&h.env), der_of(&h.cluster)],
-        &der_of(&good),
-    );
-    assert!(
-        r.is_err(),
-        "rustls-webpki is documented to reject URI name constraints"
-    );
+    let r = webpki_verify(&der_of(&h.root), &[der_of(&h.env), der_of(&h.cluster)], &der_of(&good));
+    assert!(r.is_err(), "rustls-webpki is documented to reject URI name constraints");
 
     // Policy refuses to issue a cluster CA for a trust domain the environment may not serve.
     let csr = dir.path().join("cluster.csr");
@@ -342,10 +240,7 @@ fn name_constraints_confine_leaves_to_the_trust_domain() {
         "--out",
         s(&dir.path().join("x.pem")),
     ]);
-    assert!(
-        err.contains("outside the issuer's name constraints"),
-        "{err}"
-    );
+    assert!(err.contains("not served by the issuer"), "{err}");
     assert!(!dir.path().join("x.pem").exists());
 }
 
@@ -369,32 +264,16 @@ fn istio_cacerts_bundle_passes_istiod_checks() {
         s(&out_dir),
     ]);
     use std::os::unix::fs::PermissionsExt;
-    for f in [
-        "ca-cert.pem",
-        "ca-key.pem",
-        "cert-chain.pem",
-        "root-cert.pem",
-        "cacerts.yaml",
-    ] {
+    for f in ["ca-cert.pem", "ca-key.pem", "cert-chain.pem", "root-cert.pem", "cacerts.yaml"] {
         assert!(out_dir.join(f).is_file(), "{f}");
     }
-    let mode = std::fs::metadata(out_dir.join("ca-key.pem"))
-        .unwrap()
-        .permissions()
-        .mode()
-        & 0o777;
+    let mode = std::fs::metadata(out_dir.join("ca-key.pem")).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
     // cert-chain.pem: cluster, environment, root, in that order.
     let chain = ders_of(&out_dir.join("cert-chain.pem"));
-    assert_eq!(
-        chain,
-        vec![der_of(&h.cluster), der_of(&h.env), der_of(&h.root)]
-    );
+    assert_eq!(chain, vec![der_of(&h.cluster), der_of(&h.env), der_of(&h.root)]);
     assert_eq!(der_of(&out_dir.join("root-cert.pem")), der_of(&h.root));
-    assert_eq!(
-        std::fs::read(out_dir.join("ca-key.pem")).unwrap(),
-        std::fs::read(&h.cluster_key).unwrap()
-    );
+    assert_eq!(std::fs::read(out_dir.join("ca-key.pem")).unwrap(), std::fs::read(&h.cluster_key).unwrap());
     // What istiod does with Go's x509.Verify, openssl does here.
     let out = openssl(&[
         "verify",
@@ -404,30 +283,16 @@ fn istio_cacerts_bundle_passes_istiod_checks() {
         s(&out_dir.join("cert-chain.pem")),
         s(&out_dir.join("ca-cert.pem")),
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let yaml = std::fs::read_to_string(out_dir.join("cacerts.yaml")).unwrap();
     assert!(
-        yaml.contains("kind: Secret")
-            && yaml.contains("name: cacerts")
-            && yaml.contains("namespace: istio-system"),
+        yaml.contains("kind: Secret") && yaml.contains("name: cacerts") && yaml.contains("namespace: istio-system"),
         "{yaml}"
     );
     use base64::Engine;
-    let line = yaml
-        .lines()
-        .find(|l| l.trim_start().starts_with("cert-chain.pem:"))
-        .unwrap();
-    let decoded = base64::engine::general_purpose::STANDARD
-        .decode(line.split(':').nth(1).unwrap().trim())
-        .unwrap();
-    assert_eq!(
-        decoded,
-        std::fs::read(out_dir.join("cert-chain.pem")).unwrap()
-    );
+    let line = yaml.lines().find(|l| l.trim_start().starts_with("cert-chain.pem:")).unwrap();
+    let decoded = base64::engine::general_purpose::STANDARD.decode(line.split(':').nth(1).unwrap().trim()).unwrap();
+    assert_eq!(decoded, std::fs::read(out_dir.join("cert-chain.pem")).unwrap());
 
     // A second run refuses to overwrite the bundle.
     let err = fails(&[
@@ -452,14 +317,7 @@ fn istio_cacerts_refuses_what_istiod_would_refuse() {
     let dir = tempfile::tempdir().unwrap();
     let h = build_hierarchy("istio-bad", dir.path(), &[]);
     let other_key = dir.path().join("other.key");
-    ok(&[
-        "key",
-        "generate",
-        "--key",
-        &format!("file:{}", other_key.display()),
-        "--algorithm",
-        "ecdsa-p256",
-    ]);
+    ok(&["key", "generate", "--key", &format!("file:{}", other_key.display()), "--algorithm", "ecdsa-p256"]);
     let leaf = workload(&h, "leaf", "spiffe://prod.example.com/ns/a/sa/b");
     let leaf_key = format!("file:{}", dir.path().join("leaf.key").display());
     let out_dir = dir.path().join("out");
@@ -537,10 +395,7 @@ fn istio_cacerts_refuses_what_istiod_would_refuse() {
         full.extend(["--out-dir", s(&out_dir)]);
         let err = fails(&full);
         assert!(err.contains(want), "want {want:?} in {err}");
-        assert!(
-            !out_dir.join("ca-cert.pem").exists(),
-            "nothing written on failure"
-        );
+        assert!(!out_dir.join("ca-cert.pem").exists(), "nothing written on failure");
     }
 }
 
@@ -577,23 +432,11 @@ fn crl_is_signed_by_the_ca_and_lists_the_serial() {
         "--out",
         s(&crl),
     ]);
-    let out = openssl(&[
-        "crl",
-        "-in",
-        s(&crl),
-        "-CAfile",
-        s(&h.env),
-        "-noout",
-        "-verify",
-        "-text",
-    ]);
-    let all =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let out = openssl(&["crl", "-in", s(&crl), "-CAfile", s(&h.env), "-noout", "-verify", "-text"]);
+    let all = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && all.contains("verify OK"), "{all}");
     assert!(all.to_uppercase().contains(&serial.to_uppercase()), "{all}");
     assert!(all.contains("Key Compromise"), "{all}");
-    assert!(
-        all.contains("X509v3 CRL Number") && all.contains("7"),
-        "{all}"
-    );
+    let number = all.lines().skip_while(|l| !l.contains("X509v3 CRL Number")).nth(1).map(str::trim);
+    assert_eq!(number, Some("7"), "{all}");
 }

@@ -17,11 +17,7 @@ use serde_json::{Value, json};
 use time::OffsetDateTime;
 
 #[derive(Parser)]
-#[command(
-    name = "ca-cli",
-    version,
-    about = "Hierarchical PKI for service meshes: ceremonies, signing, verification"
-)]
+#[command(name = "ca-cli", version, about = "Hierarchical PKI for service meshes: ceremonies, signing, verification")]
 struct Cli {
     /// Output format for commands that print data.
     #[arg(long, global = true, value_enum, default_value_t = Output::Text)]
@@ -243,18 +239,12 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("CA_LOG")
-                .unwrap_or_else(|_| "warn,cryptoki=off".into()),
+            tracing_subscriber::EnvFilter::try_from_env("CA_LOG").unwrap_or_else(|_| "warn,cryptoki=off".into()),
         )
         .init();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
-        Err(e)
-            if matches!(
-                e.kind(),
-                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion
-            ) =>
-        {
+        Err(e) if matches!(e.kind(), clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion) => {
             e.exit()
         }
         Err(e) => {
@@ -263,11 +253,7 @@ fn main() -> ExitCode {
             let parts: Vec<&str> = text
                 .lines()
                 .map(str::trim)
-                .filter(|l| {
-                    !l.is_empty()
-                        && !l.starts_with("Usage:")
-                        && !l.starts_with("For more information")
-                })
+                .filter(|l| !l.is_empty() && !l.starts_with("Usage:") && !l.starts_with("For more information"))
                 .collect();
             eprintln!("{}", parts.join(" "));
             return ExitCode::from(2);
@@ -297,10 +283,7 @@ fn dedup_chain(chain: Vec<String>) -> Vec<String> {
 
 fn emit(output: Output, value: Value, text: impl FnOnce(&Value) -> String) {
     match output {
-        Output::Json => println!(
-            "{}",
-            serde_json::to_string_pretty(&value).expect("serialisable")
-        ),
+        Output::Json => println!("{}", serde_json::to_string_pretty(&value).expect("serialisable")),
         Output::Text => println!("{}", text(&value)),
     }
 }
@@ -348,17 +331,13 @@ fn cert_text(v: &Value) -> String {
 
 fn run(cmd: Cmd, output: Output) -> Result<()> {
     match cmd {
-        Cmd::Key(KeyCmd::Generate {
-            key,
-            algorithm,
-            public_out,
-        }) => {
+        Cmd::Key(KeyCmd::Generate { key, algorithm, public_out }) => {
             let key = key.parse()?;
             if let Some(p) = &public_out {
                 preflight(&[p])?;
             }
-            let public = hsm::generate_key(&key, algorithm)
-                .with_context(|| format!("generating {algorithm} key {key}"))?;
+            let public =
+                hsm::generate_key(&key, algorithm).with_context(|| format!("generating {algorithm} key {key}"))?;
             if let Some(p) = &public_out {
                 write_one(p, public.to_pem())?;
             }
@@ -402,17 +381,9 @@ fn run(cmd: Cmd, output: Output) -> Result<()> {
                     "sign": a.sign,
                 });
             }
-            emit(output, v, |v| {
-                serde_json::to_string_pretty(v).unwrap_or_default()
-            });
+            emit(output, v, |v| serde_json::to_string_pretty(v).unwrap_or_default());
         }
-        Cmd::Root(RootCmd::Create {
-            key,
-            subject,
-            validity,
-            path_len,
-            out,
-        }) => {
+        Cmd::Root(RootCmd::Create { key, subject, validity, path_len, out }) => {
             let key = key.parse()?;
             preflight(&[&out])?;
             let subject = ca_core::dn::parse_subject(&subject)?;
@@ -430,6 +401,9 @@ fn run(cmd: Cmd, output: Output) -> Result<()> {
                 crl_urls: vec![],
                 ca_issuer_urls: vec![],
                 spiffe_id: None,
+                server_names: vec![],
+                subject_key_id: None,
+                exact_subject: None,
             };
             let issued = ca_core::issue::create_root(&signer, &req)?;
             write_one(&out, issued.pem())?;
@@ -443,23 +417,10 @@ fn run(cmd: Cmd, output: Output) -> Result<()> {
             let pem = ca_core::csr::create_csr(&signer, subject_dn)?;
             write_one(&out, pem)?;
             let v = json!({"path": out, "subject": subject, "public_key_sha256": hex_str(&signer.public_key().fingerprint())});
-            emit(output, v, |v| {
-                format!(
-                    "wrote {} for {}",
-                    out.display(),
-                    v["subject"].as_str().unwrap_or_default()
-                )
-            });
+            emit(output, v, |v| format!("wrote {} for {}", out.display(), v["subject"].as_str().unwrap_or_default()));
         }
         Cmd::Sign(a) => sign(a, output)?,
-        Cmd::Istio(IstioCmd::Cacerts {
-            cert,
-            key,
-            chain,
-            root,
-            out_dir,
-            namespace,
-        }) => {
+        Cmd::Istio(IstioCmd::Cacerts { cert, key, chain, root, out_dir, namespace }) => {
             let key = key.parse()?;
             let report = ca_core::cacerts::write_cacerts(
                 &ca_core::cacerts::CacertsInput {
@@ -473,10 +434,7 @@ fn run(cmd: Cmd, output: Output) -> Result<()> {
             )?;
             let v = serde_json::to_value(&report)?;
             emit(output, v, |_| {
-                let mut s = format!(
-                    "wrote istiod plug-in CA files to {}:\n",
-                    report.out_dir.display()
-                );
+                let mut s = format!("wrote istiod plug-in CA files to {}:\n", report.out_dir.display());
                 for f in &report.files {
                     s.push_str(&format!("  {}\n", f.display()));
                 }
@@ -496,8 +454,7 @@ fn run(cmd: Cmd, output: Output) -> Result<()> {
                 inter.extend(load_certs(p)?);
             }
             let roots = load_certs(&a.root)?;
-            let path =
-                ca_core::chain::verify_chain(&leaf, &inter, &roots, OffsetDateTime::now_utc())?;
+            let path = ca_core::chain::verify_chain(&leaf, &inter, &roots, OffsetDateTime::now_utc())?;
             let v = json!({
                 "ok": true,
                 "path": path.iter().map(|c| json!({
@@ -507,34 +464,18 @@ fn run(cmd: Cmd, output: Output) -> Result<()> {
             emit(output, v, |_| {
                 let names: Vec<String> = path
                     .iter()
-                    .map(|c| {
-                        if c.subject.is_empty() {
-                            c.uris.join(",")
-                        } else {
-                            c.subject.clone()
-                        }
-                    })
+                    .map(|c| if c.subject.is_empty() { c.uris.join(",") } else { c.subject.clone() })
                     .collect();
                 format!("{}: OK\n  {}", a.leaf.display(), names.join("\n  -> "))
             });
         }
-        Cmd::Crl(CrlCmd::Create {
-            ca_cert,
-            ca_key,
-            revoke,
-            next_update,
-            crl_number,
-            out,
-        }) => {
+        Cmd::Crl(CrlCmd::Create { ca_cert, ca_key, revoke, next_update, crl_number, out }) => {
             let ca_key = ca_key.parse()?;
             preflight(&[&out])?;
             let now = OffsetDateTime::now_utc().replace_nanosecond(0)?;
-            let revoked = revoke
-                .iter()
-                .map(|r| ca_core::crl::parse_revocation(r, now))
-                .collect::<Result<Vec<_>, _>>()?;
-            let issuer =
-                ca_core::issue::CaIssuer::new(load_cert(&ca_cert)?, hsm::open_signer(&ca_key)?)?;
+            let revoked =
+                revoke.iter().map(|r| ca_core::crl::parse_revocation(r, now)).collect::<Result<Vec<_>, _>>()?;
+            let issuer = ca_core::issue::CaIssuer::new(load_cert(&ca_cert)?, hsm::open_signer(&ca_key)?)?;
             let number = crl_number.unwrap_or(now.unix_timestamp() as u64);
             let req = ca_core::crl::CrlRequest {
                 number,
@@ -572,12 +513,7 @@ fn run(cmd: Cmd, output: Output) -> Result<()> {
                         .unwrap_or_default(),
                     report.sha256,
                     report.keys.join(", "),
-                    report
-                        .outputs
-                        .iter()
-                        .map(|p| p.display().to_string())
-                        .collect::<Vec<_>>()
-                        .join(", ")
+                    report.outputs.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
                 )
             });
         }
@@ -589,19 +525,10 @@ fn run(cmd: Cmd, output: Output) -> Result<()> {
             emit(output, v, |_| {
                 let mut s = format!("{}: ceremony completed\n", file.display());
                 for o in &report.entry.outputs {
-                    s.push_str(&format!(
-                        "  wrote {} (sha256 {})\n",
-                        o.path,
-                        o.sha256.as_deref().unwrap_or("?")
-                    ));
+                    s.push_str(&format!("  wrote {} (sha256 {})\n", o.path, o.sha256.as_deref().unwrap_or("?")));
                 }
                 for (k, v) in &report.details {
-                    s.push_str(&format!(
-                        "  {k}: {}\n",
-                        v.as_str()
-                            .map(String::from)
-                            .unwrap_or_else(|| v.to_string())
-                    ));
+                    s.push_str(&format!("  {k}: {}\n", v.as_str().map(String::from).unwrap_or_else(|| v.to_string())));
                 }
                 s.push_str(&format!("  transcript: {}", report.transcript.display()));
                 s
@@ -633,22 +560,12 @@ fn run(cmd: Cmd, output: Output) -> Result<()> {
 
 fn quickstart_text(r: &ca_core::quickstart::Report) -> String {
     let custody = match &r.hsm_module {
-        Some(m) => format!(
-            "SoftHSM2 token {:?} ({})",
-            ca_core::quickstart::TOKEN_LABEL,
-            m.display()
-        ),
+        Some(m) => format!("SoftHSM2 token {:?} ({})", ca_core::quickstart::TOKEN_LABEL, m.display()),
         None => "file keys (no HSM)".into(),
     };
-    let mut s = format!(
-        "quickstart hierarchy in {}\n  key custody:  {custody}\n",
-        r.dir.display()
-    );
+    let mut s = format!("quickstart hierarchy in {}\n  key custody:  {custody}\n", r.dir.display());
     s.push_str(&format!("  root:         {}\n", r.root_cert.display()));
-    s.push_str(&format!(
-        "  environment:  {}\n",
-        r.environment_cert.display()
-    ));
+    s.push_str(&format!("  environment:  {}\n", r.environment_cert.display()));
     s.push_str(&format!("  cluster:      {}\n", r.cluster_cert.display()));
     s.push_str(&format!("  istiod files: {}\n", r.cacerts_dir.display()));
     s.push_str("  ceremonies:\n");
@@ -660,10 +577,7 @@ fn quickstart_text(r: &ca_core::quickstart::Report) -> String {
         s.push_str(&format!("    {}\n", t.display()));
     }
     if let Some(conf) = &r.softhsm_conf {
-        s.push_str(&format!(
-            "\nTo use the token yourself: export SOFTHSM2_CONF={}\n",
-            conf.display()
-        ));
+        s.push_str(&format!("\nTo use the token yourself: export SOFTHSM2_CONF={}\n", conf.display()));
     }
     s.push_str(&format!(
         "Next: ca-cli verify --root {} --chain {} {}\n      kubectl apply -f {}",
@@ -677,10 +591,7 @@ fn quickstart_text(r: &ca_core::quickstart::Report) -> String {
 
 fn sign(a: SignArgs, output: Output) -> Result<()> {
     preflight(&[&a.out])?;
-    if !matches!(
-        a.profile,
-        ProfileKind::Environment | ProfileKind::Cluster | ProfileKind::Workload
-    ) {
+    if !matches!(a.profile, ProfileKind::Environment | ProfileKind::Cluster | ProfileKind::Workload) {
         bail!(
             "--profile must be environment, cluster or workload (use `root create` or a cross-sign ceremony for the others)"
         );
@@ -691,12 +602,8 @@ fn sign(a: SignArgs, output: Output) -> Result<()> {
     if a.profile != ProfileKind::Workload && a.spiffe_id.is_some() {
         bail!("--spiffe-id is only for the workload profile");
     }
-    let csr = ca_core::csr::VerifiedCsr::parse(&read_file(&a.csr)?)
-        .with_context(|| a.csr.display().to_string())?;
-    let issuer = ca_core::issue::CaIssuer::new(
-        load_cert(&a.ca_cert)?,
-        hsm::open_signer(&a.ca_key.parse()?)?,
-    )?;
+    let csr = ca_core::csr::VerifiedCsr::parse(&read_file(&a.csr)?).with_context(|| a.csr.display().to_string())?;
+    let issuer = ca_core::issue::CaIssuer::new(load_cert(&a.ca_cert)?, hsm::open_signer(&a.ca_key.parse()?)?)?;
     let not_before = ca_core::issue::default_not_before();
     let req = CertRequest {
         profile: a.profile,
@@ -710,6 +617,9 @@ fn sign(a: SignArgs, output: Output) -> Result<()> {
         crl_urls: a.crl_urls,
         ca_issuer_urls: a.ca_issuer_urls,
         spiffe_id: a.spiffe_id,
+        server_names: vec![],
+        subject_key_id: None,
+        exact_subject: None,
     };
     let issued = ca_core::issue::issue(&issuer, &req)?;
     write_one(&a.out, issued.pem())?;

@@ -56,11 +56,11 @@ fn req(profile: ProfileKind, key: &hsm::PublicKey, days: i64) -> CertRequest {
         name_constraints: false,
         crl_urls: vec![],
         ca_issuer_urls: vec![],
-        spiffe_id: (profile == ProfileKind::Workload).then(|| {
-            "spiffe://prod.example.com/ns/default/sa/web"
-                .parse()
-                .unwrap()
-        }),
+        spiffe_id: (profile == ProfileKind::Workload)
+            .then(|| "spiffe://prod.example.com/ns/default/sa/web".parse().unwrap()),
+        server_names: vec![],
+        subject_key_id: None,
+        exact_subject: None,
     }
 }
 
@@ -72,68 +72,38 @@ fn main() {
     hsm::softhsm::use_config(&conf);
     let pin = dir.path().join("pin");
     std::fs::write(&pin, "bench-pin-1").unwrap();
-    hsm::softhsm::init_token(
-        &module,
-        "bench",
-        &SecretString::from("bench-so-1"),
-        &SecretString::from("bench-pin-1"),
-    )
-    .unwrap();
+    hsm::softhsm::init_token(&module, "bench", &SecretString::from("bench-so-1"), &SecretString::from("bench-pin-1"))
+        .unwrap();
     let p11 = |o: &str| -> hsm::KeyRef {
-        format!(
-            "pkcs11:token=bench;object={o}?module-path={}&pin-source=file:{}",
-            module.display(),
-            pin.display()
-        )
-        .parse()
-        .unwrap()
+        format!("pkcs11:token=bench;object={o}?module-path={}&pin-source=file:{}", module.display(), pin.display())
+            .parse()
+            .unwrap()
     };
     let file = |n: &str| hsm::KeyRef::file(dir.path().join(n));
 
     // Hierarchy: root and environment in SoftHSM2, cluster as a file key.
     hsm::generate_key(&p11("root"), hsm::KeyAlgorithm::EcdsaP384).unwrap();
     let root_signer = hsm::open_signer(&p11("root")).unwrap();
-    let root = create_root(
-        &root_signer,
-        &req(ProfileKind::Root, root_signer.public_key(), 3650),
-    )
-    .unwrap();
+    let root = create_root(&root_signer, &req(ProfileKind::Root, root_signer.public_key(), 3650)).unwrap();
     let root = CaIssuer::new(root.cert, root_signer).unwrap();
     hsm::generate_key(&p11("env"), hsm::KeyAlgorithm::EcdsaP256).unwrap();
     let env_signer = hsm::open_signer(&p11("env")).unwrap();
-    let env = issue(
-        &root,
-        &req(ProfileKind::Environment, env_signer.public_key(), 1825),
-    )
-    .unwrap();
+    let env = issue(&root, &req(ProfileKind::Environment, env_signer.public_key(), 1825)).unwrap();
     let env = Arc::new(CaIssuer::new(env.cert, env_signer).unwrap());
     hsm::generate_key(&file("cluster.key"), hsm::KeyAlgorithm::EcdsaP256).unwrap();
     let cl_signer = hsm::open_signer(&file("cluster.key")).unwrap();
-    let cl = issue(
-        &env,
-        &req(ProfileKind::Cluster, cl_signer.public_key(), 365),
-    )
-    .unwrap();
+    let cl = issue(&env, &req(ProfileKind::Cluster, cl_signer.public_key(), 365)).unwrap();
     let cluster = Arc::new(CaIssuer::new(cl.cert, cl_signer).unwrap());
     hsm::generate_key(&file("leaf.key"), hsm::KeyAlgorithm::EcdsaP256).unwrap();
-    let leaf_key = hsm::open_signer(&file("leaf.key"))
-        .unwrap()
-        .public_key()
-        .clone();
+    let leaf_key = hsm::open_signer(&file("leaf.key")).unwrap().public_key().clone();
 
-    println!(
-        "machine: {cores} cores; each figure is a {}-second run",
-        RUN.as_secs()
-    );
+    println!("machine: {cores} cores; each figure is a {}-second run", RUN.as_secs());
     println!("| measurement | threads | per second |");
     println!("| --- | --- | --- |");
 
     let sw = Arc::new(hsm::open_signer(&file("leaf.key")).unwrap());
     let s = sw.clone();
-    println!(
-        "| raw ECDSA P-256 sign, software (aws-lc-rs) | 1 | {:.0} |",
-        rate(1, move || drop(s.sign_bytes(b"x")))
-    );
+    println!("| raw ECDSA P-256 sign, software (aws-lc-rs) | 1 | {:.0} |", rate(1, move || drop(s.sign_bytes(b"x"))));
     let s = sw.clone();
     println!(
         "| raw ECDSA P-256 sign, software (aws-lc-rs) | {cores} | {:.0} |",
@@ -142,10 +112,7 @@ fn main() {
 
     let hw = Arc::new(hsm::open_signer(&p11("env")).unwrap());
     let s = hw.clone();
-    println!(
-        "| raw ECDSA P-256 sign, SoftHSM2 | 1 | {:.0} |",
-        rate(1, move || drop(s.sign_bytes(b"x").unwrap()))
-    );
+    println!("| raw ECDSA P-256 sign, SoftHSM2 | 1 | {:.0} |", rate(1, move || drop(s.sign_bytes(b"x").unwrap())));
     let s = hw.clone();
     println!(
         "| raw ECDSA P-256 sign, SoftHSM2 (pooled sessions) | {cores} | {:.0} |",
@@ -154,18 +121,12 @@ fn main() {
 
     for threads in [1, cores] {
         let (c, k) = (cluster.clone(), leaf_key.clone());
-        let r = rate(threads, move || {
-            drop(issue(&c, &req(ProfileKind::Workload, &k, 1)).unwrap())
-        });
-        println!(
-            "| issue workload leaf, file-key cluster CA (lint + sign + verify) | {threads} | {r:.0} |"
-        );
+        let r = rate(threads, move || drop(issue(&c, &req(ProfileKind::Workload, &k, 1)).unwrap()));
+        println!("| issue workload leaf, file-key cluster CA (lint + sign + verify) | {threads} | {r:.0} |");
     }
     for threads in [1, cores] {
         let (e, k) = (env.clone(), leaf_key.clone());
-        let r = rate(threads, move || {
-            drop(issue(&e, &req(ProfileKind::Cluster, &k, 30)).unwrap())
-        });
+        let r = rate(threads, move || drop(issue(&e, &req(ProfileKind::Cluster, &k, 30)).unwrap()));
         println!("| issue cluster intermediate, SoftHSM2 environment CA | {threads} | {r:.0} |");
     }
 }

@@ -46,17 +46,8 @@ pub fn record_hash(
     details: &str,
     prev_hash: &str,
 ) -> String {
-    let encoded = serde_json::to_vec(&(
-        "pki-audit-v1",
-        seq,
-        time,
-        actor,
-        action,
-        subject,
-        details,
-        prev_hash,
-    ))
-    .expect("tuples of strings and integers serialise");
+    let encoded = serde_json::to_vec(&("pki-audit-v1", seq, time, actor, action, subject, details, prev_hash))
+        .expect("tuples of strings and integers serialise");
     hex::encode(sha2::Sha256::digest(encoded))
 }
 
@@ -66,15 +57,7 @@ impl AuditRecord {
     }
 
     fn computed_hash_at(&self, seq: i64) -> String {
-        record_hash(
-            seq,
-            self.time,
-            &self.actor,
-            &self.action,
-            &self.subject,
-            &self.details,
-            &self.prev_hash,
-        )
+        record_hash(seq, self.time, &self.actor, &self.action, &self.subject, &self.details, &self.prev_hash)
     }
 }
 
@@ -92,13 +75,9 @@ pub enum ChainProblem {
     Reordered { seq: i64, written_as: i64 },
     #[error("audit record {seq} is missing")]
     Missing { seq: i64 },
-    #[error(
-        "audit record {seq} does not follow record {prev}: the chain was broken or a record replaced"
-    )]
+    #[error("audit record {seq} does not follow record {prev}: the chain was broken or a record replaced")]
     Unlinked { seq: i64, prev: i64 },
-    #[error(
-        "audit records after {last} are missing: a signed checkpoint covers record {checkpoint}"
-    )]
+    #[error("audit records after {last} are missing: a signed checkpoint covers record {checkpoint}")]
     Truncated { last: i64, checkpoint: i64 },
     #[error("audit checkpoint at record {seq} is invalid: {why}")]
     Checkpoint { seq: i64, why: String },
@@ -120,10 +99,7 @@ pub fn verify_chain(
     checkpoints: &[Checkpoint],
     audit_key: Option<&hsm::PublicKey>,
 ) -> Result<ChainReport, ChainProblem> {
-    let mut report = ChainReport {
-        head_hash: GENESIS.to_string(),
-        ..Default::default()
-    };
+    let mut report = ChainReport { head_hash: GENESIS.to_string(), ..Default::default() };
     let mut hashes = std::collections::HashMap::new();
     let mut expected = 1i64;
     let mut prev = GENESIS.to_string();
@@ -133,22 +109,15 @@ pub fn verify_chain(
         }
         if r.computed_hash() != r.hash {
             // A record moved to another position still hashes correctly at its old one.
-            let written_as = (r.seq - 16..=r.seq + 16)
-                .filter(|s| *s != r.seq && *s > 0)
-                .find(|s| r.computed_hash_at(*s) == r.hash);
+            let written_as =
+                (r.seq - 16..=r.seq + 16).filter(|s| *s != r.seq && *s > 0).find(|s| r.computed_hash_at(*s) == r.hash);
             return Err(match written_as {
-                Some(written_as) => ChainProblem::Reordered {
-                    seq: r.seq,
-                    written_as,
-                },
+                Some(written_as) => ChainProblem::Reordered { seq: r.seq, written_as },
                 None => ChainProblem::Altered { seq: r.seq },
             });
         }
         if r.prev_hash != prev {
-            return Err(ChainProblem::Unlinked {
-                seq: r.seq,
-                prev: r.seq - 1,
-            });
+            return Err(ChainProblem::Unlinked { seq: r.seq, prev: r.seq - 1 });
         }
         prev = r.hash.clone();
         hashes.insert(r.seq, r.hash.clone());
@@ -159,10 +128,7 @@ pub fn verify_chain(
     report.head_hash = prev;
     for cp in checkpoints {
         let Some(h) = hashes.get(&cp.seq) else {
-            return Err(ChainProblem::Truncated {
-                last: report.head_seq,
-                checkpoint: cp.seq,
-            });
+            return Err(ChainProblem::Truncated { last: report.head_seq, checkpoint: cp.seq });
         };
         if *h != cp.hash {
             return Err(ChainProblem::Checkpoint {
@@ -178,19 +144,10 @@ pub fn verify_chain(
                     why: format!("signed by key {}, not the audit key {key_id}", cp.key_id),
                 });
             }
-            let sig = hex::decode(&cp.signature).map_err(|_| ChainProblem::Checkpoint {
-                seq: cp.seq,
-                why: "signature is not hex".into(),
-            })?;
-            key.verify(
-                &cp.signature_algorithm,
-                &checkpoint_message(cp.seq, &cp.hash),
-                &sig,
-            )
-            .map_err(|e| ChainProblem::Checkpoint {
-                seq: cp.seq,
-                why: e.to_string(),
-            })?;
+            let sig = hex::decode(&cp.signature)
+                .map_err(|_| ChainProblem::Checkpoint { seq: cp.seq, why: "signature is not hex".into() })?;
+            key.verify(&cp.signature_algorithm, &checkpoint_message(cp.seq, &cp.hash), &sig)
+                .map_err(|e| ChainProblem::Checkpoint { seq: cp.seq, why: e.to_string() })?;
         }
         report.checkpoints += 1;
     }
@@ -206,15 +163,7 @@ mod tests {
         (1..=n)
             .map(|seq| {
                 let details = format!("{{\"n\":{seq}}}");
-                let hash = record_hash(
-                    seq,
-                    1000 + seq,
-                    "alice",
-                    "test.action",
-                    "s",
-                    &details,
-                    &prev,
-                );
+                let hash = record_hash(seq, 1000 + seq, "alice", "test.action", "s", &details, &prev);
                 let r = AuditRecord {
                     seq,
                     time: 1000 + seq,
@@ -241,38 +190,23 @@ mod tests {
     fn names_the_first_altered_missing_reordered_or_unlinked_record() {
         let mut c = chain(6);
         c[2].details = "{\"n\":99}".into();
-        assert_eq!(
-            verify_chain(c, &[], None),
-            Err(ChainProblem::Altered { seq: 3 })
-        );
+        assert_eq!(verify_chain(c, &[], None), Err(ChainProblem::Altered { seq: 3 }));
 
         let mut c = chain(6);
         c.remove(3);
-        assert_eq!(
-            verify_chain(c, &[], None),
-            Err(ChainProblem::Missing { seq: 4 })
-        );
+        assert_eq!(verify_chain(c, &[], None), Err(ChainProblem::Missing { seq: 4 }));
 
         let mut c = chain(6);
         c.swap(1, 2);
         c[1].seq = 2;
         c[2].seq = 3;
-        assert_eq!(
-            verify_chain(c, &[], None),
-            Err(ChainProblem::Reordered {
-                seq: 2,
-                written_as: 3
-            })
-        );
+        assert_eq!(verify_chain(c, &[], None), Err(ChainProblem::Reordered { seq: 2, written_as: 3 }));
 
         // A record rewritten with a fresh, self-consistent hash still breaks the next link.
         let mut c = chain(6);
         c[3].actor = "mallory".into();
         c[3].hash = c[3].computed_hash();
-        assert_eq!(
-            verify_chain(c, &[], None),
-            Err(ChainProblem::Unlinked { seq: 5, prev: 4 })
-        );
+        assert_eq!(verify_chain(c, &[], None), Err(ChainProblem::Unlinked { seq: 5, prev: 4 }));
     }
 
     #[test]
@@ -289,20 +223,8 @@ mod tests {
         assert!(verify_chain(c.clone(), std::slice::from_ref(&cp), None).is_ok());
         let mut short = c.clone();
         short.truncate(4);
-        assert_eq!(
-            verify_chain(short, &[cp.clone()], None),
-            Err(ChainProblem::Truncated {
-                last: 4,
-                checkpoint: 6
-            })
-        );
-        let bad = Checkpoint {
-            hash: GENESIS.into(),
-            ..cp
-        };
-        assert!(matches!(
-            verify_chain(c, &[bad], None),
-            Err(ChainProblem::Checkpoint { seq: 6, .. })
-        ));
+        assert_eq!(verify_chain(short, &[cp.clone()], None), Err(ChainProblem::Truncated { last: 4, checkpoint: 6 }));
+        let bad = Checkpoint { hash: GENESIS.into(), ..cp };
+        assert!(matches!(verify_chain(c, &[bad], None), Err(ChainProblem::Checkpoint { seq: 6, .. })));
     }
 }

@@ -10,13 +10,7 @@ use crate::chain::verify_chain;
 use crate::error::{CoreError, PolicyError, Result};
 use crate::outputs::OutputSet;
 
-pub const FILES: [&str; 5] = [
-    "ca-cert.pem",
-    "ca-key.pem",
-    "cert-chain.pem",
-    "root-cert.pem",
-    "cacerts.yaml",
-];
+pub const FILES: [&str; 5] = ["ca-cert.pem", "ca-key.pem", "cert-chain.pem", "root-cert.pem", "cacerts.yaml"];
 
 pub struct CacertsInput<'a> {
     pub cert: &'a Path,

@@ -30,11 +30,7 @@ pub enum CeremonyError {
     #[error("{file}: {msg}")]
     Syntax { file: PathBuf, msg: String },
     #[error("{file}: field `{field}`: {msg}")]
-    Field {
-        file: PathBuf,
-        field: String,
-        msg: String,
-    },
+    Field { file: PathBuf, field: String, msg: String },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -199,45 +195,28 @@ pub fn load(file: &Path) -> Result<Ceremony> {
 }
 
 pub fn parse(file: &Path, bytes: &[u8]) -> Result<Ceremony> {
-    let syntax = |msg: String| CeremonyError::Syntax {
-        file: file.to_path_buf(),
-        msg,
-    };
+    let syntax = |msg: String| CeremonyError::Syntax { file: file.to_path_buf(), msg };
     let mut value: serde_yaml_ng::Value =
         serde_yaml_ng::from_slice(bytes).map_err(|e| syntax(format!("not valid YAML: {e}")))?;
-    let map = value
-        .as_mapping_mut()
-        .ok_or_else(|| syntax("a ceremony file is a YAML mapping".into()))?;
+    let map = value.as_mapping_mut().ok_or_else(|| syntax("a ceremony file is a YAML mapping".into()))?;
     let ty = map.remove("ceremony-type").ok_or_else(|| {
-        syntax(
-            "missing field `ceremony-type` (key, root, csr, intermediate, cross-sign or crl)"
-                .into(),
-        )
+        syntax("missing field `ceremony-type` (key, root, csr, intermediate, cross-sign or crl)".into())
     })?;
     let ty_name = ty.as_str().unwrap_or_default().to_string();
-    let kind = CeremonyType::NAMES
-        .iter()
-        .find(|(n, _)| *n == ty_name)
-        .map(|(_, k)| *k)
-        .ok_or_else(|| CeremonyError::Field {
+    let kind = CeremonyType::NAMES.iter().find(|(n, _)| *n == ty_name).map(|(_, k)| *k).ok_or_else(|| {
+        CeremonyError::Field {
             file: file.to_path_buf(),
             field: "ceremony-type".into(),
             msg: format!("unknown ceremony type {ty_name:?} (key, root, csr, intermediate, cross-sign or crl)"),
-        })?;
-    fn de<T: serde::de::DeserializeOwned>(
-        file: &Path,
-        v: serde_yaml_ng::Value,
-    ) -> Result<T, CeremonyError> {
+        }
+    })?;
+    fn de<T: serde::de::DeserializeOwned>(file: &Path, v: serde_yaml_ng::Value) -> Result<T, CeremonyError> {
         serde_path_to_error::deserialize(v).map_err(|e| {
             let path = e.path().to_string();
             let msg = e.inner().to_string();
             CeremonyError::Field {
                 file: file.to_path_buf(),
-                field: if path == "." {
-                    "(top level)".into()
-                } else {
-                    path
-                },
+                field: if path == "." { "(top level)".into() } else { path },
                 msg,
             }
         })
@@ -251,13 +230,7 @@ pub fn parse(file: &Path, bytes: &[u8]) -> Result<Ceremony> {
         CeremonyType::Crl => Spec::Crl(de(file, value)?),
     };
     let base = file.parent().map(Path::to_path_buf).unwrap_or_default();
-    let c = Ceremony {
-        file: file.to_path_buf(),
-        sha256: hex::encode(sha2::Sha256::digest(bytes)),
-        kind,
-        spec,
-        base,
-    };
+    let c = Ceremony { file: file.to_path_buf(), sha256: hex::encode(sha2::Sha256::digest(bytes)), kind, spec, base };
     c.validate_fields()?;
     Ok(c)
 }
@@ -307,6 +280,13 @@ enum Step {
     },
 }
 
+struct SourceInfo {
+    subject: rcgen::DistinguishedName,
+    key: hsm::PublicKey,
+    /// The certificate being cross-signed, if this is a cross-sign.
+    original: Option<CertInfo>,
+}
+
 /// Where the subject and key of a signed certificate come from.
 enum Source {
     Csr(PathBuf),
@@ -325,27 +305,15 @@ struct RequestShape {
 
 impl Ceremony {
     fn path(&self, p: &Path) -> PathBuf {
-        if p.is_absolute() {
-            p.to_path_buf()
-        } else {
-            self.base.join(p)
-        }
+        if p.is_absolute() { p.to_path_buf() } else { self.base.join(p) }
     }
 
     fn field_err(&self, field: &str, msg: impl std::fmt::Display) -> CoreError {
-        CeremonyError::Field {
-            file: self.file.clone(),
-            field: field.into(),
-            msg: msg.to_string(),
-        }
-        .into()
+        CeremonyError::Field { file: self.file.clone(), field: field.into(), msg: msg.to_string() }.into()
     }
 
     fn key_ref(&self, field: &str, s: &str) -> Result<hsm::KeyRef> {
-        match s
-            .parse::<hsm::KeyRef>()
-            .map_err(|e| self.field_err(field, e))?
-        {
+        match s.parse::<hsm::KeyRef>().map_err(|e| self.field_err(field, e))? {
             hsm::KeyRef::File(p) => Ok(hsm::KeyRef::File(self.path(&p))),
             other => Ok(other),
         }
@@ -359,10 +327,7 @@ impl Ceremony {
         Ok(match &self.spec {
             Spec::Key(k) => {
                 let key = self.key_ref("key", &k.key)?;
-                let alg = k
-                    .algorithm
-                    .parse::<hsm::KeyAlgorithm>()
-                    .map_err(|e| self.field_err("algorithm", e))?;
+                let alg = k.algorithm.parse::<hsm::KeyAlgorithm>().map_err(|e| self.field_err("algorithm", e))?;
                 let out = self.path(&k.outputs.public_key);
                 Plan {
                     keys: vec![key.clone()],
@@ -382,13 +347,7 @@ impl Ceremony {
                     keys: vec![key.clone()],
                     inputs: vec![],
                     outputs: vec![out.clone()],
-                    step: Step::Root {
-                        key,
-                        subject,
-                        validity: r.validity,
-                        path_len: r.path_len,
-                        out,
-                    },
+                    step: Step::Root { key, subject, validity: r.validity, path_len: r.path_len, out },
                 }
             }
             Spec::Csr(c) => {
@@ -404,10 +363,9 @@ impl Ceremony {
             }
             Spec::Intermediate(i) => {
                 if !matches!(i.profile, ProfileKind::Environment | ProfileKind::Cluster) {
-                    return Err(self.field_err(
-                        "profile",
-                        "an intermediate ceremony signs the environment or cluster profile",
-                    ));
+                    return Err(
+                        self.field_err("profile", "an intermediate ceremony signs the environment or cluster profile")
+                    );
                 }
                 if i.trust_domains.is_empty() {
                     return Err(self.field_err("trust-domains", "name at least one trust domain"));
@@ -429,13 +387,7 @@ impl Ceremony {
                     keys: vec![issuer_key.clone()],
                     inputs: vec![issuer_cert.clone(), csr.clone()],
                     outputs: vec![out.clone()],
-                    step: Step::Sign {
-                        issuer_cert,
-                        issuer_key,
-                        source: Source::Csr(csr),
-                        req,
-                        out,
-                    },
+                    step: Step::Sign { issuer_cert, issuer_key, source: Source::Csr(csr), req, out },
                 }
             }
             Spec::CrossSign(c) => {
@@ -456,13 +408,7 @@ impl Ceremony {
                     keys: vec![issuer_key.clone()],
                     inputs: vec![issuer_cert.clone(), source.clone()],
                     outputs: vec![out.clone()],
-                    step: Step::Sign {
-                        issuer_cert,
-                        issuer_key,
-                        source: Source::Certificate(source),
-                        req,
-                        out,
-                    },
+                    step: Step::Sign { issuer_cert, issuer_key, source: Source::Certificate(source), req, out },
                 }
             }
             Spec::Crl(c) => {
@@ -470,8 +416,8 @@ impl Ceremony {
                 let issuer_cert = self.path(&c.issuer.certificate);
                 let mut revoked = Vec::new();
                 for (i, r) in c.revoked.iter().enumerate() {
-                    let serial = parse_serial(&r.serial)
-                        .map_err(|e| self.field_err(&format!("revoked[{i}].serial"), e))?;
+                    let serial =
+                        parse_serial(&r.serial).map_err(|e| self.field_err(&format!("revoked[{i}].serial"), e))?;
                     revoked.push((serial, r.reason));
                 }
                 let out = self.path(&c.outputs.crl);
@@ -509,25 +455,15 @@ impl Ceremony {
                 ));
             }
         }
-        if let Step::Sign {
-            issuer_cert,
-            source,
-            req,
-            ..
-        } = &plan.step
-        {
+        if let Step::Sign { issuer_cert, source, req, .. } = &plan.step {
             let issuer = load_cert(issuer_cert)?;
-            let (subject, key, td) = self.load_source(source)?;
-            let request = self.request(req, subject, key, td, &issuer)?;
+            let request = self.request(req, self.load_source(source)?, &issuer)?;
             check_issuer_policy(&issuer, &request)?;
         }
         if let Step::Crl { issuer_cert, .. } = &plan.step {
             let issuer = load_cert(issuer_cert)?;
             if !issuer.is_ca || !issuer.crl_sign {
-                return Err(self.field_err(
-                    "issuer.certificate",
-                    "the issuer may not sign CRLs (no cRLSign)",
-                ));
+                return Err(self.field_err("issuer.certificate", "the issuer may not sign CRLs (no cRLSign)"));
             }
         }
         Ok(CheckReport {
@@ -540,72 +476,61 @@ impl Ceremony {
         })
     }
 
-    fn load_source(
-        &self,
-        source: &Source,
-    ) -> Result<(rcgen::DistinguishedName, hsm::PublicKey, Vec<TrustDomain>)> {
+    fn load_source(&self, source: &Source) -> Result<SourceInfo> {
         match source {
             Source::Csr(p) => {
                 let csr = VerifiedCsr::parse(&read_file(p)?)
                     .map_err(|e| CoreError::Parse(format!("{}: {e}", p.display())))?;
-                Ok((csr.subject().clone(), csr.public_key().clone(), vec![]))
+                Ok(SourceInfo { subject: csr.subject().clone(), key: csr.public_key().clone(), original: None })
             }
             Source::Certificate(p) => {
                 let cert = load_cert(p)?;
-                let der = cert.der.clone();
-                let (_, parsed) = x509_parser::parse_x509_certificate(&der)
-                    .map_err(|e| CoreError::Parse(e.to_string()))?;
+                let (_, parsed) =
+                    x509_parser::parse_x509_certificate(&cert.der).map_err(|e| CoreError::Parse(e.to_string()))?;
                 let subject = crate::dn::from_x509_name(&parsed.tbs_certificate.subject)?;
                 if !cert.is_ca {
-                    return Err(
-                        self.field_err("certificate", "only CA certificates are cross-signed")
-                    );
+                    return Err(self.field_err("certificate", "only CA certificates are cross-signed"));
                 }
-                let tds = cert
-                    .trust_domains()
-                    .iter()
-                    .filter_map(|t| t.parse().ok())
-                    .collect();
-                Ok((subject, cert.public_key()?, tds))
+                Ok(SourceInfo { subject, key: cert.public_key()?, original: Some(cert) })
             }
         }
     }
 
-    fn request(
-        &self,
-        shape: &RequestShape,
-        subject: rcgen::DistinguishedName,
-        subject_key: hsm::PublicKey,
-        source_tds: Vec<TrustDomain>,
-        issuer: &CertInfo,
-    ) -> Result<CertRequest> {
+    fn request(&self, shape: &RequestShape, source: SourceInfo, issuer: &CertInfo) -> Result<CertRequest> {
         let not_before = default_not_before();
-        let path_len = match (shape.profile, shape.path_len) {
-            (ProfileKind::CrossSign, Some(p)) => Some(p),
-            // Fit beneath the issuer.
-            (ProfileKind::CrossSign, None) => {
-                Some(issuer.path_len.map_or(1, |p| p.saturating_sub(1)))
-            }
-            _ => None,
-        };
-        let trust_domains = if shape.profile == ProfileKind::CrossSign {
-            source_tds
-        } else {
-            shape.trust_domains.clone()
-        };
-        Ok(CertRequest {
+        let mut req = CertRequest {
             profile: shape.profile,
-            subject,
-            subject_key,
+            subject: source.subject,
+            subject_key: source.key,
             not_before,
             not_after: not_before + shape.validity.duration(),
-            path_len,
-            trust_domains,
+            path_len: None,
+            trust_domains: shape.trust_domains.clone(),
             name_constraints: shape.name_constraints,
             crl_urls: shape.crl_urls.clone(),
             ca_issuer_urls: shape.ca_issuer_urls.clone(),
             spiffe_id: None,
-        })
+            server_names: vec![],
+            subject_key_id: None,
+            exact_subject: None,
+        };
+        if let Some(orig) = source.original {
+            // A cross-certificate is the same CA under another issuer: same subject (byte for
+            // byte), key, key identifier and trust domains; its pathLen must also fit beneath
+            // the new issuer.
+            let fits = issuer.path_len.map(|p| p.saturating_sub(1));
+            req.path_len = Some(match (shape.path_len, orig.path_len, fits) {
+                (Some(p), _, _) => p,
+                (None, Some(o), Some(f)) => o.min(f),
+                (None, Some(o), None) => o,
+                (None, None, Some(f)) => f,
+                (None, None, None) => 1,
+            });
+            req.trust_domains = orig.trust_domains().iter().filter_map(|t| t.parse().ok()).collect();
+            req.subject_key_id = orig.ski.clone();
+            req.exact_subject = Some(orig.subject_raw.clone());
+        }
+        Ok(req)
     }
 
     /// Checks, runs, writes the outputs and appends the transcript (on failure too).
@@ -634,37 +559,20 @@ impl Ceremony {
         };
         append_transcript(&transcript, &entry)?;
         let details = result?;
-        Ok(RunReport {
-            entry,
-            transcript,
-            details,
-        })
+        Ok(RunReport { entry, transcript, details })
     }
 
     fn execute(&self, plan: &Plan) -> Result<serde_json::Map<String, serde_json::Value>> {
         let mut details = serde_json::Map::new();
         let mut out = OutputSet::new();
         match &plan.step {
-            Step::Key {
-                key,
-                alg,
-                out: path,
-            } => {
+            Step::Key { key, alg, out: path } => {
                 let public = hsm::generate_key(key, *alg)?;
                 details.insert("algorithm".into(), alg.as_str().into());
-                details.insert(
-                    "public_key_sha256".into(),
-                    hex::encode(public.fingerprint()).into(),
-                );
+                details.insert("public_key_sha256".into(), hex::encode(public.fingerprint()).into());
                 out.add(path, public.to_pem());
             }
-            Step::Root {
-                key,
-                subject,
-                validity,
-                path_len,
-                out: path,
-            } => {
+            Step::Root { key, subject, validity, path_len, out: path } => {
                 let signer = hsm::open_signer(key)?;
                 let not_before = default_not_before();
                 let req = CertRequest {
@@ -679,63 +587,39 @@ impl Ceremony {
                     crl_urls: vec![],
                     ca_issuer_urls: vec![],
                     spiffe_id: None,
+                    server_names: vec![],
+                    subject_key_id: None,
+                    exact_subject: None,
                 };
                 let issued = create_root(&signer, &req)?;
                 cert_details(&mut details, &issued.cert);
                 out.add(path, issued.pem());
             }
-            Step::Csr {
-                key,
-                subject,
-                out: path,
-            } => {
+            Step::Csr { key, subject, out: path } => {
                 let signer = hsm::open_signer(key)?;
                 let pem = create_csr(&signer, subject.clone())?;
-                details.insert(
-                    "public_key_sha256".into(),
-                    hex::encode(signer.public_key().fingerprint()).into(),
-                );
+                details.insert("public_key_sha256".into(), hex::encode(signer.public_key().fingerprint()).into());
                 out.add(path, pem);
             }
-            Step::Sign {
-                issuer_cert,
-                issuer_key,
-                source,
-                req,
-                out: path,
-            } => {
+            Step::Sign { issuer_cert, issuer_key, source, req, out: path } => {
                 let issuer = CaIssuer::new(load_cert(issuer_cert)?, hsm::open_signer(issuer_key)?)?;
-                let (subject, key, tds) = self.load_source(source)?;
-                let request = self.request(req, subject, key, tds, &issuer.cert)?;
+                let request = self.request(req, self.load_source(source)?, &issuer.cert)?;
                 let issued = issue(&issuer, &request)?;
                 cert_details(&mut details, &issued.cert);
                 details.insert("profile".into(), req.profile.to_string().into());
                 details.insert("name_constraints".into(), req.name_constraints.into());
                 out.add(path, issued.pem());
             }
-            Step::Crl {
-                issuer_cert,
-                issuer_key,
-                number,
-                next_update,
-                revoked,
-                out: path,
-            } => {
+            Step::Crl { issuer_cert, issuer_key, number, next_update, revoked, out: path } => {
                 let issuer = CaIssuer::new(load_cert(issuer_cert)?, hsm::open_signer(issuer_key)?)?;
-                let now = OffsetDateTime::now_utc()
-                    .replace_nanosecond(0)
-                    .expect("0 is valid");
+                let now = OffsetDateTime::now_utc().replace_nanosecond(0).expect("0 is valid");
                 let req = CrlRequest {
                     number: *number,
                     this_update: now,
                     next_update: now + next_update.duration(),
                     revoked: revoked
                         .iter()
-                        .map(|(serial, reason)| Revocation {
-                            serial: serial.clone(),
-                            reason: *reason,
-                            revoked_at: now,
-                        })
+                        .map(|(serial, reason)| Revocation { serial: serial.clone(), reason: *reason, revoked_at: now })
                         .collect(),
                 };
                 let der = crate::crl::create_crl(&issuer, &req)?;
@@ -821,9 +705,7 @@ impl FileDigest {
     fn of(p: &Path) -> Self {
         FileDigest {
             path: p.display().to_string(),
-            sha256: std::fs::read(p)
-                .ok()
-                .map(|b| hex::encode(sha2::Sha256::digest(b))),
+            sha256: std::fs::read(p).ok().map(|b| hex::encode(sha2::Sha256::digest(b))),
         }
     }
 }
@@ -831,19 +713,11 @@ impl FileDigest {
 fn append_transcript(path: &Path, entry: &TranscriptEntry) -> Result<()> {
     let mut line = serde_json::to_string(entry).map_err(|e| CoreError::Parse(e.to_string()))?;
     line.push('\n');
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .map_err(|e| CoreError::io(path, e))?;
-    f.write_all(line.as_bytes())
-        .and_then(|_| f.sync_all())
-        .map_err(|e| CoreError::io(path, e))
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(|e| CoreError::io(path, e))?;
+    f.write_all(line.as_bytes()).and_then(|_| f.sync_all()).map_err(|e| CoreError::io(path, e))
 }
 
 /// The operator recorded in transcripts: `CEREMONY_OPERATOR`, else the login name.
 pub fn default_operator() -> String {
-    std::env::var("CEREMONY_OPERATOR")
-        .or_else(|_| std::env::var("USER"))
-        .unwrap_or_else(|_| "unknown".into())
+    std::env::var("CEREMONY_OPERATOR").or_else(|_| std::env::var("USER")).unwrap_or_else(|_| "unknown".into())
 }

@@ -14,13 +14,8 @@ pub fn pem_blocks(data: &[u8], tag: &str, what: &str) -> Result<Vec<Vec<u8>>> {
     if data.first() == Some(&0x30) {
         return Ok(vec![data.to_vec()]);
     }
-    let blocks = pem::parse_many(data)
-        .map_err(|e| CoreError::Parse(format!("{what}: not valid PEM: {e}")))?;
-    let ders: Vec<Vec<u8>> = blocks
-        .into_iter()
-        .filter(|b| b.tag() == tag)
-        .map(|b| b.into_contents())
-        .collect();
+    let blocks = pem::parse_many(data).map_err(|e| CoreError::Parse(format!("{what}: not valid PEM: {e}")))?;
+    let ders: Vec<Vec<u8>> = blocks.into_iter().filter(|b| b.tag() == tag).map(|b| b.into_contents()).collect();
     if ders.is_empty() {
         return Err(CoreError::Parse(format!("{what}: no {tag} block found")));
     }
@@ -36,10 +31,7 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertInfo>> {
     let data = read_file(path)?;
     pem_blocks(&data, "CERTIFICATE", &path.display().to_string())?
         .into_iter()
-        .map(|der| {
-            CertInfo::from_der(der)
-                .map_err(|e| CoreError::Parse(format!("{}: {e}", path.display())))
-        })
+        .map(|der| CertInfo::from_der(der).map_err(|e| CoreError::Parse(format!("{}: {e}", path.display()))))
         .collect()
 }
 
@@ -47,20 +39,13 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertInfo>> {
 pub fn load_cert(path: &Path) -> Result<CertInfo> {
     let mut certs = load_certs(path)?;
     if certs.len() != 1 {
-        return Err(CoreError::Parse(format!(
-            "{}: expected one certificate, found {}",
-            path.display(),
-            certs.len()
-        )));
+        return Err(CoreError::Parse(format!("{}: expected one certificate, found {}", path.display(), certs.len())));
     }
     Ok(certs.remove(0))
 }
 
 pub fn to_pem(tag: &str, der: &[u8]) -> String {
-    pem::encode_config(
-        &pem::Pem::new(tag, der.to_vec()),
-        pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
-    )
+    pem::encode_config(&pem::Pem::new(tag, der.to_vec()), pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF))
 }
 
 /// What we need to know about a certificate, parsed once.
@@ -83,8 +68,8 @@ pub struct CertInfo {
     pub aki: Option<Vec<u8>>,
     pub uris: Vec<String>,
     pub dns_names: Vec<String>,
-    /// Permitted URI name-constraint hosts, if the certificate carries name constraints.
-    pub permitted_uris: Option<Vec<String>>,
+    /// The name constraints a CA carries, if any.
+    pub name_constraints: Option<NameConstraints>,
     pub spki_der: Vec<u8>,
     pub tbs: Vec<u8>,
     pub signature_oid: String,
@@ -95,8 +80,8 @@ pub struct CertInfo {
 
 impl CertInfo {
     pub fn from_der(der: Vec<u8>) -> std::result::Result<Self, String> {
-        let (rest, cert) = X509Certificate::from_der(&der)
-            .map_err(|e| format!("not a valid X.509 certificate: {e}"))?;
+        let (rest, cert) =
+            X509Certificate::from_der(&der).map_err(|e| format!("not a valid X.509 certificate: {e}"))?;
         if !rest.is_empty() {
             return Err("trailing bytes after the certificate".into());
         }
@@ -119,7 +104,7 @@ impl CertInfo {
             aki: None,
             uris: vec![],
             dns_names: vec![],
-            permitted_uris: None,
+            name_constraints: None,
             spki_der: tbs.subject_pki.raw.to_vec(),
             tbs: tbs.as_ref().to_vec(),
             signature_oid: cert.signature_algorithm.algorithm.to_id_string(),
@@ -151,16 +136,13 @@ impl CertInfo {
                     }
                 }
                 ParsedExtension::NameConstraints(nc) => {
-                    let permitted = nc
-                        .permitted_subtrees
-                        .iter()
-                        .flatten()
-                        .filter_map(|s| match &s.base {
-                            GeneralName::URI(u) => Some(u.to_string()),
-                            _ => None,
-                        })
-                        .collect();
-                    info.permitted_uris = Some(permitted);
+                    let conv = |subtrees: &Option<Vec<x509_parser::extensions::GeneralSubtree<'_>>>| {
+                        subtrees.iter().flatten().map(|s| ConstraintName::from(&s.base)).collect()
+                    };
+                    info.name_constraints = Some(NameConstraints {
+                        permitted: conv(&nc.permitted_subtrees),
+                        excluded: conv(&nc.excluded_subtrees),
+                    });
                 }
                 ParsedExtension::ExtendedKeyUsage(_)
                 | ParsedExtension::CRLDistributionPoints(_)
@@ -204,6 +186,37 @@ impl CertInfo {
             .filter(|td| !td.contains('/'))
             .map(str::to_string)
             .collect()
+    }
+}
+
+/// Name constraints as far as we enforce them. Name types we do not implement are kept as
+/// `Unsupported`, so that path validation can refuse them instead of ignoring them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NameConstraints {
+    pub permitted: Vec<ConstraintName>,
+    pub excluded: Vec<ConstraintName>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ConstraintName {
+    /// A host (or `.domain`) constraining URI names.
+    Uri(String),
+    /// A DNS name constraint.
+    Dns(String),
+    /// Any other name type (email, IP, directory name, ...), by its name.
+    Unsupported(&'static str),
+}
+
+impl From<&GeneralName<'_>> for ConstraintName {
+    fn from(n: &GeneralName<'_>) -> Self {
+        match n {
+            GeneralName::URI(u) => ConstraintName::Uri(u.to_ascii_lowercase()),
+            GeneralName::DNSName(d) => ConstraintName::Dns(d.to_ascii_lowercase()),
+            GeneralName::RFC822Name(_) => ConstraintName::Unsupported("email"),
+            GeneralName::IPAddress(_) => ConstraintName::Unsupported("IP address"),
+            GeneralName::DirectoryName(_) => ConstraintName::Unsupported("directory name"),
+            _ => ConstraintName::Unsupported("other name"),
+        }
     }
 }
 

@@ -1,8 +1,6 @@
 //! CRLs, linted before the CA key signs them.
 
-use rcgen::{
-    CertificateRevocationListParams, KeyIdMethod, RevocationReason, RevokedCertParams, SerialNumber,
-};
+use rcgen::{CertificateRevocationListParams, KeyIdMethod, RevocationReason, RevokedCertParams, SerialNumber};
 use time::OffsetDateTime;
 use x509_parser::prelude::FromDer;
 use x509_parser::revocation_list::CertificateRevocationList;
@@ -46,9 +44,10 @@ impl Reason {
         ("privilege-withdrawn", Reason::PrivilegeWithdrawn),
     ];
 
-    fn to_rcgen(self) -> RevocationReason {
-        match self {
-            Reason::Unspecified => RevocationReason::Unspecified,
+    /// RFC 5280 5.3.1: "unspecified" is expressed by leaving the reason code out.
+    fn to_rcgen(self) -> Option<RevocationReason> {
+        Some(match self {
+            Reason::Unspecified => return None,
             Reason::KeyCompromise => RevocationReason::KeyCompromise,
             Reason::CaCompromise => RevocationReason::CaCompromise,
             Reason::AffiliationChanged => RevocationReason::AffiliationChanged,
@@ -56,41 +55,35 @@ impl Reason {
             Reason::CessationOfOperation => RevocationReason::CessationOfOperation,
             Reason::CertificateHold => RevocationReason::CertificateHold,
             Reason::PrivilegeWithdrawn => RevocationReason::PrivilegeWithdrawn,
-        }
+        })
     }
 }
 
 impl std::str::FromStr for Reason {
     type Err = PolicyError;
     fn from_str(s: &str) -> Result<Self, PolicyError> {
-        Reason::NAMES
-            .iter()
-            .find(|(n, _)| *n == s)
-            .map(|(_, r)| *r)
-            .ok_or_else(|| {
-                let names: Vec<_> = Reason::NAMES.iter().map(|(n, _)| *n).collect();
-                PolicyError::Invalid(format!(
-                    "unknown revocation reason {s:?} (one of {})",
-                    names.join(", ")
-                ))
-            })
+        Reason::NAMES.iter().find(|(n, _)| *n == s).map(|(_, r)| *r).ok_or_else(|| {
+            let names: Vec<_> = Reason::NAMES.iter().map(|(n, _)| *n).collect();
+            PolicyError::Invalid(format!("unknown revocation reason {s:?} (one of {})", names.join(", ")))
+        })
     }
 }
 
 /// Parses a serial written as hex, with or without colons.
 pub fn parse_serial(s: &str) -> Result<Vec<u8>, PolicyError> {
     let clean: String = s.chars().filter(|c| *c != ':').collect();
-    let clean = if clean.len() % 2 == 1 {
-        format!("0{clean}")
-    } else {
-        clean
-    };
-    let bytes = hex::decode(&clean)
-        .map_err(|_| PolicyError::Invalid(format!("serial {s:?} is not hex")))?;
-    if bytes.is_empty() || bytes.len() > 21 {
-        return Err(PolicyError::Invalid(format!(
-            "serial {s:?} must be 1 to 20 octets"
-        )));
+    let clean = if clean.len() % 2 == 1 { format!("0{clean}") } else { clean };
+    let bytes = hex::decode(&clean).map_err(|_| PolicyError::Invalid(format!("serial {s:?} is not hex")))?;
+    // Strip leading zero octets: they are padding, not part of the number.
+    let first = bytes.iter().position(|b| *b != 0).unwrap_or(bytes.len());
+    let bytes = bytes[first..].to_vec();
+    if bytes.is_empty() {
+        return Err(PolicyError::Invalid(format!("serial {s:?} is zero")));
+    }
+    // RFC 5280 4.1.2.2: at most 20 octets as a positive DER INTEGER.
+    let encoded_len = bytes.len() + usize::from(bytes[0] & 0x80 != 0);
+    if encoded_len > 20 {
+        return Err(PolicyError::Invalid(format!("serial {s:?} is longer than 20 octets")));
     }
     Ok(bytes)
 }
@@ -100,16 +93,10 @@ pub fn parse_revocation(s: &str, at: OffsetDateTime) -> Result<Revocation, Polic
     // Serials may contain colons themselves; the reason is the part after the last colon if it
     // is a reason name.
     let (serial, reason) = match s.rsplit_once(':') {
-        Some((serial, reason)) if reason.parse::<Reason>().is_ok() => {
-            (serial, Some(reason.parse::<Reason>()?))
-        }
+        Some((serial, reason)) if reason.parse::<Reason>().is_ok() => (serial, Some(reason.parse::<Reason>()?)),
         _ => (s, None),
     };
-    Ok(Revocation {
-        serial: parse_serial(serial)?,
-        reason,
-        revoked_at: at,
-    })
+    Ok(Revocation { serial: parse_serial(serial)?, reason, revoked_at: at })
 }
 
 pub struct CrlRequest {
@@ -122,19 +109,16 @@ pub struct CrlRequest {
 /// Signs a CRL with the CA's key after linting it. Returns DER.
 pub fn create_crl(issuer: &CaIssuer, req: &CrlRequest) -> Result<Vec<u8>> {
     if !issuer.cert.crl_sign {
-        return Err(
-            PolicyError::IssuerNotCa(format!("{} lacks cRLSign", issuer.cert.subject)).into(),
-        );
+        return Err(PolicyError::IssuerNotCa(format!("{} lacks cRLSign", issuer.cert.subject)).into());
     }
     if req.next_update <= req.this_update {
         return Err(PolicyError::Invalid("nextUpdate must be after thisUpdate".into()).into());
     }
-    let key_id = issuer.cert.ski.clone().ok_or_else(|| {
-        PolicyError::IssuerNotCa(format!(
-            "{} has no subjectKeyIdentifier",
-            issuer.cert.subject
-        ))
-    })?;
+    let key_id = issuer
+        .cert
+        .ski
+        .clone()
+        .ok_or_else(|| PolicyError::IssuerNotCa(format!("{} has no subjectKeyIdentifier", issuer.cert.subject)))?;
     let params = CertificateRevocationListParams {
         this_update: req.this_update,
         next_update: req.next_update,
@@ -146,7 +130,7 @@ pub fn create_crl(issuer: &CaIssuer, req: &CrlRequest) -> Result<Vec<u8>> {
             .map(|r| RevokedCertParams {
                 serial_number: SerialNumber::from(r.serial.clone()),
                 revocation_time: r.revoked_at,
-                reason_code: r.reason.map(Reason::to_rcgen),
+                reason_code: r.reason.and_then(Reason::to_rcgen),
                 invalidity_date: None,
             })
             .collect(),
@@ -162,8 +146,8 @@ pub fn create_crl(issuer: &CaIssuer, req: &CrlRequest) -> Result<Vec<u8>> {
         },
         |der, tbs| lint::lint_crl(der, tbs, &issuer.cert),
         |der| {
-            let (_, crl) = CertificateRevocationList::from_der(der)
-                .map_err(|e| CoreError::Parse(format!("CRL: {e}")))?;
+            let (_, crl) =
+                CertificateRevocationList::from_der(der).map_err(|e| CoreError::Parse(format!("CRL: {e}")))?;
             Ok((
                 crl.tbs_cert_list.as_ref().to_vec(),
                 crl.signature_algorithm.algorithm.to_id_string(),
@@ -187,6 +171,12 @@ mod tests {
         assert_eq!(r.serial, vec![0x0a, 0xbc]);
         assert_eq!(r.reason, None);
         assert!(parse_revocation("zz", now).is_err());
+        assert!(parse_revocation("00", now).is_err(), "zero");
+        assert!(parse_serial(&"7f".repeat(20)).is_ok());
+        assert!(parse_serial(&"80".repeat(20)).is_err(), "21 octets once the sign pad is added");
+        assert!(parse_serial(&"01".repeat(21)).is_err());
+        assert_eq!(parse_serial("00:0a").unwrap(), vec![0x0a]);
+        assert_eq!(Reason::Unspecified.to_rcgen(), None);
         assert!(parse_revocation("", now).is_err());
     }
 }

@@ -25,10 +25,7 @@ impl VerifiedCsr {
                 .or_else(|_| pem_blocks(data, "NEW CERTIFICATE REQUEST", "CSR"))
                 .map_err(|e| CsrError::Malformed(e.to_string()))?;
             if blocks.len() != 1 {
-                return Err(CsrError::Malformed(format!(
-                    "expected one CSR, found {}",
-                    blocks.len()
-                )));
+                return Err(CsrError::Malformed(format!("expected one CSR, found {}", blocks.len())));
             }
             blocks.remove(0)
         };
@@ -36,29 +33,19 @@ impl VerifiedCsr {
     }
 
     pub fn from_der(der: &[u8]) -> Result<Self, CsrError> {
-        let (rest, csr) = X509CertificationRequest::from_der(der)
-            .map_err(|e| CsrError::Malformed(e.to_string()))?;
+        let (rest, csr) = X509CertificationRequest::from_der(der).map_err(|e| CsrError::Malformed(e.to_string()))?;
         if !rest.is_empty() {
             return Err(CsrError::Malformed("trailing bytes after the CSR".into()));
         }
         let info = &csr.certification_request_info;
         // Key policy first: a weak key gets the precise error, not a signature failure.
-        let public_key = hsm::PublicKey::from_spki_der(info.subject_pki.raw)
-            .map_err(|e| CsrError::WeakKey(e.to_string()))?;
+        let public_key =
+            hsm::PublicKey::from_spki_der(info.subject_pki.raw).map_err(|e| CsrError::WeakKey(e.to_string()))?;
         public_key
-            .verify(
-                &csr.signature_algorithm.algorithm.to_id_string(),
-                info.raw,
-                &csr.signature_value.data,
-            )
+            .verify(&csr.signature_algorithm.algorithm.to_id_string(), info.raw, &csr.signature_value.data)
             .map_err(|_| CsrError::BadSignature)?;
-        let subject = crate::dn::from_x509_name(&info.subject)
-            .map_err(|e| CsrError::Subject(e.to_string()))?;
-        Ok(VerifiedCsr {
-            public_key,
-            subject,
-            subject_text: info.subject.to_string(),
-        })
+        let subject = crate::dn::from_x509_name(&info.subject).map_err(|e| CsrError::Subject(e.to_string()))?;
+        Ok(VerifiedCsr { public_key, subject, subject_text: info.subject.to_string() })
     }
 
     pub fn public_key(&self) -> &hsm::PublicKey {
@@ -74,24 +61,43 @@ impl VerifiedCsr {
     }
 }
 
+/// Signs CSRs only: a CSR's self-signature proves possession and certifies nothing, so it is
+/// the one structure the real key signs outside the lint-before-sign pipeline.
+struct CsrSigner<'a> {
+    key: &'a hsm::KeySigner,
+    failed: std::sync::Mutex<Option<hsm::HsmError>>,
+}
+
+impl rcgen::PublicKeyData for CsrSigner<'_> {
+    fn der_bytes(&self) -> &[u8] {
+        self.key.public_key().raw()
+    }
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        self.key.rcgen_algorithm()
+    }
+}
+
+impl rcgen::SigningKey for CsrSigner<'_> {
+    fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen::Error> {
+        self.key.sign_bytes(msg).map_err(|e| {
+            *self.failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+            rcgen::Error::RemoteKeyError
+        })
+    }
+}
+
 /// Creates a CSR signed by `signer` carrying only a subject: the issuing profile adds the rest.
-pub fn create_csr(
-    signer: &hsm::KeySigner,
-    subject: rcgen::DistinguishedName,
-) -> crate::Result<String> {
+pub fn create_csr(signer: &hsm::KeySigner, subject: rcgen::DistinguishedName) -> crate::Result<String> {
     let mut params = rcgen::CertificateParams::default();
     params.distinguished_name = subject;
-    let csr = params.serialize_request(signer).map_err(|e| {
-        crate::error::CoreError::Signing(
-            signer
-                .take_error()
-                .map(|h| h.to_string())
-                .unwrap_or(e.to_string()),
-        )
+    let csr_signer = CsrSigner { key: signer, failed: std::sync::Mutex::new(None) };
+    let csr = params.serialize_request(&csr_signer).map_err(|e| {
+        match csr_signer.failed.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            Some(h) => crate::error::CoreError::Hsm(h),
+            None => crate::error::CoreError::Signing(e.to_string()),
+        }
     })?;
-    let pem = csr
-        .pem()
-        .map_err(|e| crate::error::CoreError::Signing(e.to_string()))?;
+    let pem = csr.pem().map_err(|e| crate::error::CoreError::Signing(e.to_string()))?;
     // Prove the signature before anyone relies on it.
     VerifiedCsr::parse(pem.as_bytes())?;
     Ok(pem)

@@ -16,9 +16,7 @@ pub fn parse_subject(s: &str) -> Result<DistinguishedName, PolicyError> {
             '\\' => match chars.next() {
                 Some(n) => cur.push(n),
                 None => {
-                    return Err(PolicyError::Invalid(format!(
-                        "subject {s:?} ends with a lone backslash"
-                    )));
+                    return Err(PolicyError::Invalid(format!("subject {s:?} ends with a lone backslash")));
                 }
             },
             ',' => parts.push(std::mem::take(&mut cur)),
@@ -28,14 +26,12 @@ pub fn parse_subject(s: &str) -> Result<DistinguishedName, PolicyError> {
     parts.push(cur);
     let mut has_cn = false;
     for part in parts {
-        let (k, v) = part.split_once('=').ok_or_else(|| {
-            PolicyError::Invalid(format!("subject attribute {:?} has no '='", part.trim()))
-        })?;
+        let (k, v) = part
+            .split_once('=')
+            .ok_or_else(|| PolicyError::Invalid(format!("subject attribute {:?} has no '='", part.trim())))?;
         let (k, v) = (k.trim(), v.trim());
         if v.is_empty() {
-            return Err(PolicyError::Invalid(format!(
-                "subject attribute {k} is empty"
-            )));
+            return Err(PolicyError::Invalid(format!("subject attribute {k} is empty")));
         }
         let ty = match k.to_ascii_uppercase().as_str() {
             "CN" => {
@@ -46,9 +42,7 @@ pub fn parse_subject(s: &str) -> Result<DistinguishedName, PolicyError> {
             "OU" => DnType::OrganizationalUnitName,
             "C" => {
                 if v.len() != 2 || !v.chars().all(|c| c.is_ascii_uppercase()) {
-                    return Err(PolicyError::Invalid(format!(
-                        "C={v}: country must be two capital letters"
-                    )));
+                    return Err(PolicyError::Invalid(format!("C={v}: country must be two capital letters")));
                 }
                 DnType::CountryName
             }
@@ -60,10 +54,12 @@ pub fn parse_subject(s: &str) -> Result<DistinguishedName, PolicyError> {
                 )));
             }
         };
+        // rcgen keeps one value per attribute type: a repeated type would silently vanish.
+        if dn.get(&ty).is_some() {
+            return Err(PolicyError::Invalid(format!("subject attribute {k} appears twice")));
+        }
         if v.chars().count() > 64 {
-            return Err(PolicyError::Invalid(format!(
-                "subject attribute {k} is longer than 64 characters"
-            )));
+            return Err(PolicyError::Invalid(format!("subject attribute {k} is longer than 64 characters")));
         }
         dn.push(ty, v);
     }
@@ -81,30 +77,15 @@ mod tests {
     fn parses_in_order_with_escapes() {
         let dn = parse_subject("CN=Example\\, Inc Root,O=Example,C=DE").unwrap();
         let items: Vec<_> = dn.iter().map(|(t, _)| t.clone()).collect();
-        assert_eq!(
-            items,
-            vec![
-                DnType::CommonName,
-                DnType::OrganizationName,
-                DnType::CountryName
-            ]
-        );
-        assert!(
-            matches!(dn.get(&DnType::CommonName), Some(rcgen::DnValue::Utf8String(s)) if s == "Example, Inc Root")
-        );
+        assert_eq!(items, vec![DnType::CommonName, DnType::OrganizationName, DnType::CountryName]);
+        assert!(matches!(dn.get(&DnType::CommonName), Some(rcgen::DnValue::Utf8String(s)) if s == "Example, Inc Root"));
     }
 
     #[test]
     fn rejects_bad_subjects() {
-        for bad in [
-            "",
-            "O=NoCommonName",
-            "CN=",
-            "CN=x,EMAIL=a@b",
-            "CN=x,C=Germany",
-            "CN=x\\",
-            "garbage",
-        ] {
+        for bad in
+            ["", "O=NoCommonName", "CN=", "CN=x,EMAIL=a@b", "CN=x,C=Germany", "CN=x,OU=a,OU=b", "CN=x\\", "garbage"]
+        {
             assert!(parse_subject(bad).is_err(), "{bad:?}");
         }
     }
@@ -112,9 +93,7 @@ mod tests {
 
 /// Converts a parsed name into rcgen's form, keeping each attribute's string type so that the
 /// re-encoded name stays byte-identical (a cross-signed subject must match the original).
-pub fn from_x509_name(
-    name: &x509_parser::x509::X509Name<'_>,
-) -> Result<DistinguishedName, PolicyError> {
+pub fn from_x509_name(name: &x509_parser::x509::X509Name<'_>) -> Result<DistinguishedName, PolicyError> {
     use rcgen::DnValue;
     use rcgen::string::{Ia5String, PrintableString};
     use x509_parser::der_parser::asn1_rs::Tag;
@@ -122,9 +101,7 @@ pub fn from_x509_name(
     let mut dn = DistinguishedName::new();
     for rdn in name.iter() {
         if rdn.iter().count() != 1 {
-            return Err(PolicyError::Invalid(
-                "multi-valued RDNs are not supported".into(),
-            ));
+            return Err(PolicyError::Invalid("multi-valued RDNs are not supported".into()));
         }
         for attr in rdn.iter() {
             let oid = attr.attr_type().to_id_string();
@@ -138,9 +115,7 @@ pub fn from_x509_name(
                 _ => DnType::CustomDnType(
                     attr.attr_type()
                         .iter()
-                        .ok_or_else(|| {
-                            PolicyError::Invalid(format!("name attribute {oid} is too large"))
-                        })?
+                        .ok_or_else(|| PolicyError::Invalid(format!("name attribute {oid} is too large")))?
                         .collect(),
                 ),
             };
@@ -149,20 +124,21 @@ pub fn from_x509_name(
                 .as_str()
                 .map_err(|_| PolicyError::Invalid(format!("name attribute {oid} is not a string")))?
                 .to_string();
-            let bad =
-                |_| PolicyError::Invalid(format!("name attribute {oid} has invalid characters"));
+            let bad = |_| PolicyError::Invalid(format!("name attribute {oid} has invalid characters"));
             let value = match any.tag() {
-                Tag::PrintableString => {
-                    DnValue::PrintableString(PrintableString::try_from(text).map_err(bad)?)
-                }
+                Tag::PrintableString => DnValue::PrintableString(PrintableString::try_from(text).map_err(bad)?),
                 Tag::Ia5String => DnValue::Ia5String(Ia5String::try_from(text).map_err(bad)?),
                 Tag::Utf8String => DnValue::Utf8String(text),
                 _ => {
-                    return Err(PolicyError::Invalid(format!(
-                        "name attribute {oid} uses an unsupported string type"
-                    )));
+                    return Err(PolicyError::Invalid(format!("name attribute {oid} uses an unsupported string type")));
                 }
             };
+            // rcgen keeps one value per attribute type; dropping one would change the name.
+            if dn.get(&ty).is_some() {
+                return Err(PolicyError::Invalid(format!(
+                    "name attribute {oid} appears more than once, which is not supported"
+                )));
+            }
             dn.push(ty, value);
         }
     }

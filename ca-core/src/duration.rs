@@ -26,11 +26,7 @@ impl FromStr for Validity {
     type Err = PolicyError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || {
-            PolicyError::Invalid(format!(
-                "invalid duration {s:?}: expected e.g. 24h, 90d, 5y or 1y30d"
-            ))
-        };
+        let bad = || PolicyError::Invalid(format!("invalid duration {s:?}: expected e.g. 24h, 90d, 5y or 1y30d"));
         let mut total: i64 = 0;
         let mut num = String::new();
         let mut seen_unit = false;
@@ -50,10 +46,7 @@ impl FromStr for Validity {
                 'y' => 365 * 86_400,
                 _ => return Err(bad()),
             };
-            total = n
-                .checked_mul(secs)
-                .and_then(|v| total.checked_add(v))
-                .ok_or_else(bad)?;
+            total = n.checked_mul(secs).and_then(|v| total.checked_add(v)).ok_or_else(bad)?;
             seen_unit = true;
         }
         if !num.is_empty() || !seen_unit || total <= 0 {
@@ -66,13 +59,7 @@ impl FromStr for Validity {
 impl fmt::Display for Validity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let s = self.0.whole_seconds();
-        let units = [
-            (365 * 86_400, 'y'),
-            (86_400, 'd'),
-            (3600, 'h'),
-            (60, 'm'),
-            (1, 's'),
-        ];
+        let units = [(365 * 86_400, 'y'), (86_400, 'd'), (3600, 'h'), (60, 'm'), (1, 's')];
         let mut rest = s;
         for (size, unit) in units {
             if rest >= size {
@@ -97,37 +84,16 @@ mod tests {
 
     #[test]
     fn parses_units_and_sums() {
-        assert_eq!(
-            "24h".parse::<Validity>().unwrap().duration(),
-            time::Duration::hours(24)
-        );
-        assert_eq!(
-            "90d".parse::<Validity>().unwrap().duration(),
-            time::Duration::days(90)
-        );
-        assert_eq!(
-            "5y".parse::<Validity>().unwrap().duration(),
-            time::Duration::days(5 * 365)
-        );
-        assert_eq!(
-            "1y30d".parse::<Validity>().unwrap().duration(),
-            time::Duration::days(395)
-        );
+        assert_eq!("24h".parse::<Validity>().unwrap().duration(), time::Duration::hours(24));
+        assert_eq!("90d".parse::<Validity>().unwrap().duration(), time::Duration::days(90));
+        assert_eq!("5y".parse::<Validity>().unwrap().duration(), time::Duration::days(5 * 365));
+        assert_eq!("1y30d".parse::<Validity>().unwrap().duration(), time::Duration::days(395));
         assert_eq!("1y30d".parse::<Validity>().unwrap().to_string(), "1y30d");
     }
 
     #[test]
     fn rejects_garbage() {
-        for bad in [
-            "",
-            "5",
-            "y",
-            "5x",
-            "-5d",
-            "0d",
-            "d5",
-            "99999999999999999999y",
-        ] {
+        for bad in ["", "5", "y", "5x", "-5d", "0d", "d5", "99999999999999999999y"] {
             assert!(bad.parse::<Validity>().is_err(), "{bad:?}");
         }
     }

@@ -56,13 +56,8 @@ pub enum PolicyError {
     OutlivesIssuer { requested: String, issuer: String },
     #[error("issuer certificate is not a CA that may sign certificates: {0}")]
     IssuerNotCa(String),
-    #[error(
-        "issuer path length constraint {issuer_path_len} does not allow a {profile} CA beneath it"
-    )]
-    PathLen {
-        profile: String,
-        issuer_path_len: u32,
-    },
+    #[error("issuer path length constraint {issuer_path_len} does not allow a {profile} CA beneath it")]
+    PathLen { profile: String, issuer_path_len: u32 },
     #[error("issuer key does not match the issuer certificate")]
     IssuerKeyMismatch,
     #[error("issuer certificate expired at {0}")]
@@ -75,10 +70,7 @@ pub type Result<T, E = CoreError> = std::result::Result<T, E>;
 
 impl CoreError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        CoreError::Io {
-            path: path.into(),
-            source,
-        }
+        CoreError::Io { path: path.into(), source }
     }
 }
 

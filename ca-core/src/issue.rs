@@ -18,10 +18,7 @@ pub struct CaIssuer {
 
 impl std::fmt::Debug for CaIssuer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CaIssuer")
-            .field("subject", &self.cert.subject)
-            .field("key", self.signer.key_ref())
-            .finish()
+        f.debug_struct("CaIssuer").field("subject", &self.cert.subject).field("key", self.signer.key_ref()).finish()
     }
 }
 
@@ -33,11 +30,7 @@ impl CaIssuer {
             return Err(PolicyError::IssuerKeyMismatch.into());
         }
         if !cert.is_ca || !cert.key_cert_sign {
-            return Err(PolicyError::IssuerNotCa(format!(
-                "{} lacks cA=true or keyCertSign",
-                cert.subject
-            ))
-            .into());
+            return Err(PolicyError::IssuerNotCa(format!("{} lacks cA=true or keyCertSign", cert.subject)).into());
         }
         Ok(CaIssuer { cert, signer })
     }
@@ -98,14 +91,16 @@ struct Guarded<'a> {
     key: &'a hsm::KeySigner,
     linted: &'a LintedTbs,
     refused: Mutex<bool>,
+    /// rcgen only carries an opaque error; the HSM's real one is kept here.
+    failed: Mutex<Option<hsm::HsmError>>,
 }
 
 impl PublicKeyData for Guarded<'_> {
     fn der_bytes(&self) -> &[u8] {
-        self.key.der_bytes()
+        self.key.public_key().raw()
     }
     fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
-        PublicKeyData::algorithm(self.key)
+        self.key.rcgen_algorithm()
     }
 }
 
@@ -115,7 +110,10 @@ impl SigningKey for Guarded<'_> {
             *self.refused.lock().unwrap_or_else(|p| p.into_inner()) = true;
             return Err(rcgen::Error::RemoteKeyError);
         }
-        SigningKey::sign(self.key, msg)
+        self.key.sign_bytes(msg).map_err(|e| {
+            *self.failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+            rcgen::Error::RemoteKeyError
+        })
     }
 }
 
@@ -129,26 +127,16 @@ pub(crate) fn sign_linted(
     lint: impl Fn(&[u8], &[u8]) -> std::result::Result<LintedTbs, lint::LintFailure>,
     split: impl Fn(&[u8]) -> Result<(Vec<u8>, String, Vec<u8>)>,
 ) -> Result<Vec<u8>> {
-    let draft = Draft {
-        inner: hsm::ThrowawaySigner::new(issuer_public)?,
-        seen: Mutex::new(Vec::new()),
-    };
-    let draft_der =
-        make(&draft).map_err(|e| CoreError::Signing(format!("building the draft: {e}")))?;
+    let draft = Draft { inner: hsm::ThrowawaySigner::new(issuer_public)?, seen: Mutex::new(Vec::new()) };
+    let draft_der = make(&draft).map_err(|e| CoreError::Signing(format!("building the draft: {e}")))?;
     let seen = draft.seen.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let linted = lint(&draft_der, &seen).map_err(CoreError::Lint)?;
 
-    let guard = Guarded {
-        key,
-        linted: &linted,
-        refused: Mutex::new(false),
-    };
+    let guard = Guarded { key, linted: &linted, refused: Mutex::new(false), failed: Mutex::new(None) };
     let der = make(&guard).map_err(|e| {
         if *guard.refused.lock().unwrap_or_else(|p| p.into_inner()) {
-            CoreError::Signing(
-                "the TBS changed between lint and signing; nothing was signed".into(),
-            )
-        } else if let Some(cause) = key.take_error() {
+            CoreError::Signing("the TBS changed between lint and signing; nothing was signed".into())
+        } else if let Some(cause) = guard.failed.lock().unwrap_or_else(|p| p.into_inner()).take() {
             CoreError::Hsm(cause)
         } else {
             CoreError::Signing(e.to_string())
@@ -156,15 +144,11 @@ pub(crate) fn sign_linted(
     })?;
     let (tbs, sig_oid, sig) = split(&der)?;
     if tbs != linted.bytes() {
-        return Err(CoreError::Signing(
-            "signed TBS differs from the linted TBS".into(),
-        ));
+        return Err(CoreError::Signing("signed TBS differs from the linted TBS".into()));
     }
-    issuer_public.verify(&sig_oid, &tbs, &sig).map_err(|e| {
-        CoreError::Signing(format!(
-            "the new signature does not verify with the issuer key: {e}"
-        ))
-    })?;
+    issuer_public
+        .verify(&sig_oid, &tbs, &sig)
+        .map_err(|e| CoreError::Signing(format!("the new signature does not verify with the issuer key: {e}")))?;
     Ok(der)
 }
 
@@ -175,20 +159,14 @@ fn split_cert(der: &[u8]) -> Result<(Vec<u8>, String, Vec<u8>)> {
 
 /// The common notBefore: a minute in the past absorbs clock skew between machines.
 pub fn default_not_before() -> OffsetDateTime {
-    let now = OffsetDateTime::now_utc()
-        .replace_nanosecond(0)
-        .expect("0 is valid");
+    let now = OffsetDateTime::now_utc().replace_nanosecond(0).expect("0 is valid");
     now - time::Duration::minutes(1)
 }
 
 /// Creates a self-signed root. The key signs once, over a TBS that passed lint.
 pub fn create_root(key: &hsm::KeySigner, req: &CertRequest) -> Result<Issued> {
     if req.profile != ProfileKind::Root {
-        return Err(PolicyError::Invalid(format!(
-            "create_root needs the root profile, not {}",
-            req.profile
-        ))
-        .into());
+        return Err(PolicyError::Invalid(format!("create_root needs the root profile, not {}", req.profile)).into());
     }
     if req.subject_key.spki_der() != key.public_key().spki_der() {
         return Err(PolicyError::IssuerKeyMismatch.into());
@@ -198,6 +176,7 @@ pub fn create_root(key: &hsm::KeySigner, req: &CertRequest) -> Result<Issued> {
         profile: ProfileKind::Root,
         expected_path_len: req.path_len,
         issuer: None,
+        expected_subject: None,
     };
     let der = sign_linted(
         key,
@@ -206,9 +185,7 @@ pub fn create_root(key: &hsm::KeySigner, req: &CertRequest) -> Result<Issued> {
         |der, tbs| lint::lint_certificate(der, tbs, &ctx),
         split_cert,
     )?;
-    Ok(Issued {
-        cert: CertInfo::from_der(der).map_err(CoreError::Parse)?,
-    })
+    Ok(Issued { cert: CertInfo::from_der(der).map_err(CoreError::Parse)? })
 }
 
 /// Issues a certificate under `issuer` after the policy checks: the issuer may sign, is not
@@ -221,28 +198,21 @@ pub fn issue(issuer: &CaIssuer, req: &CertRequest) -> Result<Issued> {
     let issuer_der = rustls_pki_der(&issuer.cert.der);
     let ctx = LintContext {
         profile: req.profile,
-        expected_path_len: if req.profile.is_ca() {
-            req.effective_path_len()
-        } else {
-            None
-        },
+        expected_path_len: if req.profile.is_ca() { req.effective_path_len() } else { None },
         issuer: Some(&issuer.cert),
+        expected_subject: req.exact_subject.as_deref(),
     };
     let der = sign_linted(
         &issuer.signer,
         issuer.public_key(),
         |k| {
             let iss = rcgen::Issuer::from_ca_cert_der(&issuer_der, k)?;
-            params
-                .signed_by(&subject_key, &iss)
-                .map(|c| c.der().to_vec())
+            params.signed_by(&subject_key, &iss).map(|c| c.der().to_vec())
         },
         |der, tbs| lint::lint_certificate(der, tbs, &ctx),
         split_cert,
     )?;
-    Ok(Issued {
-        cert: CertInfo::from_der(der).map_err(CoreError::Parse)?,
-    })
+    Ok(Issued { cert: CertInfo::from_der(der).map_err(CoreError::Parse)? })
 }
 
 fn rustls_pki_der(der: &[u8]) -> rustls_pki_types::CertificateDer<'static> {
@@ -251,11 +221,7 @@ fn rustls_pki_der(der: &[u8]) -> rustls_pki_types::CertificateDer<'static> {
 
 pub fn check_issuer_policy(issuer: &CertInfo, req: &CertRequest) -> Result<()> {
     if !issuer.is_ca || !issuer.key_cert_sign {
-        return Err(PolicyError::IssuerNotCa(format!(
-            "{} lacks cA=true or keyCertSign",
-            issuer.subject
-        ))
-        .into());
+        return Err(PolicyError::IssuerNotCa(format!("{} lacks cA=true or keyCertSign", issuer.subject)).into());
     }
     let now = OffsetDateTime::now_utc();
     if issuer.not_after <= now {
@@ -268,13 +234,32 @@ pub fn check_issuer_policy(issuer: &CertInfo, req: &CertRequest) -> Result<()> {
         }
         .into());
     }
-    if let Some(permitted) = &issuer.permitted_uris {
-        let names: Vec<String> = match &req.spiffe_id {
-            Some(id) => vec![id.trust_domain().to_string()],
-            None => req.trust_domains.iter().map(|t| t.to_string()).collect(),
-        };
-        for td in names {
-            if !permitted.iter().any(|p| crate::chain::host_matches(&td, p)) {
+    // Trust domains narrow going down: a CA serves a subset of its issuer's, a workload
+    // belongs to one its issuer serves. A root records none and so constrains nothing.
+    let requested: Vec<String> = match &req.spiffe_id {
+        Some(id) => vec![id.trust_domain().to_string()],
+        None => req.trust_domains.iter().map(|t| t.to_string()).collect(),
+    };
+    let served = issuer.trust_domains();
+    for td in &requested {
+        if !served.is_empty() && !served.contains(td) {
+            return Err(PolicyError::Invalid(format!(
+                "trust domain {td} is not served by the issuer (it serves {})",
+                served.join(", ")
+            ))
+            .into());
+        }
+        if let Some(nc) = &issuer.name_constraints {
+            let permitted: Vec<&str> = nc
+                .permitted
+                .iter()
+                .filter_map(|c| if let crate::cert::ConstraintName::Uri(u) = c { Some(u.as_str()) } else { None })
+                .collect();
+            let excluded = nc
+                .excluded
+                .iter()
+                .any(|c| matches!(c, crate::cert::ConstraintName::Uri(u) if crate::chain::host_matches(td, u)));
+            if excluded || (!permitted.is_empty() && !permitted.iter().any(|p| crate::chain::host_matches(td, p))) {
                 return Err(PolicyError::Invalid(format!(
                     "trust domain {td} is outside the issuer's name constraints (permitted: {})",
                     permitted.join(", ")
@@ -286,11 +271,7 @@ pub fn check_issuer_policy(issuer: &CertInfo, req: &CertRequest) -> Result<()> {
     if let (Some(limit), true) = (issuer.path_len, req.profile.is_ca()) {
         let child = req.effective_path_len().unwrap_or(u32::MAX);
         if child >= limit {
-            return Err(PolicyError::PathLen {
-                profile: req.profile.to_string(),
-                issuer_path_len: limit,
-            }
-            .into());
+            return Err(PolicyError::PathLen { profile: req.profile.to_string(), issuer_path_len: limit }.into());
         }
     }
     Ok(())
@@ -317,22 +298,14 @@ mod tests {
             key.public_key(),
             |k| {
                 let mut p = params.clone();
-                p.serial_number = Some(SerialNumber::from(vec![
-                    0x10 + calls
-                        .fetch_add(1, Ordering::SeqCst);
-                    17
-                ]));
+                p.serial_number = Some(SerialNumber::from(vec![0x10 + calls.fetch_add(1, Ordering::SeqCst); 17]));
                 p.self_signed(&k).map(|c| c.der().to_vec())
             },
             |_der, tbs| Ok(crate::lint::tests_support::accept(tbs)),
             split_cert,
         )
         .unwrap_err();
-        assert!(
-            err.to_string()
-                .contains("TBS changed between lint and signing"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("TBS changed between lint and signing"), "{err}");
         assert_eq!(calls.load(Ordering::SeqCst), 2);
 
         // And when lint refuses, the real key is never asked.
@@ -344,19 +317,11 @@ mod tests {
                 calls.fetch_add(1, Ordering::SeqCst);
                 params.self_signed(&k).map(|c| c.der().to_vec())
             },
-            |_der, _tbs| {
-                Err(crate::lint::LintFailure(vec![
-                    "x509.version: forced".into(),
-                ]))
-            },
+            |_der, _tbs| Err(crate::lint::LintFailure(vec!["x509.version: forced".into()])),
             split_cert,
         )
         .unwrap_err();
         assert!(matches!(err, CoreError::Lint(_)), "{err}");
-        assert_eq!(
-            calls.load(Ordering::SeqCst),
-            1,
-            "only the throwaway draft was built"
-        );
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "only the throwaway draft was built");
     }
 }

@@ -26,9 +26,7 @@ impl FromStr for TrustDomain {
     fn from_str(s: &str) -> Result<Self, PolicyError> {
         let ok = !s.is_empty()
             && s.len() <= 255
-            && s.chars().all(|c| {
-                c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '-' | '_')
-            })
+            && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '-' | '_'))
             && !s.starts_with('.')
             && !s.ends_with('.')
             && !s.contains("..");
@@ -50,9 +48,7 @@ impl fmt::Display for TrustDomain {
 
 impl<'de> serde::Deserialize<'de> for TrustDomain {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d)?
-            .parse()
-            .map_err(serde::de::Error::custom)
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -69,11 +65,7 @@ impl SpiffeId {
     }
 
     /// The Istio form `spiffe://<td>/ns/<ns>/sa/<sa>`.
-    pub fn istio(
-        td: &TrustDomain,
-        namespace: &str,
-        service_account: &str,
-    ) -> Result<Self, PolicyError> {
+    pub fn istio(td: &TrustDomain, namespace: &str, service_account: &str) -> Result<Self, PolicyError> {
         format!("spiffe://{td}/ns/{namespace}/sa/{service_account}").parse()
     }
 }
@@ -82,34 +74,16 @@ impl FromStr for SpiffeId {
     type Err = PolicyError;
     fn from_str(s: &str) -> Result<Self, PolicyError> {
         let bad = |why: &str| PolicyError::Invalid(format!("invalid SPIFFE ID {s:?}: {why}"));
-        let rest = s
-            .strip_prefix("spiffe://")
-            .ok_or_else(|| bad("must start with spiffe://"))?;
-        let (td, path) = rest
-            .split_once('/')
-            .ok_or_else(|| bad("needs a path after the trust domain"))?;
-        let trust_domain = td
-            .parse::<TrustDomain>()
-            .map_err(|_| bad("bad trust domain"))?;
-        if path.is_empty()
-            || path
-                .split('/')
-                .any(|seg| seg.is_empty() || seg == "." || seg == "..")
-        {
+        let rest = s.strip_prefix("spiffe://").ok_or_else(|| bad("must start with spiffe://"))?;
+        let (td, path) = rest.split_once('/').ok_or_else(|| bad("needs a path after the trust domain"))?;
+        let trust_domain = td.parse::<TrustDomain>().map_err(|_| bad("bad trust domain"))?;
+        if path.is_empty() || path.split('/').any(|seg| seg.is_empty() || seg == "." || seg == "..") {
             return Err(bad("path segments must be non-empty and not . or .."));
         }
-        if !path
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '/'))
-        {
-            return Err(bad(
-                "path may hold only letters, digits, '.', '-', '_' and '/'",
-            ));
+        if !path.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '/')) {
+            return Err(bad("path may hold only letters, digits, '.', '-', '_' and '/'"));
         }
-        Ok(SpiffeId {
-            trust_domain,
-            path: path.to_string(),
-        })
+        Ok(SpiffeId { trust_domain, path: path.to_string() })
     }
 }
 
@@ -127,37 +101,19 @@ mod tests {
     fn trust_domains() {
         assert!("prod.example.com".parse::<TrustDomain>().is_ok());
         assert!("cluster.local".parse::<TrustDomain>().is_ok());
-        for bad in [
-            "",
-            "Prod.example.com",
-            "spiffe://x",
-            "a..b",
-            ".a",
-            "a/b",
-            "a b",
-        ] {
+        for bad in ["", "Prod.example.com", "spiffe://x", "a..b", ".a", "a/b", "a b"] {
             assert!(bad.parse::<TrustDomain>().is_err(), "{bad:?}");
         }
     }
 
     #[test]
     fn spiffe_ids() {
-        let id: SpiffeId = "spiffe://prod.example.com/ns/default/sa/web"
-            .parse()
-            .unwrap();
+        let id: SpiffeId = "spiffe://prod.example.com/ns/default/sa/web".parse().unwrap();
         assert_eq!(id.trust_domain().as_str(), "prod.example.com");
-        assert_eq!(
-            id.to_string(),
-            "spiffe://prod.example.com/ns/default/sa/web"
-        );
-        for bad in [
-            "spiffe://td",
-            "spiffe://td/",
-            "spiffe://td/a//b",
-            "https://td/a",
-            "spiffe://td/../x",
-            "spiffe://td/a?b",
-        ] {
+        assert_eq!(id.to_string(), "spiffe://prod.example.com/ns/default/sa/web");
+        for bad in
+            ["spiffe://td", "spiffe://td/", "spiffe://td/a//b", "https://td/a", "spiffe://td/../x", "spiffe://td/a?b"]
+        {
             assert!(bad.parse::<SpiffeId>().is_err(), "{bad:?}");
         }
     }

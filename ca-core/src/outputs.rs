@@ -15,9 +15,7 @@ pub struct OutputSet {
 impl std::fmt::Debug for OutputSet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Contents may be private keys.
-        f.debug_list()
-            .entries(self.files.iter().map(|(p, _, _)| p))
-            .finish()
+        f.debug_list().entries(self.files.iter().map(|(p, _, _)| p)).finish()
     }
 }
 
@@ -33,11 +31,7 @@ impl OutputSet {
     }
 
     /// A secret file (a private key, a Secret manifest): mode 0600.
-    pub fn add_private(
-        &mut self,
-        path: impl Into<PathBuf>,
-        contents: impl Into<Vec<u8>>,
-    ) -> &mut Self {
+    pub fn add_private(&mut self, path: impl Into<PathBuf>, contents: impl Into<Vec<u8>>) -> &mut Self {
         self.files.push((path.into(), contents.into(), 0o600));
         self
     }
@@ -64,9 +58,7 @@ impl OutputSet {
                 .permissions(std::fs::Permissions::from_mode(*mode))
                 .tempfile_in(dir)
                 .map_err(|e| CoreError::io(dir, e))?;
-            tmp.write_all(contents)
-                .and_then(|_| tmp.as_file().sync_all())
-                .map_err(|e| CoreError::io(path, e))?;
+            tmp.write_all(contents).and_then(|_| tmp.as_file().sync_all()).map_err(|e| CoreError::io(path, e))?;
             staged.push((path.clone(), tmp));
         }
         let mut placed: Vec<PathBuf> = Vec::new();
@@ -99,10 +91,7 @@ pub fn preflight<'a>(paths: impl Iterator<Item = &'a Path>) -> Result<()> {
     let mut seen = std::collections::HashSet::new();
     for path in paths {
         if !seen.insert(path.to_path_buf()) {
-            return Err(CoreError::Parse(format!(
-                "{} is named as an output twice",
-                path.display()
-            )));
+            return Err(CoreError::Parse(format!("{} is named as an output twice", path.display())));
         }
         if path.symlink_metadata().is_ok() {
             return Err(CoreError::OutputExists(path.to_path_buf()));
@@ -111,10 +100,7 @@ pub fn preflight<'a>(paths: impl Iterator<Item = &'a Path>) -> Result<()> {
         if !dir.is_dir() {
             return Err(CoreError::io(
                 dir,
-                std::io::Error::new(
-                    std::io::ErrorKind::NotFound,
-                    "output directory does not exist",
-                ),
+                std::io::Error::new(std::io::ErrorKind::NotFound, "output directory does not exist"),
             ));
         }
     }
@@ -140,11 +126,7 @@ mod tests {
         let mut set = OutputSet::new();
         set.add(&a, "A").add_private(dir.path().join("k.pem"), "K");
         set.commit().unwrap();
-        let mode = std::fs::metadata(dir.path().join("k.pem"))
-            .unwrap()
-            .permissions()
-            .mode()
-            & 0o777;
+        let mode = std::fs::metadata(dir.path().join("k.pem")).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         let leftovers: Vec<_> = std::fs::read_dir(dir.path())
             .unwrap()

@@ -24,11 +24,13 @@ pub enum ProfileKind {
     Cluster,
     Workload,
     CrossSign,
+    /// TLS server certificate for the CA's own endpoints.
+    Server,
 }
 
 impl ProfileKind {
     pub fn is_ca(self) -> bool {
-        !matches!(self, ProfileKind::Workload)
+        !matches!(self, ProfileKind::Workload | ProfileKind::Server)
     }
 
     /// The fixed pathLen of intermediate profiles (root and cross-sign take theirs from the request).
@@ -49,6 +51,7 @@ impl fmt::Display for ProfileKind {
             ProfileKind::Cluster => "cluster",
             ProfileKind::Workload => "workload",
             ProfileKind::CrossSign => "cross-sign",
+            ProfileKind::Server => "server",
         })
     }
 }
@@ -62,8 +65,9 @@ impl std::str::FromStr for ProfileKind {
             "cluster" => Ok(Self::Cluster),
             "workload" => Ok(Self::Workload),
             "cross-sign" => Ok(Self::CrossSign),
+            "server" => Ok(Self::Server),
             _ => Err(PolicyError::Invalid(format!(
-                "unknown profile {s:?} (expected root, environment, cluster, workload or cross-sign)"
+                "unknown profile {s:?} (expected root, environment, cluster, workload, cross-sign or server)"
             ))),
         }
     }
@@ -85,6 +89,12 @@ pub struct CertRequest {
     pub ca_issuer_urls: Vec<String>,
     /// Workload only.
     pub spiffe_id: Option<SpiffeId>,
+    /// Server only: DNS names and IP addresses.
+    pub server_names: Vec<String>,
+    /// Cross-sign only: the original's subject key identifier, kept as is.
+    pub subject_key_id: Option<Vec<u8>>,
+    /// Cross-sign only: the original's subject DER, which the result must repeat exactly.
+    pub exact_subject: Option<Vec<u8>>,
 }
 
 impl CertRequest {
@@ -100,10 +110,7 @@ impl CertRequest {
         }
         match self.profile {
             ProfileKind::Root | ProfileKind::CrossSign if self.path_len.is_none() => {
-                return Err(PolicyError::Invalid(format!(
-                    "the {} profile needs a path length",
-                    self.profile
-                )));
+                return Err(PolicyError::Invalid(format!("the {} profile needs a path length", self.profile)));
             }
             ProfileKind::Environment | ProfileKind::Cluster if self.trust_domains.is_empty() => {
                 return Err(PolicyError::Invalid(format!(
@@ -112,29 +119,19 @@ impl CertRequest {
                 )));
             }
             ProfileKind::Workload if self.spiffe_id.is_none() => {
-                return Err(PolicyError::Invalid(
-                    "the workload profile needs a SPIFFE ID".into(),
-                ));
+                return Err(PolicyError::Invalid("the workload profile needs a SPIFFE ID".into()));
             }
             _ => {}
         }
         if self.name_constraints && self.trust_domains.is_empty() {
-            return Err(PolicyError::Invalid(
-                "name constraints need at least one trust domain".into(),
-            ));
+            return Err(PolicyError::Invalid("name constraints need at least one trust domain".into()));
         }
         if self.name_constraints && !self.profile.is_ca() {
-            return Err(PolicyError::Invalid(
-                "name constraints belong on CA certificates only".into(),
-            ));
+            return Err(PolicyError::Invalid("name constraints belong on CA certificates only".into()));
         }
         for url in self.crl_urls.iter().chain(&self.ca_issuer_urls) {
-            if !(url.starts_with("http://") || url.starts_with("https://"))
-                || url.contains(char::is_whitespace)
-            {
-                return Err(PolicyError::Invalid(format!(
-                    "{url:?} is not an http:// or https:// URL"
-                )));
+            if !(url.starts_with("http://") || url.starts_with("https://")) || url.contains(char::is_whitespace) {
+                return Err(PolicyError::Invalid(format!("{url:?} is not an http:// or https:// URL")));
             }
         }
         Ok(())
@@ -149,6 +146,9 @@ impl CertRequest {
         p.not_after = self.not_after;
         p.distinguished_name = self.subject.clone();
         p.use_authority_key_identifier_extension = self.profile != ProfileKind::Root;
+        if let Some(ski) = &self.subject_key_id {
+            p.key_identifier_method = rcgen::KeyIdMethod::PreSpecified(ski.clone());
+        }
         let uri = |s: String| {
             Ia5String::try_from(s.clone())
                 .map(SanType::URI)
@@ -159,37 +159,37 @@ impl CertRequest {
             p.is_ca = IsCa::Ca(BasicConstraints::Constrained(path_len));
             p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
             // The trust domains a CA serves are recorded as SPIFFE IDs of the trust domain.
-            p.subject_alt_names = self
-                .trust_domains
-                .iter()
-                .map(|td| uri(td.spiffe_uri()))
-                .collect::<Result<_, _>>()?;
+            p.subject_alt_names = self.trust_domains.iter().map(|td| uri(td.spiffe_uri())).collect::<Result<_, _>>()?;
             if self.name_constraints {
-                p.custom_extensions
-                    .push(uri_name_constraints(&self.trust_domains));
+                p.custom_extensions.push(uri_name_constraints(&self.trust_domains));
             }
+        } else if self.profile == ProfileKind::Server {
+            p.is_ca = IsCa::ExplicitNoCa;
+            p.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+            p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+            p.subject_alt_names = self
+                .server_names
+                .iter()
+                .map(|n| match n.parse::<std::net::IpAddr>() {
+                    Ok(ip) => Ok(SanType::IpAddress(ip)),
+                    Err(_) => Ia5String::try_from(n.clone())
+                        .map(SanType::DnsName)
+                        .map_err(|_| PolicyError::Invalid(format!("{n:?} is not a DNS name"))),
+                })
+                .collect::<Result<_, _>>()?;
         } else {
             p.is_ca = IsCa::ExplicitNoCa;
             p.distinguished_name = DistinguishedName::new();
-            p.key_usages = vec![
-                KeyUsagePurpose::DigitalSignature,
-                KeyUsagePurpose::KeyEncipherment,
-            ];
-            p.extended_key_usages = vec![
-                ExtendedKeyUsagePurpose::ServerAuth,
-                ExtendedKeyUsagePurpose::ClientAuth,
-            ];
+            p.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+            p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
             let id = self.spiffe_id.as_ref().expect("validated");
             p.subject_alt_names = vec![uri(id.to_string())?];
         }
         if !self.crl_urls.is_empty() {
-            p.crl_distribution_points = vec![CrlDistributionPoint {
-                uris: self.crl_urls.clone(),
-            }];
+            p.crl_distribution_points = vec![CrlDistributionPoint { uris: self.crl_urls.clone() }];
         }
         if !self.ca_issuer_urls.is_empty() {
-            p.custom_extensions
-                .push(authority_info_access(&self.ca_issuer_urls));
+            p.custom_extensions.push(authority_info_access(&self.ca_issuer_urls));
         }
         Ok(p)
     }
@@ -208,9 +208,7 @@ fn uri_name_constraints(tds: &[TrustDomain]) -> CustomExtension {
                 w.write_sequence(|w| {
                     for td in tds {
                         w.next().write_sequence(|w| {
-                            w.next().write_tagged_implicit(Tag::context(6), |w| {
-                                w.write_ia5_string(td.as_str())
-                            });
+                            w.next().write_tagged_implicit(Tag::context(6), |w| w.write_ia5_string(td.as_str()));
                         });
                     }
                 });
@@ -229,10 +227,8 @@ fn authority_info_access(urls: &[String]) -> CustomExtension {
         w.write_sequence(|w| {
             for url in urls {
                 w.next().write_sequence(|w| {
-                    w.next()
-                        .write_oid(&yasna::models::ObjectIdentifier::from_slice(OID_CA_ISSUERS));
-                    w.next()
-                        .write_tagged_implicit(Tag::context(6), |w| w.write_ia5_string(url));
+                    w.next().write_oid(&yasna::models::ObjectIdentifier::from_slice(OID_CA_ISSUERS));
+                    w.next().write_tagged_implicit(Tag::context(6), |w| w.write_ia5_string(url));
                 });
             }
         })

@@ -45,31 +45,19 @@ fn mkdir(p: &Path) -> Result<()> {
 
 /// Runs the quickstart into `opts.dir`, which must be absent or empty.
 pub fn run(opts: &Options) -> Result<Report> {
-    if opts.dir.exists()
-        && std::fs::read_dir(&opts.dir)
-            .map_err(|e| CoreError::io(&opts.dir, e))?
-            .next()
-            .is_some()
-    {
+    if opts.dir.exists() && std::fs::read_dir(&opts.dir).map_err(|e| CoreError::io(&opts.dir, e))?.next().is_some() {
         return Err(CoreError::OutputExists(opts.dir.clone()));
     }
     let td: crate::names::TrustDomain = opts.trust_domain.parse()?;
-    for (what, name) in [
-        ("environment", &opts.environment),
-        ("cluster", &opts.cluster),
-    ] {
+    for (what, name) in [("environment", &opts.environment), ("cluster", &opts.cluster)] {
         if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
-            return Err(crate::PolicyError::Invalid(format!(
-                "{what} name {name:?}: use letters, digits and '-'"
-            ))
-            .into());
+            return Err(
+                crate::PolicyError::Invalid(format!("{what} name {name:?}: use letters, digits and '-'")).into()
+            );
         }
     }
     mkdir(&opts.dir)?;
-    let dir = opts
-        .dir
-        .canonicalize()
-        .map_err(|e| CoreError::io(&opts.dir, e))?;
+    let dir = opts.dir.canonicalize().map_err(|e| CoreError::io(&opts.dir, e))?;
     let (env_name, cluster_name) = (&opts.environment, &opts.cluster);
     let root_dir = dir.join("root");
     let env_dir = dir.join("environments").join(env_name);
@@ -79,11 +67,7 @@ pub fn run(opts: &Options) -> Result<Report> {
         mkdir(d)?;
     }
 
-    let module = if opts.file_keys {
-        None
-    } else {
-        hsm::softhsm::find_module()
-    };
+    let module = if opts.file_keys { None } else { hsm::softhsm::find_module() };
     let (root_key, env_key, conf) = match &module {
         Some(module) => {
             let hsm_dir = dir.join("softhsm");
@@ -103,21 +87,14 @@ pub fn run(opts: &Options) -> Result<Report> {
                     pin_file.display()
                 )
             };
-            (
-                r("root-key"),
-                r(&format!("{env_name}-environment-key")),
-                Some(conf),
-            )
+            (r("root-key"), r(&format!("{env_name}-environment-key")), Some(conf))
         }
         None => {
             let keys = dir.join("keys");
             mkdir(&keys)?;
             (
                 format!("file:{}", keys.join("root.key").display()),
-                format!(
-                    "file:{}",
-                    keys.join(format!("{env_name}-environment.key")).display()
-                ),
+                format!("file:{}", keys.join(format!("{env_name}-environment.key")).display()),
                 None,
             )
         }
@@ -223,9 +200,6 @@ pub fn run(opts: &Options) -> Result<Report> {
         cluster_cert,
         cacerts_dir,
         ceremonies,
-        transcripts: [&root_dir, &env_dir, &cluster_dir]
-            .iter()
-            .map(|d| d.join(TRANSCRIPT_FILE))
-            .collect(),
+        transcripts: [&root_dir, &env_dir, &cluster_dir].iter().map(|d| d.join(TRANSCRIPT_FILE)).collect(),
     })
 }

@@ -14,9 +14,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use sqlx::postgres::{PgPool, PgPoolOptions};
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
-};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 
 use crate::audit::{AuditRecord, Checkpoint, GENESIS, record_hash};
 
@@ -154,12 +152,7 @@ impl AuditEvent {
         subject: impl Into<String>,
         details: serde_json::Value,
     ) -> Self {
-        AuditEvent {
-            actor: actor.into(),
-            action: action.into(),
-            subject: subject.into(),
-            details,
-        }
+        AuditEvent { actor: actor.into(), action: action.into(), subject: subject.into(), details }
     }
 }
 
@@ -234,24 +227,15 @@ impl Store {
                 .foreign_keys(true);
             // One writer: SQLite serialises writes anyway; one connection makes it explicit and
             // keeps BEGIN IMMEDIATE from queueing on the file lock.
-            let write = SqlitePoolOptions::new()
-                .max_connections(1)
-                .connect_with(opts.clone())
-                .await?;
-            let read = SqlitePoolOptions::new()
-                .max_connections(8)
-                .connect_with(opts.read_only(false))
-                .await?;
+            let write = SqlitePoolOptions::new().max_connections(1).connect_with(opts.clone()).await?;
+            let read = SqlitePoolOptions::new().max_connections(8).connect_with(opts.read_only(false)).await?;
             if migrate {
                 sqlx::migrate!("../migrations/sqlite").run(&write).await?;
             }
             Store::Sqlite { read, write }
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
-            let pool = PgPoolOptions::new()
-                .max_connections(16)
-                .acquire_timeout(Duration::from_secs(10))
-                .connect(url)
-                .await?;
+            let pool =
+                PgPoolOptions::new().max_connections(16).acquire_timeout(Duration::from_secs(10)).connect(url).await?;
             if migrate {
                 sqlx::migrate!("../migrations/postgres").run(&pool).await?;
             }
@@ -275,10 +259,7 @@ impl Store {
             Store::Sqlite { write, .. } => Tx::Sqlite(write.begin_with("BEGIN IMMEDIATE").await?),
             Store::Postgres(pool) => {
                 let mut tx = pool.begin().await?;
-                sqlx::query("SELECT pg_advisory_xact_lock($1)")
-                    .bind(WRITE_LOCK)
-                    .execute(&mut *tx)
-                    .await?;
+                sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(WRITE_LOCK).execute(&mut *tx).await?;
                 Tx::Postgres(tx)
             }
         })
@@ -341,9 +322,7 @@ impl Store {
     }
 
     pub async fn list_clusters(&self) -> Result<Vec<ClusterRecord>> {
-        Ok(
-            on_pool!(self, p => sqlx::query_as("SELECT * FROM clusters ORDER BY name").fetch_all(p).await)?,
-        )
+        Ok(on_pool!(self, p => sqlx::query_as("SELECT * FROM clusters ORDER BY name").fetch_all(p).await)?)
     }
 
     pub async fn get_request(&self, id: &str) -> Result<Option<ApprovalRequest>> {
@@ -373,7 +352,8 @@ impl Store {
     }
 
     pub async fn checkpoints(&self) -> Result<Vec<Checkpoint>> {
-        let rows: Vec<CheckpointRow> = on_pool!(self, p => sqlx::query_as("SELECT * FROM audit_checkpoints ORDER BY seq").fetch_all(p).await)?;
+        let rows: Vec<CheckpointRow> =
+            on_pool!(self, p => sqlx::query_as("SELECT * FROM audit_checkpoints ORDER BY seq").fetch_all(p).await)?;
         Ok(rows
             .into_iter()
             .map(|r| Checkpoint {
@@ -421,24 +401,12 @@ impl Tx {
             None => (1, GENESIS.to_string()),
         };
         let time = now_millis();
-        let details = serde_json::to_string(&e.details)
-            .map_err(|err| StoreError::Corrupt(err.to_string()))?;
-        let hash = record_hash(
-            seq, time, &e.actor, &e.action, &e.subject, &details, &prev_hash,
-        );
+        let details = serde_json::to_string(&e.details).map_err(|err| StoreError::Corrupt(err.to_string()))?;
+        let hash = record_hash(seq, time, &e.actor, &e.action, &e.subject, &details, &prev_hash);
         on_tx!(self, c => sqlx::query("INSERT INTO audit_log (seq, time, actor, action, subject, details, prev_hash, hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)")
             .bind(seq).bind(time).bind(&e.actor).bind(&e.action).bind(&e.subject).bind(&details).bind(&prev_hash).bind(&hash)
             .execute(c).await.map(|r| r.rows_affected()))?;
-        Ok(AuditRecord {
-            seq,
-            time,
-            actor: e.actor,
-            action: e.action,
-            subject: e.subject,
-            details,
-            prev_hash,
-            hash,
-        })
+        Ok(AuditRecord { seq, time, actor: e.actor, action: e.action, subject: e.subject, details, prev_hash, hash })
     }
 
     pub async fn audit_head(&mut self) -> Result<Option<(i64, String)>> {
@@ -470,9 +438,7 @@ impl Tx {
             .bind(r.revoked_at).bind(&r.revocation_reason)
             .execute(c).await.map(|r| r.rows_affected()));
         match res {
-            Err(e) if is_unique_violation(&e) => {
-                Err(StoreError::Conflict(format!("certificate {}", r.serial)))
-            }
+            Err(e) if is_unique_violation(&e) => Err(StoreError::Conflict(format!("certificate {}", r.serial))),
             other => other.map(|_| ()).map_err(Into::into),
         }
     }
@@ -484,12 +450,7 @@ impl Tx {
     }
 
     /// Marks a certificate revoked. Returns false if it was already revoked or is unknown.
-    pub async fn revoke_certificate(
-        &mut self,
-        serial: &str,
-        reason: &str,
-        at: i64,
-    ) -> Result<bool> {
+    pub async fn revoke_certificate(&mut self, serial: &str, reason: &str, at: i64) -> Result<bool> {
         let r = on_tx!(self, c => sqlx::query("UPDATE certificates SET revoked_at = $1, revocation_reason = $2 WHERE serial = $3 AND revoked_at IS NULL")
             .bind(at).bind(reason).bind(serial).execute(c).await.map(|r| r.rows_affected()))?;
         Ok(r == 1)
@@ -503,9 +464,7 @@ impl Tx {
             .bind(&r.enrolment_token_hash).bind(r.enrolment_expires_at).bind(r.enrolled_at).bind(&r.created_by).bind(r.created_at)
             .execute(c).await.map(|r| r.rows_affected()));
         match res {
-            Err(e) if is_unique_violation(&e) => {
-                Err(StoreError::Conflict(format!("cluster {}", r.name)))
-            }
+            Err(e) if is_unique_violation(&e) => Err(StoreError::Conflict(format!("cluster {}", r.name))),
             other => other.map(|_| ()).map_err(Into::into),
         }
     }
@@ -522,12 +481,7 @@ impl Tx {
     }
 
     /// Spends the enrolment token: succeeds once, only while unexpired and unused.
-    pub async fn consume_enrolment(
-        &mut self,
-        name: &str,
-        token_hash: &str,
-        now: i64,
-    ) -> Result<bool> {
+    pub async fn consume_enrolment(&mut self, name: &str, token_hash: &str, now: i64) -> Result<bool> {
         let r = on_tx!(self, c => sqlx::query(
             "UPDATE clusters SET enrolled_at = $1, enrolment_token_hash = NULL
              WHERE name = $2 AND status = 'active' AND enrolment_token_hash = $3 AND enrolled_at IS NULL AND enrolment_expires_at > $1")
@@ -552,13 +506,7 @@ impl Tx {
     }
 
     /// Decides a pending request. Returns false if it was no longer pending.
-    pub async fn decide_request(
-        &mut self,
-        id: &str,
-        status: &str,
-        by: &str,
-        at: i64,
-    ) -> Result<bool> {
+    pub async fn decide_request(&mut self, id: &str, status: &str, by: &str, at: i64) -> Result<bool> {
         let r = on_tx!(self, c => sqlx::query("UPDATE approval_requests SET status = $1, decided_by = $2, decided_at = $3 WHERE id = $4 AND status = 'pending'")
             .bind(status).bind(by).bind(at).bind(id).execute(c).await.map(|r| r.rows_affected()))?;
         Ok(r == 1)
@@ -588,13 +536,7 @@ impl Tx {
     }
 
     /// Takes or renews the lease `name` for `holder` until `until`. True when `holder` holds it.
-    pub async fn try_lease(
-        &mut self,
-        name: &str,
-        holder: &str,
-        now: i64,
-        until: i64,
-    ) -> Result<bool> {
+    pub async fn try_lease(&mut self, name: &str, holder: &str, now: i64, until: i64) -> Result<bool> {
         on_tx!(self, c => sqlx::query(
             "INSERT INTO leases (name, holder, expires_at) VALUES ($1, $2, $3)
              ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at

@@ -7,8 +7,8 @@ use ca_core::names::TrustDomain;
 use ca_core::profile::{CertRequest, ProfileKind};
 use ca_core::{CoreError, PolicyError};
 use rcgen::{
-    BasicConstraints, CertificateParams, CustomExtension, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, CustomExtension, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose, SanType, SerialNumber,
 };
 use time::Duration;
 
@@ -43,11 +43,11 @@ fn request(profile: ProfileKind, key: &hsm::PublicKey, validity: Duration) -> Ce
         name_constraints: false,
         crl_urls: vec![],
         ca_issuer_urls: vec![],
-        spiffe_id: (profile == ProfileKind::Workload).then(|| {
-            "spiffe://prod.example.com/ns/default/sa/web"
-                .parse()
-                .unwrap()
-        }),
+        spiffe_id: (profile == ProfileKind::Workload)
+            .then(|| "spiffe://prod.example.com/ns/default/sa/web".parse().unwrap()),
+        server_names: vec![],
+        subject_key_id: None,
+        exact_subject: None,
     }
 }
 
@@ -59,37 +59,23 @@ fn fixture() -> Fixture {
     // The same key as an rcgen KeyPair, to hand-craft drafts that break one rule each.
     let pem = std::fs::read_to_string(dir.path().join("root.key")).unwrap();
     let root_kp = KeyPair::from_pem(&pem).unwrap();
-    Fixture {
-        root: CaIssuer::new(root.cert, signer).unwrap(),
-        root_kp,
-        _dir: dir,
-    }
+    Fixture { root: CaIssuer::new(root.cert, signer).unwrap(), root_kp, _dir: dir }
 }
 
 fn subject_key() -> (KeyPair, hsm::PublicKey) {
     let kp = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-    let pk =
-        hsm::PublicKey::from_spki_der(&rcgen::PublicKeyData::subject_public_key_info(&kp)).unwrap();
+    let pk = hsm::PublicKey::from_spki_der(&rcgen::PublicKeyData::subject_public_key_info(&kp)).unwrap();
     (kp, pk)
 }
 
 /// Signs `params` with the root's key via rcgen and lints the result as `profile`.
-fn lint_params(
-    f: &Fixture,
-    params: &CertificateParams,
-    profile: ProfileKind,
-    path_len: Option<u32>,
-) -> Vec<String> {
+fn lint_params(f: &Fixture, params: &CertificateParams, profile: ProfileKind, path_len: Option<u32>) -> Vec<String> {
     let (kp, _) = subject_key();
     let issuer_der = rustls_pki_types::CertificateDer::from(f.root.cert.der.clone());
     let issuer = rcgen::Issuer::from_ca_cert_der(&issuer_der, &f.root_kp).unwrap();
     let cert = params.signed_by(&kp, &issuer).unwrap();
     let info = CertInfo::from_der(cert.der().to_vec()).unwrap();
-    let ctx = LintContext {
-        profile,
-        expected_path_len: path_len,
-        issuer: Some(&f.root.cert),
-    };
+    let ctx = LintContext { profile, expected_path_len: path_len, issuer: Some(&f.root.cert), expected_subject: None };
     match lint_certificate(cert.der(), &info.tbs, &ctx) {
         Ok(_) => vec![],
         Err(e) => e.0,
@@ -99,29 +85,18 @@ fn lint_params(
 fn good_env_params(f: &Fixture) -> CertificateParams {
     let (_, pk) = subject_key();
     let _ = f;
-    request(ProfileKind::Environment, &pk, Duration::days(365))
-        .to_params(SerialNumber::from(vec![0x42; 17]))
-        .unwrap()
+    request(ProfileKind::Environment, &pk, Duration::days(365)).to_params(SerialNumber::from(vec![0x42; 17])).unwrap()
 }
 
 fn assert_rule(failures: &[String], rule: &str) {
-    assert!(
-        RULES.iter().any(|(id, _)| *id == rule),
-        "{rule} is a listed rule"
-    );
-    assert!(
-        failures.iter().any(|f| f.starts_with(&format!("{rule}:"))),
-        "expected {rule} in {failures:?}"
-    );
+    assert!(RULES.iter().any(|(id, _)| *id == rule), "{rule} is a listed rule");
+    assert!(failures.iter().any(|f| f.starts_with(&format!("{rule}:"))), "expected {rule} in {failures:?}");
 }
 
 #[test]
 fn profile_built_certificates_pass_every_lint() {
     let f = fixture();
-    assert_eq!(
-        lint_params(&f, &good_env_params(&f), ProfileKind::Environment, Some(1)),
-        Vec::<String>::new()
-    );
+    assert_eq!(lint_params(&f, &good_env_params(&f), ProfileKind::Environment, Some(1)), Vec::<String>::new());
 }
 
 #[test]
@@ -131,13 +106,12 @@ fn each_broken_rule_is_caught() {
     let mut cases: Vec<(&str, CertificateParams, ProfileKind, Option<u32>)> = Vec::new();
 
     let mut p = ca(&f);
+    p.not_after = p.not_before - Duration::days(1);
+    cases.push(("x509.validity-order", p, ProfileKind::Environment, Some(1)));
+
+    let mut p = ca(&f);
     p.serial_number = Some(SerialNumber::from(vec![0x01; 8]));
-    cases.push((
-        "policy.serial-entropy",
-        p,
-        ProfileKind::Environment,
-        Some(1),
-    ));
+    cases.push(("policy.serial-entropy", p, ProfileKind::Environment, Some(1)));
 
     let mut p = ca(&f);
     p.serial_number = Some(SerialNumber::from(vec![0x01; 22]));
@@ -158,24 +132,13 @@ fn each_broken_rule_is_caught() {
     let mut nc = CustomExtension::from_oid_content(&[2, 5, 29, 30], vec![0x30, 0x00]);
     nc.set_criticality(false);
     p.custom_extensions.push(nc);
-    cases.push((
-        "x509.name-constraints",
-        p,
-        ProfileKind::Environment,
-        Some(1),
-    ));
+    cases.push(("x509.name-constraints", p, ProfileKind::Environment, Some(1)));
 
     let mut p = ca(&f);
-    let mut unknown =
-        CustomExtension::from_oid_content(&[1, 3, 6, 1, 4, 1, 99999, 1], vec![0x05, 0x00]);
+    let mut unknown = CustomExtension::from_oid_content(&[1, 3, 6, 1, 4, 1, 99999, 1], vec![0x05, 0x00]);
     unknown.set_criticality(true);
     p.custom_extensions.push(unknown);
-    cases.push((
-        "x509.no-unknown-critical",
-        p,
-        ProfileKind::Environment,
-        Some(1),
-    ));
+    cases.push(("x509.no-unknown-critical", p, ProfileKind::Environment, Some(1)));
 
     let mut p = ca(&f);
     p.key_usages.push(KeyUsagePurpose::DigitalSignature);
@@ -187,12 +150,7 @@ fn each_broken_rule_is_caught() {
 
     let mut p = ca(&f);
     p.is_ca = IsCa::ExplicitNoCa;
-    cases.push((
-        "x509.basic-constraints",
-        p,
-        ProfileKind::Environment,
-        Some(1),
-    ));
+    cases.push(("x509.basic-constraints", p, ProfileKind::Environment, Some(1)));
 
     let mut p = ca(&f);
     p.distinguished_name = rcgen::DistinguishedName::new();
@@ -203,43 +161,29 @@ fn each_broken_rule_is_caught() {
     cases.push(("policy.within-issuer", p, ProfileKind::Environment, Some(1)));
 
     let mut p = ca(&f);
-    p.subject_alt_names
-        .push(SanType::URI("https://example.com/x".try_into().unwrap()));
+    p.subject_alt_names.push(SanType::URI("https://example.com/x".try_into().unwrap()));
     cases.push(("policy.uri-sans", p, ProfileKind::Environment, Some(1)));
 
     let mut p = ca(&f);
-    p.crl_distribution_points = vec![rcgen::CrlDistributionPoint {
-        uris: vec!["ftp://example.com/x.crl".into()],
-    }];
+    p.crl_distribution_points = vec![rcgen::CrlDistributionPoint { uris: vec!["ftp://example.com/x.crl".into()] }];
     cases.push(("policy.urls", p, ProfileKind::Environment, Some(1)));
 
     let mut p = ca(&f);
-    p.custom_extensions.push(CustomExtension::from_oid_content(
-        &[2, 5, 29, 17],
-        vec![0x30, 0x00],
-    ));
-    cases.push((
-        "x509.unique-extensions",
-        p,
-        ProfileKind::Environment,
-        Some(1),
-    ));
+    p.custom_extensions.push(CustomExtension::from_oid_content(&[2, 5, 29, 17], vec![0x30, 0x00]));
+    cases.push(("x509.unique-extensions", p, ProfileKind::Environment, Some(1)));
 
     // Workload leaves.
     let (_, pk) = subject_key();
     let leaf = |f: &Fixture| {
         let _ = f;
-        request(ProfileKind::Workload, &pk, Duration::hours(24))
-            .to_params(SerialNumber::from(vec![0x42; 17]))
-            .unwrap()
+        request(ProfileKind::Workload, &pk, Duration::hours(24)).to_params(SerialNumber::from(vec![0x42; 17])).unwrap()
     };
     let mut p = leaf(&f);
     p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     cases.push(("x509.end-entity", p, ProfileKind::Workload, None));
 
     let mut p = leaf(&f);
-    p.subject_alt_names
-        .push(SanType::DnsName("web.example.com".try_into().unwrap()));
+    p.subject_alt_names.push(SanType::DnsName("web.example.com".try_into().unwrap()));
     cases.push(("policy.uri-sans", p, ProfileKind::Workload, None));
 
     let mut p = leaf(&f);
@@ -249,6 +193,21 @@ fn each_broken_rule_is_caught() {
     let mut p = leaf(&f);
     p.subject_alt_names.clear();
     cases.push(("x509.san-critical", p, ProfileKind::Workload, None));
+
+    // Server certificates: serverAuth only, DNS or IP names only.
+    let server = |f: &Fixture| {
+        let _ = f;
+        let mut r = request(ProfileKind::Server, &pk, Duration::days(30));
+        r.server_names = vec!["localhost".into(), "127.0.0.1".into()];
+        r.to_params(SerialNumber::from(vec![0x42; 17])).unwrap()
+    };
+    assert_eq!(lint_params(&f, &server(&f), ProfileKind::Server, None), Vec::<String>::new());
+    let mut p = server(&f);
+    p.subject_alt_names.push(SanType::URI("spiffe://prod.example.com/x".try_into().unwrap()));
+    cases.push(("policy.server-usage", p, ProfileKind::Server, None));
+    let mut p = server(&f);
+    p.extended_key_usages.push(ExtendedKeyUsagePurpose::ClientAuth);
+    cases.push(("policy.server-usage", p, ProfileKind::Server, None));
 
     for (rule, params, profile, path_len) in cases {
         let failures = lint_params(&f, &params, profile, path_len);
@@ -261,8 +220,7 @@ fn issuer_name_mismatch_and_weak_subject_keys_are_caught() {
     let f = fixture();
     // An issuer whose name differs from the real issuing certificate.
     let mut fake = CertificateParams::default();
-    fake.distinguished_name
-        .push(DnType::CommonName, "Someone Else");
+    fake.distinguished_name.push(DnType::CommonName, "Someone Else");
     fake.key_identifier_method = rcgen::KeyIdMethod::PreSpecified(f.root.cert.ski.clone().unwrap());
     let issuer = rcgen::Issuer::new(fake, &f.root_kp);
     let (kp, _) = subject_key();
@@ -272,11 +230,9 @@ fn issuer_name_mismatch_and_weak_subject_keys_are_caught() {
         profile: ProfileKind::Environment,
         expected_path_len: Some(1),
         issuer: Some(&f.root.cert),
+        expected_subject: None,
     };
-    assert_rule(
-        &lint_certificate(cert.der(), &info.tbs, &ctx).unwrap_err().0,
-        "x509.issuer-matches",
-    );
+    assert_rule(&lint_certificate(cert.der(), &info.tbs, &ctx).unwrap_err().0, "x509.issuer-matches");
 
     // A P-521 subject key.
     let weak = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P521_SHA512).unwrap();
@@ -284,22 +240,83 @@ fn issuer_name_mismatch_and_weak_subject_keys_are_caught() {
     let issuer = rcgen::Issuer::from_ca_cert_der(&issuer_der, &f.root_kp).unwrap();
     let cert = good_env_params(&f).signed_by(&weak, &issuer).unwrap();
     let info = CertInfo::from_der(cert.der().to_vec()).unwrap();
-    assert_rule(
-        &lint_certificate(cert.der(), &info.tbs, &ctx).unwrap_err().0,
-        "policy.key",
-    );
+    assert_rule(&lint_certificate(cert.der(), &info.tbs, &ctx).unwrap_err().0, "policy.key");
 
-    // The bytes handed to the signer must be the TBS that is encoded.
-    let ok_info = CertInfo::from_der(cert.der().to_vec()).unwrap();
-    let mut other = ok_info.tbs.clone();
+    // The bytes handed to the signer must be the TBS that is encoded: take a certificate that
+    // passes, and present different bytes as what was signed.
+    let issuer = rcgen::Issuer::from_ca_cert_der(&issuer_der, &f.root_kp).unwrap();
+    let cert = good_env_params(&f).signed_by(&kp, &issuer).unwrap();
+    let good = CertInfo::from_der(cert.der().to_vec()).unwrap();
+    lint_certificate(cert.der(), &good.tbs, &ctx).expect("a profile-built certificate passes");
+    let mut other = good.tbs.clone();
     other[10] ^= 1;
-    assert!(lint_certificate(cert.der(), &other, &ctx).is_err());
+    let err = lint_certificate(cert.der(), &other, &ctx).unwrap_err();
+    assert!(err.0[0].contains("signed bytes differ"), "{err}");
+
+    // A cross-certificate must repeat the original subject exactly.
+    let ctx = LintContext { expected_subject: Some(b"\x30\x00"), ..ctx };
+    assert_rule(&lint_certificate(cert.der(), &good.tbs, &ctx).unwrap_err().0, "policy.cross-sign-subject");
+}
+
+#[test]
+fn crl_lints_catch_a_wrong_issuer() {
+    let f = fixture();
+    let issuer_der = rustls_pki_types::CertificateDer::from(f.root.cert.der.clone());
+    let now = time::OffsetDateTime::now_utc();
+    let crl_params = |kid: Vec<u8>| rcgen::CertificateRevocationListParams {
+        this_update: now,
+        next_update: now + Duration::days(1),
+        crl_number: SerialNumber::from(vec![1]),
+        issuing_distribution_point: None,
+        revoked_certs: vec![],
+        key_identifier_method: rcgen::KeyIdMethod::PreSpecified(kid),
+    };
+    let lint = |der: &[u8], issuer: &CertInfo| {
+        let (_, crl) = x509_parser::parse_x509_crl(der).unwrap();
+        ca_core::lint::lint_crl(der, crl.tbs_cert_list.as_ref(), issuer)
+    };
+    let iss = rcgen::Issuer::from_ca_cert_der(&issuer_der, &f.root_kp).unwrap();
+    let good = crl_params(f.root.cert.ski.clone().unwrap()).signed_by(&iss).unwrap();
+    lint(good.der(), &f.root.cert).expect("a proper CRL passes");
+
+    let bad_aki = crl_params(vec![1, 2, 3]).signed_by(&iss).unwrap();
+    assert_rule(&lint(bad_aki.der(), &f.root.cert).unwrap_err().0, "crl.aki");
+
+    let mut other = CertificateParams::default();
+    other.distinguished_name.push(DnType::CommonName, "Other CA");
+    let other_iss = rcgen::Issuer::new(other, &f.root_kp);
+    let bad_name = crl_params(f.root.cert.ski.clone().unwrap()).signed_by(&other_iss).unwrap();
+    assert_rule(&lint(bad_name.der(), &f.root.cert).unwrap_err().0, "crl.issuer-matches");
+
+    let mut no_crl_sign = f.root.cert.clone();
+    no_crl_sign.crl_sign = false;
+    assert_rule(&lint(good.der(), &no_crl_sign).unwrap_err().0, "crl.issuer-crl-sign");
+
+    let dup = rcgen::CertificateRevocationListParams {
+        revoked_certs: vec![
+            rcgen::RevokedCertParams {
+                serial_number: SerialNumber::from(vec![7]),
+                revocation_time: now,
+                reason_code: None,
+                invalidity_date: None,
+            },
+            rcgen::RevokedCertParams {
+                serial_number: SerialNumber::from(vec![7]),
+                revocation_time: now,
+                reason_code: None,
+                invalidity_date: None,
+            },
+        ],
+        ..crl_params(f.root.cert.ski.clone().unwrap())
+    }
+    .signed_by(&iss)
+    .unwrap();
+    assert_rule(&lint(dup.der(), &f.root.cert).unwrap_err().0, "crl.unique-serials");
 }
 
 #[test]
 fn every_rule_is_documented() {
-    let doc =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/lints.md")).unwrap();
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/lints.md")).unwrap();
     for (id, _) in RULES {
         assert!(doc.contains(&format!("`{id}`")), "docs/lints.md lacks {id}");
     }
@@ -311,14 +328,9 @@ fn a_child_never_outlives_its_parent_and_the_error_names_both_dates() {
     let (_, pk) = subject_key();
     let req = request(ProfileKind::Environment, &pk, Duration::days(3650 + 30));
     let err = issue(&f.root, &req).unwrap_err();
-    let CoreError::Policy(PolicyError::OutlivesIssuer { requested, issuer }) = &err else {
-        panic!("{err}")
-    };
+    let CoreError::Policy(PolicyError::OutlivesIssuer { requested, issuer }) = &err else { panic!("{err}") };
     let msg = err.to_string();
-    assert!(
-        msg.contains(requested.as_str()) && msg.contains(issuer.as_str()),
-        "{msg}"
-    );
+    assert!(msg.contains(requested.as_str()) && msg.contains(issuer.as_str()), "{msg}");
     assert_eq!(issuer, &ca_core::error::fmt_time(f.root.cert.not_after));
 }
 
@@ -327,69 +339,28 @@ fn path_length_and_key_pairing_are_enforced() {
     let f = fixture();
     let dir = tempfile::tempdir().unwrap();
     let env_signer = file_signer(dir.path(), "env.key", hsm::KeyAlgorithm::EcdsaP256);
-    let env = issue(
-        &f.root,
-        &request(
-            ProfileKind::Environment,
-            env_signer.public_key(),
-            Duration::days(365),
-        ),
-    )
-    .unwrap();
+    let env = issue(&f.root, &request(ProfileKind::Environment, env_signer.public_key(), Duration::days(365))).unwrap();
     assert_eq!(env.cert.path_len, Some(1));
     let env = CaIssuer::new(env.cert, env_signer).unwrap();
     // An environment beneath an environment would exceed pathLen 1.
     let (_, pk) = subject_key();
-    let err = issue(
-        &env,
-        &request(ProfileKind::Environment, &pk, Duration::days(30)),
-    )
-    .unwrap_err();
-    assert!(
-        matches!(err, CoreError::Policy(PolicyError::PathLen { .. })),
-        "{err}"
-    );
+    let err = issue(&env, &request(ProfileKind::Environment, &pk, Duration::days(30))).unwrap_err();
+    assert!(matches!(err, CoreError::Policy(PolicyError::PathLen { .. })), "{err}");
     // A cluster is fine; a CA beneath the cluster is not.
     let cl_signer = file_signer(dir.path(), "cl.key", hsm::KeyAlgorithm::EcdsaP256);
-    let cl = issue(
-        &env,
-        &request(
-            ProfileKind::Cluster,
-            cl_signer.public_key(),
-            Duration::days(30),
-        ),
-    )
-    .unwrap();
+    let cl = issue(&env, &request(ProfileKind::Cluster, cl_signer.public_key(), Duration::days(30))).unwrap();
     let cl = CaIssuer::new(cl.cert, cl_signer).unwrap();
     let err = issue(&cl, &request(ProfileKind::Cluster, &pk, Duration::days(1))).unwrap_err();
-    assert!(
-        matches!(err, CoreError::Policy(PolicyError::PathLen { .. })),
-        "{err}"
-    );
-    let leaf = issue(
-        &cl,
-        &request(ProfileKind::Workload, &pk, Duration::hours(24)),
-    )
-    .unwrap();
+    assert!(matches!(err, CoreError::Policy(PolicyError::PathLen { .. })), "{err}");
+    let leaf = issue(&cl, &request(ProfileKind::Workload, &pk, Duration::hours(24))).unwrap();
     assert!(!leaf.cert.is_ca);
     // A key that is not the certificate's.
     let other = file_signer(dir.path(), "other.key", hsm::KeyAlgorithm::EcdsaP256);
     let err = CaIssuer::new(f.root.cert.clone(), other).unwrap_err();
-    assert!(
-        matches!(err, CoreError::Policy(PolicyError::IssuerKeyMismatch)),
-        "{err}"
-    );
+    assert!(matches!(err, CoreError::Policy(PolicyError::IssuerKeyMismatch)), "{err}");
     // A workload certificate is not an issuer.
     let leaf_signer = file_signer(dir.path(), "leaf.key", hsm::KeyAlgorithm::EcdsaP256);
-    let leaf = issue(
-        &cl,
-        &request(
-            ProfileKind::Workload,
-            leaf_signer.public_key(),
-            Duration::hours(1),
-        ),
-    )
-    .unwrap();
+    let leaf = issue(&cl, &request(ProfileKind::Workload, leaf_signer.public_key(), Duration::hours(1))).unwrap();
     assert!(CaIssuer::new(leaf.cert, leaf_signer).is_err());
 }
 
@@ -399,11 +370,7 @@ fn serials_are_random_positive_and_at_least_128_bits() {
     let (_, pk) = subject_key();
     let mut seen = std::collections::HashSet::new();
     for _ in 0..20 {
-        let c = issue(
-            &f.root,
-            &request(ProfileKind::Environment, &pk, Duration::days(30)),
-        )
-        .unwrap();
+        let c = issue(&f.root, &request(ProfileKind::Environment, &pk, Duration::days(30))).unwrap();
         assert_eq!(c.cert.serial.len(), 34, "17 octets: {}", c.cert.serial);
         assert!(seen.insert(c.cert.serial.clone()), "serials repeat");
     }
@@ -414,19 +381,10 @@ fn trust_domains_are_recorded_and_validated() {
     let f = fixture();
     let (_, pk) = subject_key();
     let mut req = request(ProfileKind::Environment, &pk, Duration::days(30));
-    req.trust_domains = vec![
-        "prod.example.com".parse().unwrap(),
-        "prod-eu.example.com".parse().unwrap(),
-    ];
+    req.trust_domains = vec!["prod.example.com".parse().unwrap(), "prod-eu.example.com".parse().unwrap()];
     let c = issue(&f.root, &req).unwrap();
-    assert_eq!(
-        c.cert.trust_domains(),
-        vec!["prod.example.com", "prod-eu.example.com"]
-    );
+    assert_eq!(c.cert.trust_domains(), vec!["prod.example.com", "prod-eu.example.com"]);
     req.trust_domains.clear();
-    assert!(
-        issue(&f.root, &req).is_err(),
-        "an environment CA needs a trust domain"
-    );
+    assert!(issue(&f.root, &req).is_err(), "an environment CA needs a trust domain");
     assert!("Prod.Example.com".parse::<TrustDomain>().is_err());
 }

@@ -4,8 +4,7 @@ mod common;
 
 use ca_core::audit::verify_chain;
 use ca_core::store::{
-    ApprovalRequest, AuditEvent, CertFilter, CertRecord, ClusterRecord, CrlRecord, Store,
-    StoreError, now_secs,
+    ApprovalRequest, AuditEvent, CertFilter, CertRecord, ClusterRecord, CrlRecord, Store, StoreError, now_secs,
 };
 use serde_json::json;
 
@@ -31,104 +30,38 @@ fn cert(serial: &str, cluster: &str, not_after: i64) -> CertRecord {
 async fn inventory_and_revocation(s: &Store) {
     let now = now_secs();
     let mut tx = s.write().await.unwrap();
-    tx.insert_certificate(&cert("0a", "c1", now + 86400 * 30))
-        .await
-        .unwrap();
-    tx.insert_certificate(&cert("0b", "c1", now + 3600))
-        .await
-        .unwrap();
-    tx.insert_certificate(&cert("0c", "c2", now - 10))
-        .await
-        .unwrap();
-    tx.audit(AuditEvent::new(
-        "test",
-        "certificate.issued",
-        "0a",
-        json!({}),
-    ))
-    .await
-    .unwrap();
+    tx.insert_certificate(&cert("0a", "c1", now + 86400 * 30)).await.unwrap();
+    tx.insert_certificate(&cert("0b", "c1", now + 3600)).await.unwrap();
+    tx.insert_certificate(&cert("0c", "c2", now - 10)).await.unwrap();
+    tx.audit(AuditEvent::new("test", "certificate.issued", "0a", json!({}))).await.unwrap();
     tx.commit().await.unwrap();
 
     let mut tx = s.write().await.unwrap();
-    let dup = tx
-        .insert_certificate(&cert("0a", "c1", now))
-        .await
-        .unwrap_err();
+    let dup = tx.insert_certificate(&cert("0a", "c1", now)).await.unwrap_err();
     assert!(matches!(dup, StoreError::Conflict(_)), "{dup}");
     drop(tx); // rolled back
 
-    let all = CertFilter {
-        now,
-        limit: 100,
-        ..Default::default()
-    };
+    let all = CertFilter { now, limit: 100, ..Default::default() };
     assert_eq!(s.list_certificates(&all).await.unwrap().len(), 3);
-    let c1 = CertFilter {
-        cluster: Some("c1".into()),
-        ..all.clone()
-    };
+    let c1 = CertFilter { cluster: Some("c1".into()), ..all.clone() };
     assert_eq!(s.list_certificates(&c1).await.unwrap().len(), 2);
-    let expiring = CertFilter {
-        expiring_within_secs: Some(7200),
-        ..all.clone()
-    };
-    let e: Vec<_> = s
-        .list_certificates(&expiring)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|c| c.serial)
-        .collect();
+    let expiring = CertFilter { expiring_within_secs: Some(7200), ..all.clone() };
+    let e: Vec<_> = s.list_certificates(&expiring).await.unwrap().into_iter().map(|c| c.serial).collect();
     assert_eq!(e, vec!["0b"]);
-    let expired = CertFilter {
-        status: Some("expired".into()),
-        ..all.clone()
-    };
+    let expired = CertFilter { status: Some("expired".into()), ..all.clone() };
     assert_eq!(s.list_certificates(&expired).await.unwrap()[0].serial, "0c");
 
     let mut tx = s.write().await.unwrap();
-    assert!(
-        tx.revoke_certificate("0a", "key-compromise", now)
-            .await
-            .unwrap()
-    );
-    assert!(
-        !tx.revoke_certificate("0a", "superseded", now)
-            .await
-            .unwrap(),
-        "revoking twice is a no-op"
-    );
-    assert!(
-        !tx.revoke_certificate("ff", "superseded", now)
-            .await
-            .unwrap()
-    );
+    assert!(tx.revoke_certificate("0a", "key-compromise", now).await.unwrap());
+    assert!(!tx.revoke_certificate("0a", "superseded", now).await.unwrap(), "revoking twice is a no-op");
+    assert!(!tx.revoke_certificate("ff", "superseded", now).await.unwrap());
     tx.commit().await.unwrap();
-    let revoked = CertFilter {
-        status: Some("revoked".into()),
-        ..all.clone()
-    };
-    assert_eq!(
-        s.list_certificates(&revoked).await.unwrap()[0]
-            .revocation_reason
-            .as_deref(),
-        Some("key-compromise")
-    );
-    let valid = CertFilter {
-        status: Some("valid".into()),
-        ..all
-    };
+    let revoked = CertFilter { status: Some("revoked".into()), ..all.clone() };
+    assert_eq!(s.list_certificates(&revoked).await.unwrap()[0].revocation_reason.as_deref(), Some("key-compromise"));
+    let valid = CertFilter { status: Some("valid".into()), ..all };
     assert_eq!(s.list_certificates(&valid).await.unwrap().len(), 1);
     assert_eq!(s.revoked_by_issuer("prod").await.unwrap().len(), 1);
-    assert_eq!(
-        s.get_certificate_by_fingerprint("fp-0b")
-            .await
-            .unwrap()
-            .unwrap()
-            .serial,
-        "0b"
-    );
+    assert_eq!(s.get_certificate_by_fingerprint("fp-0b").await.unwrap().unwrap().serial, "0b");
 }
 
 async fn clusters_requests_and_enrolment(s: &Store) {
@@ -161,58 +94,27 @@ async fn clusters_requests_and_enrolment(s: &Store) {
     tx.insert_cluster(&cl).await.unwrap();
     tx.commit().await.unwrap();
     let mut tx = s.write().await.unwrap();
-    assert!(matches!(
-        tx.insert_cluster(&cl).await,
-        Err(StoreError::Conflict(_))
-    ));
+    assert!(matches!(tx.insert_cluster(&cl).await, Err(StoreError::Conflict(_))));
     drop(tx);
 
     let mut tx = s.write().await.unwrap();
-    assert!(
-        !tx.consume_enrolment("c9", "h", now).await.unwrap(),
-        "pending clusters cannot enrol"
-    );
-    assert!(
-        tx.decide_request("r1", "approved", "bob", now)
-            .await
-            .unwrap()
-    );
-    assert!(
-        !tx.decide_request("r1", "rejected", "carol", now)
-            .await
-            .unwrap(),
-        "decided once"
-    );
+    assert!(!tx.consume_enrolment("c9", "h", now).await.unwrap(), "pending clusters cannot enrol");
+    assert!(tx.decide_request("r1", "approved", "bob", now).await.unwrap());
+    assert!(!tx.decide_request("r1", "rejected", "carol", now).await.unwrap(), "decided once");
     tx.set_cluster_status("c9", "active").await.unwrap();
     assert!(!tx.consume_enrolment("c9", "wrong", now).await.unwrap());
     assert!(tx.consume_enrolment("c9", "h", now).await.unwrap());
-    assert!(
-        !tx.consume_enrolment("c9", "h", now).await.unwrap(),
-        "single use"
-    );
+    assert!(!tx.consume_enrolment("c9", "h", now).await.unwrap(), "single use");
     tx.commit().await.unwrap();
     let got = s.get_cluster("c9").await.unwrap().unwrap();
     assert_eq!(got.enrolled_at, Some(now));
     assert_eq!(got.enrolment_token_hash, None);
     assert_eq!(s.list_requests(Some("approved")).await.unwrap().len(), 1);
-    assert_eq!(
-        s.get_request("r1")
-            .await
-            .unwrap()
-            .unwrap()
-            .decided_by
-            .as_deref(),
-        Some("bob")
-    );
+    assert_eq!(s.get_request("r1").await.unwrap().unwrap().decided_by.as_deref(), Some("bob"));
 
     // An expired token cannot be spent.
     let mut tx = s.write().await.unwrap();
-    let old = ClusterRecord {
-        name: "c10".into(),
-        status: "active".into(),
-        enrolment_expires_at: Some(now - 1),
-        ..cl
-    };
+    let old = ClusterRecord { name: "c10".into(), status: "active".into(), enrolment_expires_at: Some(now - 1), ..cl };
     tx.insert_cluster(&old).await.unwrap();
     assert!(!tx.consume_enrolment("c10", "h", now).await.unwrap());
     tx.commit().await.unwrap();
@@ -221,42 +123,21 @@ async fn clusters_requests_and_enrolment(s: &Store) {
 async fn crls_and_leases(s: &Store) {
     let mut tx = s.write().await.unwrap();
     assert!(tx.get_crl("prod").await.unwrap().is_none());
-    tx.put_crl(&CrlRecord {
-        issuer: "prod".into(),
-        number: 1,
-        this_update: 1,
-        next_update: 2,
-        der: "AA==".into(),
-    })
-    .await
-    .unwrap();
-    tx.put_crl(&CrlRecord {
-        issuer: "prod".into(),
-        number: 2,
-        this_update: 3,
-        next_update: 4,
-        der: "AQ==".into(),
-    })
-    .await
-    .unwrap();
+    tx.put_crl(&CrlRecord { issuer: "prod".into(), number: 1, this_update: 1, next_update: 2, der: "AA==".into() })
+        .await
+        .unwrap();
+    tx.put_crl(&CrlRecord { issuer: "prod".into(), number: 2, this_update: 3, next_update: 4, der: "AQ==".into() })
+        .await
+        .unwrap();
     tx.commit().await.unwrap();
     assert_eq!(s.get_crl("prod").await.unwrap().unwrap().number, 2);
 
     let now = now_secs();
     let mut tx = s.write().await.unwrap();
     assert!(tx.try_lease("jobs", "a", now, now + 30).await.unwrap());
-    assert!(
-        !tx.try_lease("jobs", "b", now, now + 30).await.unwrap(),
-        "held by a"
-    );
-    assert!(
-        tx.try_lease("jobs", "a", now, now + 60).await.unwrap(),
-        "a renews"
-    );
-    assert!(
-        tx.try_lease("jobs", "b", now + 61, now + 90).await.unwrap(),
-        "expired lease moves to b"
-    );
+    assert!(!tx.try_lease("jobs", "b", now, now + 30).await.unwrap(), "held by a");
+    assert!(tx.try_lease("jobs", "a", now, now + 60).await.unwrap(), "a renews");
+    assert!(tx.try_lease("jobs", "b", now + 61, now + 90).await.unwrap(), "expired lease moves to b");
     tx.commit().await.unwrap();
 }
 
@@ -266,14 +147,9 @@ async fn audit_chain_under_concurrent_writers(s: &Store) {
         let s = s.clone();
         handles.push(tokio::spawn(async move {
             for i in 0..15 {
-                s.audit(AuditEvent::new(
-                    format!("writer-{w}"),
-                    "test.event",
-                    format!("{i}"),
-                    json!({"w": w, "i": i}),
-                ))
-                .await
-                .unwrap();
+                s.audit(AuditEvent::new(format!("writer-{w}"), "test.event", format!("{i}"), json!({"w": w, "i": i})))
+                    .await
+                    .unwrap();
             }
         }));
     }
@@ -318,14 +194,7 @@ async fn two_postgres_pools_share_one_chain() {
     for (i, s) in [a.clone(), b.clone()].into_iter().enumerate() {
         hs.push(tokio::spawn(async move {
             for k in 0..40 {
-                s.audit(AuditEvent::new(
-                    format!("replica-{i}"),
-                    "test",
-                    format!("{k}"),
-                    json!({}),
-                ))
-                .await
-                .unwrap();
+                s.audit(AuditEvent::new(format!("replica-{i}"), "test", format!("{k}"), json!({}))).await.unwrap();
             }
         }));
     }
@@ -341,44 +210,25 @@ async fn two_postgres_pools_share_one_chain() {
 async fn postgres_server_role_may_only_insert_and_select_audit_rows() {
     let url = common::fresh_pg_url().await;
     let owner = Store::connect(&url, true).await.unwrap();
-    owner
-        .audit(AuditEvent::new("owner", "test", "x", json!({})))
-        .await
-        .unwrap();
+    owner.audit(AuditEvent::new("owner", "test", "x", json!({}))).await.unwrap();
     let db = url.rsplit('/').next().unwrap().to_string();
     let role = format!("{db}_srv");
     let admin = sqlx::PgPool::connect(&url).await.unwrap();
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE ROLE {role} LOGIN")))
-        .execute(&admin)
-        .await
-        .unwrap();
-    let grants = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../migrations/postgres/roles.sql"
-    ))
-    .unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE ROLE {role} LOGIN"))).execute(&admin).await.unwrap();
+    let grants =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../migrations/postgres/roles.sql")).unwrap();
     for stmt in grants
         .split(';')
-        .map(|s| {
-            s.lines()
-                .filter(|l| !l.trim_start().starts_with("--"))
-                .collect::<Vec<_>>()
-                .join("\n")
-        })
+        .map(|s| s.lines().filter(|l| !l.trim_start().starts_with("--")).collect::<Vec<_>>().join("\n"))
         .filter(|s| !s.trim().is_empty())
     {
-        sqlx::query(sqlx::AssertSqlSafe(stmt.replace("ca_server", &role)))
-            .execute(&admin)
-            .await
-            .unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(stmt.replace("ca_server", &role))).execute(&admin).await.unwrap();
     }
     let (prefix, rest) = url.split_once("://").unwrap();
     let host = rest.split_once('@').map_or(rest, |(_, h)| h);
     let role_url = format!("{prefix}://{role}@{host}");
     let srv = Store::connect(&role_url, false).await.unwrap();
-    srv.audit(AuditEvent::new("server", "test", "y", json!({})))
-        .await
-        .expect("the server role may append");
+    srv.audit(AuditEvent::new("server", "test", "y", json!({}))).await.expect("the server role may append");
     assert_eq!(srv.audit_after(0, 10).await.unwrap().len(), 2, "and read");
     let pool = sqlx::PgPool::connect(&role_url).await.unwrap();
     for stmt in [
@@ -388,17 +238,9 @@ async fn postgres_server_role_may_only_insert_and_select_audit_rows() {
         "UPDATE audit_checkpoints SET hash = 'x'",
     ] {
         let err = sqlx::query(stmt).execute(&pool).await.unwrap_err();
-        assert!(
-            err.to_string().contains("permission denied"),
-            "{stmt}: {err}"
-        );
+        assert!(err.to_string().contains("permission denied"), "{stmt}: {err}");
     }
     pool.close().await;
     srv.close().await;
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "REASSIGN OWNED BY {role} TO postgres"
-    )))
-    .execute(&admin)
-    .await
-    .ok();
+    sqlx::query(sqlx::AssertSqlSafe(format!("REASSIGN OWNED BY {role} TO postgres"))).execute(&admin).await.ok();
 }

@@ -13,9 +13,7 @@ pub enum HsmError {
         "PKCS#11 module not found at {path} (install SoftHSM2 with `apt-get install softhsm2`, or set module-path / PKCS11_MODULE)"
     )]
     ModuleNotFound { path: PathBuf },
-    #[error(
-        "no PKCS#11 module given: add module-path=<path> to the key reference or set PKCS11_MODULE"
-    )]
+    #[error("no PKCS#11 module given: add module-path=<path> to the key reference or set PKCS11_MODULE")]
     ModuleNotConfigured,
     #[error("cannot load PKCS#11 module {path}: {reason}")]
     ModuleLoad { path: PathBuf, reason: String },
@@ -29,13 +27,9 @@ pub enum HsmError {
     PinSource(String),
     #[error("no private key labelled {object:?} in token {token:?}")]
     KeyNotFound { token: String, object: String },
-    #[error(
-        "more than one private key labelled {object:?} in token {token:?}; labels must be unique"
-    )]
+    #[error("more than one private key labelled {object:?} in token {token:?}; labels must be unique")]
     AmbiguousKey { token: String, object: String },
-    #[error(
-        "a key labelled {object:?} already exists in token {token:?}; refusing to create another"
-    )]
+    #[error("a key labelled {object:?} already exists in token {token:?}; refusing to create another")]
     LabelExists { token: String, object: String },
     #[error("token {token:?} does not support mechanism {mechanism}")]
     MechanismUnsupported { token: String, mechanism: String },
@@ -56,11 +50,7 @@ pub enum HsmError {
     #[error("self-test of new key {0} failed: the token's signature does not verify")]
     SelfTest(String),
     #[error("PKCS#11 {function} failed on token {token:?}: {rv}")]
-    Device {
-        token: String,
-        function: String,
-        rv: String,
-    },
+    Device { token: String, function: String, rv: String },
     #[error("this operation needs a PKCS#11 key, but {0} is a file key")]
     NotPkcs11(String),
 }
@@ -69,9 +59,6 @@ pub type Result<T, E = HsmError> = std::result::Result<T, E>;
 
 impl HsmError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        HsmError::Io {
-            path: path.into(),
-            source,
-        }
+        HsmError::Io { path: path.into(), source }
     }
 }

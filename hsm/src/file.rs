@@ -23,17 +23,12 @@ pub(crate) fn generate_keypair(alg: KeyAlgorithm) -> Result<KeyPair> {
 /// Writes `contents` to a new file with mode 0600. Never replaces an existing file, so a key
 /// can never be silently overwritten.
 pub fn write_new_private(path: &Path, contents: &[u8]) -> Result<()> {
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::AlreadyExists => HsmError::FileExists {
-                path: path.to_path_buf(),
-            },
-            _ => HsmError::io(path, e),
-        })?;
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(|e| match e
+        .kind()
+    {
+        std::io::ErrorKind::AlreadyExists => HsmError::FileExists { path: path.to_path_buf() },
+        _ => HsmError::io(path, e),
+    })?;
     let res = f.write_all(contents).and_then(|_| f.sync_all());
     if let Err(e) = res {
         // Leave nothing half-written behind.
@@ -45,9 +40,7 @@ pub fn write_new_private(path: &Path, contents: &[u8]) -> Result<()> {
 
 pub(crate) fn generate(path: &Path, alg: KeyAlgorithm) -> Result<PublicKey> {
     if path.exists() {
-        return Err(HsmError::FileExists {
-            path: path.to_path_buf(),
-        });
+        return Err(HsmError::FileExists { path: path.to_path_buf() });
     }
     let kp = generate_keypair(alg)?;
     write_new_private(path, kp.serialize_pem().as_bytes())?;
@@ -56,8 +49,7 @@ pub(crate) fn generate(path: &Path, alg: KeyAlgorithm) -> Result<PublicKey> {
 
 pub(crate) fn load(path: &Path) -> Result<(KeyPair, PublicKey, KeyAlgorithm)> {
     let pem = std::fs::read_to_string(path).map_err(|e| HsmError::io(path, e))?;
-    let parsed = pem::parse(&pem)
-        .map_err(|_| HsmError::KeyFormat(format!("{}: not a PEM file", path.display())))?;
+    let parsed = pem::parse(&pem).map_err(|_| HsmError::KeyFormat(format!("{}: not a PEM file", path.display())))?;
     if parsed.tag() != "PRIVATE KEY" {
         return Err(HsmError::KeyFormat(format!(
             "{}: expected a PKCS#8 \"PRIVATE KEY\", found {:?}",
@@ -66,21 +58,11 @@ pub(crate) fn load(path: &Path) -> Result<(KeyPair, PublicKey, KeyAlgorithm)> {
         )));
     }
     // The key type is only known once parsed; try each algorithm we support.
-    for alg in [
-        KeyAlgorithm::EcdsaP256,
-        KeyAlgorithm::EcdsaP384,
-        KeyAlgorithm::Rsa3072,
-    ] {
-        if let Ok(kp) = KeyPair::from_pkcs8_der_and_sign_algo(
-            &parsed.contents().into(),
-            alg.signature_algorithm(),
-        ) {
+    for alg in [KeyAlgorithm::EcdsaP256, KeyAlgorithm::EcdsaP384, KeyAlgorithm::Rsa3072] {
+        if let Ok(kp) = KeyPair::from_pkcs8_der_and_sign_algo(&parsed.contents().into(), alg.signature_algorithm()) {
             let public = PublicKey::from_spki_der(&kp.subject_public_key_info())?;
             return Ok((kp, public.clone(), public.algorithm()));
         }
     }
-    Err(HsmError::KeyFormat(format!(
-        "{}: not an ECDSA P-256/P-384 or RSA PKCS#8 private key",
-        path.display()
-    )))
+    Err(HsmError::KeyFormat(format!("{}: not an ECDSA P-256/P-384 or RSA PKCS#8 private key", path.display())))
 }

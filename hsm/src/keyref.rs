@@ -35,13 +35,13 @@ pub enum PinSource {
 impl PinSource {
     /// Reads the PIN. Errors name the variable or file, never its content.
     pub fn read(&self) -> Result<SecretString> {
-        let raw = match self {
-            PinSource::Env(var) => std::env::var(var).map_err(|_| {
-                HsmError::PinSource(format!("environment variable {var} is not set"))
-            })?,
-            PinSource::File(path) => std::fs::read_to_string(path)
-                .map_err(|e| HsmError::PinSource(format!("{}: {e}", path.display())))?,
-        };
+        let raw =
+            match self {
+                PinSource::Env(var) => std::env::var(var)
+                    .map_err(|_| HsmError::PinSource(format!("environment variable {var} is not set")))?,
+                PinSource::File(path) => std::fs::read_to_string(path)
+                    .map_err(|e| HsmError::PinSource(format!("{}: {e}", path.display())))?,
+            };
         // A PIN file written by `echo` ends with a newline that is not part of the PIN.
         let pin = raw.trim_end_matches(['\n', '\r']).to_string();
         if pin.is_empty() {
@@ -107,9 +107,7 @@ fn decode(component: &str, what: &str) -> Result<String> {
     percent_decode_str(component)
         .decode_utf8()
         .map(|c| c.into_owned())
-        .map_err(|_| {
-            HsmError::InvalidKeyRef(format!("{what} is not valid UTF-8 after percent-decoding"))
-        })
+        .map_err(|_| HsmError::InvalidKeyRef(format!("{what} is not valid UTF-8 after percent-decoding")))
 }
 
 fn parse_pkcs11(rest: &str) -> Result<Pkcs11Ref> {
@@ -121,9 +119,9 @@ fn parse_pkcs11(rest: &str) -> Result<Pkcs11Ref> {
     let mut object = None;
     for (i, attr) in path.split(';').filter(|a| !a.is_empty()).enumerate() {
         // Never echo a malformed attribute: it may be a mistyped PIN.
-        let (k, v) = attr.split_once('=').ok_or_else(|| {
-            HsmError::InvalidKeyRef(format!("path attribute {} has no '='", i + 1))
-        })?;
+        let (k, v) = attr
+            .split_once('=')
+            .ok_or_else(|| HsmError::InvalidKeyRef(format!("path attribute {} has no '='", i + 1)))?;
         let v = decode(v, k)?;
         match k {
             "token" => token = Some(v),
@@ -145,18 +143,16 @@ fn parse_pkcs11(rest: &str) -> Result<Pkcs11Ref> {
     let mut module = None;
     let mut pin_source = None;
     for (i, attr) in query.unwrap_or("").split('&').filter(|a| !a.is_empty()).enumerate() {
-        let (k, v) = attr.split_once('=').ok_or_else(|| {
-            HsmError::InvalidKeyRef(format!("query attribute {} has no '='", i + 1))
-        })?;
+        let (k, v) = attr
+            .split_once('=')
+            .ok_or_else(|| HsmError::InvalidKeyRef(format!("query attribute {} has no '='", i + 1)))?;
         match k {
             "module-path" => module = Some(PathBuf::from(decode(v, k)?)),
             "pin-source" => {
                 let v = decode(v, k)?;
                 pin_source = Some(if let Some(var) = v.strip_prefix("env:") {
                     if var.is_empty() {
-                        return Err(HsmError::InvalidKeyRef(
-                            "pin-source=env: needs a variable name".into(),
-                        ));
+                        return Err(HsmError::InvalidKeyRef("pin-source=env: needs a variable name".into()));
                     }
                     PinSource::Env(var.to_string())
                 } else if let Some(p) = v.strip_prefix("file:") {
@@ -169,8 +165,7 @@ fn parse_pkcs11(rest: &str) -> Result<Pkcs11Ref> {
             // A PIN in the reference would end up in argv, shell history and logs.
             "pin-value" => {
                 return Err(HsmError::InvalidKeyRef(
-                    "pin-value is refused: give pin-source=env:<VAR> or pin-source=file:<path>"
-                        .into(),
+                    "pin-value is refused: give pin-source=env:<VAR> or pin-source=file:<path>".into(),
                 ));
             }
             other => {
@@ -180,21 +175,12 @@ fn parse_pkcs11(rest: &str) -> Result<Pkcs11Ref> {
             }
         }
     }
-    let token = token
-        .ok_or_else(|| HsmError::InvalidKeyRef("pkcs11: reference needs token=<label>".into()))?;
-    let object = object
-        .ok_or_else(|| HsmError::InvalidKeyRef("pkcs11: reference needs object=<label>".into()))?;
+    let token = token.ok_or_else(|| HsmError::InvalidKeyRef("pkcs11: reference needs token=<label>".into()))?;
+    let object = object.ok_or_else(|| HsmError::InvalidKeyRef("pkcs11: reference needs object=<label>".into()))?;
     let pin_source = pin_source.ok_or_else(|| {
-        HsmError::InvalidKeyRef(
-            "pkcs11: reference needs pin-source=env:<VAR> or pin-source=file:<path>".into(),
-        )
+        HsmError::InvalidKeyRef("pkcs11: reference needs pin-source=env:<VAR> or pin-source=file:<path>".into())
     })?;
-    Ok(Pkcs11Ref {
-        token,
-        object,
-        module,
-        pin_source,
-    })
+    Ok(Pkcs11Ref { token, object, module, pin_source })
 }
 
 impl fmt::Display for KeyRef {
@@ -244,25 +230,17 @@ mod tests {
         let KeyRef::Pkcs11(p) = &r else { panic!() };
         assert_eq!(p.token, "root ca");
         assert_eq!(p.object, "root-2026");
-        assert_eq!(
-            p.module.as_deref(),
-            Some(Path::new("/usr/lib/softhsm/libsofthsm2.so"))
-        );
+        assert_eq!(p.module.as_deref(), Some(Path::new("/usr/lib/softhsm/libsofthsm2.so")));
         assert_eq!(p.pin_source, PinSource::Env("ROOT_PIN".into()));
     }
 
     #[test]
     fn pin_file_source_and_file_keys() {
-        let r: KeyRef = "pkcs11:token=t;object=o?pin-source=file:/run/pin"
-            .parse()
-            .unwrap();
+        let r: KeyRef = "pkcs11:token=t;object=o?pin-source=file:/run/pin".parse().unwrap();
         let KeyRef::Pkcs11(p) = r else { panic!() };
         assert_eq!(p.pin_source, PinSource::File("/run/pin".into()));
         assert_eq!(p.module, None);
-        assert_eq!(
-            "file:/k.pem".parse::<KeyRef>().unwrap(),
-            KeyRef::File("/k.pem".into())
-        );
+        assert_eq!("file:/k.pem".parse::<KeyRef>().unwrap(), KeyRef::File("/k.pem".into()));
     }
 
     #[test]
@@ -287,17 +265,9 @@ mod tests {
 
     #[test]
     fn debug_and_display_never_show_a_pin() {
-        let r: KeyRef = "pkcs11:token=t;object=o?pin-source=env:SECRET_VAR"
-            .parse()
-            .unwrap();
-        assert_eq!(
-            r.to_string(),
-            "pkcs11:token=t;object=o?pin-source=env:SECRET_VAR"
-        );
-        assert_eq!(
-            format!("{r:?}"),
-            "KeyRef(pkcs11:token=t;object=o?pin-source=env:SECRET_VAR)"
-        );
+        let r: KeyRef = "pkcs11:token=t;object=o?pin-source=env:SECRET_VAR".parse().unwrap();
+        assert_eq!(r.to_string(), "pkcs11:token=t;object=o?pin-source=env:SECRET_VAR");
+        assert_eq!(format!("{r:?}"), "KeyRef(pkcs11:token=t;object=o?pin-source=env:SECRET_VAR)");
     }
 
     #[test]
@@ -306,10 +276,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("pin");
         std::fs::write(&f, "4321\n").unwrap();
-        assert_eq!(
-            PinSource::File(f.clone()).read().unwrap().expose_secret(),
-            "4321"
-        );
+        assert_eq!(PinSource::File(f.clone()).read().unwrap().expose_secret(), "4321");
         std::fs::write(&f, "\n").unwrap();
         let err = PinSource::File(f).read().unwrap_err().to_string();
         assert!(err.contains("empty"), "{err}");

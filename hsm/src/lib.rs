@@ -12,7 +12,6 @@ mod public;
 pub mod softhsm;
 
 use std::fmt;
-use std::sync::Mutex;
 
 pub use error::{HsmError, Result};
 pub use file::write_new_private;
@@ -40,11 +39,7 @@ pub fn open_signer(key: &KeyRef) -> Result<KeySigner> {
             Backend::File { kp, public, alg }
         }
     };
-    Ok(KeySigner {
-        key: key.clone(),
-        backend,
-        last_error: Mutex::new(None),
-    })
+    Ok(KeySigner { key: key.clone(), backend })
 }
 
 /// Opens the key again from scratch: for a token, logs in anew instead of reusing sessions
@@ -60,15 +55,12 @@ pub fn reopen_signer(key: &KeyRef) -> Result<KeySigner> {
 /// Token keys are never exported.
 pub fn export_file_key(key: &KeyRef) -> Result<ExportedKey> {
     match key {
-        KeyRef::Pkcs11(_) => Err(HsmError::KeyFormat(format!(
-            "{key} is a PKCS#11 key and cannot be exported; istiod needs a file: key"
-        ))),
+        KeyRef::Pkcs11(_) => {
+            Err(HsmError::KeyFormat(format!("{key} is a PKCS#11 key and cannot be exported; istiod needs a file: key")))
+        }
         KeyRef::File(path) => {
             let (kp, public, _) = file::load(path)?;
-            Ok(ExportedKey {
-                pem: kp.serialize_pem(),
-                public,
-            })
+            Ok(ExportedKey { pem: kp.serialize_pem(), public })
         }
     }
 }
@@ -96,30 +88,24 @@ impl fmt::Debug for ExportedKey {
 }
 
 enum Backend {
-    File {
-        kp: rcgen::KeyPair,
-        public: PublicKey,
-        alg: KeyAlgorithm,
-    },
+    File { kp: rcgen::KeyPair, public: PublicKey, alg: KeyAlgorithm },
     Token(pkcs11::TokenKey),
 }
 
 /// A key that signs. For token keys, every signature is made inside the token.
 ///
-/// `rcgen` only lets a signer return an opaque error, so the real cause of a failed signature
-/// is kept and can be taken with [`KeySigner::take_error`].
+/// It deliberately does not implement `rcgen::SigningKey`: certificates and CRLs are signed
+/// only by `ca-core`'s lint-before-sign pipeline, which wraps this key in a guard. Raw
+/// [`KeySigner::sign_bytes`] is for what is not a certificate: CSR self-signatures, audit
+/// checkpoints, key self-tests.
 pub struct KeySigner {
     key: KeyRef,
     backend: Backend,
-    last_error: Mutex<Option<HsmError>>,
 }
 
 impl fmt::Debug for KeySigner {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("KeySigner")
-            .field("key", &self.key)
-            .field("public", self.public_key())
-            .finish_non_exhaustive()
+        f.debug_struct("KeySigner").field("key", &self.key).field("public", self.public_key()).finish_non_exhaustive()
     }
 }
 
@@ -146,12 +132,17 @@ impl KeySigner {
         matches!(self.backend, Backend::Token(_))
     }
 
+    /// The rcgen signature algorithm this key signs with.
+    pub fn rcgen_algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        self.algorithm().signature_algorithm()
+    }
+
     /// Signs `msg` and returns the signature as X.509 carries it.
     pub fn sign_bytes(&self, msg: &[u8]) -> Result<Vec<u8>> {
         match &self.backend {
-            Backend::File { kp, .. } => kp
-                .sign(msg)
-                .map_err(|e| HsmError::KeyFormat(format!("signing with {}: {e}", self.key))),
+            Backend::File { kp, .. } => {
+                kp.sign(msg).map_err(|e| HsmError::KeyFormat(format!("signing with {}: {e}", self.key)))
+            }
             Backend::Token(k) => k.sign(msg),
         }
     }
@@ -162,19 +153,10 @@ impl KeySigner {
             Backend::Token(k) => k.token.random(len),
             Backend::File { .. } => {
                 let mut buf = vec![0u8; len];
-                aws_lc_rs::rand::fill(&mut buf)
-                    .map_err(|_| HsmError::KeyFormat("system RNG failed".into()))?;
+                aws_lc_rs::rand::fill(&mut buf).map_err(|_| HsmError::KeyFormat("system RNG failed".into()))?;
                 Ok(buf)
             }
         }
-    }
-
-    /// The cause of the last failed `rcgen` signature, if any.
-    pub fn take_error(&self) -> Option<HsmError> {
-        self.last_error
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
     }
 
     /// PKCS#11 attributes of a token key, for audits of key custody.
@@ -182,11 +164,8 @@ impl KeySigner {
         let Backend::Token(k) = &self.backend else {
             return Err(HsmError::NotPkcs11(self.key.to_string()));
         };
-        let mut info = TokenKeyInfo {
-            token: k.token.label().to_string(),
-            object: k.object.clone(),
-            ..Default::default()
-        };
+        let mut info =
+            TokenKeyInfo { token: k.token.label().to_string(), object: k.object.clone(), ..Default::default() };
         for a in k.attributes()? {
             match a {
                 Attribute::Token(v) => info.token_object = v,
@@ -219,25 +198,6 @@ pub struct TokenKeyInfo {
     pub sign: bool,
 }
 
-impl PublicKeyData for KeySigner {
-    fn der_bytes(&self) -> &[u8] {
-        self.public_key().raw()
-    }
-
-    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
-        KeySigner::algorithm(self).signature_algorithm()
-    }
-}
-
-impl SigningKey for KeySigner {
-    fn sign(&self, msg: &[u8]) -> std::result::Result<Vec<u8>, rcgen::Error> {
-        self.sign_bytes(msg).map_err(|e| {
-            *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
-            rcgen::Error::RemoteKeyError
-        })
-    }
-}
-
 /// A software key that stands in for a real one: it presents `public` (so that everything
 /// derived from the issuer's key, such as the AKI, is identical) but signs with a fresh
 /// throwaway key of the same type. Used to lint a TBS before the real key ever sees it.
@@ -250,11 +210,7 @@ pub struct ThrowawaySigner {
 impl ThrowawaySigner {
     pub fn new(public: &PublicKey) -> Result<Self> {
         let alg = public.algorithm();
-        Ok(ThrowawaySigner {
-            public: public.clone(),
-            alg: alg.signature_algorithm(),
-            kp: file::generate_keypair(alg)?,
-        })
+        Ok(ThrowawaySigner { public: public.clone(), alg: alg.signature_algorithm(), kp: file::generate_keypair(alg)? })
     }
 }
 

@@ -40,21 +40,14 @@ pub(crate) fn module(path: &Path) -> Result<Pkcs11> {
         return Ok(ctx.clone());
     }
     if !path.exists() {
-        return Err(HsmError::ModuleNotFound {
-            path: path.to_path_buf(),
-        });
+        return Err(HsmError::ModuleNotFound { path: path.to_path_buf() });
     }
-    let ctx = Pkcs11::new(path).map_err(|e| HsmError::ModuleLoad {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    })?;
+    let ctx =
+        Pkcs11::new(path).map_err(|e| HsmError::ModuleLoad { path: path.to_path_buf(), reason: e.to_string() })?;
     match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
         Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
         Err(e) => {
-            return Err(HsmError::ModuleLoad {
-                path: path.to_path_buf(),
-                reason: e.to_string(),
-            });
+            return Err(HsmError::ModuleLoad { path: path.to_path_buf(), reason: e.to_string() });
         }
     }
     map.insert(path.to_path_buf(), ctx.clone());
@@ -62,9 +55,7 @@ pub(crate) fn module(path: &Path) -> Result<Pkcs11> {
 }
 
 pub(crate) fn find_slot(ctx: &Pkcs11, module: &Path, label: &str) -> Result<Slot> {
-    let slots = ctx
-        .get_slots_with_token()
-        .map_err(|e| device("", "C_GetSlotList", e))?;
+    let slots = ctx.get_slots_with_token().map_err(|e| device("", "C_GetSlotList", e))?;
     for slot in slots {
         if let Ok(info) = ctx.get_token_info(slot) {
             if info.label() == label {
@@ -72,18 +63,11 @@ pub(crate) fn find_slot(ctx: &Pkcs11, module: &Path, label: &str) -> Result<Slot
             }
         }
     }
-    Err(HsmError::TokenNotFound {
-        label: label.to_string(),
-        module: module.to_path_buf(),
-    })
+    Err(HsmError::TokenNotFound { label: label.to_string(), module: module.to_path_buf() })
 }
 
 fn device(token: &str, function: &str, e: CkError) -> HsmError {
-    HsmError::Device {
-        token: token.to_string(),
-        function: function.to_string(),
-        rv: e.to_string(),
-    }
+    HsmError::Device { token: token.to_string(), function: function.to_string(), rv: e.to_string() }
 }
 
 /// Maps a login failure onto the errors an operator can act on.
@@ -91,12 +75,8 @@ pub(crate) fn login_error(token: &str, e: CkError) -> HsmError {
     match e {
         CkError::Pkcs11(RvError::PinIncorrect, _)
         | CkError::Pkcs11(RvError::PinInvalid, _)
-        | CkError::Pkcs11(RvError::PinLenRange, _) => HsmError::WrongPin {
-            token: token.to_string(),
-        },
-        CkError::Pkcs11(RvError::PinLocked, _) => HsmError::PinLocked {
-            token: token.to_string(),
-        },
+        | CkError::Pkcs11(RvError::PinLenRange, _) => HsmError::WrongPin { token: token.to_string() },
+        CkError::Pkcs11(RvError::PinLocked, _) => HsmError::PinLocked { token: token.to_string() },
         other => device(token, "C_Login", other),
     }
 }
@@ -153,18 +133,12 @@ impl Token {
         }
         let ctx = module(&module_path)?;
         let slot = find_slot(&ctx, &module_path, &r.token)?;
-        let info = ctx
-            .get_token_info(slot)
-            .map_err(|e| device(&r.token, "C_GetTokenInfo", e))?;
+        let info = ctx.get_token_info(slot).map_err(|e| device(&r.token, "C_GetTokenInfo", e))?;
         if info.user_pin_locked() {
-            return Err(HsmError::PinLocked {
-                token: r.token.clone(),
-            });
+            return Err(HsmError::PinLocked { token: r.token.clone() });
         }
         let pin = r.pin_source.read()?;
-        let session = ctx
-            .open_rw_session(slot)
-            .map_err(|e| device(&r.token, "C_OpenSession", e))?;
+        let session = ctx.open_rw_session(slot).map_err(|e| device(&r.token, "C_OpenSession", e))?;
         login(&session, &r.token, &pin)?;
         let token = Arc::new(Token {
             label: r.token.clone(),
@@ -183,10 +157,7 @@ impl Token {
     /// was removed and returned, its old sessions are dead.
     pub(crate) fn forget(r: &Pkcs11Ref) {
         if let Ok(module_path) = r.module_path() {
-            tokens()
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&(module_path, r.token.clone()));
+            tokens().lock().unwrap_or_else(|p| p.into_inner()).remove(&(module_path, r.token.clone()));
         }
     }
 
@@ -207,9 +178,18 @@ impl Token {
         // found" would hide the real cause: check the session's state up front.
         let logged_in = session
             .get_session_info()
-            .map(|i| matches!(i.session_state(), SessionState::RoUser | SessionState::RwUser | SessionState::RwSecurityOfficer))
+            .map(|i| {
+                matches!(
+                    i.session_state(),
+                    SessionState::RoUser | SessionState::RwUser | SessionState::RwSecurityOfficer
+                )
+            })
             .unwrap_or(true);
-        let mut result = if logged_in { f(&session) } else { Err(CkError::Pkcs11(RvError::UserNotLoggedIn, cryptoki::context::Function::Login)) };
+        let mut result = if logged_in {
+            f(&session)
+        } else {
+            Err(CkError::Pkcs11(RvError::UserNotLoggedIn, cryptoki::context::Function::Login))
+        };
         if let Err(CkError::Pkcs11(RvError::UserNotLoggedIn, _)) = result {
             let pin: SecretString = self.pin_source.read()?;
             if let Err(e) = login(&session, &self.label, &pin) {
@@ -221,7 +201,10 @@ impl Token {
         let dead = matches!(
             &result,
             Err(CkError::Pkcs11(
-                RvError::SessionHandleInvalid | RvError::SessionClosed | RvError::DeviceRemoved | RvError::TokenNotPresent,
+                RvError::SessionHandleInvalid
+                    | RvError::SessionClosed
+                    | RvError::DeviceRemoved
+                    | RvError::TokenNotPresent,
                 _,
             ))
         );
@@ -272,10 +255,7 @@ impl Token {
         if self.supports(mechanism)? {
             Ok(())
         } else {
-            Err(HsmError::MechanismUnsupported {
-                token: self.label.clone(),
-                mechanism: name.to_string(),
-            })
+            Err(HsmError::MechanismUnsupported { token: self.label.clone(), mechanism: name.to_string() })
         }
     }
 
@@ -312,33 +292,19 @@ impl TokenKey {
         let token = Token::open(r)?;
         let label = r.object.clone();
         let handles = token.with_session("C_FindObjects", |s| {
-            s.find_objects(&[
-                Attribute::Class(ObjectClass::PRIVATE_KEY),
-                Attribute::Label(label.as_bytes().to_vec()),
-            ])
+            s.find_objects(&[Attribute::Class(ObjectClass::PRIVATE_KEY), Attribute::Label(label.as_bytes().to_vec())])
         })?;
         let handle = match handles.as_slice() {
             [] => {
-                return Err(HsmError::KeyNotFound {
-                    token: r.token.clone(),
-                    object: label,
-                });
+                return Err(HsmError::KeyNotFound { token: r.token.clone(), object: label });
             }
             [h] => *h,
             _ => {
-                return Err(HsmError::AmbiguousKey {
-                    token: r.token.clone(),
-                    object: label,
-                });
+                return Err(HsmError::AmbiguousKey { token: r.token.clone(), object: label });
             }
         };
         let public = read_public(&token, handle, &label)?;
-        Ok(TokenKey {
-            token,
-            object: label,
-            handle,
-            public,
-        })
+        Ok(TokenKey { token, object: label, handle, public })
     }
 
     pub(crate) fn algorithm(&self) -> KeyAlgorithm {
@@ -354,14 +320,12 @@ impl TokenKey {
                     PublicKeyKind::EcP256 => sha2::Sha256::digest(msg).to_vec(),
                     _ => sha2::Sha384::digest(msg).to_vec(),
                 };
-                let raw = self.token.with_session("C_Sign", |s| {
-                    s.sign(&Mechanism::Ecdsa, self.handle, &digest)
-                })?;
+                let raw = self.token.with_session("C_Sign", |s| s.sign(&Mechanism::Ecdsa, self.handle, &digest))?;
                 ecdsa_raw_to_der(&raw)
             }
-            PublicKeyKind::Rsa { .. } => self.token.with_session("C_Sign", |s| {
-                s.sign(&Mechanism::Sha256RsaPkcs, self.handle, msg)
-            }),
+            PublicKeyKind::Rsa { .. } => {
+                self.token.with_session("C_Sign", |s| s.sign(&Mechanism::Sha256RsaPkcs, self.handle, msg))
+            }
         }
     }
 
@@ -387,10 +351,7 @@ impl TokenKey {
 /// Converts PKCS#11's raw `r || s` into the DER ECDSA-Sig-Value X.509 carries.
 pub(crate) fn ecdsa_raw_to_der(raw: &[u8]) -> Result<Vec<u8>> {
     if raw.is_empty() || raw.len() % 2 != 0 {
-        return Err(HsmError::KeyFormat(format!(
-            "token returned a {}-byte ECDSA signature",
-            raw.len()
-        )));
+        return Err(HsmError::KeyFormat(format!("token returned a {}-byte ECDSA signature", raw.len())));
     }
     let (r, s) = raw.split_at(raw.len() / 2);
     Ok(yasna::construct_der(|w| {
@@ -415,13 +376,9 @@ fn read_public(token: &Token, private: ObjectHandle, label: &str) -> Result<Publ
             _ => {}
         }
     }
-    let key_type = key_type
-        .ok_or_else(|| HsmError::UnsupportedKey(format!("{label}: token reports no key type")))?;
+    let key_type = key_type.ok_or_else(|| HsmError::UnsupportedKey(format!("{label}: token reports no key type")))?;
     let pubs = token.with_session("C_FindObjects", |s| {
-        s.find_objects(&[
-            Attribute::Class(ObjectClass::PUBLIC_KEY),
-            Attribute::Id(id.clone()),
-        ])
+        s.find_objects(&[Attribute::Class(ObjectClass::PUBLIC_KEY), Attribute::Id(id.clone())])
     })?;
     let Some(&pub_handle) = pubs.first() else {
         return Err(HsmError::KeyNotFound {
@@ -432,12 +389,7 @@ fn read_public(token: &Token, private: ObjectHandle, label: &str) -> Result<Publ
     public_from_handle(token, pub_handle, key_type, label)
 }
 
-fn public_from_handle(
-    token: &Token,
-    handle: ObjectHandle,
-    key_type: KeyType,
-    label: &str,
-) -> Result<PublicKey> {
+fn public_from_handle(token: &Token, handle: ObjectHandle, key_type: KeyType, label: &str) -> Result<PublicKey> {
     if key_type == KeyType::EC {
         let attrs = token.with_session("C_GetAttributeValue", |s| {
             s.get_attributes(handle, &[AttributeType::EcParams, AttributeType::EcPoint])
@@ -455,29 +407,19 @@ fn public_from_handle(
         } else if params == ec_params(PublicKeyKind::EcP384) {
             PublicKeyKind::EcP384
         } else {
-            return Err(HsmError::UnsupportedKey(format!(
-                "{label}: curve is not P-256 or P-384"
-            )));
+            return Err(HsmError::UnsupportedKey(format!("{label}: curve is not P-256 or P-384")));
         };
-        let point_len = if kind == PublicKeyKind::EcP256 {
-            65
-        } else {
-            97
-        };
+        let point_len = if kind == PublicKeyKind::EcP256 { 65 } else { 97 };
         // PKCS#11 says CKA_EC_POINT is a DER OCTET STRING; some tokens return the bare point.
-        let point =
-            if point.len() == point_len + 2 && point[0] == 0x04 && point[1] as usize == point_len {
-                point[2..].to_vec()
-            } else {
-                point
-            };
+        let point = if point.len() == point_len + 2 && point[0] == 0x04 && point[1] as usize == point_len {
+            point[2..].to_vec()
+        } else {
+            point
+        };
         PublicKey::from_ec_point(kind, point)
     } else if key_type == KeyType::RSA {
         let attrs = token.with_session("C_GetAttributeValue", |s| {
-            s.get_attributes(
-                handle,
-                &[AttributeType::Modulus, AttributeType::PublicExponent],
-            )
+            s.get_attributes(handle, &[AttributeType::Modulus, AttributeType::PublicExponent])
         })?;
         let (mut n, mut e) = (Vec::new(), Vec::new());
         for a in attrs {
@@ -489,9 +431,7 @@ fn public_from_handle(
         }
         PublicKey::from_rsa_parts(&n, &e)
     } else {
-        Err(HsmError::UnsupportedKey(format!(
-            "{label}: only EC and RSA keys are supported"
-        )))
+        Err(HsmError::UnsupportedKey(format!("{label}: only EC and RSA keys are supported")))
     }
 }
 
@@ -500,37 +440,21 @@ fn public_from_handle(
 pub(crate) fn generate(r: &Pkcs11Ref, alg: KeyAlgorithm) -> Result<PublicKey> {
     let token = Token::open(r)?;
     let label = r.object.as_bytes().to_vec();
-    let existing = token.with_session("C_FindObjects", |s| {
-        s.find_objects(&[Attribute::Label(label.clone())])
-    })?;
+    let existing = token.with_session("C_FindObjects", |s| s.find_objects(&[Attribute::Label(label.clone())]))?;
     if !existing.is_empty() {
-        return Err(HsmError::LabelExists {
-            token: r.token.clone(),
-            object: r.object.clone(),
-        });
+        return Err(HsmError::LabelExists { token: r.token.clone(), object: r.object.clone() });
     }
     let (gen_mech, kind) = match alg {
         KeyAlgorithm::EcdsaP256 | KeyAlgorithm::EcdsaP384 => {
             token.require(MechanismType::ECC_KEY_PAIR_GEN, "CKM_EC_KEY_PAIR_GEN")?;
             token.require(MechanismType::ECDSA, "CKM_ECDSA")?;
-            let kind = if alg == KeyAlgorithm::EcdsaP256 {
-                PublicKeyKind::EcP256
-            } else {
-                PublicKeyKind::EcP384
-            };
+            let kind = if alg == KeyAlgorithm::EcdsaP256 { PublicKeyKind::EcP256 } else { PublicKeyKind::EcP384 };
             (Mechanism::EccKeyPairGen, kind)
         }
         KeyAlgorithm::Rsa3072 | KeyAlgorithm::Rsa4096 => {
-            token.require(
-                MechanismType::RSA_PKCS_KEY_PAIR_GEN,
-                "CKM_RSA_PKCS_KEY_PAIR_GEN",
-            )?;
+            token.require(MechanismType::RSA_PKCS_KEY_PAIR_GEN, "CKM_RSA_PKCS_KEY_PAIR_GEN")?;
             token.require(MechanismType::SHA256_RSA_PKCS, "CKM_SHA256_RSA_PKCS")?;
-            let bits = if alg == KeyAlgorithm::Rsa3072 {
-                3072
-            } else {
-                4096
-            };
+            let bits = if alg == KeyAlgorithm::Rsa3072 { 3072 } else { 4096 };
             (Mechanism::RsaPkcsKeyPairGen, PublicKeyKind::Rsa { bits })
         }
     };
@@ -565,27 +489,15 @@ pub(crate) fn generate(r: &Pkcs11Ref, alg: KeyAlgorithm) -> Result<PublicKey> {
         Attribute::Label(label.clone()),
         Attribute::Id(id.clone()),
     ];
-    let (pub_h, priv_h) = token.with_session("C_GenerateKeyPair", |s| {
-        s.generate_key_pair(&gen_mech, &pub_tpl, &priv_tpl)
-    })?;
+    let (pub_h, priv_h) =
+        token.with_session("C_GenerateKeyPair", |s| s.generate_key_pair(&gen_mech, &pub_tpl, &priv_tpl))?;
     let checked = (|| {
-        let key_type = if matches!(kind, PublicKeyKind::Rsa { .. }) {
-            KeyType::RSA
-        } else {
-            KeyType::EC
-        };
+        let key_type = if matches!(kind, PublicKeyKind::Rsa { .. }) { KeyType::RSA } else { KeyType::EC };
         let public = public_from_handle(&token, pub_h, key_type, &r.object)?;
-        let key = TokenKey {
-            token: token.clone(),
-            object: r.object.clone(),
-            handle: priv_h,
-            public: public.clone(),
-        };
+        let key = TokenKey { token: token.clone(), object: r.object.clone(), handle: priv_h, public: public.clone() };
         let nonce = token.random(32)?;
         let sig = key.sign(&nonce)?;
-        public
-            .verify(public.signature_oid(), &nonce, &sig)
-            .map_err(|_| HsmError::SelfTest(r.object.clone()))?;
+        public.verify(public.signature_oid(), &nonce, &sig).map_err(|_| HsmError::SelfTest(r.object.clone()))?;
         Ok(public)
     })();
     if checked.is_err() {
@@ -602,21 +514,12 @@ mod tests {
 
     #[test]
     fn login_errors_map_to_operator_errors() {
-        let wrong = login_error(
-            "t",
-            CkError::Pkcs11(RvError::PinIncorrect, cryptoki::context::Function::Login),
-        );
+        let wrong = login_error("t", CkError::Pkcs11(RvError::PinIncorrect, cryptoki::context::Function::Login));
         assert!(matches!(wrong, HsmError::WrongPin { .. }));
         assert_eq!(wrong.to_string(), "wrong PIN for token \"t\"");
-        let locked = login_error(
-            "t",
-            CkError::Pkcs11(RvError::PinLocked, cryptoki::context::Function::Login),
-        );
+        let locked = login_error("t", CkError::Pkcs11(RvError::PinLocked, cryptoki::context::Function::Login));
         assert!(matches!(locked, HsmError::PinLocked { .. }));
-        let other = login_error(
-            "t",
-            CkError::Pkcs11(RvError::DeviceError, cryptoki::context::Function::Login),
-        );
+        let other = login_error("t", CkError::Pkcs11(RvError::DeviceError, cryptoki::context::Function::Login));
         assert!(matches!(other, HsmError::Device { .. }));
     }
 

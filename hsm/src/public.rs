@@ -20,12 +20,7 @@ pub enum KeyAlgorithm {
 }
 
 impl KeyAlgorithm {
-    pub const ALL: [KeyAlgorithm; 4] = [
-        Self::EcdsaP256,
-        Self::EcdsaP384,
-        Self::Rsa3072,
-        Self::Rsa4096,
-    ];
+    pub const ALL: [KeyAlgorithm; 4] = [Self::EcdsaP256, Self::EcdsaP384, Self::Rsa3072, Self::Rsa4096];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -56,14 +51,11 @@ impl fmt::Display for KeyAlgorithm {
 impl FromStr for KeyAlgorithm {
     type Err = HsmError;
     fn from_str(s: &str) -> Result<Self> {
-        Self::ALL
-            .into_iter()
-            .find(|a| a.as_str() == s)
-            .ok_or_else(|| {
-                HsmError::UnsupportedKey(format!(
-                    "unknown algorithm {s:?} (expected ecdsa-p256, ecdsa-p384, rsa-3072 or rsa-4096)"
-                ))
-            })
+        Self::ALL.into_iter().find(|a| a.as_str() == s).ok_or_else(|| {
+            HsmError::UnsupportedKey(format!(
+                "unknown algorithm {s:?} (expected ecdsa-p256, ecdsa-p384, rsa-3072 or rsa-4096)"
+            ))
+        })
     }
 }
 
@@ -101,12 +93,7 @@ pub struct PublicKey {
 
 impl fmt::Debug for PublicKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "PublicKey({}, sha256:{})",
-            self.kind,
-            hex::encode(&self.fingerprint()[..8])
-        )
+        write!(f, "PublicKey({}, sha256:{})", self.kind, hex::encode(&self.fingerprint()[..8]))
     }
 }
 
@@ -117,9 +104,7 @@ impl PublicKey {
         let (rest, spki) = SubjectPublicKeyInfo::from_der(der)
             .map_err(|e| HsmError::KeyFormat(format!("malformed SubjectPublicKeyInfo: {e}")))?;
         if !rest.is_empty() {
-            return Err(HsmError::KeyFormat(
-                "trailing bytes after SubjectPublicKeyInfo".into(),
-            ));
+            return Err(HsmError::KeyFormat("trailing bytes after SubjectPublicKeyInfo".into()));
         }
         let alg = spki.algorithm.algorithm.to_string();
         let kind = match spki.parsed() {
@@ -144,9 +129,7 @@ impl PublicKey {
             Ok(ParsedKey::RSA(rsa)) => {
                 let bits = rsa.key_size();
                 if bits < 2048 {
-                    return Err(HsmError::UnsupportedKey(format!(
-                        "RSA-{bits} is too weak (at least 2048 bits)"
-                    )));
+                    return Err(HsmError::UnsupportedKey(format!("RSA-{bits} is too weak (at least 2048 bits)")));
                 }
                 PublicKeyKind::Rsa { bits }
             }
@@ -156,11 +139,7 @@ impl PublicKey {
                 )));
             }
         };
-        Ok(PublicKey {
-            kind,
-            spki_der: der.to_vec(),
-            raw: spki.subject_public_key.data.to_vec(),
-        })
+        Ok(PublicKey { kind, spki_der: der.to_vec(), raw: spki.subject_public_key.data.to_vec() })
     }
 
     pub(crate) fn from_ec_point(kind: PublicKeyKind, point: Vec<u8>) -> Result<Self> {
@@ -172,12 +151,8 @@ impl PublicKey {
         let der = yasna::construct_der(|w| {
             w.write_sequence(|w| {
                 w.next().write_sequence(|w| {
-                    w.next()
-                        .write_oid(&yasna::models::ObjectIdentifier::from_slice(
-                            OID_EC_PUBLIC_KEY,
-                        ));
-                    w.next()
-                        .write_oid(&yasna::models::ObjectIdentifier::from_slice(curve));
+                    w.next().write_oid(&yasna::models::ObjectIdentifier::from_slice(OID_EC_PUBLIC_KEY));
+                    w.next().write_oid(&yasna::models::ObjectIdentifier::from_slice(curve));
                 });
                 w.next().write_bitvec_bytes(&point, point.len() * 8);
             })
@@ -195,10 +170,7 @@ impl PublicKey {
         let der = yasna::construct_der(|w| {
             w.write_sequence(|w| {
                 w.next().write_sequence(|w| {
-                    w.next()
-                        .write_oid(&yasna::models::ObjectIdentifier::from_slice(
-                            OID_RSA_ENCRYPTION,
-                        ));
+                    w.next().write_oid(&yasna::models::ObjectIdentifier::from_slice(OID_RSA_ENCRYPTION));
                     w.next().write_null();
                 });
                 w.next().write_bitvec_bytes(&rsa_key, rsa_key.len() * 8);
@@ -249,29 +221,16 @@ impl PublicKey {
             (PublicKeyKind::EcP256, "1.2.840.10045.4.3.3") => &signature::ECDSA_P256_SHA384_ASN1,
             (PublicKeyKind::EcP384, "1.2.840.10045.4.3.2") => &signature::ECDSA_P384_SHA256_ASN1,
             (PublicKeyKind::EcP384, "1.2.840.10045.4.3.3") => &signature::ECDSA_P384_SHA384_ASN1,
-            (PublicKeyKind::Rsa { .. }, "1.2.840.113549.1.1.11") => {
-                &signature::RSA_PKCS1_2048_8192_SHA256
-            }
-            (PublicKeyKind::Rsa { .. }, "1.2.840.113549.1.1.12") => {
-                &signature::RSA_PKCS1_2048_8192_SHA384
-            }
-            (PublicKeyKind::Rsa { .. }, "1.2.840.113549.1.1.13") => {
-                &signature::RSA_PKCS1_2048_8192_SHA512
-            }
+            (PublicKeyKind::Rsa { .. }, "1.2.840.113549.1.1.11") => &signature::RSA_PKCS1_2048_8192_SHA256,
+            (PublicKeyKind::Rsa { .. }, "1.2.840.113549.1.1.12") => &signature::RSA_PKCS1_2048_8192_SHA384,
+            (PublicKeyKind::Rsa { .. }, "1.2.840.113549.1.1.13") => &signature::RSA_PKCS1_2048_8192_SHA512,
             (kind, oid) => {
-                return Err(HsmError::BadSignature(format!(
-                    "signature algorithm {oid} does not fit a {kind} key"
-                )));
+                return Err(HsmError::BadSignature(format!("signature algorithm {oid} does not fit a {kind} key")));
             }
         };
         UnparsedPublicKey::new(alg, &self.raw)
             .verify(message, sig)
-            .map_err(|_| {
-                HsmError::BadSignature(format!(
-                    "signature does not verify with the {} key",
-                    self.kind
-                ))
-            })
+            .map_err(|_| HsmError::BadSignature(format!("signature does not verify with the {} key", self.kind)))
     }
 
     /// The OID of the signature algorithm this key's signer uses.
@@ -308,9 +267,6 @@ mod tests {
     #[test]
     fn rejects_unknown_algorithm_names() {
         assert!("ecdsa-p521".parse::<KeyAlgorithm>().is_err());
-        assert_eq!(
-            "rsa-4096".parse::<KeyAlgorithm>().unwrap(),
-            KeyAlgorithm::Rsa4096
-        );
+        assert_eq!("rsa-4096".parse::<KeyAlgorithm>().unwrap(), KeyAlgorithm::Rsa4096);
     }
 }

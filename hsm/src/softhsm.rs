@@ -45,54 +45,30 @@ pub fn write_config(dir: &Path) -> Result<PathBuf> {
 }
 
 /// Initialises a new token labelled `label` in the first free slot and sets its user PIN.
-pub fn init_token(
-    module_path: &Path,
-    label: &str,
-    so_pin: &SecretString,
-    user_pin: &SecretString,
-) -> Result<()> {
+pub fn init_token(module_path: &Path, label: &str, so_pin: &SecretString, user_pin: &SecretString) -> Result<()> {
     // Two initialisations racing would pick the same free slot.
     static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _guard = INIT.lock().unwrap_or_else(|p| p.into_inner());
     let ctx = module(module_path)?;
     if find_slot(&ctx, module_path, label).is_ok() {
-        return Err(HsmError::LabelExists {
-            token: label.to_string(),
-            object: "(token)".into(),
-        });
+        return Err(HsmError::LabelExists { token: label.to_string(), object: "(token)".into() });
     }
     let dev = |f: &str, e: cryptoki::error::Error| HsmError::Device {
         token: label.to_string(),
         function: f.to_string(),
         rv: e.to_string(),
     };
-    let slots = ctx
-        .get_slots_with_token()
-        .map_err(|e| dev("C_GetSlotList", e))?;
+    let slots = ctx.get_slots_with_token().map_err(|e| dev("C_GetSlotList", e))?;
     let free = slots
         .into_iter()
-        .find(|s| {
-            ctx.get_token_info(*s)
-                .map(|i| !i.token_initialized())
-                .unwrap_or(false)
-        })
-        .ok_or_else(|| HsmError::TokenNotFound {
-            label: "(a free slot)".into(),
-            module: module_path.to_path_buf(),
-        })?;
-    ctx.init_token(free, so_pin, label)
-        .map_err(|e| dev("C_InitToken", e))?;
+        .find(|s| ctx.get_token_info(*s).map(|i| !i.token_initialized()).unwrap_or(false))
+        .ok_or_else(|| HsmError::TokenNotFound { label: "(a free slot)".into(), module: module_path.to_path_buf() })?;
+    ctx.init_token(free, so_pin, label).map_err(|e| dev("C_InitToken", e))?;
     // SoftHSM renumbers slots after C_InitToken: find ours again by label.
     let slot = find_slot(&ctx, module_path, label)?;
-    let session = ctx
-        .open_rw_session(slot)
-        .map_err(|e| dev("C_OpenSession", e))?;
-    session
-        .login(UserType::So, Some(so_pin))
-        .map_err(|e| login_error(label, e))?;
-    session
-        .init_pin(user_pin)
-        .map_err(|e| dev("C_InitPIN", e))?;
+    let session = ctx.open_rw_session(slot).map_err(|e| dev("C_OpenSession", e))?;
+    session.login(UserType::So, Some(so_pin)).map_err(|e| login_error(label, e))?;
+    session.init_pin(user_pin).map_err(|e| dev("C_InitPIN", e))?;
     session.logout().map_err(|e| dev("C_Logout", e))?;
     Ok(())
 }

@@ -16,31 +16,20 @@ struct Env {
 fn env() -> &'static Env {
     static ENV: OnceLock<Env> = OnceLock::new();
     ENV.get_or_init(|| {
-        let module = hsm::softhsm::find_module().expect(
-            "SoftHSM2 is not installed: run the test command from README.md (it installs softhsm2)",
-        );
+        let module = hsm::softhsm::find_module()
+            .expect("SoftHSM2 is not installed: run the test command from README.md (it installs softhsm2)");
         let dir = tempfile::tempdir().unwrap();
         let conf = hsm::softhsm::write_config(dir.path()).unwrap();
         hsm::softhsm::use_config(&conf);
         let pin_file = dir.path().join("pin");
         std::fs::write(&pin_file, "1234\n").unwrap();
-        Env {
-            _dir: dir,
-            module,
-            pin_file,
-        }
+        Env { _dir: dir, module, pin_file }
     })
 }
 
 fn token(label: &str) -> &'static Env {
     let e = env();
-    hsm::softhsm::init_token(
-        &e.module,
-        label,
-        &SecretString::from("so-pin-1"),
-        &SecretString::from("1234"),
-    )
-    .unwrap();
+    hsm::softhsm::init_token(&e.module, label, &SecretString::from("so-pin-1"), &SecretString::from("1234")).unwrap();
     e
 }
 
@@ -64,19 +53,11 @@ fn generates_each_algorithm_non_extractable_and_signs() {
         assert_eq!(signer.public_key(), &public);
         assert!(signer.is_hardware());
         let sig = signer.sign_bytes(b"tbs bytes").unwrap();
-        public
-            .verify(public.signature_oid(), b"tbs bytes", &sig)
-            .unwrap();
+        public.verify(public.signature_oid(), b"tbs bytes", &sig).unwrap();
         let attrs = signer.token_attributes().unwrap();
         assert!(attrs.sensitive, "{alg}: CKA_SENSITIVE must be true");
         assert!(!attrs.extractable, "{alg}: CKA_EXTRACTABLE must be false");
-        assert!(
-            attrs.never_extractable
-                && attrs.always_sensitive
-                && attrs.private
-                && attrs.token_object
-                && attrs.sign
-        );
+        assert!(attrs.never_extractable && attrs.always_sensitive && attrs.private && attrs.token_object && attrs.sign);
         assert_eq!(attrs.id.len(), 32, "random 16-byte CKA_ID");
     }
 }
@@ -95,13 +76,10 @@ fn wrong_pin_unknown_token_and_missing_key_are_named() {
     let e = token("errs");
     let bad_pin = e._dir.path().join("bad-pin");
     std::fs::write(&bad_pin, "9999").unwrap();
-    let r: KeyRef = format!(
-        "pkcs11:token=errs;object=k?module-path={}&pin-source=file:{}",
-        e.module.display(),
-        bad_pin.display()
-    )
-    .parse()
-    .unwrap();
+    let r: KeyRef =
+        format!("pkcs11:token=errs;object=k?module-path={}&pin-source=file:{}", e.module.display(), bad_pin.display())
+            .parse()
+            .unwrap();
     let err = hsm::open_signer(&r).unwrap_err();
     assert!(matches!(err, HsmError::WrongPin { .. }), "{err}");
     assert!(!err.to_string().contains("9999"));

@@ -22,9 +22,8 @@ pub struct Hsm {
 pub fn hsm() -> &'static Hsm {
     static H: OnceLock<Hsm> = OnceLock::new();
     H.get_or_init(|| {
-        let module = hsm::softhsm::find_module().expect(
-            "SoftHSM2 is not installed; run the test command from README.md, which installs softhsm2",
-        );
+        let module = hsm::softhsm::find_module()
+            .expect("SoftHSM2 is not installed; run the test command from README.md, which installs softhsm2");
         let dir = tempfile::tempdir().unwrap();
         let conf = hsm::softhsm::write_config(dir.path()).unwrap();
         hsm::softhsm::use_config(&conf);
@@ -35,29 +34,18 @@ pub fn hsm() -> &'static Hsm {
 /// A fresh token for one test.
 pub fn token(label: &str) -> &'static Hsm {
     let h = hsm();
-    hsm::softhsm::init_token(
-        &h.module,
-        label,
-        &SecretString::from("so-4711"),
-        &SecretString::from(PIN),
-    )
-    .unwrap();
+    hsm::softhsm::init_token(&h.module, label, &SecretString::from("so-4711"), &SecretString::from(PIN)).unwrap();
     h
 }
 
 /// `pkcs11:` reference to `object` in `token`, PIN from the environment.
 pub fn p11(token: &str, object: &str) -> String {
-    format!(
-        "pkcs11:token={token};object={object}?module-path={}&pin-source=env:{PIN_VAR}",
-        hsm().module.display()
-    )
+    format!("pkcs11:token={token};object={object}?module-path={}&pin-source=env:{PIN_VAR}", hsm().module.display())
 }
 
 pub fn ca_cli() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_ca-cli"));
-    c.env("SOFTHSM2_CONF", &hsm().conf)
-        .env(PIN_VAR, PIN)
-        .env_remove("PKCS11_MODULE");
+    c.env("SOFTHSM2_CONF", &hsm().conf).env(PIN_VAR, PIN).env_remove("PKCS11_MODULE");
     c
 }
 
@@ -68,11 +56,7 @@ pub fn run(args: &[&str]) -> Output {
 /// Runs ca-cli and requires success; returns stdout.
 pub fn ok(args: &[&str]) -> String {
     let out = run(args);
-    assert!(
-        out.status.success(),
-        "ca-cli {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "ca-cli {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -84,26 +68,16 @@ pub fn fails(args: &[&str]) -> String {
 pub fn fails_with(cmd: &mut Command) -> String {
     let out = cmd.output().expect("ca-cli runs");
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(
-        !out.status.success(),
-        "expected failure, got success; stdout: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    assert!(!out.status.success(), "expected failure, got success; stdout: {}", String::from_utf8_lossy(&out.stdout));
     let lines: Vec<&str> = stderr.lines().collect();
     assert_eq!(lines.len(), 1, "errors are one line, got: {stderr}");
     assert!(lines[0].starts_with("error: "), "{stderr}");
-    assert!(
-        !stderr.contains(PIN),
-        "the PIN leaked into stderr: {stderr}"
-    );
+    assert!(!stderr.contains(PIN), "the PIN leaked into stderr: {stderr}");
     lines[0].to_string()
 }
 
 pub fn openssl(args: &[&str]) -> Output {
-    Command::new("openssl")
-        .args(args)
-        .output()
-        .expect("openssl is installed")
+    Command::new("openssl").args(args).output().expect("openssl is installed")
 }
 
 pub fn s(p: &Path) -> &str {
@@ -117,11 +91,7 @@ pub fn der_of(path: &Path) -> Vec<u8> {
 
 pub fn ders_of(path: &Path) -> Vec<Vec<u8>> {
     let data = std::fs::read(path).unwrap();
-    pem::parse_many(&data)
-        .unwrap()
-        .into_iter()
-        .map(|p| p.into_contents())
-        .collect()
+    pem::parse_many(&data).unwrap().into_iter().map(|p| p.into_contents()).collect()
 }
 
 /// A small hierarchy built through the CLI: root and environment in the token, cluster and
@@ -140,16 +110,7 @@ pub fn build_hierarchy(tok: &str, dir: &Path, env_extra: &[&str]) -> Hierarchy {
     let p = |f: &str| dir.join(f);
     let root_key = p11(tok, "root");
     let env_key = p11(tok, "env");
-    ok(&[
-        "key",
-        "generate",
-        "--key",
-        &root_key,
-        "--algorithm",
-        "ecdsa-p384",
-        "--public-out",
-        s(&p("root.pub.pem")),
-    ]);
+    ok(&["key", "generate", "--key", &root_key, "--algorithm", "ecdsa-p384", "--public-out", s(&p("root.pub.pem"))]);
     ok(&[
         "root",
         "create",
@@ -162,14 +123,7 @@ pub fn build_hierarchy(tok: &str, dir: &Path, env_extra: &[&str]) -> Hierarchy {
         "--out",
         s(&p("root.pem")),
     ]);
-    ok(&[
-        "key",
-        "generate",
-        "--key",
-        &env_key,
-        "--algorithm",
-        "ecdsa-p256",
-    ]);
+    ok(&["key", "generate", "--key", &env_key, "--algorithm", "ecdsa-p256"]);
     ok(&[
         "csr",
         "create",
@@ -202,14 +156,7 @@ pub fn build_hierarchy(tok: &str, dir: &Path, env_extra: &[&str]) -> Hierarchy {
     ok(&args);
     let cluster_key = p("cluster.key");
     let cluster_ref = format!("file:{}", cluster_key.display());
-    ok(&[
-        "key",
-        "generate",
-        "--key",
-        &cluster_ref,
-        "--algorithm",
-        "ecdsa-p256",
-    ]);
+    ok(&["key", "generate", "--key", &cluster_ref, "--algorithm", "ecdsa-p256"]);
     ok(&[
         "csr",
         "create",
@@ -253,24 +200,8 @@ pub fn workload(h: &Hierarchy, name: &str, spiffe_id: &str) -> PathBuf {
     let key_ref = format!("file:{}", key.display());
     let csr = h.dir.join(format!("{name}.csr"));
     let out = h.dir.join(format!("{name}.pem"));
-    ok(&[
-        "key",
-        "generate",
-        "--key",
-        &key_ref,
-        "--algorithm",
-        "ecdsa-p256",
-    ]);
-    ok(&[
-        "csr",
-        "create",
-        "--key",
-        &key_ref,
-        "--subject",
-        &format!("CN={name}"),
-        "--out",
-        s(&csr),
-    ]);
+    ok(&["key", "generate", "--key", &key_ref, "--algorithm", "ecdsa-p256"]);
+    ok(&["csr", "create", "--key", &key_ref, "--subject", &format!("CN={name}"), "--out", s(&csr)]);
     ok(&[
         "sign",
         "--profile",

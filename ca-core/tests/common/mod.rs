@@ -18,10 +18,7 @@ pub async fn fresh_pg_url() -> String {
         panic!("PostgreSQL at {base} is required for the storage tests (set PKI_TEST_DATABASE_URL): {e}")
     });
     let name = format!("pki_test_{}", hex::encode(rand_bytes()));
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-        .execute(&admin)
-        .await
-        .unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&admin).await.unwrap();
     admin.close().await;
     let (prefix, _) = base.rsplit_once('/').unwrap();
     format!("{prefix}/{name}")
@@ -29,10 +26,7 @@ pub async fn fresh_pg_url() -> String {
 
 fn rand_bytes() -> [u8; 6] {
     let mut b = [0u8; 6];
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
     let pid = std::process::id() as u128;
     let x = t ^ (pid << 64) ^ (&b as *const _ as usize as u128);
     b.copy_from_slice(&x.to_le_bytes()[..6]);
@@ -49,19 +43,11 @@ pub async fn sqlite() -> Db {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("ca.db").display());
     let store = Store::connect(&url, true).await.unwrap();
-    Db {
-        url,
-        store,
-        _dir: Some(dir),
-    }
+    Db { url, store, _dir: Some(dir) }
 }
 
 pub async fn postgres() -> Db {
     let url = fresh_pg_url().await;
     let store = Store::connect(&url, true).await.unwrap();
-    Db {
-        url,
-        store,
-        _dir: None,
-    }
+    Db { url, store, _dir: None }
 }
