@@ -542,6 +542,7 @@ fn run(cmd: Cmd, output: Output) -> Result<()> {
                 cluster: a.cluster,
                 operator: ca_core::ceremony::default_operator(),
                 file_keys: a.file_keys,
+                with_cluster: true,
             };
             if opts.file_keys || hsm::softhsm::find_module().is_none() {
                 eprintln!(
@@ -559,6 +560,10 @@ fn run(cmd: Cmd, output: Output) -> Result<()> {
 }
 
 fn quickstart_text(r: &ca_core::quickstart::Report) -> String {
+    // The CLI's quickstart always builds the cluster tier.
+    let none = PathBuf::new();
+    let cluster_cert = r.cluster_cert.as_ref().unwrap_or(&none);
+    let cacerts_dir = r.cacerts_dir.as_ref().unwrap_or(&none);
     let custody = match &r.hsm_module {
         Some(m) => format!("SoftHSM2 token {:?} ({})", ca_core::quickstart::TOKEN_LABEL, m.display()),
         None => "file keys (no HSM)".into(),
@@ -566,8 +571,8 @@ fn quickstart_text(r: &ca_core::quickstart::Report) -> String {
     let mut s = format!("quickstart hierarchy in {}\n  key custody:  {custody}\n", r.dir.display());
     s.push_str(&format!("  root:         {}\n", r.root_cert.display()));
     s.push_str(&format!("  environment:  {}\n", r.environment_cert.display()));
-    s.push_str(&format!("  cluster:      {}\n", r.cluster_cert.display()));
-    s.push_str(&format!("  istiod files: {}\n", r.cacerts_dir.display()));
+    s.push_str(&format!("  cluster:      {}\n", cluster_cert.display()));
+    s.push_str(&format!("  istiod files: {}\n", cacerts_dir.display()));
     s.push_str("  ceremonies:\n");
     for c in &r.ceremonies {
         s.push_str(&format!("    {}\n", c.display()));
@@ -583,8 +588,8 @@ fn quickstart_text(r: &ca_core::quickstart::Report) -> String {
         "Next: ca-cli verify --root {} --chain {} {}\n      kubectl apply -f {}",
         r.root_cert.display(),
         r.environment_cert.display(),
-        r.cluster_cert.display(),
-        r.cacerts_dir.join("cacerts.yaml").display()
+        cluster_cert.display(),
+        cacerts_dir.join("cacerts.yaml").display()
     ));
     s
 }

@@ -18,6 +18,9 @@ pub struct Options {
     pub operator: String,
     /// Use file keys even when SoftHSM2 is installed.
     pub file_keys: bool,
+    /// Also make the cluster intermediate and its istiod bundle offline. `ca-server --dev`
+    /// stops at the environment: clusters enrol online.
+    pub with_cluster: bool,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -28,11 +31,11 @@ pub struct Report {
     pub softhsm_conf: Option<PathBuf>,
     pub root_key: String,
     pub environment_key: String,
-    pub cluster_key: String,
+    pub cluster_key: Option<String>,
     pub root_cert: PathBuf,
     pub environment_cert: PathBuf,
-    pub cluster_cert: PathBuf,
-    pub cacerts_dir: PathBuf,
+    pub cluster_cert: Option<PathBuf>,
+    pub cacerts_dir: Option<PathBuf>,
     pub ceremonies: Vec<PathBuf>,
     pub transcripts: Vec<PathBuf>,
 }
@@ -169,6 +172,7 @@ pub fn run(opts: &Options) -> Result<Report> {
         ),
     ];
     let mut ceremonies = Vec::new();
+    let steps = steps.into_iter().take(if opts.with_cluster { usize::MAX } else { 5 });
     for (name, yaml) in steps {
         let path = cer_dir.join(name);
         std::fs::write(&path, yaml).map_err(|e| CoreError::io(&path, e))?;
@@ -176,6 +180,25 @@ pub fn run(opts: &Options) -> Result<Report> {
         ceremonies.push(path);
     }
 
+    let mut transcripts: Vec<PathBuf> = [&root_dir, &env_dir].iter().map(|d| d.join(TRANSCRIPT_FILE)).collect();
+    if !opts.with_cluster {
+        let _ = std::fs::remove_dir_all(dir.join("clusters"));
+        return Ok(Report {
+            dir: dir.clone(),
+            hsm_module: module,
+            softhsm_conf: conf,
+            root_key,
+            environment_key: env_key,
+            cluster_key: None,
+            root_cert,
+            environment_cert: env_cert,
+            cluster_cert: None,
+            cacerts_dir: None,
+            ceremonies,
+            transcripts,
+        });
+    }
+    transcripts.push(cluster_dir.join(TRANSCRIPT_FILE));
     let cacerts_dir = cluster_dir.join("cacerts");
     let key_ref: hsm::KeyRef = cluster_key.parse()?;
     write_cacerts(
@@ -194,12 +217,12 @@ pub fn run(opts: &Options) -> Result<Report> {
         softhsm_conf: conf,
         root_key,
         environment_key: env_key,
-        cluster_key,
+        cluster_key: Some(cluster_key),
         root_cert,
         environment_cert: env_cert,
-        cluster_cert,
-        cacerts_dir,
+        cluster_cert: Some(cluster_cert),
+        cacerts_dir: Some(cacerts_dir),
         ceremonies,
-        transcripts: [&root_dir, &env_dir, &cluster_dir].iter().map(|d| d.join(TRANSCRIPT_FILE)).collect(),
+        transcripts,
     })
 }

@@ -1,1 +1,227 @@
-fn main() {}
+//! `ca-server`: online issuance and renewal of cluster intermediates, revocation with CRLs,
+//! inventory and a tamper-evident audit trail, on SQLite or PostgreSQL.
+#![forbid(unsafe_code)]
+
+mod api;
+mod auth;
+mod checkpoint;
+mod config;
+mod dev;
+mod error;
+mod jobs;
+mod metrics;
+mod state;
+mod tls;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use axum::http::HeaderName;
+use clap::Parser;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+
+use crate::config::Config;
+use crate::state::{AppState, Inner, Issuer};
+
+#[derive(Parser)]
+#[command(
+    name = "ca-server",
+    version,
+    about = "Online CA for cluster intermediates: issuance, renewal, revocation, audit"
+)]
+struct Args {
+    /// The TOML configuration (every key can be overridden with CA_SERVER_<SECTION>__<KEY>).
+    #[arg(long, required_unless_present = "dev", conflicts_with = "dev")]
+    config: Option<PathBuf>,
+    /// Start a throwaway setup on loopback in --dev-dir (created on first use).
+    #[arg(long)]
+    dev: bool,
+    #[arg(long, default_value = "pki-dev")]
+    dev_dir: PathBuf,
+    /// Listen address, overriding the configuration (port 0 picks a free port).
+    #[arg(long)]
+    listen: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let args = match Args::try_parse() {
+        Ok(a) => a,
+        Err(e) if matches!(e.kind(), clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion) => {
+            e.exit()
+        }
+        Err(e) => {
+            let text = e.render().to_string();
+            let parts: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with("Usage:") && !l.starts_with("For more information"))
+                .collect();
+            eprintln!("{}", parts.join(" "));
+            return ExitCode::from(2);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let chain: Vec<String> = e.chain().map(|c| c.to_string().replace('\n', " ")).collect();
+            eprintln!("error: {}", chain.join(": "));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(cfg: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CA_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{},cryptoki=off,sqlx=warn", cfg.log.level)));
+    let builder = tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter);
+    if cfg.log.format == "json" {
+        builder.json().flatten_event(true).with_current_span(true).init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn load_jwks(cfg: &config::AuthConfig) -> Result<jsonwebtoken::jwk::JwkSet> {
+    if let Some(path) = &cfg.jwks_file {
+        let text = std::fs::read_to_string(path).with_context(|| format!("auth.jwks_file {}", path.display()))?;
+        return serde_json::from_str(&text).with_context(|| format!("auth.jwks_file {}: not a JWKS", path.display()));
+    }
+    let url = cfg.jwks_url.as_deref().expect("validated: file or url");
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?;
+    let jwks =
+        client.get(url).send().await.and_then(|r| r.error_for_status()).with_context(|| format!("fetching {url}"))?;
+    jwks.json().await.with_context(|| format!("{url}: not a JWKS"))
+}
+
+async fn run(args: Args) -> Result<()> {
+    let dev = if args.dev { Some(dev::prepare(&args.dev_dir)?) } else { None };
+    let config_path = match (&dev, &args.config) {
+        (Some(d), _) => d.config.clone(),
+        (None, Some(c)) => c.clone(),
+        (None, None) => bail!("give --config FILE or --dev"),
+    };
+    let mut cfg = Config::load(&config_path)?;
+    if let Some(l) = args.listen {
+        cfg.listen = l;
+    }
+    init_logging(&cfg);
+    if let Some(d) = &dev {
+        if d.file_keys {
+            tracing::warn!(
+                "SoftHSM2 is not installed: the dev root and environment keys are PLAIN FILES under {}. For trying things out only.",
+                d.dir.display()
+            );
+        }
+    }
+
+    let store = ca_core::store::Store::connect(&cfg.database.url, cfg.database.migrate).await.context("database")?;
+    let mut issuers = BTreeMap::new();
+    for ic in &cfg.issuers {
+        let issuer = Arc::new(Issuer::load(ic)?);
+        let i = issuer.clone();
+        match tokio::time::timeout(Duration::from_secs(10), tokio::task::spawn_blocking(move || i.reconnect())).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => {
+                tracing::error!(issuer = %issuer.name, error = %format!("{e:#}"), "issuer key unavailable at start; will retry")
+            }
+            _ => tracing::error!(issuer = %issuer.name, "issuer key did not answer at start; will retry"),
+        }
+        issuers.insert(ic.name.clone(), issuer);
+    }
+    let jwks = load_jwks(&cfg.auth).await?;
+    let audit_signer = checkpoint::open_audit_key(&cfg.audit.key)?;
+    let tls_config = tls::server_config(&cfg.tls)?;
+    let state = AppState::new(Inner {
+        auth: auth::Auth::new(cfg.auth.clone(), jwks),
+        config: cfg.clone(),
+        store,
+        issuers,
+        metrics: metrics::Metrics::new(),
+        instance: uuid::Uuid::new_v4().to_string(),
+        audit_signer: Arc::new(RwLock::new(Some(audit_signer))),
+    });
+
+    if cfg.auth.jwks_url.is_some() {
+        let s = state.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(600)).await;
+                match load_jwks(&s.config.auth).await {
+                    Ok(j) => s.auth.set_jwks(j),
+                    Err(e) => {
+                        tracing::warn!(error = %format!("{e:#}"), "JWKS refresh failed; keeping the previous keys")
+                    }
+                }
+            }
+        });
+    }
+
+    let request_id = HeaderName::from_static("x-request-id");
+    let app = api::router(state.clone())
+        .layer(PropagateRequestIdLayer::new(request_id.clone()))
+        .layer(TraceLayer::new_for_http().make_span_with(|req: &axum::http::Request<_>| {
+            let id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+            tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id = %id)
+        }))
+        .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid));
+
+    let listener =
+        tokio::net::TcpListener::bind(&cfg.listen).await.with_context(|| format!("listening on {}", cfg.listen))?;
+    let addr = listener.local_addr()?;
+    let url = format!("https://{addr}");
+    // Machine-readable first line: tests and scripts wait for it.
+    println!("ca-server listening on {url}");
+    tracing::info!(%url, database = state.store.backend(), issuers = cfg.issuers.len(), "ca-server started");
+    if let Some(d) = &dev {
+        let vars = dev::write_env(d, &url, &cfg.database.url)?;
+        print_dev_help(d, &vars);
+    }
+    jobs::spawn(state.clone());
+
+    tokio::select! {
+        r = tls::serve(listener, tls_config, app) => r,
+        _ = shutdown_signal() => {
+            tracing::info!("shutting down");
+            state.store.close().await;
+            Ok(())
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term => {},
+    }
+}
+
+fn print_dev_help(d: &dev::DevSetup, vars: &[(String, String)]) {
+    let get = |k: &str| vars.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str()).unwrap_or("");
+    println!(
+        "\ndev setup in {dir}{created}\n  environment: {env} (trust domain cluster.local), key custody: {custody}\n  settings and operator tokens: {dir}/dev.env\n\nTry:\n  source {dir}/dev.env\n  curl --cacert \"$CA_ROOT_CERT\" \"$CA_SERVER_URL/readyz\"\n  curl --cacert \"$CA_ROOT_CERT\" -H \"Authorization: Bearer $CA_ADMIN_TOKEN\" -H 'content-type: application/json' \\\n       -d '{{\"name\":\"dev-1\",\"environment\":\"dev\",\"trust_domain\":\"cluster.local\"}}' \"$CA_SERVER_URL/v1/clusters\"\n  # approve it as the second operator (two-person rule), using the request_id printed above:\n  curl --cacert \"$CA_ROOT_CERT\" -H \"Authorization: Bearer $CA_APPROVER_TOKEN\" -X POST \"$CA_SERVER_URL/v1/requests/<request_id>/approve\"\n  # enrol from the cluster with the enrolment_token, then renew over mTLS:\n  CA_ENROLMENT_TOKEN=<enrolment_token> ca-cli cluster renew --server \"$CA_SERVER_URL\" --ca-root \"$CA_ROOT_CERT\" --cluster dev-1 --state-dir ./cacerts-dev-1\n  ca-cli audit verify --database \"$CA_DATABASE_URL\" --audit-key \"$CA_AUDIT_PUBLIC_KEY\"\n",
+        dir = d.dir.display(),
+        created = if d.created { " (created now)" } else { " (reused)" },
+        env = get("CA_ENVIRONMENT"),
+        custody = if d.file_keys { "FILE KEYS (SoftHSM2 not installed)" } else { "SoftHSM2" },
+    );
+}

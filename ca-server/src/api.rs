@@ -1,0 +1,1051 @@
+//! The REST API. Handlers translate HTTP to ca-core and storage calls; every state change
+//! commits together with its audit record, and every refusal is audited by `audit_denials`.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, MatchedPath, Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use base64::Engine;
+use ca_core::cert::CertInfo;
+use ca_core::crl::Reason;
+use ca_core::csr::VerifiedCsr;
+use ca_core::profile::{CertRequest, ProfileKind};
+use ca_core::store::{ApprovalRequest, AuditEvent, CertFilter, CertRecord, ClusterRecord, CrlRecord, Tx, now_secs};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use sha2::Digest;
+use time::OffsetDateTime;
+use utoipa::{IntoParams, OpenApi, ToSchema};
+
+use crate::auth::{Operator, Role};
+use crate::error::{ApiError, Denied, Problem};
+use crate::metrics::RouteLabels;
+use crate::state::{AppState, Issuer};
+
+/// What the TLS layer learned about the connection.
+#[derive(Clone, Debug)]
+pub struct ConnInfo {
+    pub remote: SocketAddr,
+    /// DER of the client certificate, when one was presented (and proved possession of).
+    pub peer_cert: Option<Vec<u8>>,
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/v1/openapi.json", get(openapi))
+        .route("/v1/issuers", get(list_issuers))
+        .route("/v1/clusters", post(register_cluster).get(list_clusters))
+        .route("/v1/clusters/{name}", get(get_cluster))
+        .route("/v1/clusters/{name}/intermediate", post(issue_intermediate))
+        .route("/v1/requests", get(list_requests))
+        .route("/v1/requests/{id}/approve", post(approve_request))
+        .route("/v1/requests/{id}/reject", post(reject_request))
+        .route("/v1/certificates", get(list_certificates))
+        .route("/v1/certificates/{serial}", get(get_certificate))
+        .route("/v1/certificates/{serial}/revoke", post(revoke_certificate))
+        .route("/v1/crl/{issuer}", get(get_crl))
+        .route("/v1/audit", get(list_audit))
+        .fallback(|| async { ApiError::not_found("no such endpoint") })
+        .layer(axum::middleware::from_fn_with_state(state.clone(), audit_denials))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), observe))
+        .with_state(state)
+}
+
+/// Records latency per route.
+async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let method = req.method().to_string();
+    let route = req.extensions().get::<MatchedPath>().map_or("unmatched".to_string(), |m| m.as_str().to_string());
+    let resp = next.run(req).await;
+    let labels = RouteLabels { method, route, status: resp.status().as_u16().to_string() };
+    state.metrics.latency.get_or_create(&labels).observe(start.elapsed().as_secs_f64());
+    resp
+}
+
+/// Appends every refused request (any 4xx) to the audit trail.
+async fn audit_denials(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let method = req.method().to_string();
+    let path = req.uri().path().to_string();
+    let remote = req.extensions().get::<ConnInfo>().map(|c| c.remote.to_string());
+    let resp = next.run(req).await;
+    if resp.status().is_client_error() {
+        let denied = resp.extensions().get::<Denied>().cloned();
+        let (code, detail, actor) = match denied {
+            Some(d) => (d.code.to_string(), d.detail, d.actor),
+            None => ("rejected".to_string(), resp.status().to_string(), None),
+        };
+        let event = AuditEvent::new(
+            actor.unwrap_or_else(|| "anonymous".into()),
+            "request.denied",
+            format!("{method} {path}"),
+            json!({"status": resp.status().as_u16(), "code": code, "detail": detail, "remote": remote}),
+        );
+        if let Err(e) = state.store.audit(event).await {
+            tracing::error!(error = %e, "could not audit a denied request");
+        }
+    }
+    resp
+}
+
+/// A JSON body, read up to the configured limit. Malformed or oversized bodies are refused
+/// with a problem document (and so audited).
+pub struct Body<T>(pub T);
+
+impl<T: serde::de::DeserializeOwned> FromRequest<AppState> for Body<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        let limit = state.config.policy.max_body_bytes;
+        let bytes = axum::body::to_bytes(req.into_body(), limit).await.map_err(|_| {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload-too-large",
+                format!("request bodies are limited to {limit} bytes"),
+            )
+        })?;
+        serde_json::from_slice(&bytes)
+            .map(Body)
+            .map_err(|e| ApiError::bad_request("malformed-json", format!("request body: {e}")))
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "ca-server", description = "Online issuance, renewal and revocation of cluster intermediates, with an audit trail."),
+    paths(
+        healthz, readyz, list_issuers, register_cluster, list_clusters, get_cluster, issue_intermediate, list_requests,
+        approve_request, reject_request, list_certificates, get_certificate, revoke_certificate, get_crl, list_audit
+    ),
+    components(schemas(
+        Problem, RegisterCluster, RegisterResponse, ClusterView, IntermediateRequest, IntermediateResponse, RequestView,
+        CertificateView, RevokeRequest, IssuerView, AuditView, Ready
+    )),
+    modifiers(&BearerAuth)
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).bearer_format("JWT").build()),
+        );
+    }
+}
+
+async fn openapi() -> impl IntoResponse {
+    Json(ApiDoc::openapi())
+}
+
+#[utoipa::path(get, path = "/healthz", responses((status = 200, description = "The process is up")))]
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+#[derive(Serialize, ToSchema)]
+struct Ready {
+    ready: bool,
+    database: bool,
+    /// Whether each issuer's key answered its last probe.
+    issuers: std::collections::BTreeMap<String, bool>,
+}
+
+#[utoipa::path(get, path = "/readyz", responses((status = 200, body = Ready), (status = 503, body = Ready)))]
+async fn readyz(State(state): State<AppState>) -> Response {
+    let database =
+        tokio::time::timeout(std::time::Duration::from_secs(2), state.store.ping()).await.is_ok_and(|r| r.is_ok());
+    let issuers: std::collections::BTreeMap<String, bool> =
+        state.issuers.iter().map(|(n, i)| (n.clone(), i.is_healthy())).collect();
+    let ready = database && issuers.values().all(|v| *v);
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(Ready { ready, database, issuers })).into_response()
+}
+
+async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], state.metrics.encode())
+}
+
+#[derive(Serialize, ToSchema)]
+struct IssuerView {
+    name: String,
+    subject: String,
+    not_after: String,
+    trust_domains: Vec<String>,
+    healthy: bool,
+    /// The issuer certificate followed by its chain to the root, PEM.
+    chain: Vec<String>,
+}
+
+#[utoipa::path(get, path = "/v1/issuers", responses((status = 200, body = [IssuerView])))]
+async fn list_issuers(State(state): State<AppState>) -> Json<Vec<IssuerView>> {
+    Json(
+        state
+            .issuers
+            .values()
+            .map(|i| IssuerView {
+                name: i.name.clone(),
+                subject: i.cert.subject.clone(),
+                not_after: ca_core::error::fmt_time(i.cert.not_after),
+                trust_domains: i.trust_domains(),
+                healthy: i.is_healthy(),
+                chain: std::iter::once(&i.cert).chain(&i.chain).map(CertInfo::pem).collect(),
+            })
+            .collect(),
+    )
+}
+
+// ---- clusters -----------------------------------------------------------------------------
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+struct RegisterCluster {
+    /// Lowercase letters, digits and '-', at most 63 characters.
+    name: String,
+    /// The environment (issuer) the cluster belongs to.
+    environment: String,
+    /// Must be one of the environment's trust domains.
+    trust_domain: String,
+}
+
+#[derive(Serialize, ToSchema)]
+struct RegisterResponse {
+    cluster: String,
+    status: String,
+    request_id: String,
+    /// One-time enrolment token. Usable once the registration is approved, until it expires.
+    /// Only its hash is stored.
+    enrolment_token: String,
+    enrolment_expires_at: i64,
+}
+
+#[derive(Serialize, ToSchema)]
+struct ClusterView {
+    name: String,
+    environment: String,
+    trust_domain: String,
+    status: String,
+    request_id: String,
+    enrolment_expires_at: Option<i64>,
+    enrolled_at: Option<i64>,
+    created_by: String,
+    created_at: i64,
+}
+
+impl From<ClusterRecord> for ClusterView {
+    fn from(c: ClusterRecord) -> Self {
+        ClusterView {
+            name: c.name,
+            environment: c.environment,
+            trust_domain: c.trust_domain,
+            status: c.status,
+            request_id: c.request_id,
+            enrolment_expires_at: c.enrolment_expires_at,
+            enrolled_at: c.enrolled_at,
+            created_by: c.created_by,
+            created_at: c.created_at,
+        }
+    }
+}
+
+fn valid_cluster_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 63
+        && n.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !n.starts_with('-')
+        && !n.ends_with('-')
+}
+
+fn token_hash(token: &str) -> String {
+    hex::encode(sha2::Sha256::digest(token.as_bytes()))
+}
+
+/// 256 random bits; the `pet_` prefix makes leaked tokens easy to spot in scanners.
+fn new_token() -> String {
+    let mut b = [0u8; 32];
+    aws_lc_rs::rand::fill(&mut b).expect("system RNG");
+    format!("pet_{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b))
+}
+
+/// Registers a cluster. Takes effect when a different operator approves the request.
+#[utoipa::path(post, path = "/v1/clusters", request_body = RegisterCluster,
+    responses((status = 202, body = RegisterResponse), (status = 400, body = Problem), (status = 401, body = Problem), (status = 409, body = Problem)),
+    security(("bearer" = [])))]
+async fn register_cluster(
+    State(state): State<AppState>,
+    op: Operator,
+    Body(req): Body<RegisterCluster>,
+) -> Result<Response, ApiError> {
+    op.require(&[Role::Operator, Role::Admin], "registering a cluster")?;
+    if !valid_cluster_name(&req.name) {
+        return Err(ApiError::bad_request(
+            "invalid-name",
+            "cluster names use lowercase letters, digits and '-' (at most 63)",
+        )
+        .by(op.actor()));
+    }
+    let issuer = state.issuers.get(&req.environment).ok_or_else(|| {
+        ApiError::bad_request("unknown-environment", format!("no environment {:?} is served here", req.environment))
+            .by(op.actor())
+    })?;
+    let td: ca_core::names::TrustDomain = req
+        .trust_domain
+        .parse()
+        .map_err(|e| ApiError::bad_request("invalid-trust-domain", format!("{e}")).by(op.actor()))?;
+    let served = issuer.trust_domains();
+    if !served.is_empty() && !served.contains(&td.to_string()) {
+        return Err(ApiError::bad_request(
+            "invalid-trust-domain",
+            format!("environment {} serves {}, not {td}", issuer.name, served.join(", ")),
+        )
+        .by(op.actor()));
+    }
+    let now = now_secs();
+    let token = new_token();
+    let expires = now + state.config.policy.enrolment_token_ttl.duration().whole_seconds();
+    let request_id = uuid::Uuid::new_v4().to_string();
+    let payload = json!({"name": req.name, "environment": req.environment, "trust_domain": td.to_string()});
+    let mut tx = state.store.write().await?;
+    tx.insert_cluster(&ClusterRecord {
+        name: req.name.clone(),
+        environment: req.environment.clone(),
+        trust_domain: td.to_string(),
+        status: "pending".into(),
+        request_id: request_id.clone(),
+        enrolment_token_hash: Some(token_hash(&token)),
+        enrolment_expires_at: Some(expires),
+        enrolled_at: None,
+        created_by: op.name.clone(),
+        created_at: now,
+    })
+    .await
+    .map_err(|e| ApiError::from(e).by(op.actor()))?;
+    tx.insert_request(&ApprovalRequest {
+        id: request_id.clone(),
+        kind: "register-cluster".into(),
+        subject: req.name.clone(),
+        payload: payload.to_string(),
+        requested_by: op.name.clone(),
+        requested_at: now,
+        status: "pending".into(),
+        decided_by: None,
+        decided_at: None,
+    })
+    .await?;
+    tx.audit(AuditEvent::new(
+        op.actor(),
+        "cluster.register.requested",
+        &req.name,
+        json!({"request_id": request_id, "cluster": payload}),
+    ))
+    .await?;
+    tx.commit().await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(RegisterResponse {
+            cluster: req.name,
+            status: "pending-approval".into(),
+            request_id,
+            enrolment_token: token,
+            enrolment_expires_at: expires,
+        }),
+    )
+        .into_response())
+}
+
+#[utoipa::path(get, path = "/v1/clusters", responses((status = 200, body = [ClusterView])), security(("bearer" = [])))]
+async fn list_clusters(State(state): State<AppState>, op: Operator) -> Result<Json<Vec<ClusterView>>, ApiError> {
+    op.require(&[Role::Operator, Role::Admin, Role::Auditor], "listing clusters")?;
+    Ok(Json(state.store.list_clusters().await?.into_iter().map(Into::into).collect()))
+}
+
+#[utoipa::path(get, path = "/v1/clusters/{name}", responses((status = 200, body = ClusterView), (status = 404, body = Problem)), security(("bearer" = [])))]
+async fn get_cluster(
+    State(state): State<AppState>,
+    op: Operator,
+    Path(name): Path<String>,
+) -> Result<Json<ClusterView>, ApiError> {
+    op.require(&[Role::Operator, Role::Admin, Role::Auditor], "reading clusters")?;
+    let c = state
+        .store
+        .get_cluster(&name)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no cluster {name:?}")).by(op.actor()))?;
+    Ok(Json(c.into()))
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+struct IntermediateRequest {
+    /// PEM CSR for the cluster intermediate. Only its public key is used.
+    csr: String,
+}
+
+#[derive(Serialize, ToSchema)]
+struct IntermediateResponse {
+    serial: String,
+    not_after: String,
+    /// The new cluster intermediate (PEM).
+    certificate: String,
+    /// The intermediate, then each parent up to and including the root (PEM): istiod's
+    /// `cert-chain.pem`.
+    chain: Vec<String>,
+    /// Roots to trust (PEM): istiod's `root-cert.pem`.
+    trust_bundle: Vec<String>,
+}
+
+enum Caller {
+    Enrolment { token_hash: String },
+    Renewal { serial: String },
+}
+
+/// Enrols (first time, with the enrolment token as `Authorization: Bearer`) or renews (over
+/// mTLS with the cluster's current, unexpired, unrevoked intermediate) a cluster intermediate.
+#[utoipa::path(post, path = "/v1/clusters/{name}/intermediate", request_body = IntermediateRequest,
+    responses((status = 200, body = IntermediateResponse), (status = 400, body = Problem), (status = 401, body = Problem),
+        (status = 404, body = Problem), (status = 409, body = Problem), (status = 503, body = Problem)))]
+async fn issue_intermediate(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    conn: Option<Extension<ConnInfo>>,
+    headers: HeaderMap,
+    Body(req): Body<IntermediateRequest>,
+) -> Result<Json<IntermediateResponse>, ApiError> {
+    let actor = format!("cluster:{name}");
+    let deny = |e: ApiError| e.by(actor.clone());
+    let cluster = state
+        .store
+        .get_cluster(&name)
+        .await?
+        .ok_or_else(|| deny(ApiError::not_found(format!("no cluster {name:?}"))))?;
+    let now = now_secs();
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let peer = conn.as_ref().and_then(|c| c.peer_cert.clone());
+    let caller = if let Some(token) = bearer {
+        let h = token_hash(token);
+        let usable = cluster.status == "active"
+            && cluster.enrolled_at.is_none()
+            && cluster.enrolment_token_hash.as_deref() == Some(h.as_str())
+            && cluster.enrolment_expires_at.is_some_and(|e| e > now);
+        if !usable {
+            if cluster.status == "pending" && cluster.enrolment_token_hash.as_deref() == Some(h.as_str()) {
+                return Err(deny(ApiError::conflict(
+                    "cluster-not-active",
+                    "the cluster's registration awaits approval by a second operator",
+                )));
+            }
+            return Err(deny(ApiError::unauthenticated(
+                "enrolment-token-invalid",
+                "the enrolment token is invalid, expired or already used",
+            )));
+        }
+        Caller::Enrolment { token_hash: h }
+    } else if let Some(der) = peer {
+        let fp = hex::encode(sha2::Sha256::digest(&der));
+        let rec = state.store.get_certificate_by_fingerprint(&fp).await?;
+        let rec = match rec {
+            Some(r) if r.cluster.as_deref() == Some(name.as_str()) => r,
+            _ => {
+                return Err(deny(ApiError::unauthenticated(
+                    "client-certificate-rejected",
+                    "the client certificate is not an intermediate of this cluster",
+                )));
+            }
+        };
+        if rec.revoked_at.is_some() {
+            return Err(deny(ApiError::unauthenticated(
+                "client-certificate-revoked",
+                format!("intermediate {} is revoked; enrol again", rec.serial),
+            )));
+        }
+        if rec.not_after <= now {
+            return Err(deny(ApiError::unauthenticated(
+                "client-certificate-expired",
+                format!("intermediate {} has expired; enrol again", rec.serial),
+            )));
+        }
+        if cluster.status != "active" {
+            return Err(deny(ApiError::conflict(
+                "cluster-not-active",
+                format!("cluster {name} is {}", cluster.status),
+            )));
+        }
+        Caller::Renewal { serial: rec.serial }
+    } else {
+        return Err(deny(ApiError::unauthenticated(
+            "unauthenticated",
+            "enrol with the enrolment token (Authorization: Bearer) or renew over mTLS with the current intermediate",
+        )));
+    };
+
+    let csr = VerifiedCsr::parse(req.csr.as_bytes()).map_err(|e| deny(crate::state::map_core(e.into())))?;
+    let issuer = state.issuer(&cluster.environment)?.clone();
+    let request = cluster_request(&state, &issuer, &cluster, csr.public_key().clone()).map_err(&deny)?;
+    let result = issuer.with_key(state.hsm_timeout(), move |ca| ca_core::issue::issue(ca, &request)).await;
+    let issued = match result {
+        Ok(i) => i,
+        Err(e) => {
+            state.metrics.issued(&issuer.name, "cluster", "error");
+            return Err(deny(e));
+        }
+    };
+    let cert = issued.cert;
+    let (via, renewed_from) = match &caller {
+        Caller::Enrolment { .. } => ("enrolment", None),
+        Caller::Renewal { serial } => ("renewal", Some(serial.clone())),
+    };
+    let mut tx = state.store.write().await?;
+    if let Caller::Enrolment { token_hash } = &caller {
+        // Spent in the same transaction that records the certificate: a replayed token loses
+        // the race here and its certificate is never recorded nor returned.
+        if !tx.consume_enrolment(&name, token_hash, now).await? {
+            drop(tx);
+            return Err(deny(ApiError::unauthenticated(
+                "enrolment-token-invalid",
+                "the enrolment token is invalid, expired or already used",
+            )));
+        }
+    }
+    let record = cert_record(&cert, &issuer.name, Some(&name), "cluster", &actor);
+    tx.insert_certificate(&record).await?;
+    tx.audit(AuditEvent::new(
+        &actor,
+        "certificate.issued",
+        &cert.serial,
+        json!({"cluster": name, "issuer": issuer.name, "profile": "cluster", "via": via, "renewed_from": renewed_from,
+               "not_after": record.not_after, "sha256_fingerprint": record.fingerprint}),
+    ))
+    .await?;
+    tx.commit().await?;
+    state.metrics.issued(&issuer.name, "cluster", "ok");
+    let chain: Vec<String> = std::iter::once(&cert).chain(&issuer_chain(&issuer)).map(CertInfo::pem).collect();
+    Ok(Json(IntermediateResponse {
+        serial: cert.serial.clone(),
+        not_after: ca_core::error::fmt_time(cert.not_after),
+        certificate: cert.pem(),
+        chain,
+        trust_bundle: issuer.roots.iter().map(CertInfo::pem).collect(),
+    }))
+}
+
+/// The issuer followed by its parents (the chain a cluster certificate needs above it).
+fn issuer_chain(issuer: &Issuer) -> Vec<CertInfo> {
+    std::iter::once(issuer.cert.clone()).chain(issuer.chain.iter().cloned()).collect()
+}
+
+fn cluster_request(
+    state: &AppState,
+    issuer: &Issuer,
+    cluster: &ClusterRecord,
+    key: hsm::PublicKey,
+) -> Result<CertRequest, ApiError> {
+    let mut subject = rcgen::DistinguishedName::new();
+    subject.push(rcgen::DnType::CommonName, format!("{} Cluster CA", cluster.name));
+    subject.push(rcgen::DnType::OrganizationalUnitName, cluster.environment.clone());
+    let not_before = ca_core::issue::default_not_before();
+    // Online issuance clamps to the issuer's lifetime instead of refusing: the environment's
+    // own rotation is what extends it.
+    let wanted = not_before + state.config.policy.cluster_validity.duration();
+    let not_after = wanted.min(issuer.cert.not_after);
+    if not_after <= OffsetDateTime::now_utc() + time::Duration::hours(1) {
+        return Err(ApiError::unavailable(
+            "issuer-expiring",
+            format!("issuer {} expires at {}", issuer.name, ca_core::error::fmt_time(issuer.cert.not_after)),
+        ));
+    }
+    Ok(CertRequest {
+        profile: ProfileKind::Cluster,
+        subject,
+        subject_key: key,
+        not_before,
+        not_after,
+        path_len: None,
+        trust_domains: vec![
+            cluster.trust_domain.parse().map_err(|e| ApiError::internal(format!("stored trust domain: {e}")))?,
+        ],
+        name_constraints: false,
+        crl_urls: vec![],
+        ca_issuer_urls: vec![],
+        spiffe_id: None,
+        server_names: vec![],
+        subject_key_id: None,
+        exact_subject: None,
+    })
+}
+
+fn cert_record(cert: &CertInfo, issuer: &str, cluster: Option<&str>, profile: &str, requester: &str) -> CertRecord {
+    let sans: Vec<String> = cert.uris.iter().chain(&cert.dns_names).cloned().collect();
+    CertRecord {
+        serial: cert.serial.clone(),
+        issuer: issuer.into(),
+        cluster: cluster.map(Into::into),
+        profile: profile.into(),
+        subject: cert.subject.clone(),
+        sans: serde_json::to_string(&sans).expect("strings serialise"),
+        not_before: cert.not_before.unix_timestamp(),
+        not_after: cert.not_after.unix_timestamp(),
+        fingerprint: cert.fingerprint(),
+        requester: requester.into(),
+        pem: cert.pem(),
+        issued_at: now_secs(),
+        revoked_at: None,
+        revocation_reason: None,
+    }
+}
+
+// ---- two-person rule ----------------------------------------------------------------------
+
+#[derive(Serialize, ToSchema)]
+struct RequestView {
+    id: String,
+    kind: String,
+    subject: String,
+    payload: serde_json::Value,
+    requested_by: String,
+    requested_at: i64,
+    status: String,
+    decided_by: Option<String>,
+    decided_at: Option<i64>,
+}
+
+impl From<ApprovalRequest> for RequestView {
+    fn from(r: ApprovalRequest) -> Self {
+        RequestView {
+            id: r.id,
+            kind: r.kind,
+            subject: r.subject,
+            payload: serde_json::from_str(&r.payload).unwrap_or(serde_json::Value::Null),
+            requested_by: r.requested_by,
+            requested_at: r.requested_at,
+            status: r.status,
+            decided_by: r.decided_by,
+            decided_at: r.decided_at,
+        }
+    }
+}
+
+#[derive(Deserialize, IntoParams)]
+struct RequestQuery {
+    /// `pending`, `approved` or `rejected`.
+    status: Option<String>,
+}
+
+#[utoipa::path(get, path = "/v1/requests", params(RequestQuery), responses((status = 200, body = [RequestView])), security(("bearer" = [])))]
+async fn list_requests(
+    State(state): State<AppState>,
+    op: Operator,
+    Query(q): Query<RequestQuery>,
+) -> Result<Json<Vec<RequestView>>, ApiError> {
+    op.require(&[Role::Operator, Role::Admin, Role::Auditor], "listing requests")?;
+    Ok(Json(state.store.list_requests(q.status.as_deref()).await?.into_iter().map(Into::into).collect()))
+}
+
+/// Approves a pending request. The approver must not be the requester.
+#[utoipa::path(post, path = "/v1/requests/{id}/approve",
+    responses((status = 200, body = RequestView), (status = 403, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem)),
+    security(("bearer" = [])))]
+async fn approve_request(
+    State(state): State<AppState>,
+    op: Operator,
+    Path(id): Path<String>,
+) -> Result<Json<RequestView>, ApiError> {
+    decide(state, op, id, true).await
+}
+
+#[utoipa::path(post, path = "/v1/requests/{id}/reject",
+    responses((status = 200, body = RequestView), (status = 404, body = Problem), (status = 409, body = Problem)), security(("bearer" = [])))]
+async fn reject_request(
+    State(state): State<AppState>,
+    op: Operator,
+    Path(id): Path<String>,
+) -> Result<Json<RequestView>, ApiError> {
+    decide(state, op, id, false).await
+}
+
+async fn decide(state: AppState, op: Operator, id: String, approve: bool) -> Result<Json<RequestView>, ApiError> {
+    op.require(&[Role::Operator, Role::Admin], "deciding requests")?;
+    let mut tx = state.store.write().await?;
+    let req =
+        tx.get_request(&id).await?.ok_or_else(|| ApiError::not_found(format!("no request {id:?}")).by(op.actor()))?;
+    if req.status != "pending" {
+        return Err(
+            ApiError::conflict("already-decided", format!("request {id} is already {}", req.status)).by(op.actor())
+        );
+    }
+    if approve && req.requested_by == op.name {
+        return Err(
+            ApiError::forbidden("two-person-rule", "a different operator must approve this request").by(op.actor())
+        );
+    }
+    let now = now_secs();
+    let status = if approve { "approved" } else { "rejected" };
+    if !tx.decide_request(&id, status, &op.name, now).await? {
+        return Err(
+            ApiError::conflict("already-decided", format!("request {id} was decided concurrently")).by(op.actor())
+        );
+    }
+    tx.audit(AuditEvent::new(
+        op.actor(),
+        format!("request.{status}"),
+        &id,
+        json!({"kind": req.kind, "subject": req.subject, "requested_by": req.requested_by}),
+    ))
+    .await?;
+    let payload: serde_json::Value = serde_json::from_str(&req.payload).map_err(ApiError::internal)?;
+    match (req.kind.as_str(), approve) {
+        ("register-cluster", true) => {
+            tx.set_cluster_status(&req.subject, "active").await?;
+            tx.audit(AuditEvent::new(op.actor(), "cluster.registered", &req.subject, payload)).await?;
+        }
+        ("register-cluster", false) => {
+            tx.set_cluster_status(&req.subject, "rejected").await?;
+        }
+        ("revoke-certificate", true) => {
+            let reason = payload["reason"].as_str().unwrap_or("unspecified").to_string();
+            let serial = req.subject.clone();
+            let cert = tx
+                .get_certificate(&serial)
+                .await?
+                .ok_or_else(|| ApiError::not_found(format!("no certificate {serial}")))?;
+            if tx.revoke_certificate(&serial, &reason, now).await? {
+                tx.audit(AuditEvent::new(
+                    op.actor(),
+                    "certificate.revoked",
+                    &serial,
+                    json!({"reason": reason, "issuer": cert.issuer, "cluster": cert.cluster}),
+                ))
+                .await?;
+                let issuer = state.issuer(&cert.issuer)?.clone();
+                publish_crl(&state, &issuer, &mut tx, &op.actor()).await?;
+            }
+        }
+        _ => {}
+    }
+    tx.commit().await?;
+    let decided = state.store.get_request(&id).await?.ok_or_else(|| ApiError::internal("request vanished"))?;
+    Ok(Json(decided.into()))
+}
+
+// ---- inventory and revocation -------------------------------------------------------------
+
+#[derive(Serialize, ToSchema)]
+struct CertificateView {
+    serial: String,
+    issuer: String,
+    cluster: Option<String>,
+    profile: String,
+    subject: String,
+    sans: Vec<String>,
+    not_before: i64,
+    not_after: i64,
+    /// `valid`, `revoked` or `expired`.
+    status: String,
+    sha256_fingerprint: String,
+    requester: String,
+    issued_at: i64,
+    revoked_at: Option<i64>,
+    revocation_reason: Option<String>,
+    pem: String,
+}
+
+impl From<CertRecord> for CertificateView {
+    fn from(r: CertRecord) -> Self {
+        let status = if r.revoked_at.is_some() {
+            "revoked"
+        } else if r.not_after <= now_secs() {
+            "expired"
+        } else {
+            "valid"
+        };
+        CertificateView {
+            serial: r.serial,
+            issuer: r.issuer,
+            cluster: r.cluster,
+            profile: r.profile,
+            subject: r.subject,
+            sans: serde_json::from_str(&r.sans).unwrap_or_default(),
+            not_before: r.not_before,
+            not_after: r.not_after,
+            status: status.into(),
+            sha256_fingerprint: r.fingerprint,
+            requester: r.requester,
+            issued_at: r.issued_at,
+            revoked_at: r.revoked_at,
+            revocation_reason: r.revocation_reason,
+            pem: r.pem,
+        }
+    }
+}
+
+#[derive(Deserialize, IntoParams)]
+struct CertQuery {
+    cluster: Option<String>,
+    issuer: Option<String>,
+    /// `valid`, `revoked` or `expired`.
+    status: Option<String>,
+    /// A duration such as `30d`: valid certificates expiring within it.
+    expiring_within: Option<String>,
+    /// At most 1000; default 100.
+    limit: Option<i64>,
+}
+
+#[utoipa::path(get, path = "/v1/certificates", params(CertQuery), responses((status = 200, body = [CertificateView]), (status = 400, body = Problem)), security(("bearer" = [])))]
+async fn list_certificates(
+    State(state): State<AppState>,
+    op: Operator,
+    Query(q): Query<CertQuery>,
+) -> Result<Json<Vec<CertificateView>>, ApiError> {
+    op.require(&[Role::Operator, Role::Admin, Role::Auditor], "listing certificates")?;
+    if let Some(s) = &q.status {
+        if !matches!(s.as_str(), "valid" | "revoked" | "expired") {
+            return Err(ApiError::bad_request("invalid-query", "status is valid, revoked or expired").by(op.actor()));
+        }
+    }
+    let expiring = match &q.expiring_within {
+        Some(d) => Some(
+            d.parse::<ca_core::duration::Validity>()
+                .map_err(|e| ApiError::bad_request("invalid-query", format!("expiring_within: {e}")).by(op.actor()))?
+                .duration()
+                .whole_seconds(),
+        ),
+        None => None,
+    };
+    let filter = CertFilter {
+        cluster: q.cluster,
+        issuer: q.issuer,
+        status: q.status,
+        expiring_within_secs: expiring,
+        now: now_secs(),
+        limit: q.limit.unwrap_or(100).clamp(1, 1000),
+    };
+    Ok(Json(state.store.list_certificates(&filter).await?.into_iter().map(Into::into).collect()))
+}
+
+fn normalise_serial(s: &str) -> String {
+    let clean: String = s.chars().filter(|c| *c != ':').collect::<String>().to_ascii_lowercase();
+    clean.trim_start_matches("00").to_string()
+}
+
+#[utoipa::path(get, path = "/v1/certificates/{serial}", responses((status = 200, body = CertificateView), (status = 404, body = Problem)), security(("bearer" = [])))]
+async fn get_certificate(
+    State(state): State<AppState>,
+    op: Operator,
+    Path(serial): Path<String>,
+) -> Result<Json<CertificateView>, ApiError> {
+    op.require(&[Role::Operator, Role::Admin, Role::Auditor], "reading certificates")?;
+    let serial = normalise_serial(&serial);
+    let r = state
+        .store
+        .get_certificate(&serial)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no certificate {serial}")).by(op.actor()))?;
+    Ok(Json(r.into()))
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+struct RevokeRequest {
+    /// RFC 5280 reason: unspecified, key-compromise, ca-compromise, affiliation-changed,
+    /// superseded, cessation-of-operation, certificate-hold or privilege-withdrawn.
+    reason: String,
+}
+
+/// Asks to revoke a certificate. Takes effect when a different operator approves.
+#[utoipa::path(post, path = "/v1/certificates/{serial}/revoke", request_body = RevokeRequest,
+    responses((status = 202, body = RequestView), (status = 400, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem)),
+    security(("bearer" = [])))]
+async fn revoke_certificate(
+    State(state): State<AppState>,
+    op: Operator,
+    Path(serial): Path<String>,
+    Body(req): Body<RevokeRequest>,
+) -> Result<Response, ApiError> {
+    op.require(&[Role::Operator, Role::Admin], "revoking certificates")?;
+    let reason: Reason =
+        req.reason.parse().map_err(|e| ApiError::bad_request("invalid-reason", format!("{e}")).by(op.actor()))?;
+    let reason_name = serde_json::to_value(reason).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
+    let serial = normalise_serial(&serial);
+    let cert = state
+        .store
+        .get_certificate(&serial)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no certificate {serial}")).by(op.actor()))?;
+    if cert.revoked_at.is_some() {
+        return Err(
+            ApiError::conflict("already-revoked", format!("certificate {serial} is already revoked")).by(op.actor())
+        );
+    }
+    let now = now_secs();
+    let request = ApprovalRequest {
+        id: uuid::Uuid::new_v4().to_string(),
+        kind: "revoke-certificate".into(),
+        subject: serial.clone(),
+        payload: json!({"serial": serial, "reason": reason_name, "cluster": cert.cluster, "issuer": cert.issuer})
+            .to_string(),
+        requested_by: op.name.clone(),
+        requested_at: now,
+        status: "pending".into(),
+        decided_by: None,
+        decided_at: None,
+    };
+    let mut tx = state.store.write().await?;
+    tx.insert_request(&request).await?;
+    tx.audit(AuditEvent::new(
+        op.actor(),
+        "certificate.revoke.requested",
+        &serial,
+        json!({"request_id": request.id, "reason": reason_name}),
+    ))
+    .await?;
+    tx.commit().await?;
+    Ok((StatusCode::ACCEPTED, Json(RequestView::from(request))).into_response())
+}
+
+/// Signs a new CRL for `issuer` with the next CRL number, inside the caller's transaction.
+pub async fn publish_crl(
+    state: &AppState,
+    issuer: &std::sync::Arc<Issuer>,
+    tx: &mut Tx,
+    actor: &str,
+) -> Result<CrlRecord, ApiError> {
+    let revoked = tx.revoked_by_issuer(&issuer.name).await?;
+    let number = tx.get_crl(&issuer.name).await?.map_or(1, |c| c.number + 1);
+    let now = OffsetDateTime::now_utc().replace_nanosecond(0).expect("0 is valid");
+    let next = (now + state.config.crl.validity.duration()).min(issuer.cert.not_after);
+    let mut entries = Vec::new();
+    for r in &revoked {
+        let serial = ca_core::crl::parse_serial(&r.serial)
+            .map_err(|e| ApiError::internal(format!("stored serial {}: {e}", r.serial)))?;
+        entries.push(ca_core::crl::Revocation {
+            serial,
+            reason: r.revocation_reason.as_deref().and_then(|x| x.parse().ok()),
+            revoked_at: OffsetDateTime::from_unix_timestamp(r.revoked_at.unwrap_or(0)).map_err(ApiError::internal)?,
+        });
+    }
+    let req = ca_core::crl::CrlRequest { number: number as u64, this_update: now, next_update: next, revoked: entries };
+    let der = issuer.with_key(state.hsm_timeout(), move |ca| ca_core::crl::create_crl(ca, &req)).await?;
+    let rec = CrlRecord {
+        issuer: issuer.name.clone(),
+        number,
+        this_update: now.unix_timestamp(),
+        next_update: next.unix_timestamp(),
+        der: base64::engine::general_purpose::STANDARD.encode(&der),
+    };
+    tx.put_crl(&rec).await?;
+    tx.audit(AuditEvent::new(
+        actor,
+        "crl.published",
+        &issuer.name,
+        json!({"number": number, "revoked": revoked.len(), "next_update": rec.next_update}),
+    ))
+    .await?;
+    Ok(rec)
+}
+
+#[derive(Deserialize, IntoParams)]
+struct CrlQuery {
+    /// `pem` for PEM instead of DER.
+    format: Option<String>,
+}
+
+/// The issuer's current CRL: DER (`application/pkix-crl`), or PEM with `?format=pem` or
+/// `Accept: application/x-pem-file`.
+#[utoipa::path(get, path = "/v1/crl/{issuer}", params(CrlQuery),
+    responses((status = 200, description = "The CRL", content_type = "application/pkix-crl"), (status = 404, body = Problem), (status = 503, body = Problem)))]
+async fn get_crl(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    Query(q): Query<CrlQuery>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let issuer = state.issuer(&name)?.clone();
+    let rec = match state.store.get_crl(&name).await? {
+        Some(r) => r,
+        None => {
+            let mut tx = state.store.write().await?;
+            // Another request or replica may have made it meanwhile.
+            let rec = match tx.get_crl(&name).await? {
+                Some(r) => r,
+                None => publish_crl(&state, &issuer, &mut tx, "system").await?,
+            };
+            tx.commit().await?;
+            rec
+        }
+    };
+    let der = base64::engine::general_purpose::STANDARD.decode(&rec.der).map_err(ApiError::internal)?;
+    let wants_pem = q.format.as_deref() == Some("pem")
+        || headers
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|a| a.contains("application/x-pem-file"));
+    if wants_pem {
+        Ok(([(header::CONTENT_TYPE, "application/x-pem-file")], ca_core::cert::to_pem("X509 CRL", &der))
+            .into_response())
+    } else {
+        Ok(([(header::CONTENT_TYPE, "application/pkix-crl")], Bytes::from(der)).into_response())
+    }
+}
+
+// ---- audit --------------------------------------------------------------------------------
+
+#[derive(Serialize, ToSchema)]
+struct AuditView {
+    seq: i64,
+    /// Unix milliseconds.
+    time: i64,
+    actor: String,
+    action: String,
+    subject: String,
+    details: serde_json::Value,
+    prev_hash: String,
+    hash: String,
+}
+
+#[derive(Deserialize, IntoParams)]
+struct AuditQuery {
+    /// Return records with a sequence number above this.
+    after: Option<i64>,
+    /// At most 1000; default 100.
+    limit: Option<i64>,
+}
+
+#[utoipa::path(get, path = "/v1/audit", params(AuditQuery), responses((status = 200, body = [AuditView])), security(("bearer" = [])))]
+async fn list_audit(
+    State(state): State<AppState>,
+    op: Operator,
+    Query(q): Query<AuditQuery>,
+) -> Result<Json<Vec<AuditView>>, ApiError> {
+    op.require(&[Role::Auditor, Role::Admin], "reading the audit trail")?;
+    let records = state.store.audit_after(q.after.unwrap_or(0), q.limit.unwrap_or(100).clamp(1, 1000)).await?;
+    Ok(Json(
+        records
+            .into_iter()
+            .map(|r| AuditView {
+                seq: r.seq,
+                time: r.time,
+                actor: r.actor,
+                action: r.action,
+                subject: r.subject,
+                details: serde_json::from_str(&r.details).unwrap_or(serde_json::Value::Null),
+                prev_hash: r.prev_hash,
+                hash: r.hash,
+            })
+            .collect(),
+    ))
+}

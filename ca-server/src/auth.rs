@@ -1,0 +1,151 @@
+//! Operators authenticate with OIDC bearer JWTs (any OIDC provider, e.g. Keycloak): the
+//! signature is checked against a JWKS, then `iss`, `aud`, `exp` and `nbf`; roles come from a
+//! configurable claim.
+
+use std::sync::RwLock;
+
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+
+use crate::config::AuthConfig;
+use crate::error::ApiError;
+use crate::state::AppState;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Admin,
+    Operator,
+    Auditor,
+}
+
+impl Role {
+    fn parse(s: &str) -> Option<Role> {
+        match s {
+            "admin" => Some(Role::Admin),
+            "operator" => Some(Role::Operator),
+            "auditor" => Some(Role::Auditor),
+            _ => None,
+        }
+    }
+}
+
+/// An authenticated operator.
+#[derive(Clone, Debug)]
+pub struct Operator {
+    pub name: String,
+    pub roles: Vec<Role>,
+}
+
+impl Operator {
+    /// Actor name in the audit trail.
+    pub fn actor(&self) -> String {
+        format!("operator:{}", self.name)
+    }
+
+    /// Requires one of `roles`.
+    pub fn require(&self, roles: &[Role], what: &str) -> Result<(), ApiError> {
+        if self.roles.iter().any(|r| roles.contains(r)) {
+            Ok(())
+        } else {
+            Err(ApiError::forbidden("forbidden", format!("{what} needs one of the roles {roles:?}")).by(self.actor()))
+        }
+    }
+}
+
+pub struct Auth {
+    cfg: AuthConfig,
+    jwks: RwLock<JwkSet>,
+}
+
+const ALLOWED: &[Algorithm] = &[
+    Algorithm::ES256,
+    Algorithm::ES384,
+    Algorithm::RS256,
+    Algorithm::RS384,
+    Algorithm::RS512,
+    Algorithm::PS256,
+    Algorithm::PS384,
+    Algorithm::EdDSA,
+];
+
+impl Auth {
+    pub fn new(cfg: AuthConfig, jwks: JwkSet) -> Self {
+        Auth { cfg, jwks: RwLock::new(jwks) }
+    }
+
+    pub fn set_jwks(&self, jwks: JwkSet) {
+        *self.jwks.write().unwrap_or_else(|p| p.into_inner()) = jwks;
+    }
+
+    /// Verifies a bearer token. Errors say what was wrong with it, never echo it.
+    pub fn verify(&self, token: &str) -> Result<Operator, ApiError> {
+        let invalid = |why: String| ApiError::unauthenticated("invalid-token", why);
+        let header = jsonwebtoken::decode_header(token).map_err(|e| invalid(format!("malformed token: {e}")))?;
+        if !ALLOWED.contains(&header.alg) {
+            return Err(invalid(format!("token algorithm {:?} is not accepted", header.alg)));
+        }
+        let kid = header.kid.ok_or_else(|| invalid("token has no key id (kid)".into()))?;
+        let key = {
+            let jwks = self.jwks.read().unwrap_or_else(|p| p.into_inner());
+            let jwk = jwks.find(&kid).ok_or_else(|| invalid(format!("token key {kid:?} is not in the JWKS")))?;
+            DecodingKey::from_jwk(jwk).map_err(|e| invalid(format!("JWKS key {kid:?} is unusable: {e}")))?
+        };
+        let mut v = Validation::new(header.alg);
+        v.set_issuer(&[&self.cfg.issuer]);
+        v.set_audience(&[&self.cfg.audience]);
+        v.set_required_spec_claims(&["exp", "iss", "aud"]);
+        v.validate_nbf = true;
+        v.leeway = 30;
+        let data = jsonwebtoken::decode::<serde_json::Value>(token, &key, &v).map_err(|e| {
+            use jsonwebtoken::errors::ErrorKind;
+            invalid(match e.kind() {
+                ErrorKind::ExpiredSignature => "token has expired".into(),
+                ErrorKind::InvalidAudience => format!("token audience is not {:?}", self.cfg.audience),
+                ErrorKind::InvalidIssuer => format!("token issuer is not {:?}", self.cfg.issuer),
+                ErrorKind::InvalidSignature => "token signature does not verify".into(),
+                ErrorKind::ImmatureSignature => "token is not valid yet".into(),
+                _ => format!("token rejected: {e}"),
+            })
+        })?;
+        let claims = data.claims;
+        let name = lookup(&claims, &self.cfg.subject_claim)
+            .and_then(|v| v.as_str())
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| invalid(format!("token has no {} claim", self.cfg.subject_claim)))?
+            .to_string();
+        let roles: Vec<Role> = lookup(&claims, &self.cfg.roles_claim)
+            .and_then(|v| v.as_array())
+            .map(|a| a.iter().filter_map(|r| r.as_str()).filter_map(Role::parse).collect())
+            .unwrap_or_default();
+        if roles.is_empty() {
+            return Err(ApiError::forbidden(
+                "forbidden",
+                format!("token carries no known role in claim {}", self.cfg.roles_claim),
+            )
+            .by(format!("operator:{name}")));
+        }
+        Ok(Operator { name, roles })
+    }
+}
+
+/// Follows a dotted path (`realm_access.roles`) into the claims.
+fn lookup<'a>(claims: &'a serde_json::Value, path: &str) -> Option<&'a serde_json::Value> {
+    path.split('.').try_fold(claims, |v, k| v.get(k))
+}
+
+pub fn bearer(parts: &Parts) -> Option<&str> {
+    parts.headers.get(axum::http::header::AUTHORIZATION)?.to_str().ok()?.strip_prefix("Bearer ")
+}
+
+impl FromRequestParts<AppState> for Operator {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let token = bearer(parts).ok_or_else(|| {
+            ApiError::unauthenticated("unauthenticated", "send an operator token as Authorization: Bearer <JWT>")
+        })?;
+        state.auth.verify(token.trim())
+    }
+}

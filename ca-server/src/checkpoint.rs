@@ -1,0 +1,56 @@
+//! Signed audit checkpoints: the audit key signs "the chain up to record N ends in hash H".
+//! With a trusted copy of the audit key, a verifier can tell a rewritten or truncated chain
+//! from the real one, even if every hash in it was recomputed.
+
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use ca_core::audit::{Checkpoint, checkpoint_message};
+use ca_core::store::now_millis;
+
+use crate::state::AppState;
+
+/// Signs a checkpoint over the current head when enough records or time have passed since
+/// the last one (or when `force` is set and there is anything new). Returns the new
+/// checkpoint's sequence number.
+pub async fn maybe_checkpoint(state: &AppState, force: bool) -> Result<Option<i64>> {
+    let Some(signer) = state.audit_signer.read().unwrap_or_else(|p| p.into_inner()).clone() else {
+        return Ok(None);
+    };
+    let mut tx = state.store.write().await?;
+    let Some((head, hash)) = tx.audit_head().await? else { return Ok(None) };
+    let last = tx.last_checkpoint_seq().await?;
+    if head <= last {
+        return Ok(None);
+    }
+    let last_time = state.store.checkpoints().await?.last().map_or(0, |c| c.time);
+    let interval_ms = state.config.audit.checkpoint_interval.duration().whole_milliseconds() as i64;
+    let due = force || head - last >= state.config.audit.checkpoint_every || now_millis() - last_time >= interval_ms;
+    if !due {
+        return Ok(None);
+    }
+    let msg = checkpoint_message(head, &hash);
+    let key = signer.clone();
+    let timeout = state.hsm_timeout();
+    let sig = tokio::time::timeout(timeout, tokio::task::spawn_blocking(move || key.sign_bytes(&msg)))
+        .await
+        .context("audit key timed out")??
+        .context("signing an audit checkpoint")?;
+    let public = signer.public_key();
+    let cp = Checkpoint {
+        seq: head,
+        hash,
+        time: now_millis(),
+        key_id: hex::encode(public.fingerprint()),
+        signature: hex::encode(sig),
+        signature_algorithm: public.signature_oid().to_string(),
+    };
+    tx.insert_checkpoint(&cp, &public.to_pem()).await?;
+    tx.commit().await?;
+    Ok(Some(head))
+}
+
+pub fn open_audit_key(state_key: &str) -> Result<Arc<hsm::KeySigner>> {
+    let r: hsm::KeyRef = state_key.parse().context("audit.key")?;
+    Ok(Arc::new(hsm::open_signer(&r).with_context(|| format!("audit key {r}"))?))
+}

@@ -1,0 +1,357 @@
+//! `ca-server` configuration: one TOML file, every key overridable from the environment as
+//! `CA_SERVER_<KEY>` for top-level keys and `CA_SERVER_<SECTION>__<KEY>` inside sections
+//! (for example `CA_SERVER_DATABASE__URL`). README.md documents every key.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use ca_core::duration::Validity;
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Address to listen on, e.g. `127.0.0.1:8443`. Port 0 picks a free port.
+    pub listen: String,
+    pub tls: TlsConfig,
+    pub database: DatabaseConfig,
+    pub auth: AuthConfig,
+    #[serde(rename = "issuers")]
+    pub issuers: Vec<IssuerConfig>,
+    #[serde(default)]
+    pub policy: PolicyConfig,
+    #[serde(default)]
+    pub crl: CrlConfig,
+    pub audit: AuditConfig,
+    #[serde(default)]
+    pub jobs: JobsConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The server certificate followed by its chain (PEM).
+    pub cert: PathBuf,
+    /// The server key: a `file:` reference (rustls needs the key in memory).
+    pub key: String,
+    /// Roots that cluster client certificates (for renewal over mTLS) must chain to.
+    pub client_ca: Vec<PathBuf>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// `sqlite://PATH` (single server) or `postgres://...` (several replicas).
+    pub url: String,
+    /// Apply migrations at start. Turn off when the server's role may not change the schema.
+    #[serde(default = "yes")]
+    pub migrate: bool,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Expected `iss` of operator tokens.
+    pub issuer: String,
+    /// Expected `aud` of operator tokens.
+    pub audience: String,
+    /// Verification keys: a JWKS file ...
+    pub jwks_file: Option<PathBuf>,
+    /// ... or URL (fetched at start and every 10 minutes).
+    pub jwks_url: Option<String>,
+    /// Dotted path of the claim holding the roles, e.g. `roles` or `realm_access.roles`.
+    #[serde(default = "default_roles_claim")]
+    pub roles_claim: String,
+    /// Claim naming the operator, recorded in the audit trail.
+    #[serde(default = "default_subject_claim")]
+    pub subject_claim: String,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct IssuerConfig {
+    /// The environment this intermediate serves; clusters name it when they register.
+    pub name: String,
+    /// The environment intermediate (PEM).
+    pub certificate: PathBuf,
+    /// Its chain up to and including the root (PEM, one or more files).
+    pub chain: Vec<PathBuf>,
+    /// Key reference: `pkcs11:...` or `file:...`.
+    pub key: String,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    #[serde(default = "default_cluster_validity", with = "validity")]
+    pub cluster_validity: Validity,
+    #[serde(default = "default_enrolment_ttl", with = "validity")]
+    pub enrolment_token_ttl: Validity,
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: usize,
+    /// How long a request may wait for the HSM before it fails with 503.
+    #[serde(default = "default_hsm_timeout", with = "validity")]
+    pub hsm_timeout: Validity,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CrlConfig {
+    #[serde(default = "default_crl_validity", with = "validity")]
+    pub validity: Validity,
+    /// Regenerate once less than this is left before nextUpdate.
+    #[serde(default = "default_crl_refresh", with = "validity")]
+    pub refresh_before: Validity,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// Key that signs checkpoints: `pkcs11:...` or `file:...`.
+    pub key: String,
+    /// Sign a checkpoint after this many new records ...
+    #[serde(default = "default_checkpoint_every")]
+    pub checkpoint_every: i64,
+    /// ... or when this much time has passed with new records.
+    #[serde(default = "default_checkpoint_interval", with = "validity")]
+    pub checkpoint_interval: Validity,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobsConfig {
+    /// How often background jobs (CRL refresh, expiry scan, checkpoints, HSM probe) run.
+    #[serde(default = "default_job_interval", with = "validity")]
+    pub interval: Validity,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `json` (default) or `text`.
+    #[serde(default = "default_log_format")]
+    pub format: String,
+    /// A tracing filter, e.g. `info` or `ca_server=debug`.
+    #[serde(default = "default_log_level")]
+    pub level: String,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_roles_claim() -> String {
+    "roles".into()
+}
+fn default_subject_claim() -> String {
+    "sub".into()
+}
+fn v(s: &str) -> Validity {
+    s.parse().expect("valid default")
+}
+fn default_cluster_validity() -> Validity {
+    v("90d")
+}
+fn default_enrolment_ttl() -> Validity {
+    v("24h")
+}
+fn default_max_body() -> usize {
+    64 * 1024
+}
+fn default_hsm_timeout() -> Validity {
+    v("5s")
+}
+fn default_crl_validity() -> Validity {
+    v("7d")
+}
+fn default_crl_refresh() -> Validity {
+    v("3d")
+}
+fn default_checkpoint_every() -> i64 {
+    100
+}
+fn default_checkpoint_interval() -> Validity {
+    v("60s")
+}
+fn default_job_interval() -> Validity {
+    v("30s")
+}
+fn default_log_format() -> String {
+    "json".into()
+}
+fn default_log_level() -> String {
+    "info".into()
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig {
+            cluster_validity: default_cluster_validity(),
+            enrolment_token_ttl: default_enrolment_ttl(),
+            max_body_bytes: default_max_body(),
+            hsm_timeout: default_hsm_timeout(),
+        }
+    }
+}
+impl Default for CrlConfig {
+    fn default() -> Self {
+        CrlConfig { validity: default_crl_validity(), refresh_before: default_crl_refresh() }
+    }
+}
+impl Default for JobsConfig {
+    fn default() -> Self {
+        JobsConfig { interval: default_job_interval() }
+    }
+}
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig { format: default_log_format(), level: default_log_level() }
+    }
+}
+
+mod validity {
+    use ca_core::duration::Validity;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Validity, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&v.to_string())
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Validity, D::Error> {
+        Validity::deserialize(d)
+    }
+}
+
+pub const ENV_PREFIX: &str = "CA_SERVER_";
+
+impl Config {
+    /// Reads the file, applies environment overrides, resolves relative paths against the
+    /// file's directory and validates.
+    pub fn load(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let mut value: toml::Table =
+            toml::from_str(&text).with_context(|| format!("{}: invalid TOML", path.display()))?;
+        apply_env_overrides(&mut value, std::env::vars())?;
+        let mut cfg: Config = toml::Value::Table(value)
+            .try_into()
+            .with_context(|| format!("{}: invalid configuration", path.display()))?;
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        cfg.resolve(&base);
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn resolve(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        let fix_ref = |r: &mut String| {
+            if let Some(rest) = r.strip_prefix("file:") {
+                let p = Path::new(rest);
+                if p.is_relative() {
+                    *r = format!("file:{}", base.join(p).display());
+                }
+            }
+        };
+        fix(&mut self.tls.cert);
+        fix_ref(&mut self.tls.key);
+        self.tls.client_ca.iter_mut().for_each(fix);
+        if let Some(p) = &mut self.auth.jwks_file {
+            fix(p);
+        }
+        for i in &mut self.issuers {
+            fix(&mut i.certificate);
+            i.chain.iter_mut().for_each(fix);
+            fix_ref(&mut i.key);
+        }
+        fix_ref(&mut self.audit.key);
+        if let Some(rest) = self.database.url.strip_prefix("sqlite://") {
+            let p = Path::new(rest);
+            if p.is_relative() {
+                self.database.url = format!("sqlite://{}", base.join(p).display());
+            }
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.issuers.is_empty() {
+            bail!("configure at least one [[issuers]] entry");
+        }
+        let mut names = std::collections::HashSet::new();
+        for i in &self.issuers {
+            if !names.insert(&i.name) {
+                bail!("issuer {:?} is configured twice", i.name);
+            }
+            i.key.parse::<hsm::KeyRef>().with_context(|| format!("issuers.{}.key", i.name))?;
+        }
+        if self.auth.jwks_file.is_none() == self.auth.jwks_url.is_none() {
+            bail!("set exactly one of auth.jwks_file and auth.jwks_url");
+        }
+        if !self.tls.key.starts_with("file:") {
+            bail!("tls.key must be a file: reference");
+        }
+        self.audit.key.parse::<hsm::KeyRef>().context("audit.key")?;
+        if !matches!(self.log.format.as_str(), "json" | "text") {
+            bail!("log.format must be json or text");
+        }
+        if self.audit.checkpoint_every < 1 {
+            bail!("audit.checkpoint_every must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+/// `CA_SERVER_LISTEN=...` sets `listen`; `CA_SERVER_DATABASE__URL=...` sets `database.url`.
+/// Values are parsed as TOML when they parse (numbers, booleans, arrays), else taken as strings.
+pub fn apply_env_overrides(table: &mut toml::Table, vars: impl Iterator<Item = (String, String)>) -> Result<()> {
+    for (k, val) in vars {
+        let Some(rest) = k.strip_prefix(ENV_PREFIX) else { continue };
+        let path: Vec<String> = rest.split("__").map(|p| p.to_ascii_lowercase()).collect();
+        if path.iter().any(String::is_empty) {
+            bail!("environment variable {k}: empty key segment");
+        }
+        let parsed = toml::from_str::<toml::Table>(&format!("v = {val}"))
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or(toml::Value::String(val));
+        let (last, parents) = path.split_last().expect("non-empty");
+        let mut t = &mut *table;
+        for p in parents {
+            t = t
+                .entry(p.clone())
+                .or_insert_with(|| toml::Value::Table(Default::default()))
+                .as_table_mut()
+                .with_context(|| format!("environment variable {k}: {p} is not a section"))?;
+        }
+        t.insert(last.clone(), parsed);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_overrides_reach_nested_keys() {
+        let mut t: toml::Table = toml::from_str("listen = \"a\"\n[database]\nurl = \"sqlite://x\"\n").unwrap();
+        let vars = vec![
+            ("CA_SERVER_LISTEN".to_string(), "127.0.0.1:9".to_string()),
+            ("CA_SERVER_DATABASE__URL".to_string(), "postgres://h/db".to_string()),
+            ("CA_SERVER_DATABASE__MIGRATE".to_string(), "false".to_string()),
+            ("CA_SERVER_POLICY__MAX_BODY_BYTES".to_string(), "10".to_string()),
+            ("OTHER".to_string(), "x".to_string()),
+        ];
+        apply_env_overrides(&mut t, vars.into_iter()).unwrap();
+        assert_eq!(t["listen"].as_str(), Some("127.0.0.1:9"));
+        assert_eq!(t["database"]["url"].as_str(), Some("postgres://h/db"));
+        assert_eq!(t["database"]["migrate"].as_bool(), Some(false));
+        assert_eq!(t["policy"]["max_body_bytes"].as_integer(), Some(10));
+        assert!(
+            apply_env_overrides(&mut t, vec![("CA_SERVER_LISTEN__X".to_string(), "1".to_string())].into_iter())
+                .is_err()
+        );
+    }
+}

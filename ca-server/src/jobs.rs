@@ -1,0 +1,116 @@
+//! Background work. The HSM probe and the expiry gauges run on every replica; CRL refresh and
+//! audit checkpoints run on one replica at a time, whichever holds the `jobs` lease.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ca_core::store::{CertFilter, now_secs};
+
+use crate::metrics::{ClusterLabels, IssuerLabels};
+use crate::state::{AppState, Issuer};
+
+const PROBE_EVERY: Duration = Duration::from_secs(2);
+
+pub fn spawn(state: AppState) {
+    let s = state.clone();
+    tokio::spawn(async move {
+        loop {
+            for issuer in s.issuers.values() {
+                probe(&s, issuer).await;
+            }
+            tokio::time::sleep(PROBE_EVERY).await;
+        }
+    });
+    tokio::spawn(async move {
+        let interval = state.config.jobs.interval.duration().unsigned_abs();
+        loop {
+            if let Err(e) = tick(&state).await {
+                tracing::warn!(error = %e, "background jobs failed; retrying next round");
+            }
+            tokio::time::sleep(interval).await;
+        }
+    });
+}
+
+/// Checks that the issuer's key answers; reconnects (a fresh login) when it did not.
+async fn probe(state: &AppState, issuer: &Arc<Issuer>) {
+    let timeout = Duration::from_secs(3);
+    let was = issuer.is_healthy();
+    let ok = if was && issuer.signer().is_some() {
+        let signer = issuer.signer().expect("checked");
+        matches!(
+            tokio::time::timeout(timeout, tokio::task::spawn_blocking(move || signer.signer.random(8))).await,
+            Ok(Ok(Ok(_)))
+        )
+    } else {
+        let i = issuer.clone();
+        matches!(
+            tokio::time::timeout(timeout, tokio::task::spawn_blocking(move || i.reconnect())).await,
+            Ok(Ok(Ok(())))
+        )
+    };
+    issuer.set_healthy(ok);
+    state.metrics.hsm_up.get_or_create(&IssuerLabels { issuer: issuer.name.clone() }).set(i64::from(ok));
+    if was != ok {
+        if ok {
+            tracing::info!(issuer = %issuer.name, "issuer key is reachable");
+        } else {
+            tracing::error!(issuer = %issuer.name, key = %issuer.key_ref, "issuer key is unreachable; not ready");
+        }
+    }
+}
+
+async fn tick(state: &AppState) -> anyhow::Result<()> {
+    update_gauges(state).await?;
+    let now = now_secs();
+    let lease_for = 3 * state.config.jobs.interval.duration().whole_seconds().max(1);
+    let mut tx = state.store.write().await?;
+    let leader = tx.try_lease("jobs", &state.instance, now, now + lease_for).await?;
+    tx.commit().await?;
+    if !leader {
+        return Ok(());
+    }
+    let refresh_before = state.config.crl.refresh_before.duration().whole_seconds();
+    for issuer in state.issuers.values() {
+        if !issuer.is_healthy() {
+            continue;
+        }
+        let mut tx = state.store.write().await?;
+        let due = tx.get_crl(&issuer.name).await?.is_none_or(|c| c.next_update - now <= refresh_before);
+        if due {
+            crate::api::publish_crl(state, issuer, &mut tx, "system")
+                .await
+                .map_err(|e| anyhow::anyhow!("CRL for {}: {}", issuer.name, e.detail))?;
+            tx.commit().await?;
+            tracing::info!(issuer = %issuer.name, "CRL refreshed");
+        }
+    }
+    crate::checkpoint::maybe_checkpoint(state, false).await?;
+    Ok(())
+}
+
+async fn update_gauges(state: &AppState) -> anyhow::Result<()> {
+    let now = now_secs();
+    for issuer in state.issuers.values() {
+        let labels = IssuerLabels { issuer: issuer.name.clone() };
+        state.metrics.issuer_expiry.get_or_create(&labels).set((issuer.cert.not_after.unix_timestamp() - now) as f64);
+        if let Some(crl) = state.store.get_crl(&issuer.name).await? {
+            state.metrics.crl_age.get_or_create(&labels).set((now - crl.this_update) as f64);
+        }
+    }
+    let valid = state
+        .store
+        .list_certificates(&CertFilter { status: Some("valid".into()), now, limit: 100_000, ..Default::default() })
+        .await?;
+    let mut newest: std::collections::BTreeMap<String, i64> = Default::default();
+    for c in valid {
+        if let Some(cluster) = c.cluster {
+            let e = newest.entry(cluster).or_insert(c.not_after);
+            *e = (*e).max(c.not_after);
+        }
+    }
+    for (cluster, not_after) in newest {
+        state.metrics.cluster_expiry.get_or_create(&ClusterLabels { cluster }).set((not_after - now) as f64);
+    }
+    Ok(())
+}

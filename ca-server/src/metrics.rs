@@ -1,0 +1,89 @@
+//! Prometheus metrics.
+
+use std::sync::Mutex;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IssuanceLabels {
+    pub issuer: String,
+    pub profile: String,
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub method: String,
+    pub route: String,
+    pub status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IssuerLabels {
+    pub issuer: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClusterLabels {
+    pub cluster: String,
+}
+
+type FGauge = Gauge<f64, AtomicU64>;
+
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    pub issuances: Family<IssuanceLabels, Counter>,
+    pub latency: Family<RouteLabels, Histogram>,
+    pub crl_age: Family<IssuerLabels, FGauge>,
+    pub issuer_expiry: Family<IssuerLabels, FGauge>,
+    pub cluster_expiry: Family<ClusterLabels, FGauge>,
+    pub hsm_up: Family<IssuerLabels, Gauge>,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("ca");
+        let issuances = Family::<IssuanceLabels, Counter>::default();
+        registry.register("issuances", "Certificates issued, by issuer, profile and result", issuances.clone());
+        let latency = Family::<RouteLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.001, 2.0, 16))
+        });
+        registry.register("http_request_duration_seconds", "HTTP request latency", latency.clone());
+        let crl_age = Family::<IssuerLabels, FGauge>::default();
+        registry.register("crl_age_seconds", "Seconds since the issuer's current CRL was made", crl_age.clone());
+        let issuer_expiry = Family::<IssuerLabels, FGauge>::default();
+        registry.register(
+            "issuer_expiry_seconds",
+            "Seconds until the issuer certificate expires",
+            issuer_expiry.clone(),
+        );
+        let cluster_expiry = Family::<ClusterLabels, FGauge>::default();
+        registry.register(
+            "cluster_intermediate_expiry_seconds",
+            "Seconds until the cluster's newest valid intermediate expires",
+            cluster_expiry.clone(),
+        );
+        let hsm_up = Family::<IssuerLabels, Gauge>::default();
+        registry.register("hsm_up", "1 when the issuer's key answered the last probe", hsm_up.clone());
+        Metrics { registry: Mutex::new(registry), issuances, latency, crl_age, issuer_expiry, cluster_expiry, hsm_up }
+    }
+
+    pub fn issued(&self, issuer: &str, profile: &str, result: &str) {
+        self.issuances
+            .get_or_create(&IssuanceLabels { issuer: issuer.into(), profile: profile.into(), result: result.into() })
+            .inc();
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        prometheus_client::encoding::text::encode(&mut out, &registry).expect("writing to a String");
+        out
+    }
+}

@@ -1,0 +1,178 @@
+//! Shared server state: configuration, storage, issuers (with their HSM health), operator
+//! authentication and metrics.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use ca_core::cert::{CertInfo, load_cert, load_certs};
+use ca_core::issue::CaIssuer;
+use ca_core::store::Store;
+use time::OffsetDateTime;
+
+use crate::auth::Auth;
+use crate::config::{Config, IssuerConfig};
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+
+#[derive(Clone)]
+pub struct AppState(Arc<Inner>);
+
+pub struct Inner {
+    pub config: Config,
+    pub store: Store,
+    pub issuers: BTreeMap<String, Arc<Issuer>>,
+    pub auth: Auth,
+    pub metrics: Metrics,
+    /// Identifies this replica in leases.
+    pub instance: String,
+    pub audit_signer: Arc<RwLock<Option<Arc<hsm::KeySigner>>>>,
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+impl AppState {
+    pub fn new(inner: Inner) -> Self {
+        AppState(Arc::new(inner))
+    }
+
+    pub fn issuer(&self, name: &str) -> Result<&Arc<Issuer>, ApiError> {
+        self.issuers.get(name).ok_or_else(|| ApiError::not_found(format!("no issuer {name:?}")))
+    }
+
+    pub fn hsm_timeout(&self) -> Duration {
+        self.config.policy.hsm_timeout.duration().unsigned_abs()
+    }
+}
+
+/// An environment intermediate this server signs with.
+pub struct Issuer {
+    pub name: String,
+    pub key_ref: hsm::KeyRef,
+    pub cert: CertInfo,
+    /// Parents of `cert`, up to and including the root.
+    pub chain: Vec<CertInfo>,
+    /// The trust bundle handed to clusters: the self-signed certificates of the chain.
+    pub roots: Vec<CertInfo>,
+    signer: RwLock<Option<Arc<CaIssuer>>>,
+    healthy: AtomicBool,
+}
+
+impl Issuer {
+    /// Loads the certificate and chain and checks that they form a valid path now. The key is
+    /// opened separately (`reconnect`), so that a server can start while its HSM is away.
+    pub fn load(cfg: &IssuerConfig) -> Result<Issuer> {
+        let cert = load_cert(&cfg.certificate).with_context(|| format!("issuer {}", cfg.name))?;
+        let mut chain = Vec::new();
+        for p in &cfg.chain {
+            chain.extend(load_certs(p).with_context(|| format!("issuer {}", cfg.name))?);
+        }
+        let roots: Vec<CertInfo> = chain.iter().filter(|c| c.is_self_issued()).cloned().collect();
+        if roots.is_empty() {
+            bail!("issuer {}: the chain must end in a self-signed root", cfg.name);
+        }
+        let intermediates: Vec<CertInfo> = chain.iter().filter(|c| !c.is_self_issued()).cloned().collect();
+        ca_core::chain::verify_chain(&cert, &intermediates, &roots, OffsetDateTime::now_utc())
+            .with_context(|| format!("issuer {}: certificate does not chain to its root", cfg.name))?;
+        if !cert.is_ca || !cert.key_cert_sign {
+            bail!("issuer {}: {} is not a CA certificate", cfg.name, cert.subject);
+        }
+        Ok(Issuer {
+            name: cfg.name.clone(),
+            key_ref: cfg.key.parse()?,
+            cert,
+            chain,
+            roots,
+            signer: RwLock::new(None),
+            healthy: AtomicBool::new(false),
+        })
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::SeqCst)
+    }
+
+    pub fn set_healthy(&self, v: bool) {
+        self.healthy.store(v, Ordering::SeqCst);
+    }
+
+    /// Opens the key afresh (a new login for tokens) and pairs it with the certificate.
+    pub fn reconnect(&self) -> Result<()> {
+        let signer = hsm::reopen_signer(&self.key_ref)
+            .with_context(|| format!("issuer {}: opening {}", self.name, self.key_ref))?;
+        let ca = CaIssuer::new(self.cert.clone(), signer).with_context(|| format!("issuer {}", self.name))?;
+        *self.signer.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(ca));
+        self.set_healthy(true);
+        Ok(())
+    }
+
+    pub fn signer(&self) -> Option<Arc<CaIssuer>> {
+        self.signer.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Runs `f` with the signing key on a blocking thread, bounded by `timeout`: a request
+    /// never hangs on a dead HSM. A timeout or device failure marks the issuer unhealthy until
+    /// the probe sees it recover.
+    pub async fn with_key<T: Send + 'static>(
+        self: &Arc<Self>,
+        timeout: Duration,
+        f: impl FnOnce(&CaIssuer) -> ca_core::Result<T> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        if !self.is_healthy() {
+            return Err(ApiError::unavailable(
+                "hsm-unavailable",
+                format!("the key of issuer {} is unavailable; try again shortly", self.name),
+            ));
+        }
+        let Some(signer) = self.signer() else {
+            return Err(ApiError::unavailable(
+                "hsm-unavailable",
+                format!("the key of issuer {} is not loaded", self.name),
+            ));
+        };
+        let task = tokio::task::spawn_blocking(move || f(&signer));
+        match tokio::time::timeout(timeout, task).await {
+            Err(_) => {
+                self.set_healthy(false);
+                Err(ApiError::unavailable(
+                    "hsm-timeout",
+                    format!("the HSM of issuer {} did not answer in time", self.name),
+                ))
+            }
+            Ok(Err(join)) => Err(ApiError::internal(join)),
+            Ok(Ok(Err(ca_core::CoreError::Hsm(e)))) => {
+                self.set_healthy(false);
+                tracing::error!(issuer = %self.name, error = %e, "HSM failure");
+                Err(ApiError::unavailable(
+                    "hsm-unavailable",
+                    format!("the key of issuer {} failed; try again shortly", self.name),
+                ))
+            }
+            Ok(Ok(r)) => r.map_err(map_core),
+        }
+    }
+
+    /// Trust domains this environment serves (recorded in its certificate).
+    pub fn trust_domains(&self) -> Vec<String> {
+        self.cert.trust_domains()
+    }
+}
+
+/// Policy and input errors from ca-core are the client's; everything else is ours.
+pub fn map_core(e: ca_core::CoreError) -> ApiError {
+    use ca_core::{CoreError, CsrError};
+    match e {
+        CoreError::Csr(CsrError::BadSignature) => ApiError::bad_request("bad-csr-signature", e.to_string()),
+        CoreError::Csr(CsrError::WeakKey(_)) => ApiError::bad_request("weak-key", e.to_string()),
+        CoreError::Csr(_) => ApiError::bad_request("malformed-csr", e.to_string()),
+        CoreError::Policy(_) => ApiError::bad_request("policy", e.to_string()),
+        other => ApiError::internal(other),
+    }
+}

@@ -1,0 +1,150 @@
+//! TLS on the listening socket, with optional client certificates.
+//!
+//! Cluster intermediates are CA certificates, which webpki refuses as client certificates, so
+//! the TLS layer only checks that the client holds the certificate's key (the handshake
+//! signature). Whether the certificate is one of ours, for this cluster, unexpired and
+//! unrevoked is decided by the renewal handler against the inventory, where a refusal gets a
+//! problem document and an audit record instead of a bare TLS alert.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{DigitallySignedStruct, DistinguishedName, ServerConfig, SignatureScheme};
+use tokio::net::TcpListener;
+use tower::ServiceExt;
+
+use crate::api::ConnInfo;
+use crate::config::TlsConfig;
+
+#[derive(Debug)]
+struct ProofOfPossession {
+    algs: WebPkiSupportedAlgorithms,
+}
+
+impl ClientCertVerifier for ProofOfPossession {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        x509_parser::parse_x509_certificate(end_entity)
+            .map(|_| ClientCertVerified::assertion())
+            .map_err(|_| rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding))
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+pub fn server_config(cfg: &TlsConfig) -> Result<Arc<ServerConfig>> {
+    let pem_text = std::fs::read(&cfg.cert).with_context(|| format!("tls.cert {}", cfg.cert.display()))?;
+    let chain: Vec<CertificateDer<'static>> = pem::parse_many(&pem_text)
+        .with_context(|| format!("tls.cert {}: not PEM", cfg.cert.display()))?
+        .into_iter()
+        .filter(|p| p.tag() == "CERTIFICATE")
+        .map(|p| CertificateDer::from(p.into_contents()))
+        .collect();
+    if chain.is_empty() {
+        bail!("tls.cert {}: no certificate", cfg.cert.display());
+    }
+    let key_ref: hsm::KeyRef = cfg.key.parse().context("tls.key")?;
+    let exported = hsm::export_file_key(&key_ref).context("tls.key")?;
+    let der = pem::parse(exported.expose_pem()).context("tls.key")?.into_contents();
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(der));
+    let provider = provider();
+    let verifier = Arc::new(ProofOfPossession { algs: provider.signature_verification_algorithms });
+    let config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .context("tls.cert and tls.key do not form a usable pair")?;
+    Ok(Arc::new(config))
+}
+
+/// Accepts TLS connections and serves `app` on each, with [`ConnInfo`] in the request
+/// extensions. Runs until the process ends.
+pub async fn serve(listener: TcpListener, config: Arc<ServerConfig>, app: axum::Router) -> Result<()> {
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    loop {
+        let (tcp, remote) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let acceptor = acceptor.clone();
+        let app = app.clone();
+        tokio::spawn(async move {
+            // A client that never finishes its handshake must not hold a task forever.
+            let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    tracing::debug!(%remote, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => return,
+            };
+            let peer_cert = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| c.to_vec());
+            let info = ConnInfo { remote, peer_cert };
+            serve_conn(TokioIo::new(tls), info, app, remote).await;
+        });
+    }
+}
+
+async fn serve_conn<I>(io: I, info: ConnInfo, app: axum::Router, remote: SocketAddr)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+        req.extensions_mut().insert(info.clone());
+        app.clone().oneshot(req.map(axum::body::Body::new))
+    });
+    if let Err(e) = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new()).serve_connection(io, svc).await {
+        tracing::debug!(%remote, error = %e, "connection ended with an error");
+    }
+}
