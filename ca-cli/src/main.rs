@@ -1,6 +1,9 @@
 //! `ca-cli`: key ceremonies, signing, verification and the istiod bundle.
 #![forbid(unsafe_code)]
 
+mod audit;
+mod cluster;
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -58,6 +61,58 @@ enum Cmd {
     Ceremony(CeremonyCmd),
     /// Build a throwaway hierarchy (root, environment, cluster) and an istiod bundle in DIR.
     Quickstart(QuickstartArgs),
+    /// Cluster-side enrolment and renewal against ca-server.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+    /// Audit trail verification.
+    #[command(subcommand)]
+    Audit(AuditCmd),
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// Enrol (first run, with CA_ENROLMENT_TOKEN) or renew the cluster intermediate and write
+    /// istiod's cacerts files into --state-dir atomically. Meant for a CronJob.
+    Renew {
+        /// ca-server base URL, e.g. https://ca.example.com:8443.
+        #[arg(long, env = "CA_SERVER_URL")]
+        server: String,
+        #[arg(long)]
+        cluster: String,
+        #[arg(long)]
+        state_dir: PathBuf,
+        /// Roots that the server's TLS certificate chains to.
+        #[arg(long, env = "CA_ROOT_CERT")]
+        ca_root: PathBuf,
+        /// File holding the one-time enrolment token (or set CA_ENROLMENT_TOKEN).
+        #[arg(long)]
+        enrolment_token_file: Option<PathBuf>,
+        /// Renew now, whatever the current certificate's age.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Switch back to the previous set of cacerts files.
+    Rollback {
+        #[arg(long)]
+        state_dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCmd {
+    /// Check the whole hash chain and the signed checkpoints; name the first bad record.
+    Verify {
+        /// sqlite://PATH or postgres://...
+        #[arg(long, env = "CA_DATABASE_URL")]
+        database: String,
+        /// The audit public key (PEM) to check checkpoint signatures against.
+        #[arg(long, env = "CA_AUDIT_PUBLIC_KEY")]
+        audit_key: Option<PathBuf>,
+    },
+}
+
+fn block_on<T>(f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(f)
 }
 
 #[derive(Subcommand)]
@@ -534,6 +589,19 @@ fn run(cmd: Cmd, output: Output) -> Result<()> {
                 s
             });
         }
+        Cmd::Cluster(c) => run_cluster(c, output)?,
+        Cmd::Audit(AuditCmd::Verify { database, audit_key }) => {
+            let v = block_on(audit::verify(&database, audit_key.as_deref()))?;
+            emit(output, v, |v| {
+                format!(
+                    "audit trail OK: {} records up to #{}, {} signed checkpoints verified with {}",
+                    v["records"],
+                    v["head_seq"],
+                    v["checkpoints"],
+                    v["checkpoint_key"].as_str().unwrap_or_default()
+                )
+            });
+        }
         Cmd::Quickstart(a) => {
             let opts = ca_core::quickstart::Options {
                 dir: a.dir,
@@ -554,6 +622,58 @@ fn run(cmd: Cmd, output: Output) -> Result<()> {
             let r = ca_core::quickstart::run(&opts)?;
             let v = serde_json::to_value(&r)?;
             emit(output, v, |_| quickstart_text(&r));
+        }
+    }
+    Ok(())
+}
+
+fn run_cluster(cmd: ClusterCmd, output: Output) -> Result<()> {
+    match cmd {
+        ClusterCmd::Renew { server, cluster, state_dir, ca_root, enrolment_token_file, force } => {
+            // The token never goes on a command line: it comes from a file or the environment.
+            let enrolment_token = match enrolment_token_file {
+                Some(p) => Some(
+                    std::fs::read_to_string(&p)
+                        .with_context(|| format!("--enrolment-token-file {}", p.display()))?
+                        .trim()
+                        .to_string(),
+                ),
+                None => std::env::var("CA_ENROLMENT_TOKEN").ok().filter(|t| !t.trim().is_empty()),
+            };
+            let args = cluster::RenewArgs {
+                server,
+                cluster,
+                state_dir,
+                ca_root,
+                force,
+                enrolment_token,
+                renew_after: 2.0 / 3.0,
+            };
+            let v = block_on(cluster::renew(&args))?;
+            emit(output, v, |v| {
+                if v["renewed"] == true {
+                    format!(
+                        "{} ({}): new intermediate {} valid until {}; istiod files in {}",
+                        args.cluster,
+                        v["via"].as_str().unwrap_or_default(),
+                        v["serial"].as_str().unwrap_or_default(),
+                        v["not_after"].as_str().unwrap_or_default(),
+                        args.state_dir.display()
+                    )
+                } else {
+                    format!(
+                        "{}: intermediate {} is valid until {}; not renewing before {} (use --force to renew now)",
+                        args.cluster,
+                        v["serial"].as_str().unwrap_or_default(),
+                        v["not_after"].as_str().unwrap_or_default(),
+                        v["renew_after"].as_str().unwrap_or_default()
+                    )
+                }
+            });
+        }
+        ClusterCmd::Rollback { state_dir } => {
+            let v = cluster::rollback(&state_dir)?;
+            emit(output, v, |v| format!("rolled back to intermediate {}", v["serial"].as_str().unwrap_or_default()));
         }
     }
     Ok(())

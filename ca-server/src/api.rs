@@ -563,7 +563,7 @@ fn cluster_request(
     // own rotation is what extends it.
     let wanted = not_before + state.config.policy.cluster_validity.duration();
     let not_after = wanted.min(issuer.cert.not_after);
-    if not_after <= OffsetDateTime::now_utc() + time::Duration::hours(1) {
+    if wanted > issuer.cert.not_after && not_after <= OffsetDateTime::now_utc() + time::Duration::hours(1) {
         return Err(ApiError::unavailable(
             "issuer-expiring",
             format!("issuer {} expires at {}", issuer.name, ca_core::error::fmt_time(issuer.cert.not_after)),

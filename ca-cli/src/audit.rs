@@ -1,0 +1,55 @@
+//! `ca-cli audit verify`: walks the whole audit trail in the database and names the first
+//! altered, reordered or missing record; checks every signed checkpoint.
+
+use anyhow::{Context, Result, bail};
+use ca_core::store::Store;
+use serde_json::json;
+
+pub async fn verify(database: &str, audit_key: Option<&std::path::Path>) -> Result<serde_json::Value> {
+    // Never migrate here: verification must not change the database it checks.
+    let store = Store::connect(database, false).await.with_context(|| format!("opening {database}"))?;
+    let mut records = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = store.audit_after(after, 5000).await?;
+        let Some(last) = page.last() else { break };
+        after = last.seq;
+        records.extend(page);
+    }
+    let checkpoints = store.checkpoints().await?;
+    let (key, key_source) = match audit_key {
+        Some(p) => {
+            let text = std::fs::read(p).with_context(|| format!("--audit-key {}", p.display()))?;
+            let der =
+                pem::parse(&text).with_context(|| format!("--audit-key {}: not PEM", p.display()))?.into_contents();
+            (Some(hsm::PublicKey::from_spki_der(&der)?), "the trusted key given with --audit-key")
+        }
+        None => {
+            let ids: std::collections::BTreeSet<&str> = checkpoints.iter().map(|c| c.key_id.as_str()).collect();
+            match ids.len() {
+                0 => (None, "no checkpoints yet"),
+                1 => {
+                    let id = ids.into_iter().next().expect("one");
+                    let pem_text =
+                        store.audit_key_pem(id).await?.context("checkpoint key missing from the database")?;
+                    let der = pem::parse(pem_text)?.into_contents();
+                    (
+                        Some(hsm::PublicKey::from_spki_der(&der)?),
+                        "the key stored in the database (pass --audit-key to check against a trusted copy)",
+                    )
+                }
+                _ => bail!("checkpoints are signed by several keys; pass the audit public key with --audit-key"),
+            }
+        }
+    };
+    store.close().await;
+    let report = ca_core::audit::verify_chain(records, &checkpoints, key.as_ref())?;
+    Ok(json!({
+        "ok": true,
+        "records": report.records,
+        "head_seq": report.head_seq,
+        "head_hash": report.head_hash,
+        "checkpoints": report.checkpoints,
+        "checkpoint_key": key_source,
+    }))
+}

@@ -1,0 +1,266 @@
+//! `ca-cli cluster renew`: runs in the cluster (a CronJob), keeps istiod's `cacerts` files
+//! fresh. The state directory follows the kubelet's atomic-writer layout, which istiod already
+//! handles for mounted Secrets:
+//!
+//! ```text
+//! DIR/ca-cert.pem      -> ..data/ca-cert.pem      (likewise ca-key.pem, cert-chain.pem, root-cert.pem)
+//! DIR/..data           -> ..2026_11_26_14_00_00.123_<serial>
+//! DIR/..previous       -> the set before it, for `ca-cli cluster rollback`
+//! ```
+//!
+//! A new set is written completely into its own directory, then `..data` is swapped with one
+//! rename, so istiod never sees a mix of old and new files.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use ca_core::cert::{CertInfo, load_cert, load_certs};
+use serde::Deserialize;
+use serde_json::json;
+use time::OffsetDateTime;
+
+pub const FILES: [&str; 4] = ["ca-cert.pem", "ca-key.pem", "cert-chain.pem", "root-cert.pem"];
+const DATA: &str = "..data";
+const PREVIOUS: &str = "..previous";
+
+pub struct RenewArgs {
+    pub server: String,
+    pub cluster: String,
+    pub state_dir: PathBuf,
+    pub ca_root: PathBuf,
+    pub force: bool,
+    pub enrolment_token: Option<String>,
+    /// Fraction of the lifetime after which to renew.
+    pub renew_after: f64,
+}
+
+#[derive(Deserialize)]
+struct IntermediateResponse {
+    serial: String,
+    not_after: String,
+    certificate: String,
+    chain: Vec<String>,
+    trust_bundle: Vec<String>,
+}
+
+#[derive(Deserialize)]
+struct Problem {
+    code: String,
+    detail: String,
+}
+
+/// Renewal time: after `fraction` of the lifetime, moved by up to ±5% of the lifetime so that
+/// many clusters issued together do not all renew in the same minute.
+fn renew_at(cert: &CertInfo, fraction: f64) -> OffsetDateTime {
+    let life = (cert.not_after - cert.not_before).as_seconds_f64();
+    let mut b = [0u8; 4];
+    let _ = getrandom(&mut b);
+    let jitter = (u32::from_le_bytes(b) as f64 / u32::MAX as f64 - 0.5) * 0.1;
+    cert.not_before + time::Duration::seconds_f64(life * (fraction + jitter).clamp(0.05, 0.95))
+}
+
+fn getrandom(b: &mut [u8]) -> std::io::Result<()> {
+    use std::io::Read;
+    std::fs::File::open("/dev/urandom")?.read_exact(b)
+}
+
+pub fn current(state_dir: &Path) -> Result<Option<CertInfo>> {
+    let p = state_dir.join("ca-cert.pem");
+    if !p.exists() {
+        return Ok(None);
+    }
+    Ok(Some(load_cert(&p).with_context(|| format!("current intermediate {}", p.display()))?))
+}
+
+fn tls_config(ca_root: &Path, client: Option<(&Path, &Path)>) -> Result<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in load_certs(ca_root).with_context(|| format!("--ca-root {}", ca_root.display()))? {
+        roots.add(rustls::pki_types::CertificateDer::from(c.der)).context("--ca-root")?;
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots);
+    Ok(match client {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => {
+            let der = load_cert(cert)?.der;
+            let exported = hsm::export_file_key(&hsm::KeyRef::file(key))?;
+            let key_der = pem::parse(exported.expose_pem())?.into_contents();
+            builder
+                .with_client_auth_cert(
+                    vec![rustls::pki_types::CertificateDer::from(der)],
+                    rustls::pki_types::PrivateKeyDer::Pkcs8(key_der.into()),
+                )
+                .context("the current intermediate and its key do not match")?
+        }
+    })
+}
+
+pub async fn renew(a: &RenewArgs) -> Result<serde_json::Value> {
+    std::fs::create_dir_all(&a.state_dir).with_context(|| format!("creating {}", a.state_dir.display()))?;
+    let state_dir = a.state_dir.canonicalize()?;
+    let now = OffsetDateTime::now_utc();
+    let cur = current(&state_dir)?;
+    let usable = cur.as_ref().filter(|c| c.not_after > now);
+    if let Some(c) = usable {
+        let due = renew_at(c, a.renew_after);
+        if !a.force && now < due {
+            return Ok(
+                json!({"renewed": false, "serial": c.serial, "not_after": ca_core::error::fmt_time(c.not_after),
+                "renew_after": ca_core::error::fmt_time(due)}),
+            );
+        }
+    }
+    let mode = match (usable, &a.enrolment_token) {
+        (Some(_), _) => "renewal",
+        (None, Some(_)) => "enrolment",
+        (None, None) => match &cur {
+            Some(c) => bail!(
+                "the current intermediate (serial {}) expired at {}; enrol again with a new enrolment token (CA_ENROLMENT_TOKEN)",
+                c.serial,
+                ca_core::error::fmt_time(c.not_after)
+            ),
+            None => bail!(
+                "{} holds no intermediate yet: enrol with the token from registration (set CA_ENROLMENT_TOKEN or --enrolment-token-file)",
+                state_dir.display()
+            ),
+        },
+    };
+
+    // A fresh key for every intermediate, made straight into the new version's directory.
+    let stamp = now.format(time::macros::format_description!(
+        "[year]_[month]_[day]_[hour]_[minute]_[second].[subsecond digits:3]"
+    ))?;
+    let version = state_dir.join(format!("..{stamp}"));
+    std::fs::create_dir(&version).with_context(|| format!("creating {}", version.display()))?;
+    let result = fetch_into(a, mode, &state_dir, &version).await;
+    let resp = match result {
+        Ok(r) => r,
+        Err(e) => {
+            // Nothing half-written stays behind.
+            let _ = std::fs::remove_dir_all(&version);
+            return Err(e);
+        }
+    };
+    swap(&state_dir, &version)?;
+    prune(&state_dir)?;
+    Ok(
+        json!({"renewed": true, "via": mode, "serial": resp.serial, "not_after": resp.not_after, "state_dir": state_dir}),
+    )
+}
+
+async fn fetch_into(a: &RenewArgs, mode: &str, state_dir: &Path, version: &Path) -> Result<IntermediateResponse> {
+    let key_path = version.join("ca-key.pem");
+    let key_ref = hsm::KeyRef::file(&key_path);
+    let public = hsm::generate_key(&key_ref, hsm::KeyAlgorithm::EcdsaP256)?;
+    let signer = hsm::open_signer(&key_ref)?;
+    let mut subject = rcgen::DistinguishedName::new();
+    subject.push(rcgen::DnType::CommonName, format!("{} Cluster CA", a.cluster));
+    let csr = ca_core::csr::create_csr(&signer, subject)?;
+
+    let tls = if mode == "renewal" {
+        tls_config(&a.ca_root, Some((&state_dir.join("ca-cert.pem"), &state_dir.join("ca-key.pem"))))?
+    } else {
+        tls_config(&a.ca_root, None)?
+    };
+    let client = reqwest::Client::builder().use_preconfigured_tls(tls).timeout(Duration::from_secs(30)).build()?;
+    let url = format!("{}/v1/clusters/{}/intermediate", a.server.trim_end_matches('/'), a.cluster);
+    let mut req = client.post(&url).json(&json!({"csr": csr}));
+    if mode == "enrolment" {
+        req = req.bearer_auth(a.enrolment_token.as_deref().expect("checked"));
+    }
+    let resp = req.send().await.with_context(|| format!("POST {url}"))?;
+    let status = resp.status();
+    if !status.is_success() {
+        let body = resp.text().await.unwrap_or_default();
+        match serde_json::from_str::<Problem>(&body) {
+            Ok(p) => bail!("{mode} refused by {} ({status}, {}): {}", a.server, p.code, p.detail),
+            Err(_) => bail!("{mode} refused by {} ({status})", a.server),
+        }
+    }
+    let r: IntermediateResponse = resp.json().await.context("the server's answer is not an intermediate response")?;
+
+    // Check what istiod will check before anything is switched over.
+    let cert = CertInfo::from_der(pem::parse(&r.certificate)?.into_contents()).map_err(anyhow::Error::msg)?;
+    if cert.spki_der != public.spki_der() {
+        bail!("the server returned a certificate for another key");
+    }
+    if !cert.is_ca {
+        bail!("the server returned a certificate that is not a CA");
+    }
+    let parse_all = |pems: &[String]| -> Result<Vec<CertInfo>> {
+        pems.iter().map(|p| CertInfo::from_der(pem::parse(p)?.into_contents()).map_err(anyhow::Error::msg)).collect()
+    };
+    let chain = parse_all(&r.chain)?;
+    let roots = parse_all(&r.trust_bundle)?;
+    ca_core::chain::verify_chain(&cert, &chain, &roots, OffsetDateTime::now_utc())
+        .context("the returned chain does not verify")?;
+    let mut out = ca_core::outputs::OutputSet::new();
+    out.add(version.join("ca-cert.pem"), r.certificate.clone());
+    out.add(version.join("cert-chain.pem"), r.chain.concat());
+    out.add(version.join("root-cert.pem"), r.trust_bundle.concat());
+    out.commit()?;
+    Ok(r)
+}
+
+fn link_target(dir: &Path, name: &str) -> Option<PathBuf> {
+    std::fs::read_link(dir.join(name)).ok()
+}
+
+/// Points `..data` at `version` in one rename, keeping the old target as `..previous`.
+fn swap(state_dir: &Path, version: &Path) -> Result<()> {
+    use std::os::unix::fs::symlink;
+    let name = version.file_name().expect("a directory name");
+    let old = link_target(state_dir, DATA);
+    let tmp = state_dir.join("..data_tmp");
+    let _ = std::fs::remove_file(&tmp);
+    symlink(name, &tmp)?;
+    std::fs::rename(&tmp, state_dir.join(DATA)).context("switching ..data")?;
+    if let Some(old) = old {
+        let tmp = state_dir.join("..previous_tmp");
+        let _ = std::fs::remove_file(&tmp);
+        symlink(&old, &tmp)?;
+        std::fs::rename(&tmp, state_dir.join(PREVIOUS))?;
+    }
+    for f in FILES {
+        let p = state_dir.join(f);
+        if p.symlink_metadata().is_err() {
+            symlink(Path::new(DATA).join(f), &p)?;
+        }
+    }
+    Ok(())
+}
+
+/// Removes versions that are neither current nor previous.
+fn prune(state_dir: &Path) -> Result<()> {
+    let keep: Vec<PathBuf> = [DATA, PREVIOUS].iter().filter_map(|l| link_target(state_dir, l)).collect();
+    for e in std::fs::read_dir(state_dir)?.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        let is_version = name.starts_with("..")
+            && !matches!(name.as_str(), DATA | PREVIOUS)
+            && e.path().is_dir()
+            && !e.path().is_symlink();
+        if is_version && !keep.iter().any(|k| k.as_os_str() == e.file_name().as_os_str()) {
+            std::fs::remove_dir_all(e.path())?;
+        }
+    }
+    Ok(())
+}
+
+/// Swaps `..data` and `..previous`.
+pub fn rollback(state_dir: &Path) -> Result<serde_json::Value> {
+    let (Some(cur), Some(prev)) = (link_target(state_dir, DATA), link_target(state_dir, PREVIOUS)) else {
+        bail!("{} has no previous set to roll back to", state_dir.display());
+    };
+    if !state_dir.join(&prev).is_dir() {
+        bail!("the previous set {} is gone", prev.display());
+    }
+    swap(state_dir, &state_dir.join(&prev))?;
+    let now = current(state_dir)?.context("no certificate after rollback")?;
+    Ok(
+        json!({"rolled_back_to": prev, "from": cur, "serial": now.serial, "not_after": ca_core::error::fmt_time(now.not_after)}),
+    )
+}
