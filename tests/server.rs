@@ -1,0 +1,693 @@
+//! ca-server end to end: the real binary on loopback with SoftHSM2 (its --dev setup), on
+//! SQLite and on PostgreSQL, driven over HTTPS and by the real `ca-cli`.
+
+#[path = "server_support/mod.rs"]
+mod support;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use support::*;
+
+async fn backend_url(backend: &str) -> Option<String> {
+    match backend {
+        "sqlite" => None,
+        _ => Some(fresh_pg_url().await),
+    }
+}
+
+fn openssl(args: &[&str]) -> std::process::Output {
+    Command::new("openssl").args(args).output().unwrap()
+}
+
+async fn audit_actions(srv: &Server) -> Vec<Value> {
+    let (s, v) = srv.call("GET", "/v1/audit?after=0&limit=1000", Some(&srv.token("auditor")), None).await;
+    assert_eq!(s, 200, "{v}");
+    v.as_array().unwrap().clone()
+}
+
+async fn inventory_count(srv: &Server) -> usize {
+    let (s, v) = srv.call("GET", "/v1/certificates?limit=1000", Some(&srv.token("auditor")), None).await;
+    assert_eq!(s, 200, "{v}");
+    v.as_array().unwrap().len()
+}
+
+async fn lifecycle(backend: &str) {
+    let tmp = tempfile::tempdir().unwrap();
+    let db = backend_url(backend).await;
+    let srv = Server::start(&tmp.path().join("dev"), &Opts { database_url: db.clone(), ..Default::default() });
+    srv.wait_ready().await;
+    let (admin, approver) = (srv.token("admin"), srv.token("approver"));
+
+    // Register: pending until a second operator approves.
+    let (s, reg) = srv
+        .call(
+            "POST",
+            "/v1/clusters",
+            Some(&admin),
+            Some(json!({"name": "prod-1", "environment": "dev", "trust_domain": "cluster.local"})),
+        )
+        .await;
+    assert_eq!(s, 202, "{reg}");
+    let token = reg["enrolment_token"].as_str().unwrap().to_string();
+    let request_id = reg["request_id"].as_str().unwrap().to_string();
+    let state = tmp.path().join("cacerts");
+    let early = srv.renew("prod-1", &state, Some(&token), false);
+    assert!(!early.status.success());
+    assert!(stderr(&early).contains("cluster-not-active"), "{}", stderr(&early));
+    let (s, v) = srv.call("POST", &format!("/v1/requests/{request_id}/approve"), Some(&admin), None).await;
+    assert_eq!((s, v["code"].as_str()), (403, Some("two-person-rule")), "{v}");
+    let (s, v) = srv.call("POST", &format!("/v1/requests/{request_id}/approve"), Some(&approver), None).await;
+    assert_eq!((s, v["status"].as_str()), (200, Some("approved")), "{v}");
+
+    // Enrol with the token; istiod's files appear and verify.
+    let out = srv.renew("prod-1", &state, Some(&token), false);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let o = openssl(&[
+        "verify",
+        "-CAfile",
+        s_(&state.join("root-cert.pem")),
+        "-untrusted",
+        s_(&state.join("cert-chain.pem")),
+        s_(&state.join("ca-cert.pem")),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let first = ca_core::cert::load_cert(&state.join("ca-cert.pem")).unwrap();
+    assert!(first.is_ca && first.path_len == Some(0) && first.trust_domains() == vec!["cluster.local"]);
+
+    // The token is spent: a replay is refused and records nothing.
+    let before = inventory_count(&srv).await;
+    let replay = srv.renew("prod-1", &tmp.path().join("other"), Some(&token), false);
+    assert!(stderr(&replay).contains("enrolment-token-invalid"), "{}", stderr(&replay));
+    assert_eq!(inventory_count(&srv).await, before);
+
+    // Renew over mTLS: not due yet, then forced.
+    let out = srv.renew("prod-1", &state, None, false);
+    assert!(out.status.success() && stdout(&out).contains("not renewing before"), "{}", stdout(&out));
+    let out = srv.renew("prod-1", &state, None, true);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let second = ca_core::cert::load_cert(&state.join("ca-cert.pem")).unwrap();
+    assert_ne!(first.serial, second.serial);
+    assert_eq!(
+        ca_core::cert::load_cert(&state.join("..previous/ca-cert.pem")).unwrap().serial,
+        first.serial,
+        "previous set kept"
+    );
+
+    // Inventory.
+    let (s, list) = srv.call("GET", "/v1/certificates?cluster=prod-1", Some(&srv.token("auditor")), None).await;
+    assert_eq!(s, 200);
+    assert_eq!(list.as_array().unwrap().len(), 2, "{list}");
+    let (_, one) = srv.call("GET", &format!("/v1/certificates/{}", second.serial), Some(&admin), None).await;
+    assert_eq!(one["status"], "valid");
+    assert_eq!(one["sha256_fingerprint"].as_str().unwrap(), second.fingerprint());
+    assert_eq!(one["issuer"], "dev");
+    let (_, expiring) = srv.call("GET", "/v1/certificates?expiring_within=400d&status=valid", Some(&admin), None).await;
+    assert_eq!(expiring.as_array().unwrap().len(), 2);
+    let (s, _) = srv.call("GET", "/v1/certificates?status=bogus", Some(&admin), None).await;
+    assert_eq!(s, 400);
+
+    // Revoke the current intermediate: two-person rule again, then a new CRL lists it.
+    let (_, crl_before) = srv.call("GET", "/v1/crl/dev?format=pem", None, None).await;
+    let (s, rq) = srv
+        .call(
+            "POST",
+            &format!("/v1/certificates/{}/revoke", second.serial),
+            Some(&admin),
+            Some(json!({"reason": "key-compromise"})),
+        )
+        .await;
+    assert_eq!(s, 202, "{rq}");
+    let (s, _) =
+        srv.call("POST", &format!("/v1/requests/{}/approve", rq["id"].as_str().unwrap()), Some(&approver), None).await;
+    assert_eq!(s, 200);
+    let crl = tmp.path().join("dev.crl");
+    let der = srv.client.get(format!("{}/v1/crl/dev", srv.url)).send().await.unwrap();
+    assert_eq!(der.headers()["content-type"], "application/pkix-crl");
+    std::fs::write(&crl, der.bytes().await.unwrap()).unwrap();
+    let env_cert = srv.dir.join("hierarchy/environments/dev/environment.pem");
+    let o =
+        openssl(&["crl", "-inform", "DER", "-in", s_(&crl), "-CAfile", s_(&env_cert), "-noout", "-verify", "-text"]);
+    let text = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && text.contains("verify OK"), "{text}");
+    assert!(text.to_uppercase().contains(&second.serial.to_uppercase()), "{text}");
+    assert!(text.contains("Key Compromise"), "{text}");
+    let number = |t: &str| t.lines().skip_while(|l| !l.contains("CRL Number")).nth(1).unwrap().trim().to_string();
+    let before_text = String::from_utf8(
+        Command::new("openssl")
+            .args(["crl", "-noout", "-text"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut c| {
+                use std::io::Write;
+                c.stdin.take().unwrap().write_all(crl_before.as_str().unwrap().as_bytes())?;
+                c.wait_with_output()
+            })
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    assert!(
+        number(&text).parse::<u64>().unwrap() > number(&before_text).parse::<u64>().unwrap(),
+        "CRL numbers increase"
+    );
+
+    // A revoked intermediate can no longer renew.
+    let out = srv.renew("prod-1", &state, None, true);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("client-certificate-revoked"), "{}", stderr(&out));
+    // ... but the previous (unrevoked) one still can, after a rollback.
+    let rb = Command::new(ca_cli_bin()).args(["cluster", "rollback", "--state-dir"]).arg(&state).output().unwrap();
+    assert!(rb.status.success(), "{}", stderr(&rb));
+    assert!(srv.renew("prod-1", &state, None, true).status.success());
+
+    // Operations.
+    let (s, m) = srv.call("GET", "/metrics", None, None).await;
+    let m = m.as_str().unwrap().to_string();
+    assert_eq!(s, 200);
+    assert!(m.contains("ca_issuances_total{issuer=\"dev\",profile=\"cluster\",result=\"ok\"} 3"), "{m}");
+    assert!(m.contains("ca_http_request_duration_seconds"));
+    assert!(m.contains("ca_issuer_expiry_seconds{issuer=\"dev\"}"));
+    let (s, api) = srv.call("GET", "/v1/openapi.json", None, None).await;
+    assert_eq!(s, 200);
+    assert!(api["paths"]["/v1/clusters/{name}/intermediate"]["post"].is_object(), "{api}");
+
+    // The audit trail has every step and verifies.
+    let actions: Vec<String> =
+        audit_actions(&srv).await.iter().map(|r| r["action"].as_str().unwrap().to_string()).collect();
+    for a in [
+        "cluster.register.requested",
+        "request.approved",
+        "cluster.registered",
+        "certificate.issued",
+        "certificate.revoke.requested",
+        "certificate.revoked",
+        "crl.published",
+        "request.denied",
+    ] {
+        assert!(actions.iter().any(|x| x == a), "{a} missing from {actions:?}");
+    }
+    let db_url = db.unwrap_or_else(|| srv.database_url());
+    // Checkpoints are signed by the leader's background job; force one through a quiet period.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let v = srv.audit_verify(&db_url);
+    assert!(v.status.success(), "{}{}", stdout(&v), stderr(&v));
+    assert!(stdout(&v).contains("audit trail OK"), "{}", stdout(&v));
+}
+
+fn s_(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+async fn bad_input(backend: &str) {
+    let tmp = tempfile::tempdir().unwrap();
+    let db = backend_url(backend).await;
+    let srv = Server::start(
+        &tmp.path().join("dev"),
+        &Opts {
+            database_url: db,
+            env: vec![("CA_SERVER_POLICY__MAX_BODY_BYTES".into(), "4096".into())],
+            ..Default::default()
+        },
+    );
+    srv.wait_ready().await;
+    let admin = srv.token("admin");
+    let token = srv.register_approved("c1").await;
+    let denied_before = audit_actions(&srv).await.iter().filter(|r| r["action"] == "request.denied").count();
+    let inventory_before = inventory_count(&srv).await;
+
+    let post_raw = |path: &str, body: Vec<u8>, bearer: Option<String>| {
+        let mut r = srv.client.post(format!("{}{path}", srv.url)).header("content-type", "application/json").body(body);
+        if let Some(b) = bearer {
+            r = r.bearer_auth(b);
+        }
+        r
+    };
+    let mut cases: Vec<(u16, &str, reqwest::RequestBuilder)> = vec![];
+    cases.push((
+        400,
+        "malformed-json",
+        post_raw("/v1/clusters/c1/intermediate", b"{not json".to_vec(), Some(token.clone())),
+    ));
+    cases.push((
+        413,
+        "payload-too-large",
+        post_raw("/v1/clusters/c1/intermediate", vec![b' '; 10_000], Some(token.clone())),
+    ));
+    cases.push((
+        400,
+        "malformed-json",
+        post_raw(
+            "/v1/clusters",
+            json!({"name": "x", "environment": "dev", "trust_domain": "cluster.local", "extra": 1})
+                .to_string()
+                .into_bytes(),
+            Some(admin.clone()),
+        ),
+    ));
+    cases.push((
+        400,
+        "malformed-csr",
+        post_raw(
+            "/v1/clusters/c1/intermediate",
+            json!({"csr": "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n"})
+                .to_string()
+                .into_bytes(),
+            Some(token.clone()),
+        ),
+    ));
+    // A CSR whose signature was altered.
+    let mut der = pem::parse(csr_pem()).unwrap().into_contents();
+    let n = der.len() - 1;
+    der[n] ^= 1;
+    let broken = pem::encode(&pem::Pem::new("CERTIFICATE REQUEST", der));
+    cases.push((
+        400,
+        "bad-csr-signature",
+        post_raw("/v1/clusters/c1/intermediate", json!({"csr": broken}).to_string().into_bytes(), Some(token.clone())),
+    ));
+    // An RSA-1024 CSR, made by openssl.
+    let weak = tmp.path().join("weak.csr");
+    let o = openssl(&[
+        "req",
+        "-new",
+        "-nodes",
+        "-newkey",
+        "rsa:1024",
+        "-subj",
+        "/CN=weak",
+        "-keyout",
+        s_(&tmp.path().join("weak.key")),
+        "-out",
+        s_(&weak),
+    ]);
+    assert!(o.status.success());
+    cases.push((
+        400,
+        "weak-key",
+        post_raw(
+            "/v1/clusters/c1/intermediate",
+            json!({"csr": std::fs::read_to_string(&weak).unwrap()}).to_string().into_bytes(),
+            Some(token.clone()),
+        ),
+    ));
+    cases.push((
+        404,
+        "not-found",
+        post_raw(
+            "/v1/clusters/nope/intermediate",
+            json!({"csr": csr_pem()}).to_string().into_bytes(),
+            Some(token.clone()),
+        ),
+    ));
+    cases.push((
+        401,
+        "unauthenticated",
+        post_raw("/v1/clusters/c1/intermediate", json!({"csr": csr_pem()}).to_string().into_bytes(), None),
+    ));
+    // Operator tokens: expired, forged, wrong audience, none.
+    let oidc = hsm::export_file_key(&hsm::KeyRef::file(srv.dir.join("dev-oidc.key"))).unwrap();
+    let kid = hex::encode(&oidc.public_key().fingerprint()[..8]);
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let mint = |pem: &str, claims: Value| {
+        let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        h.kid = Some(kid.clone());
+        jsonwebtoken::encode(&h, &claims, &jsonwebtoken::EncodingKey::from_ec_pem(pem.as_bytes()).unwrap()).unwrap()
+    };
+    let good_claims = |exp: i64, aud: &str| json!({"iss": "https://dev.pki-mesh.local", "aud": aud, "sub": "mallory", "roles": ["admin"], "exp": exp});
+    let reg = json!({"name": "c2", "environment": "dev", "trust_domain": "cluster.local"}).to_string().into_bytes();
+    cases.push((
+        401,
+        "invalid-token",
+        post_raw("/v1/clusters", reg.clone(), Some(mint(oidc.expose_pem(), good_claims(now - 3600, "ca-server")))),
+    ));
+    cases.push((
+        401,
+        "invalid-token",
+        post_raw("/v1/clusters", reg.clone(), Some(mint(oidc.expose_pem(), good_claims(now + 3600, "someone-else")))),
+    ));
+    let other = rcgen::KeyPair::generate().unwrap().serialize_pem();
+    cases.push((
+        401,
+        "invalid-token",
+        post_raw("/v1/clusters", reg.clone(), Some(mint(&other, good_claims(now + 3600, "ca-server")))),
+    ));
+    cases.push((401, "invalid-token", post_raw("/v1/clusters", reg.clone(), Some("not.a.jwt".into()))));
+    cases.push((401, "unauthenticated", post_raw("/v1/clusters", reg.clone(), None)));
+    // An auditor may read but not register; an unknown environment; a foreign trust domain.
+    cases.push((403, "forbidden", post_raw("/v1/clusters", reg.clone(), Some(srv.token("auditor")))));
+    cases.push((
+        400,
+        "unknown-environment",
+        post_raw(
+            "/v1/clusters",
+            json!({"name": "c3", "environment": "prod", "trust_domain": "cluster.local"}).to_string().into_bytes(),
+            Some(admin.clone()),
+        ),
+    ));
+    cases.push((
+        400,
+        "invalid-trust-domain",
+        post_raw(
+            "/v1/clusters",
+            json!({"name": "c3", "environment": "dev", "trust_domain": "evil.example"}).to_string().into_bytes(),
+            Some(admin.clone()),
+        ),
+    ));
+    let n_cases = cases.len();
+    for (want_status, want_code, req) in cases {
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let ct = resp.headers().get("content-type").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
+        let body: Value = resp.json().await.unwrap_or(Value::Null);
+        assert_eq!((status, body["code"].as_str()), (want_status, Some(want_code)), "{body}");
+        assert_eq!(ct, "application/problem+json");
+    }
+    // Every refusal is in the audit trail; nothing reached the inventory.
+    let denied = audit_actions(&srv).await.iter().filter(|r| r["action"] == "request.denied").count();
+    assert_eq!(denied - denied_before, n_cases, "one audit record per refusal");
+    assert_eq!(inventory_count(&srv).await, inventory_before);
+    let (_, clusters) = srv.call("GET", "/v1/clusters", Some(&admin), None).await;
+    assert_eq!(clusters.as_array().unwrap().len(), 1, "no cluster registered by a refused request: {clusters}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_lifecycle() {
+    lifecycle("sqlite").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_lifecycle() {
+    lifecycle("postgres").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_bad_input() {
+    bad_input("sqlite").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_bad_input() {
+    bad_input("postgres").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_expired_intermediate_cannot_renew() {
+    let tmp = tempfile::tempdir().unwrap();
+    // notBefore is backdated a minute, so 65 seconds leaves about five.
+    let srv = Server::start(
+        &tmp.path().join("dev"),
+        &Opts { env: vec![("CA_SERVER_POLICY__CLUSTER_VALIDITY".into(), "65s".into())], ..Default::default() },
+    );
+    srv.wait_ready().await;
+    let token = srv.register_approved("short").await;
+    let state = tmp.path().join("st");
+    assert!(srv.renew("short", &state, Some(&token), false).status.success());
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    // ca-cli itself refuses to use an expired intermediate ...
+    let out = srv.renew("short", &state, None, true);
+    assert!(stderr(&out).contains("expired"), "{}", stderr(&out));
+    // ... and the server refuses it too.
+    let c = client(&srv.root(), Some((&state.join("ca-cert.pem"), &state.join("ca-key.pem"))));
+    let r = c
+        .post(format!("{}/v1/clusters/short/intermediate", srv.url))
+        .json(&json!({"csr": csr_pem()}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["code"], "client-certificate-expired", "{body}");
+    // Another cluster's intermediate is not accepted either.
+    let token2 = srv.register_approved("other").await;
+    let st2 = tmp.path().join("st2");
+    assert!(srv.renew("other", &st2, Some(&token2), false).status.success());
+    let c = client(&srv.root(), Some((&st2.join("ca-cert.pem"), &st2.join("ca-key.pem"))));
+    let r = c
+        .post(format!("{}/v1/clusters/short/intermediate", srv.url))
+        .json(&json!({"csr": csr_pem()}))
+        .send()
+        .await
+        .unwrap();
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["code"], "client-certificate-rejected", "{body}");
+}
+
+/// SIGKILL in the middle of a stream of issuances: every certificate a client received is in
+/// the inventory after restart, and the audit trail verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn crash_in_the_middle_of_issuance_loses_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("dev");
+    let mut srv = Server::start(&dir, &Opts::default());
+    srv.wait_ready().await;
+    let token = srv.register_approved("busy").await;
+    let state = tmp.path().join("st");
+    assert!(srv.renew("busy", &state, Some(&token), false).status.success());
+    let c = client(&srv.root(), Some((&state.join("ca-cert.pem"), &state.join("ca-key.pem"))));
+    let url = format!("{}/v1/clusters/busy/intermediate", srv.url);
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let (c, url) = (c.clone(), url.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            while std::time::Instant::now() < deadline {
+                match c.post(&url).json(&json!({"csr": csr_pem()})).send().await {
+                    Ok(r) if r.status().is_success() => {
+                        got.push(r.json::<Value>().await.unwrap()["serial"].as_str().unwrap().to_string())
+                    }
+                    Ok(r) => panic!("unexpected status {}", r.status()),
+                    Err(_) => break, // the server died
+                }
+            }
+            got
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    srv.kill();
+    let mut received = Vec::new();
+    for t in tasks {
+        received.extend(t.await.unwrap());
+    }
+    assert!(received.len() >= 5, "the stream was running: {}", received.len());
+    let srv = Server::start(&dir, &Opts::default());
+    srv.wait_ready().await;
+    for serial in &received {
+        let (s, v) = srv.call("GET", &format!("/v1/certificates/{serial}"), Some(&srv.token("auditor")), None).await;
+        assert_eq!(s, 200, "certificate {serial} was handed out but is not in the inventory: {v}");
+    }
+    let v = srv.audit_verify(&srv.database_url());
+    assert!(v.status.success(), "{}{}", stdout(&v), stderr(&v));
+    let issued = audit_actions(&srv).await.iter().filter(|r| r["action"] == "certificate.issued").count();
+    assert_eq!(issued, inventory_count(&srv).await, "one audit record per certificate");
+}
+
+/// Editing one audit row is detected and the row named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tampering_with_an_audit_row_is_named() {
+    for backend in ["sqlite", "postgres"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let db = backend_url(backend).await;
+        let mut srv = Server::start(&tmp.path().join("dev"), &Opts { database_url: db.clone(), ..Default::default() });
+        srv.wait_ready().await;
+        srv.register_approved("t1").await;
+        srv.register_approved("t2").await;
+        let db_url = db.unwrap_or_else(|| srv.database_url());
+        assert!(srv.audit_verify(&db_url).status.success());
+        srv.kill();
+        let records = audit_len(&db_url).await;
+        assert!(records >= 4);
+        exec(&db_url, "UPDATE audit_log SET details = '{\"cluster\":\"forged\"}' WHERE seq = 3").await;
+        let v = srv.audit_verify(&db_url);
+        assert!(!v.status.success(), "{backend}: tampering went unnoticed");
+        assert!(stderr(&v).contains("audit record 3 was altered"), "{backend}: {}", stderr(&v));
+        // Deleting a record is named too.
+        exec(&db_url, "UPDATE audit_log SET details = (SELECT details FROM audit_log WHERE seq = 3) WHERE seq = 3")
+            .await;
+        exec(&db_url, "DELETE FROM audit_log WHERE seq = 2").await;
+        let v = srv.audit_verify(&db_url);
+        assert!(stderr(&v).contains("audit record 2 is missing"), "{backend}: {}", stderr(&v));
+    }
+}
+
+async fn exec(url: &str, sql: &'static str) {
+    if url.starts_with("sqlite") {
+        let pool = sqlx::SqlitePool::connect(url).await.unwrap();
+        sqlx::query(sql).execute(&pool).await.unwrap();
+        pool.close().await;
+    } else {
+        let pool = sqlx::PgPool::connect(url).await.unwrap();
+        sqlx::query(sql).execute(&pool).await.unwrap();
+        pool.close().await;
+    }
+}
+
+async fn audit_len(url: &str) -> i64 {
+    let store = ca_core::store::Store::connect(url, false).await.unwrap();
+    let n = store.audit_after(0, 100_000).await.unwrap().len() as i64;
+    store.close().await;
+    n
+}
+
+/// Two servers on one PostgreSQL issue concurrently: no duplicate serials, no fork in the
+/// audit chain, no lost record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_replicas_share_postgres() {
+    let tmp = tempfile::tempdir().unwrap();
+    let db = fresh_pg_url().await;
+    let dir = tmp.path().join("dev");
+    let a = Server::start(&dir, &Opts { database_url: Some(db.clone()), ..Default::default() });
+    a.wait_ready().await;
+    let b = Server::start(
+        &tmp.path().join("b"),
+        &Opts { database_url: Some(db.clone()), config_of: Some(dir.clone()), ..Default::default() },
+    );
+    b.wait_ready().await;
+    let mut serials = Vec::new();
+    let mut tasks = Vec::new();
+    for i in 0..6 {
+        let token = a.register_approved(&format!("r{i}")).await;
+        let st = tmp.path().join(format!("st{i}"));
+        // Enrol through one replica, renew through the other.
+        let (first, second) = if i % 2 == 0 { (&a, &b) } else { (&b, &a) };
+        assert!(first.renew(&format!("r{i}"), &st, Some(&token), false).status.success());
+        let c = client(&a.root(), Some((&st.join("ca-cert.pem"), &st.join("ca-key.pem"))));
+        for srv in [first, second] {
+            let (c, url) = (c.clone(), format!("{}/v1/clusters/r{i}/intermediate", srv.url));
+            tasks.push(tokio::spawn(async move {
+                let mut got = Vec::new();
+                for _ in 0..8 {
+                    let r = c.post(&url).json(&json!({"csr": csr_pem()})).send().await.unwrap();
+                    assert!(r.status().is_success(), "{}", r.status());
+                    got.push(r.json::<Value>().await.unwrap()["serial"].as_str().unwrap().to_string());
+                }
+                got
+            }));
+        }
+    }
+    for t in tasks {
+        serials.extend(t.await.unwrap());
+    }
+    let unique: std::collections::HashSet<_> = serials.iter().collect();
+    assert_eq!(unique.len(), serials.len(), "duplicate serials");
+    assert_eq!(inventory_count(&a).await, serials.len() + 6, "every certificate recorded");
+    let issued = audit_actions(&b).await.iter().filter(|r| r["action"] == "certificate.issued").count();
+    assert_eq!(issued, serials.len() + 6);
+    let v = a.audit_verify(&db);
+    assert!(v.status.success(), "{}{}", stdout(&v), stderr(&v));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_configuration_is_one_clear_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("c.toml");
+    std::fs::write(&cfg, "listen = \"127.0.0.1:0\"\ncolour = \"red\"\n").unwrap();
+    let o = Command::new(ca_server_bin()).arg("--config").arg(&cfg).output().unwrap();
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("colour"), "{err}");
+    let o = Command::new(ca_server_bin()).output().unwrap();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--config"), "{}", stderr(&o));
+}
+
+/// An HSM outage: /readyz goes false and requests fail fast while the module fails or hangs;
+/// the server recovers by itself when it returns. The issuer key sits behind a PKCS#11 module
+/// (tests/fault-hsm) that forwards to SoftHSM2 and fails or hangs on demand.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn readyz_follows_the_hsm_and_no_request_hangs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shim = tmp.path().join("libfault.so");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fault-hsm/fault_pkcs11.c");
+    let cc = Command::new("cc")
+        .args(["-shared", "-fPIC", "-O1", "-o"])
+        .arg(&shim)
+        .arg(&src)
+        .arg("-ldl")
+        .output()
+        .expect("a C compiler (gcc) is installed");
+    assert!(cc.status.success(), "{}", String::from_utf8_lossy(&cc.stderr));
+
+    // A normal dev setup first, then the same config with the issuer behind the shim.
+    let dir = tmp.path().join("dev");
+    let mut first = Server::start(&dir, &Opts::default());
+    first.wait_ready().await;
+    first.kill();
+    let config = std::fs::read_to_string(dir.join("config.toml")).unwrap();
+    let real = hsm::softhsm::find_module().unwrap();
+    assert!(config.contains(real.to_str().unwrap()), "the dev issuer key is in SoftHSM2");
+    std::fs::write(dir.join("config.toml"), config.replace(real.to_str().unwrap(), shim.to_str().unwrap())).unwrap();
+    let fault = tmp.path().join("fault");
+    let srv = Server::start(
+        &tmp.path().join("replica"),
+        &Opts {
+            config_of: Some(dir.clone()),
+            env: vec![
+                ("PKI_FAULT_TARGET".into(), real.display().to_string()),
+                ("PKI_FAULT_FILE".into(), fault.display().to_string()),
+                ("CA_SERVER_POLICY__HSM_TIMEOUT".into(), "2s".into()),
+            ],
+            ..Default::default()
+        },
+    );
+    srv.wait_ready().await;
+    let token = srv.register_approved("outage").await;
+    let enrol = |srv: &Server| {
+        let c = srv.client.clone();
+        let (url, token) = (format!("{}/v1/clusters/outage/intermediate", srv.url), token.clone());
+        async move {
+            let start = std::time::Instant::now();
+            let r = c.post(url).bearer_auth(token).json(&json!({"csr": csr_pem()})).send().await.unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap(), start.elapsed())
+        }
+    };
+    let ready = |srv: &Server| {
+        let c = srv.client.clone();
+        let url = format!("{}/readyz", srv.url);
+        async move { c.get(url).send().await.unwrap().status().as_u16() }
+    };
+    let wait_for = |want: u16| {
+        let c = srv.client.clone();
+        let url = format!("{}/readyz", srv.url);
+        async move {
+            for _ in 0..150 {
+                if c.get(&url).send().await.unwrap().status().as_u16() == want {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            panic!("/readyz never answered {want}");
+        }
+    };
+
+    // A hanging HSM: the request gives up after the HSM timeout instead of hanging.
+    std::fs::write(&fault, "hang").unwrap();
+    let (status, body, took) = enrol(&srv).await;
+    assert_eq!((status, body["code"].as_str()), (503, Some("hsm-timeout")), "{body}");
+    assert!(took < Duration::from_secs(6), "took {took:?}");
+    wait_for(503).await;
+    let (s, h) = srv.call("GET", "/healthz", None, None).await;
+    assert_eq!(s, 200, "the process stays alive: {h}");
+
+    // It comes back: ready again without a restart, and issuance works.
+    std::fs::remove_file(&fault).unwrap();
+    wait_for(200).await;
+
+    // A failing HSM: not ready, requests refused at once with 503.
+    std::fs::write(&fault, "fail").unwrap();
+    wait_for(503).await;
+    let (status, body, took) = enrol(&srv).await;
+    assert_eq!((status, body["code"].as_str()), (503, Some("hsm-unavailable")), "{body}");
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+    std::fs::remove_file(&fault).unwrap();
+    wait_for(200).await;
+    let (status, body, _) = enrol(&srv).await;
+    assert_eq!(status, 200, "recovered: {body}");
+    assert_eq!(ready(&srv).await, 200);
+}

@@ -1,0 +1,257 @@
+//! Spawning the real `ca-server` (and `ca-cli`) for end-to-end tests.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+pub const DEFAULT_PG: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+pub fn ca_server_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_ca-server"))
+}
+
+/// `ca-cli` is built next to `ca-server` by `cargo nextest run --workspace`.
+pub fn ca_cli_bin() -> PathBuf {
+    let p = ca_server_bin().with_file_name("ca-cli");
+    assert!(p.exists(), "{} is missing: build the workspace (scripts/test does)", p.display());
+    p
+}
+
+/// A fresh, empty PostgreSQL database. A missing PostgreSQL is a failure, never a skip.
+pub async fn fresh_pg_url() -> String {
+    let base = std::env::var("PKI_TEST_DATABASE_URL").unwrap_or_else(|_| DEFAULT_PG.to_string());
+    let admin = sqlx::PgPool::connect(&base)
+        .await
+        .unwrap_or_else(|e| panic!("PostgreSQL at {base} is required (PKI_TEST_DATABASE_URL): {e}"));
+    let mut b = [0u8; 6];
+    aws_lc_rs::rand::fill(&mut b).unwrap();
+    let name = format!("pki_test_{}", hex::encode(b));
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&admin).await.unwrap();
+    admin.close().await;
+    format!("{}/{name}", base.rsplit_once('/').unwrap().0)
+}
+
+pub struct Server {
+    pub child: Child,
+    pub url: String,
+    pub dir: PathBuf,
+    pub env: HashMap<String, String>,
+    pub client: reqwest::Client,
+    pub stderr_log: PathBuf,
+}
+
+#[derive(Default, Clone)]
+pub struct Opts {
+    pub database_url: Option<String>,
+    /// Extra environment, e.g. CA_SERVER_POLICY__CLUSTER_VALIDITY.
+    pub env: Vec<(String, String)>,
+    /// Run from an existing dev directory's config instead of --dev (a second replica).
+    pub config_of: Option<PathBuf>,
+}
+
+impl Server {
+    /// Starts `ca-server --dev` in `dir` on a free loopback port and waits until it listens.
+    pub fn start(dir: &Path, opts: &Opts) -> Server {
+        let stderr_log = dir.with_extension(format!("{}.log", std::process::id()));
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&stderr_log).unwrap();
+        let mut cmd = Command::new(ca_server_bin());
+        match &opts.config_of {
+            None => {
+                cmd.args(["--dev", "--dev-dir"]).arg(dir);
+            }
+            Some(dev_dir) => {
+                cmd.arg("--config").arg(dev_dir.join("config.toml"));
+                // The second replica shares the first one's SoftHSM2 token directory.
+                let conf = dev_dir.join("hierarchy/softhsm/softhsm2.conf");
+                if conf.exists() {
+                    cmd.env("SOFTHSM2_CONF", conf);
+                }
+            }
+        }
+        cmd.args(["--listen", "127.0.0.1:0"])
+            .env("CA_SERVER_JOBS__INTERVAL", "1s")
+            .env("CA_SERVER_LOG__FORMAT", "json");
+        if let Some(db) = &opts.database_url {
+            cmd.env("CA_SERVER_DATABASE__URL", db);
+        }
+        for (k, v) in &opts.env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::from(log)).spawn().expect("ca-server starts");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let first = lines.next().and_then(|l| l.ok()).unwrap_or_else(|| {
+            let _ = child.wait();
+            panic!(
+                "ca-server exited before listening; log:\n{}",
+                std::fs::read_to_string(&stderr_log).unwrap_or_default()
+            )
+        });
+        let url = first
+            .strip_prefix("ca-server listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {first:?}"))
+            .to_string();
+        // Drain the rest of stdout so the server never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        let env_dir = opts.config_of.clone().unwrap_or_else(|| dir.to_path_buf());
+        // dev.env is written right after the listening line.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let env = loop {
+            let env = read_env(&env_dir.join("dev.env"));
+            if env.contains_key("CA_AUDITOR_TOKEN") || Instant::now() > deadline {
+                break env;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let root = env_dir.join("hierarchy/root/root.pem");
+        let client = client(&root, None);
+        Server { child, url, dir: env_dir, env, client, stderr_log }
+    }
+
+    pub fn token(&self, role: &str) -> String {
+        self.env.get(&format!("CA_{}_TOKEN", role.to_uppercase())).cloned().unwrap_or_else(|| panic!("no {role} token"))
+    }
+
+    pub fn root(&self) -> PathBuf {
+        self.dir.join("hierarchy/root/root.pem")
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(r) = self.client.get(format!("{}/readyz", self.url)).send().await {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "server never became ready");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn call(&self, method: &str, path: &str, token: Option<&str>, body: Option<Value>) -> (u16, Value) {
+        let mut req = self.client.request(method.parse().unwrap(), format!("{}{path}", self.url));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    /// Registers a cluster as admin and approves it as the approver; returns the enrolment token.
+    pub async fn register_approved(&self, name: &str) -> String {
+        let (s, r) = self
+            .call(
+                "POST",
+                "/v1/clusters",
+                Some(&self.token("admin")),
+                Some(json!({"name": name, "environment": "dev", "trust_domain": "cluster.local"})),
+            )
+            .await;
+        assert_eq!(s, 202, "{r}");
+        let id = r["request_id"].as_str().unwrap().to_string();
+        let (s, a) =
+            self.call("POST", &format!("/v1/requests/{id}/approve"), Some(&self.token("approver")), None).await;
+        assert_eq!(s, 200, "{a}");
+        r["enrolment_token"].as_str().unwrap().to_string()
+    }
+
+    /// Runs `ca-cli cluster renew` against this server.
+    pub fn renew(&self, cluster: &str, state_dir: &Path, token: Option<&str>, force: bool) -> std::process::Output {
+        let mut cmd = Command::new(ca_cli_bin());
+        cmd.args(["cluster", "renew", "--server", &self.url, "--cluster", cluster, "--ca-root"])
+            .arg(self.root())
+            .arg("--state-dir")
+            .arg(state_dir)
+            .env_remove("CA_ENROLMENT_TOKEN");
+        if let Some(t) = token {
+            cmd.env("CA_ENROLMENT_TOKEN", t);
+        }
+        if force {
+            cmd.arg("--force");
+        }
+        cmd.output().unwrap()
+    }
+
+    pub fn audit_verify(&self, database_url: &str) -> std::process::Output {
+        Command::new(ca_cli_bin())
+            .args(["audit", "verify", "--database", database_url, "--audit-key"])
+            .arg(self.dir.join("audit.pub.pem"))
+            .output()
+            .unwrap()
+    }
+
+    pub fn database_url(&self) -> String {
+        self.env["CA_DATABASE_URL"].clone()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn read_env(path: &Path) -> HashMap<String, String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// A client that trusts `root` and optionally presents a client certificate and key (PEM files).
+pub fn client(root: &Path, identity: Option<(&Path, &Path)>) -> reqwest::Client {
+    let mut roots = rustls::RootCertStore::empty();
+    for p in pem::parse_many(std::fs::read(root).unwrap()).unwrap() {
+        roots.add(rustls::pki_types::CertificateDer::from(p.into_contents())).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let b = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let cfg = match identity {
+        None => b.with_no_client_auth(),
+        Some((cert, key)) => {
+            let cert = pem::parse(std::fs::read(cert).unwrap()).unwrap().into_contents();
+            let key = pem::parse(std::fs::read(key).unwrap()).unwrap().into_contents();
+            b.with_client_auth_cert(vec![cert.into()], rustls::pki_types::PrivateKeyDer::Pkcs8(key.into())).unwrap()
+        }
+    };
+    reqwest::Client::builder().use_preconfigured_tls(cfg).timeout(Duration::from_secs(30)).build().unwrap()
+}
+
+/// A PEM CSR for a fresh P-256 key (the key is thrown away).
+pub fn csr_pem() -> String {
+    let kp = rcgen::KeyPair::generate().unwrap();
+    let mut p = rcgen::CertificateParams::default();
+    p.distinguished_name.push(rcgen::DnType::CommonName, "test");
+    p.serialize_request(&kp).unwrap().pem().unwrap()
+}
+
+pub fn stdout(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+pub fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
