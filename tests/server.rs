@@ -175,6 +175,17 @@ async fn lifecycle(backend: &str) {
     assert_eq!(s, 200);
     assert!(api["paths"]["/v1/clusters/{name}/intermediate"]["post"].is_object(), "{api}");
 
+    // JSON logs carry the request id the client saw.
+    let resp = srv.client.get(format!("{}/v1/clusters", srv.url)).send().await.unwrap();
+    let id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let log = std::fs::read_to_string(&srv.stderr_log).unwrap();
+    let line = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["span"]["request_id"] == id.as_str());
+    assert!(line.is_some_and(|l| l["status"] == 401), "no JSON log line for request {id}");
+
     // The audit trail has every step and verifies.
     let actions: Vec<String> =
         audit_actions(&srv).await.iter().map(|r| r["action"].as_str().unwrap().to_string()).collect();
@@ -196,6 +207,13 @@ async fn lifecycle(backend: &str) {
     let v = srv.audit_verify(&db_url);
     assert!(v.status.success(), "{}{}", stdout(&v), stderr(&v));
     assert!(stdout(&v).contains("audit trail OK"), "{}", stdout(&v));
+    let json_report = Command::new(ca_cli_bin())
+        .args(["--output", "json", "audit", "verify", "--database", &db_url, "--audit-key"])
+        .arg(srv.dir.join("audit.pub.pem"))
+        .output()
+        .unwrap();
+    let report: Value = serde_json::from_slice(&json_report.stdout).unwrap();
+    assert!(report["checkpoints"].as_u64().unwrap() >= 1, "a signed checkpoint exists: {report}");
 }
 
 fn s_(p: &Path) -> &str {

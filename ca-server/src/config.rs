@@ -355,3 +355,29 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod doc_tests {
+    use super::*;
+
+    /// The configuration shown in deploy/kubernetes/ca-server.yaml parses and validates.
+    #[test]
+    fn the_kubernetes_example_config_is_valid() {
+        let yaml = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/kubernetes/ca-server.yaml"))
+            .unwrap();
+        let block: String = yaml
+            .lines()
+            .skip_while(|l| !l.contains("config.toml: |"))
+            .skip(1)
+            .take_while(|l| l.starts_with("    ") || l.is_empty())
+            .map(|l| l.strip_prefix("    ").unwrap_or(l).to_string() + "\n")
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, block).unwrap();
+        let cfg = Config::load(&path).unwrap();
+        assert_eq!(cfg.issuers[0].name, "prod");
+        assert!(!cfg.database.migrate);
+        assert_eq!(cfg.auth.roles_claim, "realm_access.roles");
+    }
+}

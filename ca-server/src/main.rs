@@ -171,10 +171,15 @@ async fn run(args: Args) -> Result<()> {
     let request_id = HeaderName::from_static("x-request-id");
     let app = api::router(state.clone())
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
-        .layer(TraceLayer::new_for_http().make_span_with(|req: &axum::http::Request<_>| {
-            let id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
-            tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id = %id)
-        }))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(|req: &axum::http::Request<_>| {
+                    let id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+                    tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id = %id)
+                })
+                .on_request(())
+                .on_response(tower_http::trace::DefaultOnResponse::new().level(tracing::Level::INFO)),
+        )
         .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid));
 
     let listener =
@@ -218,10 +223,11 @@ async fn shutdown_signal() {
 fn print_dev_help(d: &dev::DevSetup, vars: &[(String, String)]) {
     let get = |k: &str| vars.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str()).unwrap_or("");
     println!(
-        "\ndev setup in {dir}{created}\n  environment: {env} (trust domain cluster.local), key custody: {custody}\n  settings and operator tokens: {dir}/dev.env\n\nTry:\n  set -a; . {dir}/dev.env; set +a\n  curl --cacert \"$CA_ROOT_CERT\" \"$CA_SERVER_URL/readyz\"\n  curl --cacert \"$CA_ROOT_CERT\" -H \"Authorization: Bearer $CA_ADMIN_TOKEN\" -H 'content-type: application/json' \\\n       -d '{{\"name\":\"dev-1\",\"environment\":\"dev\",\"trust_domain\":\"cluster.local\"}}' \"$CA_SERVER_URL/v1/clusters\"\n  # approve it as the second operator (two-person rule), using the request_id printed above:\n  curl --cacert \"$CA_ROOT_CERT\" -H \"Authorization: Bearer $CA_APPROVER_TOKEN\" -X POST \"$CA_SERVER_URL/v1/requests/<request_id>/approve\"\n  # enrol from the cluster with the enrolment_token, then renew over mTLS:\n  CA_ENROLMENT_TOKEN=<enrolment_token> ca-cli cluster renew --server \"$CA_SERVER_URL\" --ca-root \"$CA_ROOT_CERT\" --cluster dev-1 --state-dir ./cacerts-dev-1\n  ca-cli audit verify --database \"$CA_DATABASE_URL\" --audit-key \"$CA_AUDIT_PUBLIC_KEY\"\n",
+        "\ndev setup in {dir}{created}\n  environment: {env} (trust domain cluster.local), key custody: {custody}\n  settings and operator tokens: {dir}/dev.env\n  dev admin token (12h): {admin}\n\nTry:\n  set -a; . {dir}/dev.env; set +a\n  curl --cacert \"$CA_ROOT_CERT\" \"$CA_SERVER_URL/readyz\"\n  curl --cacert \"$CA_ROOT_CERT\" -H \"Authorization: Bearer $CA_ADMIN_TOKEN\" -H 'content-type: application/json' \\\n       -d '{{\"name\":\"dev-1\",\"environment\":\"dev\",\"trust_domain\":\"cluster.local\"}}' \"$CA_SERVER_URL/v1/clusters\"\n  # approve it as the second operator (two-person rule), using the request_id printed above:\n  curl --cacert \"$CA_ROOT_CERT\" -H \"Authorization: Bearer $CA_APPROVER_TOKEN\" -X POST \"$CA_SERVER_URL/v1/requests/<request_id>/approve\"\n  # enrol from the cluster with the enrolment_token, then renew over mTLS:\n  CA_ENROLMENT_TOKEN=<enrolment_token> ca-cli cluster renew --server \"$CA_SERVER_URL\" --ca-root \"$CA_ROOT_CERT\" --cluster dev-1 --state-dir ./cacerts-dev-1\n  ca-cli audit verify --database \"$CA_DATABASE_URL\" --audit-key \"$CA_AUDIT_PUBLIC_KEY\"\n",
         dir = d.dir.display(),
         created = if d.created { " (created now)" } else { " (reused)" },
         env = get("CA_ENVIRONMENT"),
+        admin = get("CA_ADMIN_TOKEN"),
         custody = if d.file_keys { "FILE KEYS (SoftHSM2 not installed)" } else { "SoftHSM2" },
     );
 }
