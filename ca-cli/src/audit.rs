@@ -6,7 +6,13 @@ use ca_core::store::Store;
 use serde_json::json;
 
 pub async fn verify(database: &str, audit_key: Option<&std::path::Path>) -> Result<serde_json::Value> {
-    // Never migrate here: verification must not change the database it checks.
+    // Never migrate or create here: verification must not change the database it checks.
+    if let Some(path) = database.strip_prefix("sqlite://").or_else(|| database.strip_prefix("sqlite:")) {
+        let path = path.split('?').next().unwrap_or(path);
+        if !std::path::Path::new(path).is_file() {
+            bail!("{path}: no such database file");
+        }
+    }
     let store = Store::connect(database, false).await.with_context(|| format!("opening {database}"))?;
     let mut records = Vec::new();
     let mut after = 0;
