@@ -1,0 +1,153 @@
+//! Load benchmark against a running `ca-server --dev`. Reproduce with:
+//!
+//!     cargo build --release -p ca-server --examples
+//!     target/release/ca-server --dev --dev-dir /tmp/bench-dev --listen 127.0.0.1:18500 &
+//!     target/release/examples/load /tmp/bench-dev 10 8
+//!
+//! (arguments: dev directory, seconds, concurrent clients). It registers and enrols one cluster,
+//! then renews its intermediate over mTLS from N concurrent clients for the given time: every
+//! renewal is a full issuance (CSR check, lint, signature in SoftHSM2, inventory row and audit
+//! record committed). In the same run it measures the machine's raw limits: ECDSA P-256
+//! signatures per second in software and with the environment key in SoftHSM2.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+fn env(dir: &Path) -> std::collections::HashMap<String, String> {
+    std::fs::read_to_string(dir.join("dev.env"))
+        .expect("dev.env: start ca-server --dev first")
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn client(root: &Path, identity: Option<(&[u8], &[u8])>) -> reqwest::Client {
+    let mut roots = rustls::RootCertStore::empty();
+    for p in pem::parse_many(std::fs::read(root).unwrap()).unwrap() {
+        roots.add(rustls::pki_types::CertificateDer::from(p.into_contents())).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let b = rustls::ClientConfig::builder_with_provider(provider).with_safe_default_protocol_versions().unwrap().with_root_certificates(roots);
+    let cfg = match identity {
+        None => b.with_no_client_auth(),
+        Some((cert, key)) => b.with_client_auth_cert(vec![cert.to_vec().into()], rustls::pki_types::PrivateKeyDer::Pkcs8(key.to_vec().into())).unwrap(),
+    };
+    reqwest::Client::builder().use_preconfigured_tls(cfg).build().unwrap()
+}
+
+fn csr() -> (String, rcgen::KeyPair) {
+    let kp = rcgen::KeyPair::generate().unwrap();
+    let mut p = rcgen::CertificateParams::default();
+    p.distinguished_name.push(rcgen::DnType::CommonName, "load");
+    (p.serialize_request(&kp).unwrap().pem().unwrap(), kp)
+}
+
+fn rate(seconds: f64, f: impl Fn()) -> f64 {
+    let start = Instant::now();
+    let mut n = 0u64;
+    while start.elapsed().as_secs_f64() < seconds {
+        f();
+        n += 1;
+    }
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let dir = PathBuf::from(args.get(1).expect("usage: load DEV_DIR [SECONDS] [CONCURRENCY]"));
+    let seconds: u64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(10);
+    let concurrency: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(8);
+    let e = env(&dir);
+    let url = e["CA_SERVER_URL"].clone();
+    let root = PathBuf::from(&e["CA_ROOT_CERT"]);
+    let c = client(&root, None);
+
+    // Raw limits, same machine, same run.
+    let sw = rcgen::KeyPair::generate().unwrap();
+    let sw_rate = rate(2.0, || drop(rcgen::SigningKey::sign(&sw, b"x")));
+    let conf = dir.join("hierarchy/softhsm/softhsm2.conf");
+    let hsm_rate = if conf.exists() {
+        hsm::softhsm::use_config(&conf);
+        let cfg = std::fs::read_to_string(dir.join("config.toml")).unwrap();
+        let key = cfg.lines().find(|l| l.starts_with("key = \"pkcs11:")).unwrap();
+        let key: hsm::KeyRef = key.trim_start_matches("key = \"").trim_end_matches('"').parse().unwrap();
+        let signer = hsm::open_signer(&key).unwrap();
+        Some(rate(2.0, || drop(signer.sign_bytes(b"x").unwrap())))
+    } else {
+        None
+    };
+
+    // One cluster, enrolled.
+    let name = format!("load-{}", std::process::id());
+    let reg: Value = c
+        .post(format!("{url}/v1/clusters"))
+        .bearer_auth(&e["CA_ADMIN_TOKEN"])
+        .json(&json!({"name": name, "environment": "dev", "trust_domain": "cluster.local"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    c.post(format!("{url}/v1/requests/{}/approve", reg["request_id"].as_str().unwrap()))
+        .bearer_auth(&e["CA_APPROVER_TOKEN"])
+        .send()
+        .await
+        .unwrap();
+    let (pem_csr, kp) = csr();
+    let enrolled: Value = c
+        .post(format!("{url}/v1/clusters/{name}/intermediate"))
+        .bearer_auth(reg["enrolment_token"].as_str().unwrap())
+        .json(&json!({"csr": pem_csr}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let cert = pem::parse(enrolled["certificate"].as_str().unwrap()).unwrap().into_contents();
+    let mtls = client(&root, Some((&cert, &kp.serialize_der())));
+
+    // Renewals from N clients. CSRs are made up front so the client's own work is not measured.
+    let csrs: Arc<Vec<String>> = Arc::new((0..256).map(|_| csr().0).collect());
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let mut tasks = Vec::new();
+    for t in 0..concurrency {
+        let (mtls, url, name, csrs) = (mtls.clone(), url.clone(), name.clone(), csrs.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut i = t;
+            while Instant::now() < deadline {
+                let start = Instant::now();
+                let r = mtls.post(format!("{url}/v1/clusters/{name}/intermediate")).json(&json!({"csr": csrs[i % csrs.len()]})).send().await.unwrap();
+                assert!(r.status().is_success(), "{}", r.status());
+                r.bytes().await.unwrap();
+                lat.push(start.elapsed());
+                i += concurrency;
+            }
+            lat
+        }));
+    }
+    let started = Instant::now();
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.extend(t.await.unwrap());
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    lat.sort();
+    let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)].as_secs_f64() * 1000.0;
+    println!("| measurement | value |");
+    println!("| --- | --- |");
+    println!("| raw ECDSA P-256 sign, software (aws-lc-rs), 1 thread | {sw_rate:.0}/s |");
+    if let Some(h) = hsm_rate {
+        println!("| raw ECDSA P-256 sign, SoftHSM2 environment key, 1 thread | {h:.0}/s |");
+    }
+    println!("| cluster intermediate renewals over mTLS, {concurrency} clients, {seconds}s | {:.0}/s ({} total) |", lat.len() as f64 / elapsed, lat.len());
+    println!("| latency p50 / p99 | {:.1} ms / {:.1} ms |", pct(0.5), pct(0.99));
+}
