@@ -155,20 +155,58 @@ async fn lifecycle(backend: &str) {
         "CRL numbers increase"
     );
 
-    // A revoked intermediate can no longer renew.
+    // A revoked intermediate can no longer renew, and neither can an older one: only the
+    // newest intermediate renews.
     let out = srv.renew("prod-1", &state, None, true);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("client-certificate-revoked"), "{}", stderr(&out));
-    // ... but the previous (unrevoked) one still can, after a rollback.
+    let c = client(&srv.root(), Some((&state.join("..previous/ca-cert.pem"), &state.join("..previous/ca-key.pem"))));
+    let r = c
+        .post(format!("{}/v1/clusters/prod-1/intermediate", srv.url))
+        .json(&json!({"csr": csr_pem()}))
+        .send()
+        .await
+        .unwrap();
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["code"], "client-certificate-superseded", "{body}");
+    // Rollback switches istiod back to the previous (unrevoked) set at once ...
     let rb = Command::new(ca_cli_bin()).args(["cluster", "rollback", "--state-dir"]).arg(&state).output().unwrap();
     assert!(rb.status.success(), "{}", stderr(&rb));
-    assert!(srv.renew("prod-1", &state, None, true).status.success());
+    assert_eq!(ca_core::cert::load_cert(&state.join("ca-cert.pem")).unwrap().serial, first.serial);
+    // ... and a new enrolment token, approved by a second operator, brings renewal back.
+    let (s, re) = srv.call("POST", "/v1/clusters/prod-1/enrolment", Some(&admin), None).await;
+    assert_eq!(s, 202, "{re}");
+    let (s, v) = srv
+        .call("POST", &format!("/v1/requests/{}/approve", re["request_id"].as_str().unwrap()), Some(&admin), None)
+        .await;
+    assert_eq!((s, v["code"].as_str()), (403, Some("two-person-rule")));
+    let (s, _) = srv
+        .call("POST", &format!("/v1/requests/{}/approve", re["request_id"].as_str().unwrap()), Some(&approver), None)
+        .await;
+    assert_eq!(s, 200);
+    let out = srv.renew("prod-1", &state, Some(re["enrolment_token"].as_str().unwrap()), true);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("(enrolment)"), "falls back to enrolment: {}", stdout(&out));
 
     // Operations.
     let (s, m) = srv.call("GET", "/metrics", None, None).await;
     let m = m.as_str().unwrap().to_string();
     assert_eq!(s, 200);
     assert!(m.contains("ca_issuances_total{issuer=\"dev\",profile=\"cluster\",result=\"ok\"} 3"), "{m}");
+    // Expiry gauges come from the background scan (every second in tests).
+    let mut gauges = String::new();
+    for _ in 0..50 {
+        gauges = srv.call("GET", "/metrics", None, None).await.1.as_str().unwrap().to_string();
+        if gauges.contains("ca_cluster_intermediate_expiry_seconds{cluster=\"prod-1\"}")
+            && gauges.contains("ca_crl_age_seconds{issuer=\"dev\"}")
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(gauges.contains("ca_cluster_intermediate_expiry_seconds{cluster=\"prod-1\"}"), "{gauges}");
+    assert!(gauges.contains("ca_crl_age_seconds{issuer=\"dev\"}"), "{gauges}");
+    assert!(gauges.contains("ca_hsm_up{issuer=\"dev\"} 1"), "{gauges}");
     assert!(m.contains("ca_http_request_duration_seconds"));
     assert!(m.contains("ca_issuer_expiry_seconds{issuer=\"dev\"}"));
     let (s, api) = srv.call("GET", "/v1/openapi.json", None, None).await;
@@ -214,6 +252,17 @@ async fn lifecycle(backend: &str) {
         .unwrap();
     let report: Value = serde_json::from_slice(&json_report.stdout).unwrap();
     assert!(report["checkpoints"].as_u64().unwrap() >= 1, "a signed checkpoint exists: {report}");
+    // Whoever can write the database could rewrite the chain and drop the checkpoints: with a
+    // trusted key, a trail without any is not accepted.
+    drop(srv);
+    exec(&db_url, "DELETE FROM audit_checkpoints").await;
+    let o = Command::new(ca_cli_bin())
+        .args(["audit", "verify", "--database", &db_url, "--audit-key"])
+        .arg(tmp.path().join("dev/audit.pub.pem"))
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("no signed checkpoint"), "{}", stderr(&o));
 }
 
 fn s_(p: &Path) -> &str {
@@ -462,23 +511,21 @@ async fn crash_in_the_middle_of_issuance_loses_nothing() {
     let dir = tmp.path().join("dev");
     let mut srv = Server::start(&dir, &Opts::default());
     srv.wait_ready().await;
-    let token = srv.register_approved("busy").await;
-    let state = tmp.path().join("st");
-    assert!(srv.renew("busy", &state, Some(&token), false).status.success());
-    let c = client(&srv.root(), Some((&state.join("ca-cert.pem"), &state.join("ca-key.pem"))));
-    let url = format!("{}/v1/clusters/busy/intermediate", srv.url);
+    // Four clusters, each renewing back to back with its newest intermediate.
     let mut tasks = Vec::new();
-    for _ in 0..4 {
-        let (c, url) = (c.clone(), url.clone());
+    for i in 0..4 {
+        let name = format!("busy-{i}");
+        let token = srv.register_approved(&name).await;
+        let state = tmp.path().join(format!("st{i}"));
+        assert!(srv.renew(&name, &state, Some(&token), false).status.success());
+        let mut renewer = Renewer::from_state_dir(&srv.root(), &name, &state);
+        let url = srv.url.clone();
         tasks.push(tokio::spawn(async move {
             let mut got = Vec::new();
             let deadline = std::time::Instant::now() + Duration::from_secs(20);
             while std::time::Instant::now() < deadline {
-                match c.post(&url).json(&json!({"csr": csr_pem()})).send().await {
-                    Ok(r) if r.status().is_success() => {
-                        got.push(r.json::<Value>().await.unwrap()["serial"].as_str().unwrap().to_string())
-                    }
-                    Ok(r) => panic!("unexpected status {}", r.status()),
+                match renewer.renew(&url).await {
+                    Ok(serial) => got.push(serial),
                     Err(_) => break, // the server died
                 }
             }
@@ -568,24 +615,21 @@ async fn two_replicas_share_postgres() {
     let mut serials = Vec::new();
     let mut tasks = Vec::new();
     for i in 0..6 {
-        let token = a.register_approved(&format!("r{i}")).await;
+        let name = format!("r{i}");
+        let token = a.register_approved(&name).await;
         let st = tmp.path().join(format!("st{i}"));
-        // Enrol through one replica, renew through the other.
-        let (first, second) = if i % 2 == 0 { (&a, &b) } else { (&b, &a) };
-        assert!(first.renew(&format!("r{i}"), &st, Some(&token), false).status.success());
-        let c = client(&a.root(), Some((&st.join("ca-cert.pem"), &st.join("ca-key.pem"))));
-        for srv in [first, second] {
-            let (c, url) = (c.clone(), format!("{}/v1/clusters/r{i}/intermediate", srv.url));
-            tasks.push(tokio::spawn(async move {
-                let mut got = Vec::new();
-                for _ in 0..8 {
-                    let r = c.post(&url).json(&json!({"csr": csr_pem()})).send().await.unwrap();
-                    assert!(r.status().is_success(), "{}", r.status());
-                    got.push(r.json::<Value>().await.unwrap()["serial"].as_str().unwrap().to_string());
-                }
-                got
-            }));
-        }
+        // Enrol through one replica, then renew alternately through both, all clusters at once.
+        let first = if i % 2 == 0 { &a } else { &b };
+        assert!(first.renew(&name, &st, Some(&token), false).status.success());
+        let mut renewer = Renewer::from_state_dir(&a.root(), &name, &st);
+        let urls = [a.url.clone(), b.url.clone()];
+        tasks.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            for k in 0..12 {
+                got.push(renewer.renew(&urls[k % 2]).await.unwrap());
+            }
+            got
+        }));
     }
     for t in tasks {
         serials.extend(t.await.unwrap());

@@ -13,7 +13,9 @@ pub async fn verify(database: &str, audit_key: Option<&std::path::Path>) -> Resu
             bail!("{path}: no such database file");
         }
     }
-    let store = Store::connect(database, false).await.with_context(|| format!("opening {database}"))?;
+    let store = Store::connect(database, false)
+        .await
+        .with_context(|| format!("opening {}", ca_core::store::redact_url(database)))?;
     let mut records = Vec::new();
     let mut after = 0;
     loop {
@@ -49,7 +51,14 @@ pub async fn verify(database: &str, audit_key: Option<&std::path::Path>) -> Resu
         }
     };
     store.close().await;
+    let count = records.len();
     let report = ca_core::audit::verify_chain(records, &checkpoints, key.as_ref())?;
+    // With a trusted key, an unsigned chain proves nothing: whoever can write the database
+    // could have rewritten it and dropped the checkpoints.
+    if audit_key.is_some() && count > 0 && checkpoints.is_empty() {
+        bail!("the audit trail has {count} records but no signed checkpoint; it cannot be authenticated");
+    }
+    let last_signed = checkpoints.last().map_or(0, |c| c.seq);
     Ok(json!({
         "ok": true,
         "records": report.records,
@@ -57,5 +66,6 @@ pub async fn verify(database: &str, audit_key: Option<&std::path::Path>) -> Resu
         "head_hash": report.head_hash,
         "checkpoints": report.checkpoints,
         "checkpoint_key": key_source,
+        "unsigned_tail": report.head_seq - last_signed,
     }))
 }

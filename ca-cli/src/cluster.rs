@@ -51,6 +51,29 @@ struct Problem {
     detail: String,
 }
 
+/// The server refused, with its problem code.
+#[derive(Debug)]
+struct Refused {
+    code: String,
+    message: String,
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Refused {}
+
+/// Refusals after which a renewal credential is useless and only enrolment can help.
+const CREDENTIAL_REFUSALS: &[&str] = &[
+    "client-certificate-revoked",
+    "client-certificate-superseded",
+    "client-certificate-expired",
+    "client-certificate-rejected",
+];
+
 /// Renewal time: after `fraction` of the lifetime, moved by up to ±5% of the lifetime so that
 /// many clusters issued together do not all renew in the same minute.
 fn renew_at(cert: &CertInfo, fraction: f64) -> OffsetDateTime {
@@ -99,9 +122,32 @@ fn tls_config(ca_root: &Path, client: Option<(&Path, &Path)>) -> Result<rustls::
     })
 }
 
+/// The set to authenticate a renewal with: the server accepts only the cluster's newest
+/// intermediate, which after a rollback sits in `..previous`.
+fn credential(state_dir: &Path, now: OffsetDateTime) -> Result<Option<(CertInfo, PathBuf)>> {
+    let mut best: Option<(CertInfo, PathBuf)> = None;
+    for set in [state_dir.join(DATA), state_dir.join(PREVIOUS)] {
+        let cert = set.join("ca-cert.pem");
+        if !cert.exists() {
+            continue;
+        }
+        let c = load_cert(&cert)?;
+        if c.not_after > now && best.as_ref().is_none_or(|(b, _)| c.not_before > b.not_before) {
+            best = Some((c, set));
+        }
+    }
+    Ok(best)
+}
+
 pub async fn renew(a: &RenewArgs) -> Result<serde_json::Value> {
     std::fs::create_dir_all(&a.state_dir).with_context(|| format!("creating {}", a.state_dir.display()))?;
     let state_dir = a.state_dir.canonicalize()?;
+    // Two runs at once (an overlapping CronJob, a manual run) would race on ..data.
+    let lock =
+        std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(state_dir.join(".renew.lock"))?;
+    if lock.try_lock().is_err() {
+        bail!("another renewal is running in {}", state_dir.display());
+    }
     let now = OffsetDateTime::now_utc();
     let cur = current(&state_dir)?;
     let usable = cur.as_ref().filter(|c| c.not_after > now);
@@ -136,7 +182,18 @@ pub async fn renew(a: &RenewArgs) -> Result<serde_json::Value> {
     ))?;
     let version = state_dir.join(format!("..{stamp}"));
     std::fs::create_dir(&version).with_context(|| format!("creating {}", version.display()))?;
-    let result = fetch_into(a, mode, &state_dir, &version).await;
+    let mut mode = mode;
+    let mut result = fetch_into(a, mode, &state_dir, &version, now).await;
+    // A revoked or superseded credential cannot renew; an operator-issued enrolment token can
+    // still bring the cluster back.
+    let refused_credential =
+        |e: &anyhow::Error| e.downcast_ref::<Refused>().is_some_and(|r| CREDENTIAL_REFUSALS.contains(&r.code.as_str()));
+    if mode == "renewal" && a.enrolment_token.is_some() && result.as_ref().err().is_some_and(refused_credential) {
+        let _ = std::fs::remove_dir_all(&version);
+        std::fs::create_dir(&version)?;
+        mode = "enrolment";
+        result = fetch_into(a, mode, &state_dir, &version, now).await;
+    }
     let resp = match result {
         Ok(r) => r,
         Err(e) => {
@@ -152,7 +209,13 @@ pub async fn renew(a: &RenewArgs) -> Result<serde_json::Value> {
     )
 }
 
-async fn fetch_into(a: &RenewArgs, mode: &str, state_dir: &Path, version: &Path) -> Result<IntermediateResponse> {
+async fn fetch_into(
+    a: &RenewArgs,
+    mode: &str,
+    state_dir: &Path,
+    version: &Path,
+    now: OffsetDateTime,
+) -> Result<IntermediateResponse> {
     let key_path = version.join("ca-key.pem");
     let key_ref = hsm::KeyRef::file(&key_path);
     let public = hsm::generate_key(&key_ref, hsm::KeyAlgorithm::EcdsaP256)?;
@@ -162,7 +225,8 @@ async fn fetch_into(a: &RenewArgs, mode: &str, state_dir: &Path, version: &Path)
     let csr = ca_core::csr::create_csr(&signer, subject)?;
 
     let tls = if mode == "renewal" {
-        tls_config(&a.ca_root, Some((&state_dir.join("ca-cert.pem"), &state_dir.join("ca-key.pem"))))?
+        let (_, set) = credential(state_dir, now)?.context("no unexpired intermediate to renew with")?;
+        tls_config(&a.ca_root, Some((&set.join("ca-cert.pem"), &set.join("ca-key.pem"))))?
     } else {
         tls_config(&a.ca_root, None)?
     };
@@ -176,10 +240,16 @@ async fn fetch_into(a: &RenewArgs, mode: &str, state_dir: &Path, version: &Path)
     let status = resp.status();
     if !status.is_success() {
         let body = resp.text().await.unwrap_or_default();
-        match serde_json::from_str::<Problem>(&body) {
-            Ok(p) => bail!("{mode} refused by {} ({status}, {}): {}", a.server, p.code, p.detail),
-            Err(_) => bail!("{mode} refused by {} ({status})", a.server),
-        }
+        let (code, detail) = match serde_json::from_str::<Problem>(&body) {
+            Ok(p) => (p.code, p.detail),
+            Err(_) => (String::new(), String::new()),
+        };
+        let message = if code.is_empty() {
+            format!("{mode} refused by {} ({status})", a.server)
+        } else {
+            format!("{mode} refused by {} ({status}, {code}): {detail}", a.server)
+        };
+        return Err(Refused { code, message }.into());
     }
     let r: IntermediateResponse = resp.json().await.context("the server's answer is not an intermediate response")?;
 

@@ -28,7 +28,7 @@ pub enum StoreError {
     Db(#[from] sqlx::Error),
     #[error("database migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
-    #[error("unsupported database URL {0:?}: use sqlite://PATH or postgres://...")]
+    #[error("unsupported database URL {}: use sqlite://PATH or postgres://...", redact_url(.0))]
     Url(String),
     #[error("{0} already exists")]
     Conflict(String),
@@ -71,6 +71,9 @@ pub struct ClusterRecord {
     pub enrolled_at: Option<i64>,
     pub created_by: String,
     pub created_at: i64,
+    /// Serial of the newest intermediate issued to the cluster.
+    #[sqlx(default)]
+    pub current_serial: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, sqlx::FromRow)]
@@ -315,6 +318,19 @@ impl Store {
         )
     }
 
+    /// When the issuer last revoked something (Unix seconds), to tell whether its CRL is stale.
+    pub async fn last_revocation(&self, issuer: &str) -> Result<Option<i64>> {
+        let r: Option<(Option<i64>,)> = on_pool!(self, p => sqlx::query_as("SELECT MAX(revoked_at) FROM certificates WHERE issuer = $1")
+            .bind(issuer).fetch_optional(p).await)?;
+        Ok(r.and_then(|r| r.0))
+    }
+
+    pub async fn audit_head(&self) -> Result<Option<(i64, String)>> {
+        Ok(
+            on_pool!(self, p => sqlx::query_as("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1").fetch_optional(p).await)?,
+        )
+    }
+
     pub async fn get_cluster(&self, name: &str) -> Result<Option<ClusterRecord>> {
         Ok(
             on_pool!(self, p => sqlx::query_as("SELECT * FROM clusters WHERE name = $1").bind(name).fetch_optional(p).await)?,
@@ -528,6 +544,25 @@ impl Tx {
         Ok(())
     }
 
+    /// Records `serial` as the cluster's newest intermediate: the only one that may renew.
+    pub async fn set_current_serial(&mut self, cluster: &str, serial: &str) -> Result<()> {
+        on_tx!(self, c => sqlx::query("UPDATE clusters SET current_serial = $1 WHERE name = $2")
+            .bind(serial).bind(cluster).execute(c).await.map(|r| r.rows_affected()))?;
+        Ok(())
+    }
+
+    /// Arms a new enrolment token for a cluster (after an approved re-enrolment request).
+    pub async fn rearm_enrolment(&mut self, name: &str, token_hash: &str, expires_at: i64) -> Result<bool> {
+        let r = on_tx!(self, c => sqlx::query("UPDATE clusters SET enrolment_token_hash = $1, enrolment_expires_at = $2, enrolled_at = NULL WHERE name = $3 AND status = 'active'")
+            .bind(token_hash).bind(expires_at).bind(name).execute(c).await.map(|r| r.rows_affected()))?;
+        Ok(r == 1)
+    }
+
+    pub async fn last_checkpoint_time(&mut self) -> Result<i64> {
+        let r: Option<(i64,)> = on_tx!(self, c => sqlx::query_as("SELECT time FROM audit_checkpoints ORDER BY seq DESC LIMIT 1").fetch_optional(c).await)?;
+        Ok(r.map_or(0, |r| r.0))
+    }
+
     pub async fn revoked_by_issuer(&mut self, issuer: &str) -> Result<Vec<CertRecord>> {
         Ok(
             on_tx!(self, c => sqlx::query_as("SELECT * FROM certificates WHERE issuer = $1 AND revoked_at IS NOT NULL ORDER BY revoked_at, serial")
@@ -553,4 +588,26 @@ pub fn now_millis() -> i64 {
 
 pub fn now_secs() -> i64 {
     time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+/// A database URL without its password, for messages and logs.
+pub fn redact_url(url: &str) -> String {
+    match (url.split_once("://"), url.rfind('@')) {
+        (Some((scheme, rest)), Some(_)) if rest.contains('@') => {
+            let (userinfo, host) = rest.rsplit_once('@').expect("checked");
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{scheme}://{user}:***@{host}")
+        }
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(super::redact_url("postgres://ca:s3cret@db:5432/pki"), "postgres://ca:***@db:5432/pki");
+        assert_eq!(super::redact_url("postgres://ca@db/pki"), "postgres://ca:***@db/pki");
+        assert_eq!(super::redact_url("sqlite:///var/lib/ca.db"), "sqlite:///var/lib/ca.db");
+    }
 }

@@ -88,6 +88,7 @@ async fn clusters_requests_and_enrolment(s: &Store) {
         enrolled_at: None,
         created_by: "alice".into(),
         created_at: now,
+        current_serial: None,
     };
     let mut tx = s.write().await.unwrap();
     tx.insert_request(&req).await.unwrap();
@@ -106,7 +107,11 @@ async fn clusters_requests_and_enrolment(s: &Store) {
     assert!(tx.consume_enrolment("c9", "h", now).await.unwrap());
     assert!(!tx.consume_enrolment("c9", "h", now).await.unwrap(), "single use");
     tx.commit().await.unwrap();
+    let mut tx = s.write().await.unwrap();
+    tx.set_current_serial("c9", "0abc").await.unwrap();
+    tx.commit().await.unwrap();
     let got = s.get_cluster("c9").await.unwrap().unwrap();
+    assert_eq!(got.current_serial.as_deref(), Some("0abc"));
     assert_eq!(got.enrolled_at, Some(now));
     assert_eq!(got.enrolment_token_hash, None);
     assert_eq!(s.list_requests(Some("approved")).await.unwrap().len(), 1);

@@ -32,10 +32,18 @@ fn client(root: &Path, identity: Option<(&[u8], &[u8])>) -> reqwest::Client {
         roots.add(rustls::pki_types::CertificateDer::from(p.into_contents())).unwrap();
     }
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let b = rustls::ClientConfig::builder_with_provider(provider).with_safe_default_protocol_versions().unwrap().with_root_certificates(roots);
+    let b = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
     let cfg = match identity {
         None => b.with_no_client_auth(),
-        Some((cert, key)) => b.with_client_auth_cert(vec![cert.to_vec().into()], rustls::pki_types::PrivateKeyDer::Pkcs8(key.to_vec().into())).unwrap(),
+        Some((cert, key)) => b
+            .with_client_auth_cert(
+                vec![cert.to_vec().into()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(key.to_vec().into()),
+            )
+            .unwrap(),
     };
     reqwest::Client::builder().use_preconfigured_tls(cfg).build().unwrap()
 }
@@ -125,7 +133,12 @@ async fn main() {
             let mut i = t;
             while Instant::now() < deadline {
                 let start = Instant::now();
-                let r = mtls.post(format!("{url}/v1/clusters/{name}/intermediate")).json(&json!({"csr": csrs[i % csrs.len()]})).send().await.unwrap();
+                let r = mtls
+                    .post(format!("{url}/v1/clusters/{name}/intermediate"))
+                    .json(&json!({"csr": csrs[i % csrs.len()]}))
+                    .send()
+                    .await
+                    .unwrap();
                 assert!(r.status().is_success(), "{}", r.status());
                 r.bytes().await.unwrap();
                 lat.push(start.elapsed());
@@ -148,6 +161,10 @@ async fn main() {
     if let Some(h) = hsm_rate {
         println!("| raw ECDSA P-256 sign, SoftHSM2 environment key, 1 thread | {h:.0}/s |");
     }
-    println!("| cluster intermediate renewals over mTLS, {concurrency} clients, {seconds}s | {:.0}/s ({} total) |", lat.len() as f64 / elapsed, lat.len());
+    println!(
+        "| cluster intermediate renewals over mTLS, {concurrency} clients, {seconds}s | {:.0}/s ({} total) |",
+        lat.len() as f64 / elapsed,
+        lat.len()
+    );
     println!("| latency p50 / p99 | {:.1} ms / {:.1} ms |", pct(0.5), pct(0.99));
 }

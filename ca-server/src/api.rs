@@ -46,6 +46,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/clusters", post(register_cluster).get(list_clusters))
         .route("/v1/clusters/{name}", get(get_cluster))
         .route("/v1/clusters/{name}/intermediate", post(issue_intermediate))
+        .route("/v1/clusters/{name}/enrolment", post(reissue_enrolment))
         .route("/v1/requests", get(list_requests))
         .route("/v1/requests/{id}/approve", post(approve_request))
         .route("/v1/requests/{id}/reject", post(reject_request))
@@ -122,7 +123,7 @@ impl<T: serde::de::DeserializeOwned> FromRequest<AppState> for Body<T> {
 #[openapi(
     info(title = "ca-server", description = "Online issuance, renewal and revocation of cluster intermediates, with an audit trail."),
     paths(
-        healthz, readyz, list_issuers, register_cluster, list_clusters, get_cluster, issue_intermediate, list_requests,
+        healthz, readyz, list_issuers, register_cluster, list_clusters, get_cluster, issue_intermediate, reissue_enrolment, list_requests,
         approve_request, reject_request, list_certificates, get_certificate, revoke_certificate, get_crl, list_audit
     ),
     components(schemas(
@@ -329,6 +330,7 @@ async fn register_cluster(
         enrolled_at: None,
         created_by: op.name.clone(),
         created_at: now,
+        current_serial: None,
     })
     .await
     .map_err(|e| ApiError::from(e).by(op.actor()))?;
@@ -423,13 +425,11 @@ async fn issue_intermediate(
     headers: HeaderMap,
     Body(req): Body<IntermediateRequest>,
 ) -> Result<Json<IntermediateResponse>, ApiError> {
-    let actor = format!("cluster:{name}");
-    let deny = |e: ApiError| e.by(actor.clone());
-    let cluster = state
-        .store
-        .get_cluster(&name)
-        .await?
-        .ok_or_else(|| deny(ApiError::not_found(format!("no cluster {name:?}"))))?;
+    // Until the caller has proved who it is, refusals are recorded as anonymous: the name in
+    // the URL is only a claim.
+    let claimed = |e: ApiError| ApiError { detail: format!("{} (claimed cluster {name:?})", e.detail), ..e };
+    let cluster =
+        state.store.get_cluster(&name).await?.ok_or_else(|| claimed(ApiError::not_found("no such cluster")))?;
     let now = now_secs();
     let bearer = headers
         .get(header::AUTHORIZATION)
@@ -437,6 +437,9 @@ async fn issue_intermediate(
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
     let peer = conn.as_ref().and_then(|c| c.peer_cert.clone());
+    let token_invalid = || {
+        ApiError::unauthenticated("enrolment-token-invalid", "the enrolment token is invalid, expired or already used")
+    };
     let caller = if let Some(token) = bearer {
         let h = token_hash(token);
         let usable = cluster.status == "active"
@@ -445,54 +448,39 @@ async fn issue_intermediate(
             && cluster.enrolment_expires_at.is_some_and(|e| e > now);
         if !usable {
             if cluster.status == "pending" && cluster.enrolment_token_hash.as_deref() == Some(h.as_str()) {
-                return Err(deny(ApiError::conflict(
+                return Err(ApiError::conflict(
                     "cluster-not-active",
                     "the cluster's registration awaits approval by a second operator",
-                )));
+                )
+                .by(format!("cluster:{name}")));
             }
-            return Err(deny(ApiError::unauthenticated(
-                "enrolment-token-invalid",
-                "the enrolment token is invalid, expired or already used",
-            )));
+            return Err(claimed(token_invalid()));
         }
         Caller::Enrolment { token_hash: h }
     } else if let Some(der) = peer {
         let fp = hex::encode(sha2::Sha256::digest(&der));
-        let rec = state.store.get_certificate_by_fingerprint(&fp).await?;
-        let rec = match rec {
+        let rec = match state.store.get_certificate_by_fingerprint(&fp).await? {
             Some(r) if r.cluster.as_deref() == Some(name.as_str()) => r,
             _ => {
-                return Err(deny(ApiError::unauthenticated(
+                return Err(claimed(ApiError::unauthenticated(
                     "client-certificate-rejected",
-                    "the client certificate is not an intermediate of this cluster",
+                    format!("certificate sha256:{fp} is not an intermediate of this cluster"),
                 )));
             }
         };
-        if rec.revoked_at.is_some() {
-            return Err(deny(ApiError::unauthenticated(
-                "client-certificate-revoked",
-                format!("intermediate {} is revoked; enrol again", rec.serial),
-            )));
-        }
-        if rec.not_after <= now {
-            return Err(deny(ApiError::unauthenticated(
-                "client-certificate-expired",
-                format!("intermediate {} has expired; enrol again", rec.serial),
-            )));
-        }
-        if cluster.status != "active" {
-            return Err(deny(ApiError::conflict(
-                "cluster-not-active",
-                format!("cluster {name} is {}", cluster.status),
-            )));
+        let actor = format!("cluster:{name}");
+        if let Err(e) = renewal_allowed(&rec, &cluster, now) {
+            return Err(e.by(actor));
         }
         Caller::Renewal { serial: rec.serial }
     } else {
-        return Err(deny(ApiError::unauthenticated(
+        return Err(claimed(ApiError::unauthenticated(
             "unauthenticated",
             "enrol with the enrolment token (Authorization: Bearer) or renew over mTLS with the current intermediate",
         )));
     };
+    let actor = format!("cluster:{name}");
+    let deny = |e: ApiError| e.by(actor.clone());
 
     let csr = VerifiedCsr::parse(req.csr.as_bytes()).map_err(|e| deny(crate::state::map_core(e.into())))?;
     let issuer = state.issuer(&cluster.environment)?.clone();
@@ -506,24 +494,33 @@ async fn issue_intermediate(
         }
     };
     let cert = issued.cert;
-    let (via, renewed_from) = match &caller {
-        Caller::Enrolment { .. } => ("enrolment", None),
-        Caller::Renewal { serial } => ("renewal", Some(serial.clone())),
-    };
     let mut tx = state.store.write().await?;
-    if let Caller::Enrolment { token_hash } = &caller {
-        // Spent in the same transaction that records the certificate: a replayed token loses
-        // the race here and its certificate is never recorded nor returned.
-        if !tx.consume_enrolment(&name, token_hash, now).await? {
-            drop(tx);
-            return Err(deny(ApiError::unauthenticated(
-                "enrolment-token-invalid",
-                "the enrolment token is invalid, expired or already used",
-            )));
+    // Everything checked before signing is checked again under the write lock: a revocation,
+    // another renewal or a replayed token may have landed meanwhile. The loser's certificate is
+    // never recorded nor returned.
+    let (via, renewed_from) = match &caller {
+        Caller::Enrolment { token_hash } => {
+            if !tx.consume_enrolment(&name, token_hash, now).await? {
+                return Err(deny(token_invalid()));
+            }
+            ("enrolment", None)
         }
-    }
+        Caller::Renewal { serial } => {
+            let current = tx.get_cluster(&name).await?.ok_or_else(|| deny(ApiError::not_found("no such cluster")))?;
+            let presented = tx
+                .get_certificate(serial)
+                .await?
+                .ok_or_else(|| ApiError::internal("presented certificate vanished"))?;
+            renewal_allowed(&presented, &current, now).map_err(&deny)?;
+            if current.current_serial.as_deref() != Some(serial.as_str()) {
+                return Err(deny(superseded(serial)));
+            }
+            ("renewal", Some(serial.clone()))
+        }
+    };
     let record = cert_record(&cert, &issuer.name, Some(&name), "cluster", &actor);
     tx.insert_certificate(&record).await?;
+    tx.set_current_serial(&name, &cert.serial).await?;
     tx.audit(AuditEvent::new(
         &actor,
         "certificate.issued",
@@ -542,6 +539,36 @@ async fn issue_intermediate(
         chain,
         trust_bundle: issuer.roots.iter().map(CertInfo::pem).collect(),
     }))
+}
+
+fn superseded(serial: &str) -> ApiError {
+    ApiError::unauthenticated(
+        "client-certificate-superseded",
+        format!("intermediate {serial} has been superseded; renew with the cluster's newest intermediate"),
+    )
+}
+
+/// The presented intermediate may renew: unrevoked, unexpired, and its cluster active.
+fn renewal_allowed(rec: &CertRecord, cluster: &ClusterRecord, now: i64) -> Result<(), ApiError> {
+    if rec.revoked_at.is_some() {
+        return Err(ApiError::unauthenticated(
+            "client-certificate-revoked",
+            format!("intermediate {} is revoked; enrol again", rec.serial),
+        ));
+    }
+    if rec.not_after <= now {
+        return Err(ApiError::unauthenticated(
+            "client-certificate-expired",
+            format!("intermediate {} has expired; enrol again", rec.serial),
+        ));
+    }
+    if cluster.status != "active" {
+        return Err(ApiError::conflict(
+            "cluster-not-active",
+            format!("cluster {} is {}", cluster.name, cluster.status),
+        ));
+    }
+    Ok(())
 }
 
 /// The issuer followed by its parents (the chain a cluster certificate needs above it).
@@ -609,6 +636,60 @@ fn cert_record(cert: &CertInfo, issuer: &str, cluster: Option<&str>, profile: &s
     }
 }
 
+/// Asks for a new one-time enrolment token for an existing cluster: after its newest
+/// intermediate was revoked, or a failed enrolment left it without one. Takes effect when a
+/// different operator approves.
+#[utoipa::path(post, path = "/v1/clusters/{name}/enrolment",
+    responses((status = 202, body = RegisterResponse), (status = 404, body = Problem), (status = 409, body = Problem)), security(("bearer" = [])))]
+async fn reissue_enrolment(
+    State(state): State<AppState>,
+    op: Operator,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    op.require(&[Role::Operator, Role::Admin], "re-issuing an enrolment token")?;
+    let cluster = state
+        .store
+        .get_cluster(&name)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no cluster {name:?}")).by(op.actor()))?;
+    if cluster.status != "active" {
+        return Err(
+            ApiError::conflict("cluster-not-active", format!("cluster {name} is {}", cluster.status)).by(op.actor())
+        );
+    }
+    let now = now_secs();
+    let token = new_token();
+    let expires = now + state.config.policy.enrolment_token_ttl.duration().whole_seconds();
+    let request_id = uuid::Uuid::new_v4().to_string();
+    let mut tx = state.store.write().await?;
+    tx.insert_request(&ApprovalRequest {
+        id: request_id.clone(),
+        kind: "reissue-enrolment".into(),
+        subject: name.clone(),
+        payload: json!({"token_hash": token_hash(&token), "expires_at": expires}).to_string(),
+        requested_by: op.name.clone(),
+        requested_at: now,
+        status: "pending".into(),
+        decided_by: None,
+        decided_at: None,
+    })
+    .await?;
+    tx.audit(AuditEvent::new(op.actor(), "cluster.enrolment.requested", &name, json!({"request_id": request_id})))
+        .await?;
+    tx.commit().await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(RegisterResponse {
+            cluster: name,
+            status: "pending-approval".into(),
+            request_id,
+            enrolment_token: token,
+            enrolment_expires_at: expires,
+        }),
+    )
+        .into_response())
+}
+
 // ---- two-person rule ----------------------------------------------------------------------
 
 #[derive(Serialize, ToSchema)]
@@ -630,7 +711,14 @@ impl From<ApprovalRequest> for RequestView {
             id: r.id,
             kind: r.kind,
             subject: r.subject,
-            payload: serde_json::from_str(&r.payload).unwrap_or(serde_json::Value::Null),
+            payload: {
+                let mut p: serde_json::Value = serde_json::from_str(&r.payload).unwrap_or(serde_json::Value::Null);
+                // Only a hash, but nobody needs it.
+                if let Some(o) = p.as_object_mut() {
+                    o.remove("token_hash");
+                }
+                p
+            },
             requested_by: r.requested_by,
             requested_at: r.requested_at,
             status: r.status,
@@ -708,6 +796,7 @@ async fn decide(state: AppState, op: Operator, id: String, approve: bool) -> Res
     ))
     .await?;
     let payload: serde_json::Value = serde_json::from_str(&req.payload).map_err(ApiError::internal)?;
+    let mut republish = None;
     match (req.kind.as_str(), approve) {
         ("register-cluster", true) => {
             tx.set_cluster_status(&req.subject, "active").await?;
@@ -715,6 +804,22 @@ async fn decide(state: AppState, op: Operator, id: String, approve: bool) -> Res
         }
         ("register-cluster", false) => {
             tx.set_cluster_status(&req.subject, "rejected").await?;
+        }
+        ("reissue-enrolment", true) => {
+            let (Some(hash), Some(expires)) = (payload["token_hash"].as_str(), payload["expires_at"].as_i64()) else {
+                return Err(ApiError::internal("reissue request without a token"));
+            };
+            if !tx.rearm_enrolment(&req.subject, hash, expires).await? {
+                return Err(ApiError::conflict("cluster-not-active", format!("cluster {} is not active", req.subject))
+                    .by(op.actor()));
+            }
+            tx.audit(AuditEvent::new(
+                op.actor(),
+                "cluster.enrolment.reissued",
+                &req.subject,
+                json!({"expires_at": expires}),
+            ))
+            .await?;
         }
         ("revoke-certificate", true) => {
             let reason = payload["reason"].as_str().unwrap_or("unspecified").to_string();
@@ -731,13 +836,24 @@ async fn decide(state: AppState, op: Operator, id: String, approve: bool) -> Res
                     json!({"reason": reason, "issuer": cert.issuer, "cluster": cert.cluster}),
                 ))
                 .await?;
-                let issuer = state.issuer(&cert.issuer)?.clone();
-                publish_crl(&state, &issuer, &mut tx, &op.actor()).await?;
+                republish = Some(cert.issuer.clone());
             }
         }
         _ => {}
     }
     tx.commit().await?;
+    // The revocation stands even if the HSM is away right now: the CRL follows here, or from
+    // the background job, which treats a CRL older than the last revocation as due.
+    if let Some(issuer_name) = republish {
+        let issuer = state.issuer(&issuer_name)?.clone();
+        let mut tx = state.store.write().await?;
+        match publish_crl(&state, &issuer, &mut tx, &op.actor()).await {
+            Ok(_) => tx.commit().await?,
+            Err(e) => {
+                tracing::warn!(issuer = %issuer_name, error = %e.detail, "CRL not regenerated yet; the background job will retry")
+            }
+        }
+    }
     let decided = state.store.get_request(&id).await?.ok_or_else(|| ApiError::internal("request vanished"))?;
     Ok(Json(decided.into()))
 }

@@ -17,13 +17,18 @@ pub async fn maybe_checkpoint(state: &AppState, force: bool) -> Result<Option<i6
     let Some(signer) = state.audit_signer.read().unwrap_or_else(|p| p.into_inner()).clone() else {
         return Ok(None);
     };
-    let mut tx = state.store.write().await?;
-    let Some((head, hash)) = tx.audit_head().await? else { return Ok(None) };
-    let last = tx.last_checkpoint_seq().await?;
+    // Decide and sign outside the write lock: a checkpoint for (seq, hash) stays true however
+    // many records follow, so nothing needs to hold still while the audit key signs.
+    let Some((head, hash)) = state.store.audit_head().await? else { return Ok(None) };
+    let (last, last_time) = {
+        let mut tx = state.store.write().await?;
+        let r = (tx.last_checkpoint_seq().await?, tx.last_checkpoint_time().await?);
+        tx.commit().await?;
+        r
+    };
     if head <= last {
         return Ok(None);
     }
-    let last_time = state.store.checkpoints().await?.last().map_or(0, |c| c.time);
     let interval_ms = state.config.audit.checkpoint_interval.duration().whole_milliseconds() as i64;
     let due = force || head - last >= state.config.audit.checkpoint_every || now_millis() - last_time >= interval_ms;
     if !due {
@@ -31,8 +36,7 @@ pub async fn maybe_checkpoint(state: &AppState, force: bool) -> Result<Option<i6
     }
     let msg = checkpoint_message(head, &hash);
     let key = signer.clone();
-    let timeout = state.hsm_timeout();
-    let sig = tokio::time::timeout(timeout, tokio::task::spawn_blocking(move || key.sign_bytes(&msg)))
+    let sig = tokio::time::timeout(state.hsm_timeout(), tokio::task::spawn_blocking(move || key.sign_bytes(&msg)))
         .await
         .context("audit key timed out")??
         .context("signing an audit checkpoint")?;
@@ -45,6 +49,11 @@ pub async fn maybe_checkpoint(state: &AppState, force: bool) -> Result<Option<i6
         signature: hex::encode(sig),
         signature_algorithm: public.signature_oid().to_string(),
     };
+    let mut tx = state.store.write().await?;
+    // Another replica may have checkpointed this far meanwhile.
+    if tx.last_checkpoint_seq().await? >= head {
+        return Ok(None);
+    }
     tx.insert_checkpoint(&cp, &public.to_pem()).await?;
     tx.commit().await?;
     Ok(Some(head))

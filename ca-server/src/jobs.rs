@@ -14,9 +14,10 @@ const PROBE_EVERY: Duration = Duration::from_secs(2);
 pub fn spawn(state: AppState) {
     let s = state.clone();
     tokio::spawn(async move {
+        let mut backoff: Vec<Backoff> = s.issuers.values().map(|_| Backoff::default()).collect();
         loop {
-            for issuer in s.issuers.values() {
-                probe(&s, issuer).await;
+            for (issuer, b) in s.issuers.values().zip(backoff.iter_mut()) {
+                probe(&s, issuer, b).await;
             }
             tokio::time::sleep(PROBE_EVERY).await;
         }
@@ -32,10 +33,22 @@ pub fn spawn(state: AppState) {
     });
 }
 
-/// Checks that the issuer's key answers; reconnects (a fresh login) when it did not.
-async fn probe(state: &AppState, issuer: &Arc<Issuer>) {
+/// Per-issuer probe state: consecutive failures and when to try reconnecting next.
+#[derive(Default)]
+struct Backoff {
+    failures: u32,
+    next: Option<std::time::Instant>,
+}
+
+/// Checks that the issuer's key answers; reconnects (a fresh login) when it did not, backing
+/// off (2 s, 4 s, ... up to 30 s) while it stays away, so that a hanging HSM does not pile up
+/// blocked threads.
+async fn probe(state: &AppState, issuer: &Arc<Issuer>, backoff: &mut Backoff) {
     let timeout = Duration::from_secs(3);
     let was = issuer.is_healthy();
+    if !was && backoff.next.is_some_and(|n| std::time::Instant::now() < n) {
+        return;
+    }
     let ok = if was && issuer.signer().is_some() {
         let signer = issuer.signer().expect("checked");
         matches!(
@@ -50,6 +63,13 @@ async fn probe(state: &AppState, issuer: &Arc<Issuer>) {
         )
     };
     issuer.set_healthy(ok);
+    if ok {
+        *backoff = Backoff::default();
+    } else {
+        backoff.failures += 1;
+        let delay = Duration::from_secs(2u64.saturating_pow(backoff.failures.min(5)).min(30));
+        backoff.next = Some(std::time::Instant::now() + delay);
+    }
     state.metrics.hsm_up.get_or_create(&IssuerLabels { issuer: issuer.name.clone() }).set(i64::from(ok));
     if was != ok {
         if ok {
@@ -75,9 +95,15 @@ async fn tick(state: &AppState) -> anyhow::Result<()> {
         if !issuer.is_healthy() {
             continue;
         }
-        let mut tx = state.store.write().await?;
-        let due = tx.get_crl(&issuer.name).await?.is_none_or(|c| c.next_update - now <= refresh_before);
+        // Due when missing, close to nextUpdate, or older than the last revocation (a
+        // revocation approved while the HSM was away).
+        let last_revocation = state.store.last_revocation(&issuer.name).await?;
+        let due = match state.store.get_crl(&issuer.name).await? {
+            None => true,
+            Some(c) => c.next_update - now <= refresh_before || last_revocation.is_some_and(|r| r >= c.this_update),
+        };
         if due {
+            let mut tx = state.store.write().await?;
             crate::api::publish_crl(state, issuer, &mut tx, "system")
                 .await
                 .map_err(|e| anyhow::anyhow!("CRL for {}: {}", issuer.name, e.detail))?;

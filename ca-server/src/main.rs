@@ -142,7 +142,9 @@ async fn run(args: Args) -> Result<()> {
     }
     let jwks = load_jwks(&cfg.auth).await?;
     let audit_signer = checkpoint::open_audit_key(&cfg.audit.key)?;
-    let tls_config = tls::server_config(&cfg.tls)?;
+    let issuer_certs: Vec<_> =
+        issuers.values().flat_map(|i| std::iter::once(i.cert.clone()).chain(i.chain.iter().cloned())).collect();
+    let tls_config = tls::server_config(&cfg.tls, &issuer_certs)?;
     let state = AppState::new(Inner {
         auth: auth::Auth::new(cfg.auth.clone(), jwks),
         config: cfg.clone(),
@@ -170,6 +172,11 @@ async fn run(args: Args) -> Result<()> {
 
     let request_id = HeaderName::from_static("x-request-id");
     let app = api::router(state.clone())
+        // No request holds a connection longer than this (HSM calls are bounded well below it).
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            axum::http::StatusCode::REQUEST_TIMEOUT,
+            Duration::from_secs(60),
+        ))
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
         .layer(
             TraceLayer::new_for_http()

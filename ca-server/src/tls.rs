@@ -1,10 +1,11 @@
 //! TLS on the listening socket, with optional client certificates.
 //!
 //! Cluster intermediates are CA certificates, which webpki refuses as client certificates, so
-//! the TLS layer only checks that the client holds the certificate's key (the handshake
-//! signature). Whether the certificate is one of ours, for this cluster, unexpired and
-//! unrevoked is decided by the renewal handler against the inventory, where a refusal gets a
-//! problem document and an audit record instead of a bare TLS alert.
+//! the TLS layer checks them itself: the certificate must chain to `tls.client_ca` through one
+//! of the configured issuers (as of its own notBefore), and the client must hold its key (the
+//! handshake signature). Whether it is this cluster's newest, unexpired, unrevoked
+//! intermediate is decided by the renewal handler against the inventory, where a refusal gets
+//! a problem document and an audit record instead of a bare TLS alert.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -26,6 +27,10 @@ use crate::config::TlsConfig;
 #[derive(Debug)]
 struct ProofOfPossession {
     algs: WebPkiSupportedAlgorithms,
+    /// `tls.client_ca` and the issuers' own certificates: a client certificate must chain to
+    /// these (as of its own notBefore: expiry is the handler's to report).
+    roots: Vec<ca_core::cert::CertInfo>,
+    intermediates: Vec<ca_core::cert::CertInfo>,
 }
 
 impl ClientCertVerifier for ProofOfPossession {
@@ -47,9 +52,11 @@ impl ClientCertVerifier for ProofOfPossession {
         _: &[CertificateDer<'_>],
         _: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        x509_parser::parse_x509_certificate(end_entity)
+        let leaf = ca_core::cert::CertInfo::from_der(end_entity.to_vec())
+            .map_err(|_| rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding))?;
+        ca_core::chain::verify_chain(&leaf, &self.intermediates, &self.roots, leaf.not_before)
             .map(|_| ClientCertVerified::assertion())
-            .map_err(|_| rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding))
+            .map_err(|_| rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer))
     }
 
     fn verify_tls12_signature(
@@ -79,7 +86,11 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
-pub fn server_config(cfg: &TlsConfig) -> Result<Arc<ServerConfig>> {
+pub fn server_config(cfg: &TlsConfig, issuers: &[ca_core::cert::CertInfo]) -> Result<Arc<ServerConfig>> {
+    let mut roots = Vec::new();
+    for p in &cfg.client_ca {
+        roots.extend(ca_core::cert::load_certs(p).with_context(|| format!("tls.client_ca {}", p.display()))?);
+    }
     let pem_text = std::fs::read(&cfg.cert).with_context(|| format!("tls.cert {}", cfg.cert.display()))?;
     let chain: Vec<CertificateDer<'static>> = pem::parse_many(&pem_text)
         .with_context(|| format!("tls.cert {}: not PEM", cfg.cert.display()))?
@@ -95,7 +106,11 @@ pub fn server_config(cfg: &TlsConfig) -> Result<Arc<ServerConfig>> {
     let der = pem::parse(exported.expose_pem()).context("tls.key")?.into_contents();
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(der));
     let provider = provider();
-    let verifier = Arc::new(ProofOfPossession { algs: provider.signature_verification_algorithms });
+    let verifier = Arc::new(ProofOfPossession {
+        algs: provider.signature_verification_algorithms,
+        roots,
+        intermediates: issuers.to_vec(),
+    });
     let config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)
@@ -144,7 +159,10 @@ where
         req.extensions_mut().insert(info.clone());
         app.clone().oneshot(req.map(axum::body::Body::new))
     });
-    if let Err(e) = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new()).serve_connection(io, svc).await {
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    // Without a timer hyper cannot time out a client that never finishes its headers.
+    builder.http1().timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(Duration::from_secs(10));
+    if let Err(e) = builder.serve_connection(io, svc).await {
         tracing::debug!(%remote, error = %e, "connection ended with an error");
     }
 }

@@ -220,6 +220,17 @@ pub fn read_env(path: &Path) -> HashMap<String, String> {
 
 /// A client that trusts `root` and optionally presents a client certificate and key (PEM files).
 pub fn client(root: &Path, identity: Option<(&Path, &Path)>) -> reqwest::Client {
+    let identity = identity.map(|(c, k)| {
+        (
+            pem::parse(std::fs::read(c).unwrap()).unwrap().into_contents(),
+            pem::parse(std::fs::read(k).unwrap()).unwrap().into_contents(),
+        )
+    });
+    client_der(root, identity.as_ref().map(|(c, k)| (c.as_slice(), k.as_slice())))
+}
+
+/// As [`client`], with the certificate and PKCS#8 key as DER.
+pub fn client_der(root: &Path, identity: Option<(&[u8], &[u8])>) -> reqwest::Client {
     let mut roots = rustls::RootCertStore::empty();
     for p in pem::parse_many(std::fs::read(root).unwrap()).unwrap() {
         roots.add(rustls::pki_types::CertificateDer::from(p.into_contents())).unwrap();
@@ -231,21 +242,64 @@ pub fn client(root: &Path, identity: Option<(&Path, &Path)>) -> reqwest::Client 
         .with_root_certificates(roots);
     let cfg = match identity {
         None => b.with_no_client_auth(),
-        Some((cert, key)) => {
-            let cert = pem::parse(std::fs::read(cert).unwrap()).unwrap().into_contents();
-            let key = pem::parse(std::fs::read(key).unwrap()).unwrap().into_contents();
-            b.with_client_auth_cert(vec![cert.into()], rustls::pki_types::PrivateKeyDer::Pkcs8(key.into())).unwrap()
-        }
+        Some((cert, key)) => b
+            .with_client_auth_cert(
+                vec![cert.to_vec().into()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(key.to_vec().into()),
+            )
+            .unwrap(),
     };
     reqwest::Client::builder().use_preconfigured_tls(cfg).timeout(Duration::from_secs(30)).build().unwrap()
 }
 
 /// A PEM CSR for a fresh P-256 key (the key is thrown away).
 pub fn csr_pem() -> String {
+    csr_with_key().0
+}
+
+/// A PEM CSR and its key.
+pub fn csr_with_key() -> (String, rcgen::KeyPair) {
     let kp = rcgen::KeyPair::generate().unwrap();
     let mut p = rcgen::CertificateParams::default();
     p.distinguished_name.push(rcgen::DnType::CommonName, "test");
-    p.serialize_request(&kp).unwrap().pem().unwrap()
+    (p.serialize_request(&kp).unwrap().pem().unwrap(), kp)
+}
+
+/// A cluster renewing over mTLS the way istiod's CronJob would: each renewal authenticates
+/// with the newest intermediate and its key.
+pub struct Renewer {
+    pub root: PathBuf,
+    pub cluster: String,
+    pub cert: Vec<u8>,
+    pub key: Vec<u8>,
+}
+
+impl Renewer {
+    pub fn from_state_dir(root: &Path, cluster: &str, state: &Path) -> Renewer {
+        Renewer {
+            root: root.to_path_buf(),
+            cluster: cluster.into(),
+            cert: pem::parse(std::fs::read(state.join("ca-cert.pem")).unwrap()).unwrap().into_contents(),
+            key: pem::parse(std::fs::read(state.join("ca-key.pem")).unwrap()).unwrap().into_contents(),
+        }
+    }
+
+    /// One renewal against `server_url`; on success the new certificate and key take over.
+    pub async fn renew(&mut self, server_url: &str) -> Result<String, reqwest::Error> {
+        let (csr, kp) = csr_with_key();
+        let c = client_der(&self.root, Some((&self.cert, &self.key)));
+        let r = c
+            .post(format!("{server_url}/v1/clusters/{}/intermediate", self.cluster))
+            .json(&serde_json::json!({"csr": csr}))
+            .send()
+            .await?;
+        let status = r.status();
+        let body: Value = r.json().await?;
+        assert!(status.is_success(), "renewal of {} failed: {status} {body}", self.cluster);
+        self.cert = pem::parse(body["certificate"].as_str().unwrap()).unwrap().into_contents();
+        self.key = kp.serialize_der();
+        Ok(body["serial"].as_str().unwrap().to_string())
+    }
 }
 
 pub fn stdout(o: &std::process::Output) -> String {
