@@ -4,9 +4,10 @@
 //!     target/release/ca-server --dev --dev-dir /tmp/bench-dev --listen 127.0.0.1:18500 &
 //!     target/release/examples/load /tmp/bench-dev 10 8
 //!
-//! (arguments: dev directory, seconds, concurrent clients). It registers and enrols one cluster,
-//! then renews its intermediate over mTLS from N concurrent clients for the given time: every
-//! renewal is a full issuance (CSR check, lint, signature in SoftHSM2, inventory row and audit
+//! (arguments: dev directory, seconds, concurrent clients). It registers and enrols one cluster
+//! per client, then each client renews its cluster's intermediate over mTLS back to back (a new
+//! TLS connection each time, as a CronJob would) for the given time: every renewal is a full
+//! issuance (CSR check, lint, signature in SoftHSM2, inventory row and audit
 //! record committed). In the same run it measures the machine's raw limits: ECDSA P-256
 //! signatures per second in software and with the environment key in SoftHSM2.
 
@@ -91,68 +92,71 @@ async fn main() {
         None
     };
 
-    // One cluster, enrolled.
-    let name = format!("load-{}", std::process::id());
-    let reg: Value = c
-        .post(format!("{url}/v1/clusters"))
-        .bearer_auth(&e["CA_ADMIN_TOKEN"])
-        .json(&json!({"name": name, "environment": "dev", "trust_domain": "cluster.local"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    c.post(format!("{url}/v1/requests/{}/approve", reg["request_id"].as_str().unwrap()))
-        .bearer_auth(&e["CA_APPROVER_TOKEN"])
-        .send()
-        .await
-        .unwrap();
-    let (pem_csr, kp) = csr();
-    let enrolled: Value = c
-        .post(format!("{url}/v1/clusters/{name}/intermediate"))
-        .bearer_auth(reg["enrolment_token"].as_str().unwrap())
-        .json(&json!({"csr": pem_csr}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let cert = pem::parse(enrolled["certificate"].as_str().unwrap()).unwrap().into_contents();
-    let mtls = client(&root, Some((&cert, &kp.serialize_der())));
-
-    // Renewals from N clients. CSRs are made up front so the client's own work is not measured.
-    let csrs: Arc<Vec<String>> = Arc::new((0..256).map(|_| csr().0).collect());
-    let deadline = Instant::now() + Duration::from_secs(seconds);
+    // One cluster per client: only a cluster's newest intermediate may renew it, so each
+    // client renews back to back with the certificate it got last.
     let mut tasks = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(seconds) + Duration::from_secs(2);
     for t in 0..concurrency {
-        let (mtls, url, name, csrs) = (mtls.clone(), url.clone(), name.clone(), csrs.clone());
+        let name = format!("load-{}-{t}", std::process::id());
+        let reg: Value = c
+            .post(format!("{url}/v1/clusters"))
+            .bearer_auth(&e["CA_ADMIN_TOKEN"])
+            .json(&json!({"name": name, "environment": "dev", "trust_domain": "cluster.local"}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        c.post(format!("{url}/v1/requests/{}/approve", reg["request_id"].as_str().unwrap()))
+            .bearer_auth(&e["CA_APPROVER_TOKEN"])
+            .send()
+            .await
+            .unwrap();
+        let (pem_csr, kp) = csr();
+        let enrolled: Value = c
+            .post(format!("{url}/v1/clusters/{name}/intermediate"))
+            .bearer_auth(reg["enrolment_token"].as_str().unwrap())
+            .json(&json!({"csr": pem_csr}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let mut cert = pem::parse(enrolled["certificate"].as_str().unwrap()).unwrap().into_contents();
+        let mut key = kp.serialize_der();
+        // Keys and CSRs are made up front so the client's own work is not measured.
+        let pairs: Vec<(String, Vec<u8>)> = (0..512).map(|_| {
+            let (p, k) = csr();
+            (p, k.serialize_der())
+        }).collect();
+        let (url, root, name) = (url.clone(), root.clone(), name.clone());
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
-            let mut i = t;
+            let start_at = deadline - Duration::from_secs(seconds);
+            tokio::time::sleep_until(start_at.into()).await;
+            let mut i = 0;
             while Instant::now() < deadline {
+                let (pem_csr, next_key) = &pairs[i % pairs.len()];
+                let mtls = client(&root, Some((&cert, &key)));
                 let start = Instant::now();
-                let r = mtls
-                    .post(format!("{url}/v1/clusters/{name}/intermediate"))
-                    .json(&json!({"csr": csrs[i % csrs.len()]}))
-                    .send()
-                    .await
-                    .unwrap();
+                let r = mtls.post(format!("{url}/v1/clusters/{name}/intermediate")).json(&json!({"csr": pem_csr})).send().await.unwrap();
                 assert!(r.status().is_success(), "{}", r.status());
-                r.bytes().await.unwrap();
+                let body: Value = r.json().await.unwrap();
                 lat.push(start.elapsed());
-                i += concurrency;
+                cert = pem::parse(body["certificate"].as_str().unwrap()).unwrap().into_contents();
+                key = next_key.clone();
+                i += 1;
             }
             lat
         }));
     }
-    let started = Instant::now();
     let mut lat = Vec::new();
     for t in tasks {
         lat.extend(t.await.unwrap());
     }
-    let elapsed = started.elapsed().as_secs_f64();
+    let elapsed = seconds as f64;
     lat.sort();
     let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)].as_secs_f64() * 1000.0;
     println!("| measurement | value |");
@@ -162,7 +166,7 @@ async fn main() {
         println!("| raw ECDSA P-256 sign, SoftHSM2 environment key, 1 thread | {h:.0}/s |");
     }
     println!(
-        "| cluster intermediate renewals over mTLS, {concurrency} clients, {seconds}s | {:.0}/s ({} total) |",
+        "| cluster intermediate renewals over mTLS, {concurrency} clusters at once, {seconds}s | {:.0}/s ({} total) |",
         lat.len() as f64 / elapsed,
         lat.len()
     );
