@@ -445,20 +445,14 @@ fn run(cmd: Cmd, output: Output) -> Result<()> {
             let signer = hsm::open_signer(&key)?;
             let not_before = ca_core::issue::default_not_before();
             let req = CertRequest {
-                profile: ProfileKind::Root,
-                subject,
-                subject_key: signer.public_key().clone(),
-                not_before,
-                not_after: not_before + validity.duration(),
                 path_len: Some(path_len),
-                trust_domains: vec![],
-                name_constraints: false,
-                crl_urls: vec![],
-                ca_issuer_urls: vec![],
-                spiffe_id: None,
-                server_names: vec![],
-                subject_key_id: None,
-                exact_subject: None,
+                ..CertRequest::new(
+                    ProfileKind::Root,
+                    subject,
+                    signer.public_key().clone(),
+                    not_before,
+                    not_before + validity.duration(),
+                )
             };
             let issued = ca_core::issue::create_root(&signer, &req)?;
             write_one(&out, issued.pem())?;
@@ -731,20 +725,18 @@ fn sign(a: SignArgs, output: Output) -> Result<()> {
     let issuer = ca_core::issue::CaIssuer::new(load_cert(&a.ca_cert)?, hsm::open_signer(&a.ca_key.parse()?)?)?;
     let not_before = ca_core::issue::default_not_before();
     let req = CertRequest {
-        profile: a.profile,
-        subject: csr.subject().clone(),
-        subject_key: csr.public_key().clone(),
-        not_before,
-        not_after: not_before + a.validity.duration(),
-        path_len: None,
         trust_domains: a.trust_domains,
         name_constraints: a.name_constraints,
         crl_urls: a.crl_urls,
         ca_issuer_urls: a.ca_issuer_urls,
         spiffe_id: a.spiffe_id,
-        server_names: vec![],
-        subject_key_id: None,
-        exact_subject: None,
+        ..CertRequest::new(
+            a.profile,
+            csr.subject().clone(),
+            csr.public_key().clone(),
+            not_before,
+            not_before + a.validity.duration(),
+        )
     };
     let issued = ca_core::issue::issue(&issuer, &req)?;
     write_one(&a.out, issued.pem())?;

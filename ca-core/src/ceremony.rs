@@ -499,20 +499,17 @@ impl Ceremony {
     fn request(&self, shape: &RequestShape, source: SourceInfo, issuer: &CertInfo) -> Result<CertRequest> {
         let not_before = default_not_before();
         let mut req = CertRequest {
-            profile: shape.profile,
-            subject: source.subject,
-            subject_key: source.key,
-            not_before,
-            not_after: not_before + shape.validity.duration(),
-            path_len: None,
             trust_domains: shape.trust_domains.clone(),
             name_constraints: shape.name_constraints,
             crl_urls: shape.crl_urls.clone(),
             ca_issuer_urls: shape.ca_issuer_urls.clone(),
-            spiffe_id: None,
-            server_names: vec![],
-            subject_key_id: None,
-            exact_subject: None,
+            ..CertRequest::new(
+                shape.profile,
+                source.subject,
+                source.key,
+                not_before,
+                not_before + shape.validity.duration(),
+            )
         };
         if let Some(orig) = source.original {
             // A cross-certificate is the same CA under another issuer: same subject (byte for
@@ -576,20 +573,14 @@ impl Ceremony {
                 let signer = hsm::open_signer(key)?;
                 let not_before = default_not_before();
                 let req = CertRequest {
-                    profile: ProfileKind::Root,
-                    subject: subject.clone(),
-                    subject_key: signer.public_key().clone(),
-                    not_before,
-                    not_after: not_before + validity.duration(),
                     path_len: Some(*path_len),
-                    trust_domains: vec![],
-                    name_constraints: false,
-                    crl_urls: vec![],
-                    ca_issuer_urls: vec![],
-                    spiffe_id: None,
-                    server_names: vec![],
-                    subject_key_id: None,
-                    exact_subject: None,
+                    ..CertRequest::new(
+                        ProfileKind::Root,
+                        subject.clone(),
+                        signer.public_key().clone(),
+                        not_before,
+                        not_before + validity.duration(),
+                    )
                 };
                 let issued = create_root(&signer, &req)?;
                 cert_details(&mut details, &issued.cert);

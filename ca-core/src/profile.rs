@@ -98,6 +98,32 @@ pub struct CertRequest {
 }
 
 impl CertRequest {
+    /// A request with every optional part empty: set the fields the profile needs.
+    pub fn new(
+        profile: ProfileKind,
+        subject: DistinguishedName,
+        subject_key: hsm::PublicKey,
+        not_before: OffsetDateTime,
+        not_after: OffsetDateTime,
+    ) -> Self {
+        CertRequest {
+            profile,
+            subject,
+            subject_key,
+            not_before,
+            not_after,
+            path_len: None,
+            trust_domains: vec![],
+            name_constraints: false,
+            crl_urls: vec![],
+            ca_issuer_urls: vec![],
+            spiffe_id: None,
+            server_names: vec![],
+            subject_key_id: None,
+            exact_subject: None,
+        }
+    }
+
     /// The pathLen this request's certificate will carry.
     pub fn effective_path_len(&self) -> Option<u32> {
         self.profile.fixed_path_len().or(self.path_len)

@@ -127,10 +127,12 @@ async fn main() {
         let mut cert = pem::parse(enrolled["certificate"].as_str().unwrap()).unwrap().into_contents();
         let mut key = kp.serialize_der();
         // Keys and CSRs are made up front so the client's own work is not measured.
-        let pairs: Vec<(String, Vec<u8>)> = (0..512).map(|_| {
-            let (p, k) = csr();
-            (p, k.serialize_der())
-        }).collect();
+        let pairs: Vec<(String, Vec<u8>)> = (0..512)
+            .map(|_| {
+                let (p, k) = csr();
+                (p, k.serialize_der())
+            })
+            .collect();
         let (url, root, name) = (url.clone(), root.clone(), name.clone());
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
@@ -141,7 +143,12 @@ async fn main() {
                 let (pem_csr, next_key) = &pairs[i % pairs.len()];
                 let mtls = client(&root, Some((&cert, &key)));
                 let start = Instant::now();
-                let r = mtls.post(format!("{url}/v1/clusters/{name}/intermediate")).json(&json!({"csr": pem_csr})).send().await.unwrap();
+                let r = mtls
+                    .post(format!("{url}/v1/clusters/{name}/intermediate"))
+                    .json(&json!({"csr": pem_csr}))
+                    .send()
+                    .await
+                    .unwrap();
                 assert!(r.status().is_success(), "{}", r.status());
                 let body: Value = r.json().await.unwrap();
                 lat.push(start.elapsed());

@@ -597,22 +597,10 @@ fn cluster_request(
         ));
     }
     Ok(CertRequest {
-        profile: ProfileKind::Cluster,
-        subject,
-        subject_key: key,
-        not_before,
-        not_after,
-        path_len: None,
         trust_domains: vec![
             cluster.trust_domain.parse().map_err(|e| ApiError::internal(format!("stored trust domain: {e}")))?,
         ],
-        name_constraints: false,
-        crl_urls: vec![],
-        ca_issuer_urls: vec![],
-        spiffe_id: None,
-        server_names: vec![],
-        subject_key_id: None,
-        exact_subject: None,
+        ..CertRequest::new(ProfileKind::Cluster, subject, key, not_before, not_after)
     })
 }
 

@@ -63,20 +63,14 @@ pub fn prepare(dir: &Path) -> Result<DevSetup> {
     let mut subject = rcgen::DistinguishedName::new();
     subject.push(rcgen::DnType::CommonName, "localhost");
     let req = CertRequest {
-        profile: ProfileKind::Server,
-        subject,
-        subject_key: hsm::open_signer(&server_key)?.public_key().clone(),
-        not_before: nb,
-        not_after: (nb + time::Duration::days(365)).min(env.cert.not_after),
-        path_len: None,
-        trust_domains: vec![],
-        name_constraints: false,
-        crl_urls: vec![],
-        ca_issuer_urls: vec![],
-        spiffe_id: None,
         server_names: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
-        subject_key_id: None,
-        exact_subject: None,
+        ..CertRequest::new(
+            ProfileKind::Server,
+            subject,
+            hsm::open_signer(&server_key)?.public_key().clone(),
+            nb,
+            (nb + time::Duration::days(365)).min(env.cert.not_after),
+        )
     };
     let server = issue(&env, &req)?;
     let mut out = OutputSet::new();
