@@ -605,11 +605,23 @@ async fn two_replicas_share_postgres() {
     let tmp = tempfile::tempdir().unwrap();
     let db = fresh_pg_url().await;
     let dir = tmp.path().join("dev");
-    let a = Server::start(&dir, &Opts { database_url: Some(db.clone()), ..Default::default() });
+    let a = Server::start(
+        &dir,
+        &Opts {
+            database_url: Some(db.clone()),
+            env: vec![("CA_SERVER_CRL__REFRESH_BEFORE".into(), "30d".into())],
+            ..Default::default()
+        },
+    );
     a.wait_ready().await;
     let b = Server::start(
         &tmp.path().join("b"),
-        &Opts { database_url: Some(db.clone()), config_of: Some(dir.clone()), ..Default::default() },
+        &Opts {
+            database_url: Some(db.clone()),
+            config_of: Some(dir.clone()),
+            // CRLs due at every tick, so that both replicas would publish if both could.
+            env: vec![("CA_SERVER_CRL__REFRESH_BEFORE".into(), "30d".into())],
+        },
     );
     b.wait_ready().await;
     let mut serials = Vec::new();
@@ -641,6 +653,18 @@ async fn two_replicas_share_postgres() {
     assert_eq!(issued, serials.len() + 6);
     let v = a.audit_verify(&db);
     assert!(v.status.success(), "{}{}", stdout(&v), stderr(&v));
+    // Background jobs ran throughout, on one replica at a time: the lease holder (the first
+    // one up) published every CRL. Give them a few more rounds (one a second here).
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let publishers: std::collections::BTreeSet<String> = audit_actions(&a)
+        .await
+        .iter()
+        .filter(|r| r["action"] == "crl.published")
+        .map(|r| r["actor"].as_str().unwrap().to_string())
+        .collect();
+    let published = audit_actions(&a).await.iter().filter(|r| r["action"] == "crl.published").count();
+    assert!(published >= 3, "CRLs were refreshed repeatedly: {published}");
+    assert_eq!(publishers.len(), 1, "only one replica ran the jobs: {publishers:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1086,7 +1086,7 @@ async fn get_crl(
             // Another request or replica may have made it meanwhile.
             let rec = match tx.get_crl(&name).await? {
                 Some(r) => r,
-                None => publish_crl(&state, &issuer, &mut tx, "system").await?,
+                None => publish_crl(&state, &issuer, &mut tx, &state.job_actor()).await?,
             };
             tx.commit().await?;
             rec

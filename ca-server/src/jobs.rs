@@ -104,7 +104,7 @@ async fn tick(state: &AppState) -> anyhow::Result<()> {
         };
         if due {
             let mut tx = state.store.write().await?;
-            crate::api::publish_crl(state, issuer, &mut tx, "system")
+            crate::api::publish_crl(state, issuer, &mut tx, &state.job_actor())
                 .await
                 .map_err(|e| anyhow::anyhow!("CRL for {}: {}", issuer.name, e.detail))?;
             tx.commit().await?;
@@ -112,6 +112,21 @@ async fn tick(state: &AppState) -> anyhow::Result<()> {
         }
     }
     crate::checkpoint::maybe_checkpoint(state, false).await?;
+    expiry_scan(state, now).await?;
+    Ok(())
+}
+
+/// Warns about clusters whose newest intermediate is close to expiry (a renewal CronJob that
+/// stopped working). On the lease holder only, so that the warning is logged once.
+async fn expiry_scan(state: &AppState, now: i64) -> anyhow::Result<()> {
+    let window = state.config.policy.cluster_validity.duration().whole_seconds() / 4;
+    for cluster in state.store.list_clusters().await? {
+        let Some(serial) = cluster.current_serial.as_deref() else { continue };
+        let Some(cert) = state.store.get_certificate(serial).await? else { continue };
+        if cert.revoked_at.is_none() && cert.not_after - now < window {
+            tracing::warn!(cluster = %cluster.name, serial, expires_in_seconds = cert.not_after - now, "cluster intermediate expires soon; is its renewal job running?");
+        }
+    }
     Ok(())
 }
 

@@ -47,6 +47,11 @@ impl AppState {
         self.issuers.get(name).ok_or_else(|| ApiError::not_found(format!("no issuer {name:?}")))
     }
 
+    /// The audit actor for work this replica does on its own (CRLs, checkpoints).
+    pub fn job_actor(&self) -> String {
+        format!("replica:{}", &self.instance[..8])
+    }
+
     pub fn hsm_timeout(&self) -> Duration {
         self.config.policy.hsm_timeout.duration().unsigned_abs()
     }
