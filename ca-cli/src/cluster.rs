@@ -189,10 +189,14 @@ pub async fn renew(a: &RenewArgs) -> Result<serde_json::Value> {
     let refused_credential =
         |e: &anyhow::Error| e.downcast_ref::<Refused>().is_some_and(|r| CREDENTIAL_REFUSALS.contains(&r.code.as_str()));
     if mode == "renewal" && a.enrolment_token.is_some() && result.as_ref().err().is_some_and(refused_credential) {
+        let renewal_error = result.err().expect("checked").to_string();
         let _ = std::fs::remove_dir_all(&version);
         std::fs::create_dir(&version)?;
         mode = "enrolment";
-        result = fetch_into(a, mode, &state_dir, &version, now).await;
+        // Both refusals matter to whoever reads the CronJob's log.
+        result = fetch_into(a, mode, &state_dir, &version, now)
+            .await
+            .with_context(|| format!("{renewal_error}; falling back to the enrolment token"));
     }
     let resp = match result {
         Ok(r) => r,
@@ -320,8 +324,28 @@ fn prune(state_dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Two runs at once (an overlapping CronJob, a manual run or a rollback) would race on
+/// `..data`: hold a lock on the state directory while changing it.
+fn lock_state_dir(state_dir: &Path) -> Result<std::fs::File> {
+    let path = state_dir.join(".renew.lock");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("{}", path.display()))?;
+    match lock.try_lock() {
+        Ok(()) => Ok(lock),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            bail!("another renewal or rollback is running in {}", state_dir.display())
+        }
+        Err(std::fs::TryLockError::Error(e)) => Err(e).with_context(|| format!("locking {}", path.display())),
+    }
+}
+
 /// Swaps `..data` and `..previous`.
 pub fn rollback(state_dir: &Path) -> Result<serde_json::Value> {
+    let _lock = lock_state_dir(state_dir)?;
     let (Some(cur), Some(prev)) = (link_target(state_dir, DATA), link_target(state_dir, PREVIOUS)) else {
         bail!("{} has no previous set to roll back to", state_dir.display());
     };

@@ -74,6 +74,10 @@ pub struct ClusterRecord {
     /// Serial of the newest intermediate issued to the cluster.
     #[sqlx(default)]
     pub current_serial: Option<String>,
+    /// The intermediate the cluster last renewed with: still accepted until the newest one is
+    /// presented, so that a lost response does not strand the cluster.
+    #[sqlx(default)]
+    pub previous_serial: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, sqlx::FromRow)]
@@ -325,6 +329,13 @@ impl Store {
         Ok(r.and_then(|r| r.0))
     }
 
+    /// Sequence number and time of the newest checkpoint.
+    pub async fn last_checkpoint(&self) -> Result<Option<(i64, i64)>> {
+        Ok(
+            on_pool!(self, p => sqlx::query_as("SELECT seq, time FROM audit_checkpoints ORDER BY seq DESC LIMIT 1").fetch_optional(p).await)?,
+        )
+    }
+
     pub async fn audit_head(&self) -> Result<Option<(i64, String)>> {
         Ok(
             on_pool!(self, p => sqlx::query_as("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1").fetch_optional(p).await)?,
@@ -544,16 +555,18 @@ impl Tx {
         Ok(())
     }
 
-    /// Records `serial` as the cluster's newest intermediate: the only one that may renew.
-    pub async fn set_current_serial(&mut self, cluster: &str, serial: &str) -> Result<()> {
-        on_tx!(self, c => sqlx::query("UPDATE clusters SET current_serial = $1 WHERE name = $2")
-            .bind(serial).bind(cluster).execute(c).await.map(|r| r.rows_affected()))?;
+    /// Records a new intermediate: `serial` becomes the newest, `renewed_with` (the one the
+    /// cluster presented, `None` on enrolment) the previous.
+    pub async fn set_current(&mut self, cluster: &str, serial: &str, renewed_with: Option<&str>) -> Result<()> {
+        on_tx!(self, c => sqlx::query("UPDATE clusters SET current_serial = $1, previous_serial = $2 WHERE name = $3")
+            .bind(serial).bind(renewed_with).bind(cluster).execute(c).await.map(|r| r.rows_affected()))?;
         Ok(())
     }
 
-    /// Arms a new enrolment token for a cluster (after an approved re-enrolment request).
+    /// Arms a new enrolment token for a cluster (after an approved re-enrolment request). The
+    /// cluster's intermediates stop renewing it: only the new enrolment can.
     pub async fn rearm_enrolment(&mut self, name: &str, token_hash: &str, expires_at: i64) -> Result<bool> {
-        let r = on_tx!(self, c => sqlx::query("UPDATE clusters SET enrolment_token_hash = $1, enrolment_expires_at = $2, enrolled_at = NULL WHERE name = $3 AND status = 'active'")
+        let r = on_tx!(self, c => sqlx::query("UPDATE clusters SET enrolment_token_hash = $1, enrolment_expires_at = $2, enrolled_at = NULL, current_serial = NULL, previous_serial = NULL WHERE name = $3 AND status = 'active'")
             .bind(token_hash).bind(expires_at).bind(name).execute(c).await.map(|r| r.rows_affected()))?;
         Ok(r == 1)
     }

@@ -89,6 +89,7 @@ async fn clusters_requests_and_enrolment(s: &Store) {
         created_by: "alice".into(),
         created_at: now,
         current_serial: None,
+        previous_serial: None,
     };
     let mut tx = s.write().await.unwrap();
     tx.insert_request(&req).await.unwrap();
@@ -108,10 +109,11 @@ async fn clusters_requests_and_enrolment(s: &Store) {
     assert!(!tx.consume_enrolment("c9", "h", now).await.unwrap(), "single use");
     tx.commit().await.unwrap();
     let mut tx = s.write().await.unwrap();
-    tx.set_current_serial("c9", "0abc").await.unwrap();
+    tx.set_current("c9", "0abc", Some("0aaa")).await.unwrap();
     tx.commit().await.unwrap();
     let got = s.get_cluster("c9").await.unwrap().unwrap();
     assert_eq!(got.current_serial.as_deref(), Some("0abc"));
+    assert_eq!(got.previous_serial.as_deref(), Some("0aaa"));
     assert_eq!(got.enrolled_at, Some(now));
     assert_eq!(got.enrolment_token_hash, None);
     assert_eq!(s.list_requests(Some("approved")).await.unwrap().len(), 1);

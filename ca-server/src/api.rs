@@ -16,7 +16,7 @@ use ca_core::cert::CertInfo;
 use ca_core::crl::Reason;
 use ca_core::csr::VerifiedCsr;
 use ca_core::profile::{CertRequest, ProfileKind};
-use ca_core::store::{ApprovalRequest, AuditEvent, CertFilter, CertRecord, ClusterRecord, CrlRecord, Tx, now_secs};
+use ca_core::store::{ApprovalRequest, AuditEvent, CertFilter, CertRecord, ClusterRecord, CrlRecord, now_secs};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sha2::Digest;
@@ -56,6 +56,11 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/crl/{issuer}", get(get_crl))
         .route("/v1/audit", get(list_audit))
         .fallback(|| async { ApiError::not_found("no such endpoint") })
+        // No request holds a connection longer than this (HSM calls are bounded well below it).
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            std::time::Duration::from_secs(60),
+        ))
         .layer(axum::middleware::from_fn_with_state(state.clone(), audit_denials))
         .layer(axum::middleware::from_fn_with_state(state.clone(), observe))
         .with_state(state)
@@ -72,27 +77,43 @@ async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Res
     resp
 }
 
-/// Appends every refused request (any 4xx) to the audit trail.
+/// Appends every refused request (any 4xx) to the audit trail. Refusals that did not come
+/// from an `ApiError` (axum's own rejections of a query string or method, the request
+/// timeout) are turned into problem documents here, so that every error has a stable code.
 async fn audit_denials(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let method = req.method().to_string();
-    let path = req.uri().path().to_string();
+    let mut path = req.uri().path().to_string();
+    path.truncate(256);
     let remote = req.extensions().get::<ConnInfo>().map(|c| c.remote.to_string());
-    let resp = next.run(req).await;
-    if resp.status().is_client_error() {
-        let denied = resp.extensions().get::<Denied>().cloned();
-        let (code, detail, actor) = match denied {
-            Some(d) => (d.code.to_string(), d.detail, d.actor),
-            None => ("rejected".to_string(), resp.status().to_string(), None),
+    let mut resp = next.run(req).await;
+    if !resp.status().is_client_error() {
+        return resp;
+    }
+    if resp.extensions().get::<Denied>().is_none() {
+        let status = resp.status();
+        let body = axum::body::to_bytes(std::mem::take(resp.body_mut()), 4096).await.unwrap_or_default();
+        let detail = String::from_utf8_lossy(&body).trim().to_string();
+        let code = match status {
+            StatusCode::METHOD_NOT_ALLOWED => "method-not-allowed",
+            StatusCode::REQUEST_TIMEOUT => "request-timeout",
+            StatusCode::PAYLOAD_TOO_LARGE => "payload-too-large",
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported-media-type",
+            StatusCode::BAD_REQUEST if path.contains('?') || !detail.is_empty() => "invalid-query",
+            _ => "rejected",
         };
-        let event = AuditEvent::new(
-            actor.unwrap_or_else(|| "anonymous".into()),
-            "request.denied",
-            format!("{method} {path}"),
-            json!({"status": resp.status().as_u16(), "code": code, "detail": detail, "remote": remote}),
-        );
-        if let Err(e) = state.store.audit(event).await {
-            tracing::error!(error = %e, "could not audit a denied request");
-        }
+        let detail =
+            if detail.is_empty() { status.canonical_reason().unwrap_or("rejected").to_string() } else { detail };
+        resp = ApiError::new(status, code, detail).into_response();
+    }
+    let denied = resp.extensions().get::<Denied>().cloned().expect("set above or by ApiError");
+    let event = AuditEvent::new(
+        denied.actor.unwrap_or_else(|| "anonymous".into()),
+        "request.denied",
+        format!("{method} {path}"),
+        json!({"status": resp.status().as_u16(), "code": denied.code, "detail": denied.detail, "remote": remote}),
+    );
+    if let Err(e) = state.store.audit(event).await {
+        tracing::error!(error = %e, "could not audit a denied request");
     }
     resp
 }
@@ -331,6 +352,7 @@ async fn register_cluster(
         created_by: op.name.clone(),
         created_at: now,
         current_serial: None,
+        previous_serial: None,
     })
     .await
     .map_err(|e| ApiError::from(e).by(op.actor()))?;
@@ -459,19 +481,29 @@ async fn issue_intermediate(
         Caller::Enrolment { token_hash: h }
     } else if let Some(der) = peer {
         let fp = hex::encode(sha2::Sha256::digest(&der));
+        // One of our issuers' intermediates for this cluster: it chains to tls.client_ca and
+        // the inventory knows it. (TLS only proved the client holds its key.)
+        let rejected = || {
+            claimed(ApiError::unauthenticated(
+                "client-certificate-rejected",
+                format!("certificate sha256:{fp} is not an intermediate of this cluster"),
+            ))
+        };
+        if !state.client_chain_ok(&der) {
+            return Err(rejected());
+        }
         let rec = match state.store.get_certificate_by_fingerprint(&fp).await? {
             Some(r) if r.cluster.as_deref() == Some(name.as_str()) => r,
-            _ => {
-                return Err(claimed(ApiError::unauthenticated(
-                    "client-certificate-rejected",
-                    format!("certificate sha256:{fp} is not an intermediate of this cluster"),
-                )));
-            }
+            _ => return Err(rejected()),
         };
-        let actor = format!("cluster:{name}");
-        if let Err(e) = renewal_allowed(&rec, &cluster, now) {
-            return Err(e.by(actor));
-        }
+        // Refused before the HSM signs anything; checked again under the write lock below.
+        let successor_revoked = match &cluster.current_serial {
+            Some(c) if *c != rec.serial => {
+                state.store.get_certificate(c).await?.is_some_and(|c| c.revoked_at.is_some())
+            }
+            _ => false,
+        };
+        renewal_allowed(&rec, &cluster, successor_revoked, now).map_err(|e| e.by(format!("cluster:{name}")))?;
         Caller::Renewal { serial: rec.serial }
     } else {
         return Err(claimed(ApiError::unauthenticated(
@@ -511,16 +543,17 @@ async fn issue_intermediate(
                 .get_certificate(serial)
                 .await?
                 .ok_or_else(|| ApiError::internal("presented certificate vanished"))?;
-            renewal_allowed(&presented, &current, now).map_err(&deny)?;
-            if current.current_serial.as_deref() != Some(serial.as_str()) {
-                return Err(deny(superseded(serial)));
-            }
+            let successor_revoked = match &current.current_serial {
+                Some(c) if c != serial => tx.get_certificate(c).await?.is_some_and(|c| c.revoked_at.is_some()),
+                _ => false,
+            };
+            renewal_allowed(&presented, &current, successor_revoked, now).map_err(&deny)?;
             ("renewal", Some(serial.clone()))
         }
     };
     let record = cert_record(&cert, &issuer.name, Some(&name), "cluster", &actor);
     tx.insert_certificate(&record).await?;
-    tx.set_current_serial(&name, &cert.serial).await?;
+    tx.set_current(&name, &cert.serial, renewed_from.as_deref()).await?;
     tx.audit(AuditEvent::new(
         &actor,
         "certificate.issued",
@@ -548,8 +581,15 @@ fn superseded(serial: &str) -> ApiError {
     )
 }
 
-/// The presented intermediate may renew: unrevoked, unexpired, and its cluster active.
-fn renewal_allowed(rec: &CertRecord, cluster: &ClusterRecord, now: i64) -> Result<(), ApiError> {
+/// The presented intermediate may renew: unrevoked, unexpired, its cluster active, and it is
+/// the cluster's newest intermediate, or the one the cluster last renewed with (whose response
+/// may have been lost on the way back).
+fn renewal_allowed(
+    rec: &CertRecord,
+    cluster: &ClusterRecord,
+    successor_revoked: bool,
+    now: i64,
+) -> Result<(), ApiError> {
     if rec.revoked_at.is_some() {
         return Err(ApiError::unauthenticated(
             "client-certificate-revoked",
@@ -568,7 +608,16 @@ fn renewal_allowed(rec: &CertRecord, cluster: &ClusterRecord, now: i64) -> Resul
             format!("cluster {} is {}", cluster.name, cluster.status),
         ));
     }
-    Ok(())
+    let serial = Some(rec.serial.as_str());
+    if cluster.current_serial.as_deref() == serial {
+        return Ok(());
+    }
+    // The previous intermediate stands in for a newest one that never arrived, but not for
+    // one that was revoked: then the cluster enrols again.
+    if cluster.previous_serial.as_deref() == serial && !successor_revoked {
+        return Ok(());
+    }
+    Err(superseded(&rec.serial))
 }
 
 /// The issuer followed by its parents (the chain a cluster certificate needs above it).
@@ -834,12 +883,8 @@ async fn decide(state: AppState, op: Operator, id: String, approve: bool) -> Res
     // the background job, which treats a CRL older than the last revocation as due.
     if let Some(issuer_name) = republish {
         let issuer = state.issuer(&issuer_name)?.clone();
-        let mut tx = state.store.write().await?;
-        match publish_crl(&state, &issuer, &mut tx, &op.actor()).await {
-            Ok(_) => tx.commit().await?,
-            Err(e) => {
-                tracing::warn!(issuer = %issuer_name, error = %e.detail, "CRL not regenerated yet; the background job will retry")
-            }
+        if let Err(e) = publish_crl(&state, &issuer, &op.actor()).await {
+            tracing::warn!(issuer = %issuer_name, error = %e.detail, "CRL not regenerated yet; the background job will retry");
         }
     }
     let decided = state.store.get_request(&id).await?.ok_or_else(|| ApiError::internal("request vanished"))?;
@@ -1021,45 +1066,58 @@ async fn revoke_certificate(
     Ok((StatusCode::ACCEPTED, Json(RequestView::from(request))).into_response())
 }
 
-/// Signs a new CRL for `issuer` with the next CRL number, inside the caller's transaction.
+/// Signs and stores a new CRL for `issuer` with the next CRL number. The HSM signs outside
+/// the write lock; the CRL is stored only if no other CRL or revocation landed meanwhile
+/// (then it is made again), so numbers stay increasing and every revocation is listed.
 pub async fn publish_crl(
     state: &AppState,
     issuer: &std::sync::Arc<Issuer>,
-    tx: &mut Tx,
     actor: &str,
 ) -> Result<CrlRecord, ApiError> {
-    let revoked = tx.revoked_by_issuer(&issuer.name).await?;
-    let number = tx.get_crl(&issuer.name).await?.map_or(1, |c| c.number + 1);
-    let now = OffsetDateTime::now_utc().replace_nanosecond(0).expect("0 is valid");
-    let next = (now + state.config.crl.validity.duration()).min(issuer.cert.not_after);
-    let mut entries = Vec::new();
-    for r in &revoked {
-        let serial = ca_core::crl::parse_serial(&r.serial)
-            .map_err(|e| ApiError::internal(format!("stored serial {}: {e}", r.serial)))?;
-        entries.push(ca_core::crl::Revocation {
-            serial,
-            reason: r.revocation_reason.as_deref().and_then(|x| x.parse().ok()),
-            revoked_at: OffsetDateTime::from_unix_timestamp(r.revoked_at.unwrap_or(0)).map_err(ApiError::internal)?,
-        });
+    for _ in 0..5 {
+        let revoked = state.store.revoked_by_issuer(&issuer.name).await?;
+        let number = state.store.get_crl(&issuer.name).await?.map_or(1, |c| c.number + 1);
+        let now = OffsetDateTime::now_utc().replace_nanosecond(0).expect("0 is valid");
+        let next = (now + state.config.crl.validity.duration()).min(issuer.cert.not_after);
+        let mut entries = Vec::new();
+        for r in &revoked {
+            let serial = ca_core::crl::parse_serial(&r.serial)
+                .map_err(|e| ApiError::internal(format!("stored serial {}: {e}", r.serial)))?;
+            entries.push(ca_core::crl::Revocation {
+                serial,
+                reason: r.revocation_reason.as_deref().and_then(|x| x.parse().ok()),
+                revoked_at: OffsetDateTime::from_unix_timestamp(r.revoked_at.unwrap_or(0))
+                    .map_err(ApiError::internal)?,
+            });
+        }
+        let req =
+            ca_core::crl::CrlRequest { number: number as u64, this_update: now, next_update: next, revoked: entries };
+        let der = issuer.with_key(state.hsm_timeout(), move |ca| ca_core::crl::create_crl(ca, &req)).await?;
+        let rec = CrlRecord {
+            issuer: issuer.name.clone(),
+            number,
+            this_update: now.unix_timestamp(),
+            next_update: next.unix_timestamp(),
+            der: base64::engine::general_purpose::STANDARD.encode(&der),
+        };
+        let mut tx = state.store.write().await?;
+        let still_next = tx.get_crl(&issuer.name).await?.map_or(1, |c| c.number + 1) == number;
+        let same_revocations = tx.revoked_by_issuer(&issuer.name).await?.len() == revoked.len();
+        if !(still_next && same_revocations) {
+            continue;
+        }
+        tx.put_crl(&rec).await?;
+        tx.audit(AuditEvent::new(
+            actor,
+            "crl.published",
+            &issuer.name,
+            json!({"number": number, "revoked": revoked.len(), "next_update": rec.next_update}),
+        ))
+        .await?;
+        tx.commit().await?;
+        return Ok(rec);
     }
-    let req = ca_core::crl::CrlRequest { number: number as u64, this_update: now, next_update: next, revoked: entries };
-    let der = issuer.with_key(state.hsm_timeout(), move |ca| ca_core::crl::create_crl(ca, &req)).await?;
-    let rec = CrlRecord {
-        issuer: issuer.name.clone(),
-        number,
-        this_update: now.unix_timestamp(),
-        next_update: next.unix_timestamp(),
-        der: base64::engine::general_purpose::STANDARD.encode(&der),
-    };
-    tx.put_crl(&rec).await?;
-    tx.audit(AuditEvent::new(
-        actor,
-        "crl.published",
-        &issuer.name,
-        json!({"number": number, "revoked": revoked.len(), "next_update": rec.next_update}),
-    ))
-    .await?;
-    Ok(rec)
+    Err(ApiError::unavailable("busy", format!("the CRL of {} kept changing; try again", issuer.name)))
 }
 
 #[derive(Deserialize, IntoParams)]
@@ -1079,18 +1137,10 @@ async fn get_crl(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let issuer = state.issuer(&name)?.clone();
+    // Normally the background job made it at start; until then, make it now.
     let rec = match state.store.get_crl(&name).await? {
         Some(r) => r,
-        None => {
-            let mut tx = state.store.write().await?;
-            // Another request or replica may have made it meanwhile.
-            let rec = match tx.get_crl(&name).await? {
-                Some(r) => r,
-                None => publish_crl(&state, &issuer, &mut tx, &state.job_actor()).await?,
-            };
-            tx.commit().await?;
-            rec
-        }
+        None => publish_crl(&state, &issuer, &state.job_actor()).await?,
     };
     let der = base64::engine::general_purpose::STANDARD.decode(&rec.der).map_err(ApiError::internal)?;
     let wants_pem = q.format.as_deref() == Some("pem")

@@ -20,12 +20,7 @@ pub async fn maybe_checkpoint(state: &AppState, force: bool) -> Result<Option<i6
     // Decide and sign outside the write lock: a checkpoint for (seq, hash) stays true however
     // many records follow, so nothing needs to hold still while the audit key signs.
     let Some((head, hash)) = state.store.audit_head().await? else { return Ok(None) };
-    let (last, last_time) = {
-        let mut tx = state.store.write().await?;
-        let r = (tx.last_checkpoint_seq().await?, tx.last_checkpoint_time().await?);
-        tx.commit().await?;
-        r
-    };
+    let (last, last_time) = state.store.last_checkpoint().await?.unwrap_or((0, 0));
     if head <= last {
         return Ok(None);
     }

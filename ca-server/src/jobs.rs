@@ -103,11 +103,9 @@ async fn tick(state: &AppState) -> anyhow::Result<()> {
             Some(c) => c.next_update - now <= refresh_before || last_revocation.is_some_and(|r| r >= c.this_update),
         };
         if due {
-            let mut tx = state.store.write().await?;
-            crate::api::publish_crl(state, issuer, &mut tx, &state.job_actor())
+            crate::api::publish_crl(state, issuer, &state.job_actor())
                 .await
                 .map_err(|e| anyhow::anyhow!("CRL for {}: {}", issuer.name, e.detail))?;
-            tx.commit().await?;
             tracing::info!(issuer = %issuer.name, "CRL refreshed");
         }
     }

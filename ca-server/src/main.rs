@@ -142,9 +142,8 @@ async fn run(args: Args) -> Result<()> {
     }
     let jwks = load_jwks(&cfg.auth).await?;
     let audit_signer = checkpoint::open_audit_key(&cfg.audit.key)?;
-    let issuer_certs: Vec<_> =
-        issuers.values().flat_map(|i| std::iter::once(i.cert.clone()).chain(i.chain.iter().cloned())).collect();
-    let tls_config = tls::server_config(&cfg.tls, &issuer_certs)?;
+    let tls_config = tls::server_config(&cfg.tls)?;
+    let client_roots = tls::client_roots(&cfg.tls)?;
     let state = AppState::new(Inner {
         auth: auth::Auth::new(cfg.auth.clone(), jwks),
         config: cfg.clone(),
@@ -153,6 +152,7 @@ async fn run(args: Args) -> Result<()> {
         metrics: metrics::Metrics::new(),
         instance: uuid::Uuid::new_v4().to_string(),
         audit_signer: Arc::new(RwLock::new(Some(audit_signer))),
+        client_roots,
     });
 
     if cfg.auth.jwks_url.is_some() {
@@ -172,11 +172,6 @@ async fn run(args: Args) -> Result<()> {
 
     let request_id = HeaderName::from_static("x-request-id");
     let app = api::router(state.clone())
-        // No request holds a connection longer than this (HSM calls are bounded well below it).
-        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
-            axum::http::StatusCode::REQUEST_TIMEOUT,
-            Duration::from_secs(60),
-        ))
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
         .layer(
             TraceLayer::new_for_http()
@@ -206,6 +201,13 @@ async fn run(args: Args) -> Result<()> {
         r = tls::serve(listener, tls_config, app) => r,
         _ = shutdown_signal() => {
             tracing::info!("shutting down");
+            // Sign the head on the way out, so that the records since the last checkpoint
+            // cannot be cut off unnoticed.
+            match tokio::time::timeout(Duration::from_secs(10), checkpoint::maybe_checkpoint(&state, true)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!(error = %format!("{e:#}"), "final audit checkpoint failed"),
+                Err(_) => tracing::warn!("final audit checkpoint timed out"),
+            }
             state.store.close().await;
             Ok(())
         }

@@ -29,6 +29,8 @@ pub struct Inner {
     /// Identifies this replica in leases.
     pub instance: String,
     pub audit_signer: Arc<RwLock<Option<Arc<hsm::KeySigner>>>>,
+    /// `tls.client_ca`: roots that renewal client certificates chain to.
+    pub client_roots: Vec<CertInfo>,
 }
 
 impl std::ops::Deref for AppState {
@@ -50,6 +52,17 @@ impl AppState {
     /// The audit actor for work this replica does on its own (CRLs, checkpoints).
     pub fn job_actor(&self) -> String {
         format!("replica:{}", &self.instance[..8])
+    }
+
+    /// Whether a client certificate chains to `tls.client_ca` through one of our issuers, as of
+    /// its own notBefore (expiry is reported separately).
+    pub fn client_chain_ok(&self, der: &[u8]) -> bool {
+        let Ok(leaf) = CertInfo::from_der(der.to_vec()) else { return false };
+        let Some(issuer) = self.issuers.values().find(|i| i.cert.subject_raw == leaf.issuer_raw) else { return false };
+        let mut intermediates = vec![issuer.cert.clone()];
+        intermediates.extend(issuer.chain.iter().filter(|c| !c.is_self_issued()).cloned());
+        ca_core::chain::verify_chain(&leaf, &intermediates, &self.client_roots, leaf.not_before)
+            .is_ok_and(|path| path.get(1).is_some_and(|p| p.der == issuer.cert.der))
     }
 
     pub fn hsm_timeout(&self) -> Duration {

@@ -1,11 +1,11 @@
 //! TLS on the listening socket, with optional client certificates.
 //!
-//! Cluster intermediates are CA certificates, which webpki refuses as client certificates, so
-//! the TLS layer checks them itself: the certificate must chain to `tls.client_ca` through one
-//! of the configured issuers (as of its own notBefore), and the client must hold its key (the
-//! handshake signature). Whether it is this cluster's newest, unexpired, unrevoked
-//! intermediate is decided by the renewal handler against the inventory, where a refusal gets
-//! a problem document and an audit record instead of a bare TLS alert.
+//! Cluster intermediates are CA certificates, which webpki refuses as client certificates. The
+//! TLS layer therefore checks only that the client holds the certificate's key (the handshake
+//! signature). The renewal handler checks the rest: the certificate chains to `tls.client_ca`
+//! through one of our issuers, the inventory knows it as this cluster's newest (or previous),
+//! unexpired, unrevoked intermediate. A refusal there gets a problem document and an audit
+//! record instead of a bare TLS alert.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -27,10 +27,6 @@ use crate::config::TlsConfig;
 #[derive(Debug)]
 struct ProofOfPossession {
     algs: WebPkiSupportedAlgorithms,
-    /// `tls.client_ca` and the issuers' own certificates: a client certificate must chain to
-    /// these (as of its own notBefore: expiry is the handler's to report).
-    roots: Vec<ca_core::cert::CertInfo>,
-    intermediates: Vec<ca_core::cert::CertInfo>,
 }
 
 impl ClientCertVerifier for ProofOfPossession {
@@ -52,11 +48,11 @@ impl ClientCertVerifier for ProofOfPossession {
         _: &[CertificateDer<'_>],
         _: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let leaf = ca_core::cert::CertInfo::from_der(end_entity.to_vec())
-            .map_err(|_| rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding))?;
-        ca_core::chain::verify_chain(&leaf, &self.intermediates, &self.roots, leaf.not_before)
+        // Only well-formed; the handler checks the chain and the inventory, so that a refusal
+        // is answered and audited rather than ending the handshake.
+        x509_parser::parse_x509_certificate(end_entity)
             .map(|_| ClientCertVerified::assertion())
-            .map_err(|_| rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer))
+            .map_err(|_| rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding))
     }
 
     fn verify_tls12_signature(
@@ -86,11 +82,16 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
-pub fn server_config(cfg: &TlsConfig, issuers: &[ca_core::cert::CertInfo]) -> Result<Arc<ServerConfig>> {
+/// The roots in `tls.client_ca`.
+pub fn client_roots(cfg: &TlsConfig) -> Result<Vec<ca_core::cert::CertInfo>> {
     let mut roots = Vec::new();
     for p in &cfg.client_ca {
         roots.extend(ca_core::cert::load_certs(p).with_context(|| format!("tls.client_ca {}", p.display()))?);
     }
+    Ok(roots)
+}
+
+pub fn server_config(cfg: &TlsConfig) -> Result<Arc<ServerConfig>> {
     let pem_text = std::fs::read(&cfg.cert).with_context(|| format!("tls.cert {}", cfg.cert.display()))?;
     let chain: Vec<CertificateDer<'static>> = pem::parse_many(&pem_text)
         .with_context(|| format!("tls.cert {}: not PEM", cfg.cert.display()))?
@@ -106,11 +107,7 @@ pub fn server_config(cfg: &TlsConfig, issuers: &[ca_core::cert::CertInfo]) -> Re
     let der = pem::parse(exported.expose_pem()).context("tls.key")?.into_contents();
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(der));
     let provider = provider();
-    let verifier = Arc::new(ProofOfPossession {
-        algs: provider.signature_verification_algorithms,
-        roots,
-        intermediates: issuers.to_vec(),
-    });
+    let verifier = Arc::new(ProofOfPossession { algs: provider.signature_verification_algorithms });
     let config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)
