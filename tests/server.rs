@@ -188,6 +188,74 @@ async fn lifecycle(backend: &str) {
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stdout(&out).contains("(enrolment)"), "falls back to enrolment: {}", stdout(&out));
 
+    // Two-person rule on revocation, and rejection.
+    let valid_serial = ca_core::cert::load_cert(&state.join("ca-cert.pem")).unwrap().serial;
+    let (s, rq) = srv
+        .call(
+            "POST",
+            &format!("/v1/certificates/{valid_serial}/revoke"),
+            Some(&admin),
+            Some(json!({"reason": "superseded"})),
+        )
+        .await;
+    assert_eq!(s, 202, "{rq}");
+    let rq_id = rq["id"].as_str().unwrap().to_string();
+    let (s, v) = srv.call("POST", &format!("/v1/requests/{rq_id}/approve"), Some(&admin), None).await;
+    assert_eq!((s, v["code"].as_str()), (403, Some("two-person-rule")), "{v}");
+    let (s, v) = srv.call("POST", &format!("/v1/requests/{rq_id}/reject"), Some(&approver), None).await;
+    assert_eq!((s, v["status"].as_str()), (200, Some("rejected")), "{v}");
+    let (s, v) = srv.call("POST", &format!("/v1/requests/{rq_id}/approve"), Some(&approver), None).await;
+    assert_eq!((s, v["code"].as_str()), (409, Some("already-decided")), "{v}");
+    let (_, one) = srv.call("GET", &format!("/v1/certificates/{valid_serial}"), Some(&admin), None).await;
+    assert_eq!(one["status"], "valid", "a rejected revocation changes nothing");
+    let (s, v) = srv
+        .call(
+            "POST",
+            &format!("/v1/certificates/{valid_serial}/revoke"),
+            Some(&admin),
+            Some(json!({"reason": "bored"})),
+        )
+        .await;
+    assert_eq!((s, v["code"].as_str()), (400, Some("invalid-reason")), "{v}");
+
+    // CRL as PEM by content negotiation.
+    let pem_resp = srv
+        .client
+        .get(format!("{}/v1/crl/dev", srv.url))
+        .header("accept", "application/x-pem-file")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(pem_resp.headers()["content-type"], "application/x-pem-file");
+    assert!(pem_resp.text().await.unwrap().starts_with("-----BEGIN X509 CRL-----"));
+
+    // Inventory filters and paging; query errors are problem documents too.
+    let auditor = srv.token("auditor");
+    let (_, all) = srv.call("GET", "/v1/certificates?issuer=dev", Some(&auditor), None).await;
+    let total = all.as_array().unwrap().len();
+    assert_eq!(total, 3, "enrolment, renewal, re-enrolment: {all}");
+    let (_, none) = srv.call("GET", "/v1/certificates?issuer=nope", Some(&auditor), None).await;
+    assert_eq!(none.as_array().unwrap().len(), 0);
+    let (_, one_page) = srv.call("GET", "/v1/certificates?limit=1", Some(&auditor), None).await;
+    assert_eq!(one_page.as_array().unwrap().len(), 1);
+    let (_, revoked) = srv.call("GET", "/v1/certificates?status=revoked", Some(&auditor), None).await;
+    assert_eq!(revoked.as_array().unwrap().len(), 1, "{revoked}");
+    let resp =
+        srv.client.get(format!("{}/v1/certificates?limit=abc", srv.url)).bearer_auth(&auditor).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 400);
+    assert_eq!(resp.headers()["content-type"], "application/problem+json");
+    assert_eq!(resp.json::<Value>().await.unwrap()["code"], "invalid-query");
+    let resp = srv.client.delete(format!("{}/v1/clusters", srv.url)).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 405);
+    assert_eq!(resp.json::<Value>().await.unwrap()["code"], "method-not-allowed");
+    let (_, first_page) = srv.call("GET", "/v1/audit?after=0&limit=3", Some(&auditor), None).await;
+    let seqs: Vec<i64> = first_page.as_array().unwrap().iter().map(|r| r["seq"].as_i64().unwrap()).collect();
+    assert_eq!(seqs, vec![1, 2, 3]);
+    let (_, next_page) = srv.call("GET", "/v1/audit?after=3&limit=2", Some(&auditor), None).await;
+    let seqs: Vec<i64> = next_page.as_array().unwrap().iter().map(|r| r["seq"].as_i64().unwrap()).collect();
+    assert_eq!(seqs, vec![4, 5]);
+    assert_eq!(next_page[0]["prev_hash"], first_page[2]["hash"], "pages continue the chain");
+
     // Operations.
     let (s, m) = srv.call("GET", "/metrics", None, None).await;
     let m = m.as_str().unwrap().to_string();
@@ -467,13 +535,23 @@ async fn an_expired_intermediate_cannot_renew() {
     // notBefore is backdated a minute, so 65 seconds leaves about five.
     let srv = Server::start(
         &tmp.path().join("dev"),
-        &Opts { env: vec![("CA_SERVER_POLICY__CLUSTER_VALIDITY".into(), "65s".into())], ..Default::default() },
+        &Opts {
+            env: vec![
+                ("CA_SERVER_POLICY__CLUSTER_VALIDITY".into(), "65s".into()),
+                ("CA_SERVER_POLICY__ENROLMENT_TOKEN_TTL".into(), "3s".into()),
+            ],
+            ..Default::default()
+        },
     );
     srv.wait_ready().await;
+    let late_token = srv.register_approved("late").await;
     let token = srv.register_approved("short").await;
     let state = tmp.path().join("st");
     assert!(srv.renew("short", &state, Some(&token), false).status.success());
     tokio::time::sleep(Duration::from_secs(7)).await;
+    // An enrolment token expires.
+    let out = srv.renew("late", &tmp.path().join("late"), Some(&late_token), false);
+    assert!(stderr(&out).contains("enrolment-token-invalid"), "{}", stderr(&out));
     // ca-cli itself refuses to use an expired intermediate ...
     let out = srv.renew("short", &state, None, true);
     assert!(stderr(&out).contains("expired"), "{}", stderr(&out));
@@ -504,12 +582,12 @@ async fn an_expired_intermediate_cannot_renew() {
 }
 
 /// SIGKILL in the middle of a stream of issuances: every certificate a client received is in
-/// the inventory after restart, and the audit trail verifies.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn crash_in_the_middle_of_issuance_loses_nothing() {
+/// the inventory after restart, the audit trail verifies, and every cluster can still renew.
+async fn crash(backend: &str) {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("dev");
-    let mut srv = Server::start(&dir, &Opts::default());
+    let opts = Opts { database_url: backend_url(backend).await, ..Default::default() };
+    let mut srv = Server::start(&dir, &opts);
     srv.wait_ready().await;
     // Four clusters, each renewing back to back with its newest intermediate.
     let mut tasks = Vec::new();
@@ -529,17 +607,20 @@ async fn crash_in_the_middle_of_issuance_loses_nothing() {
                     Err(_) => break, // the server died
                 }
             }
-            got
+            (got, renewer)
         }));
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
     srv.kill();
     let mut received = Vec::new();
+    let mut renewers = Vec::new();
     for t in tasks {
-        received.extend(t.await.unwrap());
+        let (got, renewer) = t.await.unwrap();
+        received.extend(got);
+        renewers.push(renewer);
     }
     assert!(received.len() >= 5, "the stream was running: {}", received.len());
-    let srv = Server::start(&dir, &Opts::default());
+    let srv = Server::start(&dir, &opts);
     srv.wait_ready().await;
     for serial in &received {
         let (s, v) = srv.call("GET", &format!("/v1/certificates/{serial}"), Some(&srv.token("auditor")), None).await;
@@ -549,33 +630,122 @@ async fn crash_in_the_middle_of_issuance_loses_nothing() {
     assert!(v.status.success(), "{}{}", stdout(&v), stderr(&v));
     let issued = audit_actions(&srv).await.iter().filter(|r| r["action"] == "certificate.issued").count();
     assert_eq!(issued, inventory_count(&srv).await, "one audit record per certificate");
+    // Every cluster can go on renewing with the last certificate it holds, even where the
+    // server committed a newer one whose response the crash swallowed.
+    for mut r in renewers {
+        r.renew(&srv.url).await.unwrap();
+        r.renew(&srv.url).await.unwrap();
+    }
 }
 
-/// Editing one audit row is detected and the row named.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn tampering_with_an_audit_row_is_named() {
+async fn sqlite_crash_in_the_middle_of_issuance_loses_nothing() {
+    crash("sqlite").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_crash_in_the_middle_of_issuance_loses_nothing() {
+    crash("postgres").await;
+}
+
+/// Editing, reordering or deleting audit rows is detected and the first bad record named; a
+/// chain rewritten with fresh hashes is caught by the signed checkpoints.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tampering_with_the_audit_trail_is_named() {
     for backend in ["sqlite", "postgres"] {
         let tmp = tempfile::tempdir().unwrap();
         let db = backend_url(backend).await;
-        let mut srv = Server::start(&tmp.path().join("dev"), &Opts { database_url: db.clone(), ..Default::default() });
+        // A checkpoint at every round, so that the head is signed before the server stops.
+        let opts = Opts {
+            database_url: db.clone(),
+            env: vec![("CA_SERVER_AUDIT__CHECKPOINT_EVERY".into(), "1".into())],
+            ..Default::default()
+        };
+        let mut srv = Server::start(&tmp.path().join("dev"), &opts);
         srv.wait_ready().await;
         srv.register_approved("t1").await;
         srv.register_approved("t2").await;
         let db_url = db.unwrap_or_else(|| srv.database_url());
-        assert!(srv.audit_verify(&db_url).status.success());
+        tokio::time::sleep(Duration::from_millis(1500)).await;
         srv.kill();
-        let records = audit_len(&db_url).await;
-        assert!(records >= 4);
-        exec(&db_url, "UPDATE audit_log SET details = '{\"cluster\":\"forged\"}' WHERE seq = 3").await;
         let v = srv.audit_verify(&db_url);
-        assert!(!v.status.success(), "{backend}: tampering went unnoticed");
-        assert!(stderr(&v).contains("audit record 3 was altered"), "{backend}: {}", stderr(&v));
-        // Deleting a record is named too.
-        exec(&db_url, "UPDATE audit_log SET details = (SELECT details FROM audit_log WHERE seq = 3) WHERE seq = 3")
+        assert!(v.status.success(), "{backend}: {}", stderr(&v));
+        let records = audit_records(&db_url).await;
+        assert!(records.len() >= 6);
+        let verify = |label: &str, want: &str| {
+            let v = srv.audit_verify(&db_url);
+            assert!(!v.status.success(), "{backend}/{label}: tampering went unnoticed");
+            assert!(stderr(&v).contains(want), "{backend}/{label}: want {want:?} in {}", stderr(&v));
+        };
+
+        // An edited row.
+        exec_dyn(&db_url, "UPDATE audit_log SET details = '{\"cluster\":\"forged\"}' WHERE seq = 3".into()).await;
+        verify("altered", "audit record 3 was altered");
+        exec_dyn(
+            &db_url,
+            format!("UPDATE audit_log SET details = '{}' WHERE seq = 3", records[2].details.replace('\'', "''")),
+        )
+        .await;
+        assert!(srv.audit_verify(&db_url).status.success(), "{backend}: restored");
+
+        // Two rows swapped.
+        for sql in [
+            "UPDATE audit_log SET seq = -1 WHERE seq = 4",
+            "UPDATE audit_log SET seq = 4 WHERE seq = 5",
+            "UPDATE audit_log SET seq = 5 WHERE seq = -1",
+        ] {
+            exec_dyn(&db_url, sql.into()).await;
+        }
+        verify("reordered", "audit record 4 was reordered: it was written as record 5");
+        for sql in [
+            "UPDATE audit_log SET seq = -1 WHERE seq = 4",
+            "UPDATE audit_log SET seq = 4 WHERE seq = 5",
+            "UPDATE audit_log SET seq = 5 WHERE seq = -1",
+        ] {
+            exec_dyn(&db_url, sql.into()).await;
+        }
+        assert!(srv.audit_verify(&db_url).status.success(), "{backend}: swapped back");
+
+        // A row rewritten together with every hash after it: only a checkpoint can tell.
+        let mut prev = records[1].hash.clone();
+        for r in &records[2..] {
+            let details = if r.seq == 3 { "{\"cluster\":\"forged\"}".to_string() } else { r.details.clone() };
+            let hash = ca_core::audit::record_hash(r.seq, r.time, &r.actor, &r.action, &r.subject, &details, &prev);
+            exec_dyn(
+                &db_url,
+                format!(
+                    "UPDATE audit_log SET details = '{}', prev_hash = '{prev}', hash = '{hash}' WHERE seq = {}",
+                    details.replace('\'', "''"),
+                    r.seq
+                ),
+            )
             .await;
-        exec(&db_url, "DELETE FROM audit_log WHERE seq = 2").await;
-        let v = srv.audit_verify(&db_url);
-        assert!(stderr(&v).contains("audit record 2 is missing"), "{backend}: {}", stderr(&v));
+            prev = hash;
+        }
+        verify("rewritten", "audit checkpoint at record");
+
+        // A deleted row.
+        exec_dyn(&db_url, "DELETE FROM audit_log WHERE seq = 2".into()).await;
+        verify("deleted", "audit record 2 is missing");
+    }
+}
+
+async fn audit_records(url: &str) -> Vec<ca_core::audit::AuditRecord> {
+    let store = ca_core::store::Store::connect(url, false).await.unwrap();
+    let r = store.audit_after(0, 100_000).await.unwrap();
+    store.close().await;
+    r
+}
+
+async fn exec_dyn(url: &str, sql: String) {
+    if url.starts_with("sqlite") {
+        let pool = sqlx::SqlitePool::connect(url).await.unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&pool).await.unwrap();
+        pool.close().await;
+    } else {
+        let pool = sqlx::PgPool::connect(url).await.unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&pool).await.unwrap();
+        pool.close().await;
     }
 }
 
@@ -589,13 +759,6 @@ async fn exec(url: &str, sql: &'static str) {
         sqlx::query(sql).execute(&pool).await.unwrap();
         pool.close().await;
     }
-}
-
-async fn audit_len(url: &str) -> i64 {
-    let store = ca_core::store::Store::connect(url, false).await.unwrap();
-    let n = store.audit_after(0, 100_000).await.unwrap().len() as i64;
-    store.close().await;
-    n
 }
 
 /// Two servers on one PostgreSQL issue concurrently: no duplicate serials, no fork in the
@@ -776,4 +939,81 @@ async fn readyz_follows_the_hsm_and_no_request_hangs() {
     let (status, body, _) = enrol(&srv).await;
     assert_eq!(status, 200, "recovered: {body}");
     assert_eq!(ready(&srv).await, 200);
+
+    // A revocation approved while the HSM is away stands; the CRL follows when it returns.
+    let serial = body["serial"].as_str().unwrap().to_string();
+    std::fs::write(&fault, "fail").unwrap();
+    wait_for(503).await;
+    let (s, rq) = srv
+        .call(
+            "POST",
+            &format!("/v1/certificates/{serial}/revoke"),
+            Some(&srv.token("admin")),
+            Some(json!({"reason": "superseded"})),
+        )
+        .await;
+    assert_eq!(s, 202, "{rq}");
+    let (s, v) = srv
+        .call(
+            "POST",
+            &format!("/v1/requests/{}/approve", rq["id"].as_str().unwrap()),
+            Some(&srv.token("approver")),
+            None,
+        )
+        .await;
+    assert_eq!(s, 200, "the revocation does not wait for the HSM: {v}");
+    let (_, cert) = srv.call("GET", &format!("/v1/certificates/{serial}"), Some(&srv.token("auditor")), None).await;
+    assert_eq!(cert["status"], "revoked");
+    let crl_lists = |srv: &Server| {
+        let c = srv.client.clone();
+        let (url, serial) = (format!("{}/v1/crl/dev?format=pem", srv.url), serial.clone());
+        async move {
+            let pem_text = c.get(url).send().await.unwrap().text().await.unwrap();
+            let der = pem::parse(pem_text).unwrap().into_contents();
+            let (_, crl) = x509_parser::parse_x509_crl(&der).unwrap();
+            crl.iter_revoked_certificates().any(|r| ca_core::cert::serial_hex(r.raw_serial()) == serial)
+        }
+    };
+    assert!(!crl_lists(&srv).await, "no CRL can be signed while the HSM is away");
+    std::fs::remove_file(&fault).unwrap();
+    wait_for(200).await;
+    let mut listed = false;
+    for _ in 0..100 {
+        if crl_lists(&srv).await {
+            listed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(listed, "the background job republished the CRL with the revoked serial");
+}
+
+/// A renewal whose response never reaches the cluster does not strand it: the intermediate it
+/// still holds renews until the newer one has been used.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lost_response_does_not_strand_the_cluster() {
+    let tmp = tempfile::tempdir().unwrap();
+    let srv = Server::start(&tmp.path().join("dev"), &Opts::default());
+    srv.wait_ready().await;
+    let token = srv.register_approved("lossy").await;
+    let state = tmp.path().join("st");
+    assert!(srv.renew("lossy", &state, Some(&token), false).status.success());
+    let a = Renewer::from_state_dir(&srv.root(), "lossy", &state);
+    let raw = |r: &Renewer| {
+        let c = client_der(&r.root, Some((&r.cert, &r.key)));
+        let url = format!("{}/v1/clusters/lossy/intermediate", srv.url);
+        async move {
+            let resp = c.post(url).json(&json!({"csr": csr_pem()})).send().await.unwrap();
+            (resp.status().as_u16(), resp.json::<Value>().await.unwrap())
+        }
+    };
+    // The server commits B, the answer is lost: the cluster still holds A, and A still works.
+    let (s, _lost) = raw(&a).await;
+    assert_eq!(s, 200);
+    let mut holder =
+        Renewer { root: a.root.clone(), cluster: a.cluster.clone(), cert: a.cert.clone(), key: a.key.clone() };
+    holder.renew(&srv.url).await.unwrap(); // A -> C
+    holder.renew(&srv.url).await.unwrap(); // C -> D: C was used, so A is no longer accepted
+    let (s, body) = raw(&a).await;
+    assert_eq!((s, body["code"].as_str()), (401, Some("client-certificate-superseded")), "{body}");
 }
