@@ -358,3 +358,38 @@ pub fn rollback(state_dir: &Path) -> Result<serde_json::Value> {
         json!({"rolled_back_to": prev, "from": cur, "serial": now.serial, "not_after": ca_core::error::fmt_time(now.not_after)}),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renewal_time_is_two_thirds_with_bounded_jitter() {
+        let kp = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::default();
+        let start = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
+        p.not_before = start;
+        p.not_after = start + time::Duration::days(30);
+        let cert = CertInfo::from_der(p.self_signed(&kp).unwrap().der().to_vec()).unwrap();
+        let life = (cert.not_after - cert.not_before).as_seconds_f64();
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..200 {
+            let at = (renew_at(&cert, 2.0 / 3.0) - cert.not_before).as_seconds_f64() / life;
+            assert!((0.61..=0.72).contains(&at), "{at}");
+            seen.insert((at * 1000.0) as i64);
+        }
+        assert!(seen.len() > 10, "jittered");
+    }
+
+    #[test]
+    fn one_renewal_or_rollback_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = lock_state_dir(dir.path()).unwrap();
+        let err = lock_state_dir(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("another renewal or rollback is running"), "{err}");
+        let err = rollback(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("another renewal or rollback"), "{err}");
+        drop(held);
+        lock_state_dir(dir.path()).unwrap();
+    }
+}
