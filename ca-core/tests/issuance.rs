@@ -234,6 +234,15 @@ fn issuer_name_mismatch_and_weak_subject_keys_are_caught() {
     };
     assert_rule(&lint_certificate(cert.der(), &info.tbs, &ctx).unwrap_err().0, "x509.issuer-matches");
 
+    // An issuer with an empty name.
+    let mut empty = CertificateParams::default();
+    empty.distinguished_name = rcgen::DistinguishedName::new();
+    empty.key_identifier_method = rcgen::KeyIdMethod::PreSpecified(f.root.cert.ski.clone().unwrap());
+    let issuer = rcgen::Issuer::new(empty, &f.root_kp);
+    let cert = good_env_params(&f).signed_by(&kp, &issuer).unwrap();
+    let info = CertInfo::from_der(cert.der().to_vec()).unwrap();
+    assert_rule(&lint_certificate(cert.der(), &info.tbs, &ctx).unwrap_err().0, "x509.issuer-nonempty");
+
     // A P-521 subject key.
     let weak = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P521_SHA512).unwrap();
     let issuer_der = rustls_pki_types::CertificateDer::from(f.root.cert.der.clone());
