@@ -300,3 +300,45 @@ fn quickstart_without_softhsm_warns_and_uses_file_keys() {
     ]);
     assert!(o.status.success());
 }
+
+#[test]
+fn cross_sign_keeps_name_constraints() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let f = |n: &str| format!("file:{}", d.join(n).display());
+    for (key, subject, out) in [("old.key", "CN=Old Root", "old.pem"), ("new.key", "CN=New Root", "new.pem")] {
+        ok(&["key", "generate", "--key", &f(key), "--algorithm", "ecdsa-p256"]);
+        ok(&["root", "create", "--key", &f(key), "--subject", subject, "--validity", "2y", "--out", s(&d.join(out))]);
+    }
+    ok(&["key", "generate", "--key", &f("env.key"), "--algorithm", "ecdsa-p256"]);
+    ok(&["csr", "create", "--key", &f("env.key"), "--subject", "CN=env", "--out", s(&d.join("env.csr"))]);
+    ok(&[
+        "sign",
+        "--profile",
+        "environment",
+        "--ca-cert",
+        s(&d.join("old.pem")),
+        "--ca-key",
+        &f("old.key"),
+        "--csr",
+        s(&d.join("env.csr")),
+        "--trust-domain",
+        "prod.example.com",
+        "--validity",
+        "1y",
+        "--name-constraints",
+        "--out",
+        s(&d.join("env.pem")),
+    ]);
+    let yaml = format!(
+        "ceremony-type: cross-sign\nissuer:\n  certificate: new.pem\n  key: \"{}\"\ncertificate: env.pem\nvalidity: 1y\noutputs:\n  certificate: env-cross.pem\n",
+        f("new.key")
+    );
+    let file = d.join("cross.yaml");
+    std::fs::write(&file, yaml).unwrap();
+    ok(&["ceremony", "run", s(&file)]);
+    let text =
+        String::from_utf8(openssl(&["x509", "-in", s(&d.join("env-cross.pem")), "-noout", "-text"]).stdout).unwrap();
+    assert!(text.contains("X509v3 Name Constraints: critical") && text.contains("URI:prod.example.com"), "{text}");
+    assert!(text.contains("Issuer: CN = New Root"), "{text}");
+}

@@ -526,6 +526,29 @@ impl Ceremony {
             req.trust_domains = orig.trust_domains().iter().filter_map(|t| t.parse().ok()).collect();
             req.subject_key_id = orig.ski.clone();
             req.exact_subject = Some(orig.subject_raw.clone());
+            // Name constraints travel too: the profile can rebuild exactly "permitted URI for
+            // each trust domain"; anything else cannot be reproduced, so it is refused rather
+            // than silently dropped.
+            if let Some(nc) = &orig.name_constraints {
+                let mut permitted: Vec<String> = nc
+                    .permitted
+                    .iter()
+                    .map(|c| match c {
+                        crate::cert::ConstraintName::Uri(u) => u.clone(),
+                        other => format!("{other:?}"),
+                    })
+                    .collect();
+                let mut tds: Vec<String> = req.trust_domains.iter().map(|t| t.to_string()).collect();
+                permitted.sort();
+                tds.sort();
+                if !nc.excluded.is_empty() || permitted != tds {
+                    return Err(self.field_err(
+                        "certificate",
+                        "its name constraints are not the trust-domain constraints this tool builds; they cannot be carried over",
+                    ));
+                }
+                req.name_constraints = true;
+            }
         }
         Ok(req)
     }
