@@ -399,7 +399,7 @@ fn run(cmd: Cmd, output: Output) -> Result<()> {
             let v = json!({
                 "key": key.to_string(),
                 "algorithm": algorithm.as_str(),
-                "public_key_sha256": hex_str(&public.fingerprint()),
+                "public_key_sha256": hex::encode(&public.fingerprint()),
                 "public_out": public_out,
                 "public_key_pem": public.to_pem(),
             });
@@ -423,7 +423,7 @@ fn run(cmd: Cmd, output: Output) -> Result<()> {
             let mut v = json!({
                 "key": key.to_string(),
                 "algorithm": signer.algorithm().as_str(),
-                "public_key_sha256": hex_str(&public.fingerprint()),
+                "public_key_sha256": hex::encode(&public.fingerprint()),
                 "hardware": signer.is_hardware(),
             });
             if signer.is_hardware() {
@@ -465,7 +465,7 @@ fn run(cmd: Cmd, output: Output) -> Result<()> {
             let signer = hsm::open_signer(&key)?;
             let pem = ca_core::csr::create_csr(&signer, subject_dn)?;
             write_one(&out, pem)?;
-            let v = json!({"path": out, "subject": subject, "public_key_sha256": hex_str(&signer.public_key().fingerprint())});
+            let v = json!({"path": out, "subject": subject, "public_key_sha256": hex::encode(&signer.public_key().fingerprint())});
             emit(output, v, |v| format!("wrote {} for {}", out.display(), v["subject"].as_str().unwrap_or_default()));
         }
         Cmd::Sign(a) => sign(a, output)?,
@@ -537,7 +537,7 @@ fn run(cmd: Cmd, output: Output) -> Result<()> {
             let v = json!({
                 "path": out, "issuer": issuer.cert.subject, "crl_number": number,
                 "this_update": fmt_time(req.this_update), "next_update": fmt_time(req.next_update),
-                "revoked": req.revoked.iter().map(|r| hex_str(&r.serial)).collect::<Vec<_>>(),
+                "revoked": req.revoked.iter().map(|r| hex::encode(&r.serial)).collect::<Vec<_>>(),
             });
             emit(output, v, |v| {
                 format!(
@@ -742,8 +742,4 @@ fn sign(a: SignArgs, output: Output) -> Result<()> {
     write_one(&a.out, issued.pem())?;
     emit(output, cert_json(&issued.cert, &a.out), cert_text);
     Ok(())
-}
-
-fn hex_str(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }

@@ -329,6 +329,15 @@ impl Store {
         Ok(r.and_then(|r| r.0))
     }
 
+    /// For each cluster, when its newest unrevoked, unexpired intermediate expires.
+    pub async fn cluster_expiries(&self, now: i64) -> Result<Vec<(String, i64)>> {
+        Ok(on_pool!(self, p => sqlx::query_as(
+            "SELECT cluster, MAX(not_after) FROM certificates
+             WHERE cluster IS NOT NULL AND revoked_at IS NULL AND not_after > $1
+             GROUP BY cluster ORDER BY cluster")
+            .bind(now).fetch_all(p).await)?)
+    }
+
     /// Sequence number and time of the newest checkpoint.
     pub async fn last_checkpoint(&self) -> Result<Option<(i64, i64)>> {
         Ok(
@@ -434,12 +443,6 @@ impl Tx {
             .bind(seq).bind(time).bind(&e.actor).bind(&e.action).bind(&e.subject).bind(&details).bind(&prev_hash).bind(&hash)
             .execute(c).await.map(|r| r.rows_affected()))?;
         Ok(AuditRecord { seq, time, actor: e.actor, action: e.action, subject: e.subject, details, prev_hash, hash })
-    }
-
-    pub async fn audit_head(&mut self) -> Result<Option<(i64, String)>> {
-        Ok(
-            on_tx!(self, c => sqlx::query_as("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1").fetch_optional(c).await)?,
-        )
     }
 
     pub async fn last_checkpoint_seq(&mut self) -> Result<i64> {
@@ -569,11 +572,6 @@ impl Tx {
         let r = on_tx!(self, c => sqlx::query("UPDATE clusters SET enrolment_token_hash = $1, enrolment_expires_at = $2, enrolled_at = NULL, current_serial = NULL, previous_serial = NULL WHERE name = $3 AND status = 'active'")
             .bind(token_hash).bind(expires_at).bind(name).execute(c).await.map(|r| r.rows_affected()))?;
         Ok(r == 1)
-    }
-
-    pub async fn last_checkpoint_time(&mut self) -> Result<i64> {
-        let r: Option<(i64,)> = on_tx!(self, c => sqlx::query_as("SELECT time FROM audit_checkpoints ORDER BY seq DESC LIMIT 1").fetch_optional(c).await)?;
-        Ok(r.map_or(0, |r| r.0))
     }
 
     pub async fn revoked_by_issuer(&mut self, issuer: &str) -> Result<Vec<CertRecord>> {

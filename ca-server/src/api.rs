@@ -986,9 +986,10 @@ async fn list_certificates(
     Ok(Json(state.store.list_certificates(&filter).await?.into_iter().map(Into::into).collect()))
 }
 
+/// A serial as the inventory stores it (lowercase hex, no colons, no sign pad); input that is
+/// not a serial at all simply matches nothing.
 fn normalise_serial(s: &str) -> String {
-    let clean: String = s.chars().filter(|c| *c != ':').collect::<String>().to_ascii_lowercase();
-    clean.trim_start_matches("00").to_string()
+    ca_core::crl::parse_serial(s).map(hex::encode).unwrap_or_else(|_| s.to_ascii_lowercase())
 }
 
 #[utoipa::path(get, path = "/v1/certificates/{serial}", responses((status = 200, body = CertificateView), (status = 404, body = Problem)), security(("bearer" = [])))]

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ca_core::store::{CertFilter, now_secs};
+use ca_core::store::now_secs;
 
 use crate::metrics::{ClusterLabels, IssuerLabels};
 use crate::state::{AppState, Issuer};
@@ -81,7 +81,7 @@ async fn probe(state: &AppState, issuer: &Arc<Issuer>, backoff: &mut Backoff) {
 }
 
 async fn tick(state: &AppState) -> anyhow::Result<()> {
-    update_gauges(state).await?;
+    let expiries = update_gauges(state).await?;
     let now = now_secs();
     let lease_for = 3 * state.config.jobs.interval.duration().whole_seconds().max(1);
     let mut tx = state.store.write().await?;
@@ -110,25 +110,23 @@ async fn tick(state: &AppState) -> anyhow::Result<()> {
         }
     }
     crate::checkpoint::maybe_checkpoint(state, false).await?;
-    expiry_scan(state, now).await?;
+    expiry_scan(state, &expiries, now);
     Ok(())
 }
 
 /// Warns about clusters whose newest intermediate is close to expiry (a renewal CronJob that
 /// stopped working). On the lease holder only, so that the warning is logged once.
-async fn expiry_scan(state: &AppState, now: i64) -> anyhow::Result<()> {
+fn expiry_scan(state: &AppState, expiries: &[(String, i64)], now: i64) {
     let window = state.config.policy.cluster_validity.duration().whole_seconds() / 4;
-    for cluster in state.store.list_clusters().await? {
-        let Some(serial) = cluster.current_serial.as_deref() else { continue };
-        let Some(cert) = state.store.get_certificate(serial).await? else { continue };
-        if cert.revoked_at.is_none() && cert.not_after - now < window {
-            tracing::warn!(cluster = %cluster.name, serial, expires_in_seconds = cert.not_after - now, "cluster intermediate expires soon; is its renewal job running?");
+    for (cluster, not_after) in expiries {
+        if not_after - now < window {
+            tracing::warn!(%cluster, expires_in_seconds = not_after - now, "cluster intermediate expires soon; is its renewal job running?");
         }
     }
-    Ok(())
 }
 
-async fn update_gauges(state: &AppState) -> anyhow::Result<()> {
+/// Gauges on every replica; returns the cluster expiries for the leader's scan.
+async fn update_gauges(state: &AppState) -> anyhow::Result<Vec<(String, i64)>> {
     let now = now_secs();
     for issuer in state.issuers.values() {
         let labels = IssuerLabels { issuer: issuer.name.clone() };
@@ -137,19 +135,13 @@ async fn update_gauges(state: &AppState) -> anyhow::Result<()> {
             state.metrics.crl_age.get_or_create(&labels).set((now - crl.this_update) as f64);
         }
     }
-    let valid = state
-        .store
-        .list_certificates(&CertFilter { status: Some("valid".into()), now, limit: 100_000, ..Default::default() })
-        .await?;
-    let mut newest: std::collections::BTreeMap<String, i64> = Default::default();
-    for c in valid {
-        if let Some(cluster) = c.cluster {
-            let e = newest.entry(cluster).or_insert(c.not_after);
-            *e = (*e).max(c.not_after);
-        }
+    let expiries = state.store.cluster_expiries(now).await?;
+    for (cluster, not_after) in &expiries {
+        state
+            .metrics
+            .cluster_expiry
+            .get_or_create(&ClusterLabels { cluster: cluster.clone() })
+            .set((not_after - now) as f64);
     }
-    for (cluster, not_after) in newest {
-        state.metrics.cluster_expiry.get_or_create(&ClusterLabels { cluster }).set((not_after - now) as f64);
-    }
-    Ok(())
+    Ok(expiries)
 }
