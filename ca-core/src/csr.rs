@@ -13,6 +13,50 @@ pub struct VerifiedCsr {
     public_key: hsm::PublicKey,
     subject: rcgen::DistinguishedName,
     subject_text: String,
+    requested_names: Vec<RequestedName>,
+}
+
+/// A subject alternative name the CSR asked for. Never copied into a certificate: policy
+/// compares it with what the requester may have.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RequestedName {
+    Uri(String),
+    Dns(String),
+    Ip(String),
+    Email(String),
+    /// Any other GeneralName form, described.
+    Other(String),
+}
+
+fn requested_names(csr: &X509CertificationRequest<'_>) -> Result<Vec<RequestedName>, CsrError> {
+    use x509_parser::extensions::{GeneralName, ParsedExtension};
+    let mut out = Vec::new();
+    let Some(exts) = csr.requested_extensions() else { return Ok(out) };
+    for ext in exts {
+        match ext {
+            ParsedExtension::SubjectAlternativeName(san) => {
+                for n in &san.general_names {
+                    out.push(match n {
+                        GeneralName::URI(u) => RequestedName::Uri((*u).to_string()),
+                        GeneralName::DNSName(d) => RequestedName::Dns((*d).to_string()),
+                        GeneralName::RFC822Name(e) => RequestedName::Email((*e).to_string()),
+                        GeneralName::IPAddress(b) => RequestedName::Ip(match b.len() {
+                            4 => std::net::Ipv4Addr::from(<[u8; 4]>::try_from(*b).expect("4")).to_string(),
+                            16 => std::net::Ipv6Addr::from(<[u8; 16]>::try_from(*b).expect("16")).to_string(),
+                            _ => hex::encode(b),
+                        }),
+                        other => RequestedName::Other(format!("{other:?}")),
+                    });
+                }
+            }
+            // Fail closed: a requested extension we cannot read might hide a name.
+            ParsedExtension::ParseError { error } => {
+                return Err(CsrError::Malformed(format!("unreadable requested extension: {error}")));
+            }
+            _ => {}
+        }
+    }
+    Ok(out)
 }
 
 impl VerifiedCsr {
@@ -45,7 +89,8 @@ impl VerifiedCsr {
             .verify(&csr.signature_algorithm.algorithm.to_id_string(), info.raw, &csr.signature_value.data)
             .map_err(|_| CsrError::BadSignature)?;
         let subject = crate::dn::from_x509_name(&info.subject).map_err(|e| CsrError::Subject(e.to_string()))?;
-        Ok(VerifiedCsr { public_key, subject, subject_text: info.subject.to_string() })
+        let requested_names = requested_names(&csr)?;
+        Ok(VerifiedCsr { public_key, subject, subject_text: info.subject.to_string(), requested_names })
     }
 
     pub fn public_key(&self) -> &hsm::PublicKey {
@@ -58,6 +103,11 @@ impl VerifiedCsr {
 
     pub fn subject_text(&self) -> &str {
         &self.subject_text
+    }
+
+    /// The subject alternative names the CSR asked for (for policy checks only).
+    pub fn requested_names(&self) -> &[RequestedName] {
+        &self.requested_names
     }
 }
 

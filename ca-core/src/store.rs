@@ -78,6 +78,36 @@ pub struct ClusterRecord {
     /// presented, so that a lost response does not strand the cluster.
     #[sqlx(default)]
     pub previous_serial: Option<String>,
+    /// `plugin` (the cluster holds its intermediate's key and signs workloads in istiod) or
+    /// `external-ca` (this server holds it, `key_ref`, and answers Istio's certificate API).
+    pub mode: String,
+    pub key_ref: Option<String>,
+}
+
+impl ClusterRecord {
+    pub fn is_external_ca(&self) -> bool {
+        self.mode == MODE_EXTERNAL_CA
+    }
+}
+
+pub const MODE_PLUGIN: &str = "plugin";
+pub const MODE_EXTERNAL_CA: &str = "external-ca";
+
+/// A workload certificate as stored: found by serial until pruned after its retention.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, sqlx::FromRow)]
+pub struct WorkloadRecord {
+    pub serial: String,
+    pub cluster: String,
+    /// The SPIFFE ID the certificate names.
+    pub identity: String,
+    /// The cluster intermediate that signed it.
+    pub issuer_serial: String,
+    pub not_before: i64,
+    pub not_after: i64,
+    pub issued_at: i64,
+    /// The audit record listing this certificate (0 until written).
+    pub audit_seq: i64,
+    pub der: Vec<u8>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, sqlx::FromRow)]
@@ -351,6 +381,18 @@ impl Store {
         )
     }
 
+    pub async fn get_workload_certificate(&self, serial: &str) -> Result<Option<WorkloadRecord>> {
+        Ok(
+            on_pool!(self, p => sqlx::query_as("SELECT * FROM workload_certificates WHERE serial = $1").bind(serial).fetch_optional(p).await)?,
+        )
+    }
+
+    pub async fn count_workload_certificates(&self) -> Result<i64> {
+        let r: (i64,) =
+            on_pool!(self, p => sqlx::query_as("SELECT COUNT(*) FROM workload_certificates").fetch_one(p).await)?;
+        Ok(r.0)
+    }
+
     pub async fn get_cluster(&self, name: &str) -> Result<Option<ClusterRecord>> {
         Ok(
             on_pool!(self, p => sqlx::query_as("SELECT * FROM clusters WHERE name = $1").bind(name).fetch_optional(p).await)?,
@@ -488,10 +530,11 @@ impl Tx {
 
     pub async fn insert_cluster(&mut self, r: &ClusterRecord) -> Result<()> {
         let res = on_tx!(self, c => sqlx::query(
-            "INSERT INTO clusters (name, environment, trust_domain, status, request_id, enrolment_token_hash, enrolment_expires_at, enrolled_at, created_by, created_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)")
+            "INSERT INTO clusters (name, environment, trust_domain, status, request_id, enrolment_token_hash, enrolment_expires_at, enrolled_at, created_by, created_at, mode, key_ref)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)")
             .bind(&r.name).bind(&r.environment).bind(&r.trust_domain).bind(&r.status).bind(&r.request_id)
             .bind(&r.enrolment_token_hash).bind(r.enrolment_expires_at).bind(r.enrolled_at).bind(&r.created_by).bind(r.created_at)
+            .bind(&r.mode).bind(&r.key_ref)
             .execute(c).await.map(|r| r.rows_affected()));
         match res {
             Err(e) if is_unique_violation(&e) => Err(StoreError::Conflict(format!("cluster {}", r.name))),
@@ -578,6 +621,33 @@ impl Tx {
         Ok(
             on_tx!(self, c => sqlx::query_as("SELECT * FROM certificates WHERE issuer = $1 AND revoked_at IS NOT NULL ORDER BY revoked_at, serial")
             .bind(issuer).fetch_all(c).await)?,
+        )
+    }
+
+    /// Writes a batch of workload certificates, all covered by audit record `audit_seq`. One
+    /// multi-row INSERT per chunk keeps a batch to a few statements.
+    pub async fn insert_workload_certificates(&mut self, rows: &[WorkloadRecord], audit_seq: i64) -> Result<()> {
+        // 9 columns per row; both backends allow well over 9 * 500 bind parameters.
+        for chunk in rows.chunks(500) {
+            on_tx!(self, c => {
+                let mut qb = sqlx::QueryBuilder::new(
+                    "INSERT INTO workload_certificates (serial, cluster, identity, issuer_serial, not_before, not_after, issued_at, audit_seq, der) ",
+                );
+                qb.push_values(chunk, |mut b, r| {
+                    b.push_bind(&r.serial).push_bind(&r.cluster).push_bind(&r.identity).push_bind(&r.issuer_serial)
+                        .push_bind(r.not_before).push_bind(r.not_after).push_bind(r.issued_at).push_bind(audit_seq)
+                        .push_bind(&r.der);
+                });
+                qb.build().execute(c).await.map(|r| r.rows_affected())
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Deletes workload certificates that expired before `before`. Returns how many.
+    pub async fn prune_workload_certificates(&mut self, before: i64) -> Result<u64> {
+        Ok(
+            on_tx!(self, c => sqlx::query("DELETE FROM workload_certificates WHERE not_after < $1").bind(before).execute(c).await.map(|r| r.rows_affected()))?,
         )
     }
 

@@ -90,6 +90,8 @@ async fn clusters_requests_and_enrolment(s: &Store) {
         created_at: now,
         current_serial: None,
         previous_serial: None,
+        mode: "plugin".into(),
+        key_ref: None,
     };
     let mut tx = s.write().await.unwrap();
     tx.insert_request(&req).await.unwrap();

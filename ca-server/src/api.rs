@@ -47,6 +47,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/clusters/{name}", get(get_cluster))
         .route("/v1/clusters/{name}/intermediate", post(issue_intermediate))
         .route("/v1/clusters/{name}/enrolment", post(reissue_enrolment))
+        .route("/v1/clusters/{name}/trust-bundle", get(trust_bundle))
+        .route("/v1/clusters/{name}/trust-bundle/configmap", get(trust_bundle_configmap))
+        .route("/v1/clusters/{name}/server-certificates", post(issue_server_certificate))
         .route("/v1/requests", get(list_requests))
         .route("/v1/requests/{id}/approve", post(approve_request))
         .route("/v1/requests/{id}/reject", post(reject_request))
@@ -145,11 +148,12 @@ impl<T: serde::de::DeserializeOwned> FromRequest<AppState> for Body<T> {
     info(title = "ca-server", description = "Online issuance, renewal and revocation of cluster intermediates, with an audit trail."),
     paths(
         healthz, readyz, list_issuers, register_cluster, list_clusters, get_cluster, issue_intermediate, reissue_enrolment, list_requests,
-        approve_request, reject_request, list_certificates, get_certificate, revoke_certificate, get_crl, list_audit
+        approve_request, reject_request, list_certificates, get_certificate, revoke_certificate, get_crl, list_audit,
+        trust_bundle, trust_bundle_configmap, issue_server_certificate
     ),
     components(schemas(
         Problem, RegisterCluster, RegisterResponse, ClusterView, IntermediateRequest, IntermediateResponse, RequestView,
-        CertificateView, RevokeRequest, IssuerView, AuditView, Ready
+        CertificateView, RevokeRequest, IssuerView, AuditView, Ready, ServerCertRequest, ServerCertResponse
     )),
     modifiers(&BearerAuth)
 )]
@@ -240,6 +244,14 @@ struct RegisterCluster {
     environment: String,
     /// Must be one of the environment's trust domains.
     trust_domain: String,
+    /// `plugin` (default: the cluster holds its intermediate's key, for istiod's cacerts) or
+    /// `external-ca` (this server holds it and answers Istio's certificate API).
+    #[serde(default)]
+    mode: Option<String>,
+    /// external-ca only: the server-side key of the cluster intermediate (`pkcs11:` or `file:`),
+    /// created beforehand with `ca-cli key generate`.
+    #[serde(default)]
+    key: Option<String>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -247,10 +259,12 @@ struct RegisterResponse {
     cluster: String,
     status: String,
     request_id: String,
-    /// One-time enrolment token. Usable once the registration is approved, until it expires.
-    /// Only its hash is stored.
-    enrolment_token: String,
-    enrolment_expires_at: i64,
+    /// One-time enrolment token (plug-in mode). Usable once the registration is approved,
+    /// until it expires. Only its hash is stored.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    enrolment_token: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    enrolment_expires_at: Option<i64>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -258,8 +272,12 @@ struct ClusterView {
     name: String,
     environment: String,
     trust_domain: String,
+    /// `plugin` or `external-ca`.
+    mode: String,
     status: String,
     request_id: String,
+    /// Serial of the newest intermediate.
+    current_serial: Option<String>,
     enrolment_expires_at: Option<i64>,
     enrolled_at: Option<i64>,
     created_by: String,
@@ -272,8 +290,10 @@ impl From<ClusterRecord> for ClusterView {
             name: c.name,
             environment: c.environment,
             trust_domain: c.trust_domain,
+            mode: c.mode,
             status: c.status,
             request_id: c.request_id,
+            current_serial: c.current_serial,
             enrolment_expires_at: c.enrolment_expires_at,
             enrolled_at: c.enrolled_at,
             created_by: c.created_by,
@@ -334,11 +354,43 @@ async fn register_cluster(
         )
         .by(op.actor()));
     }
+    let mode = req.mode.clone().unwrap_or_else(|| ca_core::store::MODE_PLUGIN.into());
+    let external = match mode.as_str() {
+        ca_core::store::MODE_PLUGIN => false,
+        ca_core::store::MODE_EXTERNAL_CA => true,
+        other => {
+            return Err(ApiError::bad_request("invalid-mode", format!("mode {other:?} is not plugin or external-ca"))
+                .by(op.actor()));
+        }
+    };
+    let key_ref = match (&req.key, external) {
+        (Some(k), true) => Some(
+            k.parse::<hsm::KeyRef>()
+                .map_err(|e| ApiError::bad_request("invalid-key", e.to_string()).by(op.actor()))?
+                .to_string(),
+        ),
+        (None, true) => {
+            return Err(
+                ApiError::bad_request("invalid-key", "external-ca mode needs the server-side key (key)").by(op.actor())
+            );
+        }
+        (Some(_), false) => {
+            return Err(ApiError::bad_request(
+                "invalid-key",
+                "a plug-in cluster holds its own key; key is for external-ca mode only",
+            )
+            .by(op.actor()));
+        }
+        (None, false) => None,
+    };
     let now = now_secs();
-    let token = new_token();
-    let expires = now + state.config.policy.enrolment_token_ttl.duration().whole_seconds();
+    // A plug-in cluster enrols with a one-time token; an external-CA cluster has nothing to
+    // enrol: the server issues its intermediate on approval.
+    let token = (!external).then(new_token);
+    let expires = (!external).then(|| now + state.config.policy.enrolment_token_ttl.duration().whole_seconds());
     let request_id = uuid::Uuid::new_v4().to_string();
-    let payload = json!({"name": req.name, "environment": req.environment, "trust_domain": td.to_string()});
+    let payload = json!({"name": req.name, "environment": req.environment, "trust_domain": td.to_string(),
+                         "mode": mode, "key": key_ref});
     let mut tx = state.store.write().await?;
     tx.insert_cluster(&ClusterRecord {
         name: req.name.clone(),
@@ -346,13 +398,15 @@ async fn register_cluster(
         trust_domain: td.to_string(),
         status: "pending".into(),
         request_id: request_id.clone(),
-        enrolment_token_hash: Some(token_hash(&token)),
-        enrolment_expires_at: Some(expires),
+        enrolment_token_hash: token.as_deref().map(token_hash),
+        enrolment_expires_at: expires,
         enrolled_at: None,
         created_by: op.name.clone(),
         created_at: now,
         current_serial: None,
         previous_serial: None,
+        mode,
+        key_ref,
     })
     .await
     .map_err(|e| ApiError::from(e).by(op.actor()))?;
@@ -625,7 +679,7 @@ fn issuer_chain(issuer: &Issuer) -> Vec<CertInfo> {
     std::iter::once(issuer.cert.clone()).chain(issuer.chain.iter().cloned()).collect()
 }
 
-fn cluster_request(
+pub(crate) fn cluster_request(
     state: &AppState,
     issuer: &Issuer,
     cluster: &ClusterRecord,
@@ -653,7 +707,13 @@ fn cluster_request(
     })
 }
 
-fn cert_record(cert: &CertInfo, issuer: &str, cluster: Option<&str>, profile: &str, requester: &str) -> CertRecord {
+pub(crate) fn cert_record(
+    cert: &CertInfo,
+    issuer: &str,
+    cluster: Option<&str>,
+    profile: &str,
+    requester: &str,
+) -> CertRecord {
     let sans: Vec<String> = cert.uris.iter().chain(&cert.dns_names).cloned().collect();
     CertRecord {
         serial: cert.serial.clone(),
@@ -694,6 +754,13 @@ async fn reissue_enrolment(
             ApiError::conflict("cluster-not-active", format!("cluster {name} is {}", cluster.status)).by(op.actor())
         );
     }
+    if cluster.is_external_ca() {
+        return Err(ApiError::conflict(
+            "external-ca-cluster",
+            format!("cluster {name} is in external-ca mode: the server holds its key, nothing enrols"),
+        )
+        .by(op.actor()));
+    }
     let now = now_secs();
     let token = new_token();
     let expires = now + state.config.policy.enrolment_token_ttl.duration().whole_seconds();
@@ -720,11 +787,158 @@ async fn reissue_enrolment(
             cluster: name,
             status: "pending-approval".into(),
             request_id,
-            enrolment_token: token,
-            enrolment_expires_at: expires,
+            enrolment_token: Some(token),
+            enrolment_expires_at: Some(expires),
         }),
     )
         .into_response())
+}
+
+// ---- trust distribution -------------------------------------------------------------------
+
+/// Every root a cluster trusts: its environment's roots.
+async fn cluster_roots(state: &AppState, name: &str) -> Result<Vec<CertInfo>, ApiError> {
+    let cluster = state
+        .store
+        .get_cluster(name)
+        .await?
+        .filter(|c| c.status == "active")
+        .ok_or_else(|| ApiError::not_found(format!("no active cluster {name:?}")))?;
+    Ok(state.issuer(&cluster.environment)?.roots.clone())
+}
+
+/// The cluster's trust bundle (PEM): what `root-cert.pem`, the `istio-ca-root-cert` ConfigMap
+/// and the last element of every external-CA response carry. Public, like the CRLs: roots
+/// are not secrets, and a new node needs them before it holds any credential.
+#[utoipa::path(get, path = "/v1/clusters/{name}/trust-bundle",
+    responses((status = 200, description = "PEM roots", content_type = "application/x-pem-file"), (status = 404, body = Problem)))]
+async fn trust_bundle(State(state): State<AppState>, Path(name): Path<String>) -> Result<Response, ApiError> {
+    let pem: String = cluster_roots(&state, &name).await?.iter().map(CertInfo::pem).collect();
+    Ok(([(header::CONTENT_TYPE, "application/x-pem-file")], pem).into_response())
+}
+
+#[derive(Deserialize, IntoParams)]
+struct ConfigMapQuery {
+    /// Namespace of the rendered ConfigMap (default `istio-system`).
+    namespace: Option<String>,
+}
+
+/// The trust bundle as the `istio-ca-root-cert` ConfigMap Istio workloads mount. In
+/// external-CA mode istiod does not publish it; apply this to every namespace.
+#[utoipa::path(get, path = "/v1/clusters/{name}/trust-bundle/configmap", params(ConfigMapQuery),
+    responses((status = 200, description = "ConfigMap YAML", content_type = "application/yaml"), (status = 404, body = Problem)))]
+async fn trust_bundle_configmap(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    Query(q): Query<ConfigMapQuery>,
+) -> Result<Response, ApiError> {
+    let namespace = q.namespace.unwrap_or_else(|| "istio-system".into());
+    if !valid_cluster_name(&namespace) {
+        return Err(ApiError::bad_request("invalid-namespace", "namespace must be a Kubernetes name"));
+    }
+    let pem: String = cluster_roots(&state, &name).await?.iter().map(CertInfo::pem).collect();
+    let body: String = pem.lines().map(|l| format!("    {l}\n")).collect();
+    let yaml = format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: istio-ca-root-cert\n  namespace: {namespace}\n  labels:\n    istio.io/config: \"true\"\n  annotations:\n    pki-mesh/cluster: {name}\ndata:\n  root-cert.pem: |\n{body}"
+    );
+    Ok(([(header::CONTENT_TYPE, "application/yaml")], yaml).into_response())
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+struct ServerCertRequest {
+    /// PEM CSR. Only its public key is used.
+    csr: String,
+    /// DNS names (e.g. `istiod.istio-system.svc`).
+    dns_names: Vec<String>,
+    /// Lifetime, e.g. `30d` (default 30d, at most 90d, never past the intermediate).
+    validity: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+struct ServerCertResponse {
+    serial: String,
+    not_after: String,
+    certificate: String,
+    /// The cluster intermediate and its parents below the root (PEM).
+    chain: Vec<String>,
+    trust_bundle: Vec<String>,
+}
+
+/// Issues a TLS server certificate (e.g. istiod's own, which it needs when its CA is off) from
+/// an external-CA cluster's intermediate.
+#[utoipa::path(post, path = "/v1/clusters/{name}/server-certificates", request_body = ServerCertRequest,
+    responses((status = 200, body = ServerCertResponse), (status = 400, body = Problem), (status = 403, body = Problem), (status = 503, body = Problem)),
+    security(("bearer" = [])))]
+async fn issue_server_certificate(
+    State(state): State<AppState>,
+    op: Operator,
+    Path(name): Path<String>,
+    Body(req): Body<ServerCertRequest>,
+) -> Result<Json<ServerCertResponse>, ApiError> {
+    op.require(&[Role::Admin], "issuing server certificates")?;
+    let deny = |e: ApiError| e.by(op.actor());
+    let validity: time::Duration = match &req.validity {
+        None => time::Duration::days(30),
+        Some(v) => v
+            .parse::<ca_core::duration::Validity>()
+            .map_err(|e| deny(ApiError::bad_request("invalid-validity", e.to_string())))?
+            .duration(),
+    };
+    if validity <= time::Duration::ZERO || validity > time::Duration::days(90) {
+        return Err(deny(ApiError::bad_request("invalid-validity", "validity must be positive and at most 90d")));
+    }
+    if req.dns_names.is_empty()
+        || req.dns_names.iter().any(|n| {
+            n.is_empty()
+                || n.len() > 253
+                || !n.split('.').all(|l| {
+                    !l.is_empty()
+                        && l.len() <= 63
+                        && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                })
+        })
+    {
+        return Err(deny(ApiError::bad_request(
+            "invalid-names",
+            "dns_names must be one or more lowercase DNS names without wildcards",
+        )));
+    }
+    let ca = crate::istio::cluster_ca(&state, &name).await.map_err(deny)?;
+    let csr = VerifiedCsr::parse(req.csr.as_bytes()).map_err(|e| deny(crate::state::map_core(e.into())))?;
+    let not_before = ca_core::issue::default_not_before();
+    let not_after = (not_before + validity).min(ca.issuer.cert.not_after);
+    let mut subject = rcgen::DistinguishedName::new();
+    subject.push(rcgen::DnType::CommonName, req.dns_names[0].clone());
+    let request = CertRequest {
+        server_names: req.dns_names.clone(),
+        ..CertRequest::new(ProfileKind::Server, subject, csr.public_key().clone(), not_before, not_after)
+    };
+    let cert =
+        ca.issuer.with_key(state.hsm_timeout(), move |c| ca_core::issue::issue(c, &request)).await.map_err(deny)?.cert;
+    let record = cert_record(&cert, &name, Some(&name), "server", &op.actor());
+    let mut tx = state.store.write().await?;
+    tx.insert_certificate(&record).await?;
+    tx.audit(AuditEvent::new(
+        op.actor(),
+        "certificate.issued",
+        &cert.serial,
+        json!({"cluster": name, "issuer": ca.serial, "profile": "server", "names": req.dns_names,
+               "not_after": record.not_after, "sha256_fingerprint": record.fingerprint}),
+    ))
+    .await?;
+    tx.commit().await?;
+    state.metrics.issued(&name, "server", "ok");
+    Ok(Json(ServerCertResponse {
+        serial: cert.serial.clone(),
+        not_after: ca_core::error::fmt_time(cert.not_after),
+        certificate: cert.pem(),
+        chain: std::iter::once(&ca.issuer.cert)
+            .chain(ca.issuer.chain.iter().filter(|c| !c.is_self_issued()))
+            .map(CertInfo::pem)
+            .collect(),
+        trust_bundle: ca.issuer.roots.iter().map(CertInfo::pem).collect(),
+    }))
 }
 
 // ---- two-person rule ----------------------------------------------------------------------
@@ -834,9 +1048,13 @@ async fn decide(state: AppState, op: Operator, id: String, approve: bool) -> Res
     .await?;
     let payload: serde_json::Value = serde_json::from_str(&req.payload).map_err(ApiError::internal)?;
     let mut republish = None;
+    let mut external_ca = None;
     match (req.kind.as_str(), approve) {
         ("register-cluster", true) => {
             tx.set_cluster_status(&req.subject, "active").await?;
+            if payload["mode"].as_str() == Some(ca_core::store::MODE_EXTERNAL_CA) {
+                external_ca = Some(req.subject.clone());
+            }
             tx.audit(AuditEvent::new(op.actor(), "cluster.registered", &req.subject, payload)).await?;
         }
         ("register-cluster", false) => {
@@ -885,6 +1103,12 @@ async fn decide(state: AppState, op: Operator, id: String, approve: bool) -> Res
         let issuer = state.issuer(&issuer_name)?.clone();
         if let Err(e) = publish_crl(&state, &issuer, &op.actor()).await {
             tracing::warn!(issuer = %issuer_name, error = %e.detail, "CRL not regenerated yet; the background job will retry");
+        }
+    }
+    // The approval stands even if the key is away right now; the background job retries.
+    if let Some(name) = external_ca {
+        if let Err(e) = crate::istio::ensure_intermediate(&state, &name, &op.actor()).await {
+            tracing::warn!(cluster = %name, error = %e.detail, "external-CA intermediate not issued yet; the background job will retry");
         }
     }
     let decided = state.store.get_request(&id).await?.ok_or_else(|| ApiError::internal("request vanished"))?;
@@ -1000,12 +1224,34 @@ async fn get_certificate(
 ) -> Result<Json<CertificateView>, ApiError> {
     op.require(&[Role::Operator, Role::Admin, Role::Auditor], "reading certificates")?;
     let serial = normalise_serial(&serial);
-    let r = state
+    if let Some(r) = state.store.get_certificate(&serial).await? {
+        return Ok(Json(r.into()));
+    }
+    // Workload certificates live in their own table (batched, pruned after retention).
+    let w = state
         .store
-        .get_certificate(&serial)
+        .get_workload_certificate(&serial)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no certificate {serial}")).by(op.actor()))?;
-    Ok(Json(r.into()))
+    let cert = CertInfo::from_der(w.der.clone()).map_err(ApiError::internal)?;
+    let now = now_secs();
+    Ok(Json(CertificateView {
+        serial: w.serial,
+        issuer: w.issuer_serial,
+        cluster: Some(w.cluster),
+        profile: "workload".into(),
+        subject: cert.subject.clone(),
+        sans: vec![w.identity],
+        not_before: w.not_before,
+        not_after: w.not_after,
+        status: if w.not_after <= now { "expired".into() } else { "valid".into() },
+        sha256_fingerprint: cert.fingerprint(),
+        requester: format!("audit record {}", w.audit_seq),
+        issued_at: w.issued_at,
+        revoked_at: None,
+        revocation_reason: None,
+        pem: cert.pem(),
+    }))
 }
 
 #[derive(Deserialize, ToSchema)]

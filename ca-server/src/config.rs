@@ -27,6 +27,64 @@ pub struct Config {
     pub jobs: JobsConfig,
     #[serde(default)]
     pub log: LogConfig,
+    /// Istio's certificate API (external-CA mode). Off when absent.
+    pub istio: Option<IstioConfig>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct IstioConfig {
+    /// gRPC listen address, e.g. `0.0.0.0:9443`. Port 0 picks a free port.
+    pub listen: String,
+    /// DNS names (or IPs) of the gRPC serving certificate, which the server issues itself from
+    /// `serving_cluster`'s intermediate so that agents verify it against the mesh root.
+    #[serde(default = "default_server_names")]
+    pub server_names: Vec<String>,
+    /// The external-CA cluster whose intermediate signs the serving certificate (default: the
+    /// first configured one, by name).
+    pub serving_cluster: Option<String>,
+    #[serde(default = "default_serving_validity", with = "validity")]
+    pub serving_cert_validity: Validity,
+    /// How long a workload certificate stays findable after it expired; then it is pruned.
+    #[serde(default = "default_retention", with = "validity")]
+    pub retention: Validity,
+    /// Most certificates written in one group commit.
+    #[serde(default = "default_batch_max")]
+    pub batch_max: usize,
+    /// Per-cluster token validation and TTL policy, keyed by cluster name (the `ClusterID`
+    /// the agents send). The cluster itself is registered through the API in external-ca mode.
+    #[serde(default)]
+    pub clusters: std::collections::BTreeMap<String, IstioClusterConfig>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct IstioClusterConfig {
+    /// Expected `iss` of the cluster's service-account tokens.
+    pub sa_issuer: String,
+    /// The cluster's JWKS as a file (`kubectl get --raw /openid/v1/jwks`) ...
+    pub jwks_file: Option<PathBuf>,
+    /// ... or its OIDC discovery document URL, whose `jwks_uri` is fetched and refreshed.
+    pub oidc_discovery_url: Option<String>,
+    #[serde(default = "default_audiences")]
+    pub audiences: Vec<String>,
+    /// Clock skew allowed on `exp` and `nbf`.
+    #[serde(default = "default_leeway", with = "validity")]
+    pub leeway: Validity,
+    /// `namespace/serviceaccount` of callers allowed to send `ImpersonatedIdentity` (ztunnel).
+    #[serde(default)]
+    pub trusted_node_accounts: Vec<String>,
+    #[serde(default = "default_workload_ttl", with = "validity")]
+    pub default_ttl: Validity,
+    #[serde(default = "default_max_workload_ttl", with = "validity")]
+    pub max_ttl: Validity,
+    /// `reject` (default) or `clamp` a request over `max_ttl`.
+    #[serde(default = "default_over_max")]
+    pub over_max: ca_core::workload::OverMax,
+    /// How often the keys are re-read; an unknown `kid` also triggers a re-read (at most
+    /// every 10 s).
+    #[serde(default = "default_jwks_refresh", with = "validity")]
+    pub jwks_refresh: Validity,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -177,6 +235,36 @@ fn default_checkpoint_interval() -> Validity {
 fn default_job_interval() -> Validity {
     v("30s")
 }
+fn default_server_names() -> Vec<String> {
+    vec!["localhost".into(), "127.0.0.1".into()]
+}
+fn default_serving_validity() -> Validity {
+    v("24h")
+}
+fn default_retention() -> Validity {
+    v("30d")
+}
+fn default_batch_max() -> usize {
+    2048
+}
+fn default_audiences() -> Vec<String> {
+    vec!["istio-ca".into()]
+}
+fn default_leeway() -> Validity {
+    v("30s")
+}
+fn default_workload_ttl() -> Validity {
+    v("24h")
+}
+fn default_max_workload_ttl() -> Validity {
+    v("7d")
+}
+fn default_over_max() -> ca_core::workload::OverMax {
+    ca_core::workload::OverMax::Reject
+}
+fn default_jwks_refresh() -> Validity {
+    v("10m")
+}
 fn default_log_format() -> String {
     "json".into()
 }
@@ -267,6 +355,13 @@ impl Config {
             fix_ref(&mut i.key);
         }
         fix_ref(&mut self.audit.key);
+        if let Some(istio) = &mut self.istio {
+            for c in istio.clusters.values_mut() {
+                if let Some(p) = &mut c.jwks_file {
+                    fix(p);
+                }
+            }
+        }
         if let Some(rest) = self.database.url.strip_prefix("sqlite://") {
             let p = Path::new(rest);
             if p.is_relative() {
@@ -295,6 +390,35 @@ impl Config {
         self.audit.key.parse::<hsm::KeyRef>().context("audit.key")?;
         if !matches!(self.log.format.as_str(), "json" | "text") {
             bail!("log.format must be json or text");
+        }
+        if let Some(istio) = &self.istio {
+            for (name, c) in &istio.clusters {
+                if c.jwks_file.is_none() == c.oidc_discovery_url.is_none() {
+                    bail!("istio.clusters.{name}: set exactly one of jwks_file and oidc_discovery_url");
+                }
+                if c.audiences.is_empty() {
+                    bail!("istio.clusters.{name}.audiences must not be empty");
+                }
+                if c.default_ttl.duration() <= time::Duration::ZERO || c.default_ttl.duration() > c.max_ttl.duration() {
+                    bail!("istio.clusters.{name}: default_ttl must be positive and at most max_ttl");
+                }
+                for a in &c.trusted_node_accounts {
+                    if a.split('/').count() != 2 || a.split('/').any(str::is_empty) {
+                        bail!("istio.clusters.{name}.trusted_node_accounts: {a:?} is not namespace/serviceaccount");
+                    }
+                }
+            }
+            if let Some(s) = &istio.serving_cluster {
+                if !istio.clusters.contains_key(s) {
+                    bail!("istio.serving_cluster {s:?} is not in istio.clusters");
+                }
+            }
+            if istio.server_names.is_empty() {
+                bail!("istio.server_names must name the gRPC endpoint");
+            }
+            if istio.batch_max == 0 {
+                bail!("istio.batch_max must be at least 1");
+            }
         }
         if self.audit.checkpoint_every < 1 {
             bail!("audit.checkpoint_every must be at least 1");

@@ -17,6 +17,12 @@ pub const ISSUER: &str = "https://dev.pki-mesh.local";
 pub const AUDIENCE: &str = "ca-server";
 pub const ENVIRONMENT: &str = "dev";
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8443";
+pub const DEFAULT_GRPC_LISTEN: &str = "127.0.0.1:9443";
+/// The external-CA cluster every dev setup has.
+pub const DEV_CLUSTER: &str = "dev";
+pub const TRUST_DOMAIN: &str = "cluster.local";
+/// What a Kubernetes API server calls itself by default.
+pub const SA_ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
 
 pub struct DevSetup {
     pub dir: PathBuf,
@@ -83,6 +89,21 @@ pub fn prepare(dir: &Path) -> Result<DevSetup> {
     let oidc_public = hsm::generate_key(&oidc, hsm::KeyAlgorithm::EcdsaP256)?;
     out.add(dir.join("jwks.json"), serde_json::to_vec_pretty(&jwks(&oidc_public))?);
 
+    // The dev cluster's service-account token signer (standing in for its API server) and the
+    // key of its intermediate, which the server holds (external-CA mode): beside the
+    // environment key in SoftHSM2, or a file.
+    let sa_public = hsm::generate_key(&hsm::KeyRef::file(dir.join("sa-signing.key")), hsm::KeyAlgorithm::EcdsaP256)?;
+    out.add(dir.join("sa-jwks.json"), serde_json::to_vec_pretty(&jwks(&sa_public))?);
+    let cluster_key = match report.environment_key.split_once("object=") {
+        Some((head, tail)) if report.environment_key.starts_with("pkcs11:") => {
+            let rest = tail.find(['?', ';']).map_or("", |i| &tail[i..]);
+            format!("{head}object={DEV_CLUSTER}-cluster-key{rest}")
+        }
+        _ => format!("file:{}", dir.join("cluster-dev.key").display()),
+    };
+    hsm::generate_key(&cluster_key.parse()?, hsm::KeyAlgorithm::EcdsaP256)?;
+    out.add(dir.join("cluster-dev.keyref"), cluster_key.clone());
+
     let env_cert = report.environment_cert.strip_prefix(&dir).unwrap_or(&report.environment_cert).display().to_string();
     let root_rel = report.root_cert.strip_prefix(&dir).unwrap_or(&report.root_cert).display().to_string();
     let toml = format!(
@@ -128,6 +149,19 @@ interval = "10s"
 [log]
 format = "text"
 level = "info"
+
+# Istio's certificate API (external-CA mode) for the dev cluster.
+[istio]
+listen = "{DEFAULT_GRPC_LISTEN}"
+server_names = ["localhost", "127.0.0.1"]
+
+[istio.clusters.{DEV_CLUSTER}]
+sa_issuer = "{SA_ISSUER}"
+jwks_file = "sa-jwks.json"
+trusted_node_accounts = ["istio-system/ztunnel"]
+default_ttl = "24h"
+max_ttl = "7d"
+over_max = "reject"
 "#,
         env_key = report.environment_key
     );
@@ -161,9 +195,67 @@ pub fn mint_token(dir: &Path, subject: &str, roles: &[&str]) -> Result<String> {
     Ok(jsonwebtoken::encode(&header, &claims, &enc)?)
 }
 
+/// Mints a service-account token for `namespace/service_account` of the dev cluster, as a
+/// Kubernetes API server would project it for Istio (audience `istio-ca`), valid 12 hours.
+pub fn mint_sa_token(dir: &Path, namespace: &str, service_account: &str) -> Result<String> {
+    let key = hsm::export_file_key(&hsm::KeyRef::file(dir.join("sa-signing.key")))?;
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+    header.kid = Some(kid(key.public_key()));
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let claims = json!({"iss": SA_ISSUER, "aud": ["istio-ca"], "sub": format!("system:serviceaccount:{namespace}:{service_account}"),
+        "kubernetes.io": {"namespace": namespace, "serviceaccount": {"name": service_account, "uid": uuid::Uuid::new_v4().to_string()}},
+        "iat": now, "nbf": now - 60, "exp": now + 12 * 3600});
+    let enc = jsonwebtoken::EncodingKey::from_ec_pem(key.expose_pem().as_bytes())?;
+    Ok(jsonwebtoken::encode(&header, &claims, &enc)?)
+}
+
+/// Registers the dev cluster in external-CA mode on first start. The two-person rule is
+/// skipped here only (there is one person in a dev setup); the audit record says so.
+pub async fn register_dev_cluster(setup: &DevSetup, state: &crate::state::AppState) -> Result<()> {
+    let keyref_path = setup.dir.join("cluster-dev.keyref");
+    if state.store.get_cluster(DEV_CLUSTER).await?.is_some() || !keyref_path.exists() {
+        return Ok(());
+    }
+    let key_ref = std::fs::read_to_string(&keyref_path)?.trim().to_string();
+    let now = ca_core::store::now_secs();
+    let mut tx = state.store.write().await?;
+    tx.insert_cluster(&ca_core::store::ClusterRecord {
+        name: DEV_CLUSTER.into(),
+        environment: ENVIRONMENT.into(),
+        trust_domain: TRUST_DOMAIN.into(),
+        status: "active".into(),
+        request_id: "dev-setup".into(),
+        enrolment_token_hash: None,
+        enrolment_expires_at: None,
+        enrolled_at: None,
+        created_by: "dev-setup".into(),
+        created_at: now,
+        current_serial: None,
+        previous_serial: None,
+        mode: ca_core::store::MODE_EXTERNAL_CA.into(),
+        key_ref: Some(key_ref.clone()),
+    })
+    .await?;
+    tx.audit(ca_core::store::AuditEvent::new(
+        "dev-setup",
+        "cluster.registered",
+        DEV_CLUSTER,
+        json!({"mode": "external-ca", "trust_domain": TRUST_DOMAIN, "key": key_ref,
+               "two_person_rule": "skipped: ca-server --dev"}),
+    ))
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
 /// Writes `dev.env` (mode 0600: it holds tokens) for scripts and tutorials to `source`.
-pub fn write_env(setup: &DevSetup, url: &str, database_url: &str) -> Result<Vec<(String, String)>> {
-    let vars = vec![
+pub fn write_env(
+    setup: &DevSetup,
+    url: &str,
+    database_url: &str,
+    grpc: Option<std::net::SocketAddr>,
+) -> Result<Vec<(String, String)>> {
+    let mut vars = vec![
         ("CA_SERVER_URL".to_string(), url.to_string()),
         ("CA_ROOT_CERT".to_string(), setup.root_cert.display().to_string()),
         ("CA_DATABASE_URL".to_string(), database_url.to_string()),
@@ -173,6 +265,17 @@ pub fn write_env(setup: &DevSetup, url: &str, database_url: &str) -> Result<Vec<
         ("CA_AUDITOR_TOKEN".to_string(), mint_token(&setup.dir, "dev-auditor", &["auditor"])?),
         ("CA_AUDIT_PUBLIC_KEY".to_string(), setup.dir.join("audit.pub.pem").display().to_string()),
     ];
+    if let Some(g) = grpc {
+        vars.extend([
+            ("CA_GRPC_ADDR".to_string(), g.to_string()),
+            ("CA_DEV_CLUSTER".to_string(), DEV_CLUSTER.to_string()),
+            ("CA_TRUST_DOMAIN".to_string(), TRUST_DOMAIN.to_string()),
+            ("CA_SA_ISSUER".to_string(), SA_ISSUER.to_string()),
+            ("CA_SA_JWKS".to_string(), setup.dir.join("sa-jwks.json").display().to_string()),
+            ("CA_SA_SIGNING_KEY".to_string(), setup.dir.join("sa-signing.key").display().to_string()),
+            ("CA_EXAMPLE_TOKEN".to_string(), mint_sa_token(&setup.dir, "default", "default")?),
+        ]);
+    }
     let mut text = String::from("# Written by ca-server --dev at every start. Tokens expire after 12 hours.\n");
     for (k, v) in &vars {
         text.push_str(&format!("{k}={v}\n"));

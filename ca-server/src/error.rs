@@ -98,3 +98,20 @@ impl IntoResponse for ApiError {
         resp
     }
 }
+
+/// The same errors for gRPC: the status code from the HTTP class, the message from the code
+/// and detail (internal causes were already replaced by a generic detail).
+impl From<ApiError> for tonic::Status {
+    fn from(e: ApiError) -> Self {
+        use tonic::Code;
+        let code = match e.status {
+            StatusCode::BAD_REQUEST | StatusCode::PAYLOAD_TOO_LARGE => Code::InvalidArgument,
+            StatusCode::UNAUTHORIZED => Code::Unauthenticated,
+            StatusCode::FORBIDDEN | StatusCode::NOT_FOUND => Code::PermissionDenied,
+            StatusCode::CONFLICT => Code::FailedPrecondition,
+            StatusCode::SERVICE_UNAVAILABLE => Code::Unavailable,
+            _ => Code::Internal,
+        };
+        tonic::Status::new(code, format!("{}: {}", e.code, e.detail))
+    }
+}

@@ -87,6 +87,9 @@ async fn tick(state: &AppState) -> anyhow::Result<()> {
     let mut tx = state.store.write().await?;
     let leader = tx.try_lease("jobs", &state.instance, now, now + lease_for).await?;
     tx.commit().await?;
+    if let Err(e) = crate::istio::maintain(state, leader).await {
+        tracing::warn!(error = %format!("{e:#}"), "external-CA maintenance failed; retrying next round");
+    }
     if !leader {
         return Ok(());
     }

@@ -8,10 +8,17 @@ mod checkpoint;
 mod config;
 mod dev;
 mod error;
+mod istio;
 mod jobs;
 mod metrics;
 mod state;
 mod tls;
+
+/// Istio's certificate service, generated from proto/istio/v1/auth/ca.proto.
+#[allow(clippy::all, clippy::pedantic, dead_code)]
+mod proto {
+    tonic::include_proto!("istio.v1.auth");
+}
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -144,12 +151,15 @@ async fn run(args: Args) -> Result<()> {
     let audit_signer = checkpoint::open_audit_key(&cfg.audit.key)?;
     let tls_config = tls::server_config(&cfg.tls)?;
     let client_roots = tls::client_roots(&cfg.tls)?;
+    let metrics = Arc::new(metrics::Metrics::new());
+    let istio = istio::Istio::new(cfg.istio.clone(), store.clone(), metrics.clone())?;
     let state = AppState::new(Inner {
         auth: auth::Auth::new(cfg.auth.clone(), jwks),
         config: cfg.clone(),
         store,
         issuers,
-        metrics: metrics::Metrics::new(),
+        metrics,
+        istio,
         instance: uuid::Uuid::new_v4().to_string(),
         audit_signer: Arc::new(RwLock::new(Some(audit_signer))),
         client_roots,
@@ -188,11 +198,41 @@ async fn run(args: Args) -> Result<()> {
         tokio::net::TcpListener::bind(&cfg.listen).await.with_context(|| format!("listening on {}", cfg.listen))?;
     let addr = listener.local_addr()?;
     let url = format!("https://{addr}");
-    // Machine-readable first line: tests and scripts wait for it.
+    let (grpc_stop, grpc_stopped) = tokio::sync::oneshot::channel::<()>();
+    let mut grpc_addr = None;
+    let mut grpc_task = None;
+    if let Some(ic) = &cfg.istio {
+        if let Some(d) = &dev {
+            dev::register_dev_cluster(d, &state).await?;
+        }
+        state.istio.load_keys().await;
+        // Clusters approved while no replica was up get their intermediates now.
+        if let Err(e) = istio::maintain(&state, true).await {
+            tracing::warn!(error = %format!("{e:#}"), "external-CA start-up maintenance failed; will retry");
+        }
+        let gl = tokio::net::TcpListener::bind(&ic.listen)
+            .await
+            .with_context(|| format!("listening on {} (istio.listen)", ic.listen))?;
+        grpc_addr = Some(gl.local_addr()?);
+        let s = state.clone();
+        grpc_task = Some(tokio::spawn(async move {
+            if let Err(e) = istio::serve(s, gl, async {
+                let _ = grpc_stopped.await;
+            })
+            .await
+            {
+                tracing::error!(error = %format!("{e:#}"), "gRPC server stopped");
+            }
+        }));
+    }
+    // Machine-readable first lines: tests and scripts wait for them.
+    if let Some(g) = grpc_addr {
+        println!("ca-server grpc listening on {g}");
+    }
     println!("ca-server listening on {url}");
     tracing::info!(%url, database = state.store.backend(), issuers = cfg.issuers.len(), "ca-server started");
     if let Some(d) = &dev {
-        let vars = dev::write_env(d, &url, &cfg.database.url)?;
+        let vars = dev::write_env(d, &url, &cfg.database.url, grpc_addr)?;
         print_dev_help(d, &vars);
     }
     jobs::spawn(state.clone());
@@ -201,6 +241,11 @@ async fn run(args: Args) -> Result<()> {
         r = tls::serve(listener, tls_config, app) => r,
         _ = shutdown_signal() => {
             tracing::info!("shutting down");
+            // Let in-flight workload requests finish (and their records commit) first.
+            let _ = grpc_stop.send(());
+            if let Some(t) = grpc_task {
+                let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+            }
             // Sign the head on the way out, so that the records since the last checkpoint
             // cannot be cut off unnoticed.
             match tokio::time::timeout(Duration::from_secs(10), checkpoint::maybe_checkpoint(&state, true)).await {
@@ -239,4 +284,12 @@ fn print_dev_help(d: &dev::DevSetup, vars: &[(String, String)]) {
         admin = get("CA_ADMIN_TOKEN"),
         custody = if d.file_keys { "FILE KEYS (SoftHSM2 not installed)" } else { "SoftHSM2" },
     );
+    if !get("CA_GRPC_ADDR").is_empty() {
+        println!(
+            "\nIstio external CA (gRPC istio.v1.auth.IstioCertificateService) on {grpc}, cluster {cluster} (trust domain {td}):\n  a service-account token for default/default is in $CA_EXAMPLE_TOKEN; mint others with the key $CA_SA_SIGNING_KEY\n  openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout wl.key -subj / -out wl.csr\n  grpcurl -cacert \"$CA_ROOT_CERT\" -import-path proto -proto istio/v1/auth/ca.proto \\\n    -H \"authorization: Bearer $CA_EXAMPLE_TOKEN\" -H \"ClusterID: $CA_DEV_CLUSTER\" \\\n    -d \"{{\\\"csr\\\": $(jq -Rs . < wl.csr)}}\" \"$CA_GRPC_ADDR\" istio.v1.auth.IstioCertificateService/CreateCertificate\n  curl --cacert \"$CA_ROOT_CERT\" \"$CA_SERVER_URL/v1/clusters/dev/trust-bundle\"\n",
+            grpc = get("CA_GRPC_ADDR"),
+            cluster = get("CA_DEV_CLUSTER"),
+            td = get("CA_TRUST_DOMAIN"),
+        );
+    }
 }

@@ -34,6 +34,11 @@ pub struct ClusterLabels {
     pub cluster: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: String,
+}
+
 type FGauge = Gauge<f64, AtomicU64>;
 
 pub struct Metrics {
@@ -44,6 +49,8 @@ pub struct Metrics {
     pub issuer_expiry: Family<IssuerLabels, FGauge>,
     pub cluster_expiry: Family<ClusterLabels, FGauge>,
     pub hsm_up: Family<IssuerLabels, Gauge>,
+    pub workload_latency: Family<OutcomeLabels, Histogram>,
+    pub workload_batch: Histogram,
 }
 
 impl Metrics {
@@ -71,7 +78,31 @@ impl Metrics {
         );
         let hsm_up = Family::<IssuerLabels, Gauge>::default();
         registry.register("hsm_up", "1 when the issuer's key answered the last probe", hsm_up.clone());
-        Metrics { registry: Mutex::new(registry), issuances, latency, crl_age, issuer_expiry, cluster_expiry, hsm_up }
+        let workload_latency = Family::<OutcomeLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+        });
+        registry.register(
+            "workload_request_duration_seconds",
+            "Istio CreateCertificate latency, by outcome (ok, denied, error)",
+            workload_latency.clone(),
+        );
+        let workload_batch = Histogram::new(exponential_buckets(1.0, 2.0, 13));
+        registry.register(
+            "workload_batch_size",
+            "Workload records (certificates and denials) per group commit",
+            workload_batch.clone(),
+        );
+        Metrics {
+            registry: Mutex::new(registry),
+            issuances,
+            latency,
+            crl_age,
+            issuer_expiry,
+            cluster_expiry,
+            hsm_up,
+            workload_latency,
+            workload_batch,
+        }
     }
 
     pub fn issued(&self, issuer: &str, profile: &str, result: &str) {

@@ -25,12 +25,14 @@ pub struct Inner {
     pub store: Store,
     pub issuers: BTreeMap<String, Arc<Issuer>>,
     pub auth: Auth,
-    pub metrics: Metrics,
+    pub metrics: Arc<Metrics>,
     /// Identifies this replica in leases.
     pub instance: String,
     pub audit_signer: Arc<RwLock<Option<Arc<hsm::KeySigner>>>>,
     /// `tls.client_ca`: roots that renewal client certificates chain to.
     pub client_roots: Vec<CertInfo>,
+    /// Istio's certificate API: external-CA clusters, token validation, the batch recorder.
+    pub istio: crate::istio::Istio,
 }
 
 impl std::ops::Deref for AppState {
@@ -92,19 +94,25 @@ impl Issuer {
         for p in &cfg.chain {
             chain.extend(load_certs(p).with_context(|| format!("issuer {}", cfg.name))?);
         }
+        Issuer::from_certs(&cfg.name, cfg.key.parse()?, cert, chain)
+    }
+
+    /// An issuer from its certificate and the chain above it (ending in a root), checked to
+    /// form a valid path now.
+    pub fn from_certs(name: &str, key_ref: hsm::KeyRef, cert: CertInfo, chain: Vec<CertInfo>) -> Result<Issuer> {
         let roots: Vec<CertInfo> = chain.iter().filter(|c| c.is_self_issued()).cloned().collect();
         if roots.is_empty() {
-            bail!("issuer {}: the chain must end in a self-signed root", cfg.name);
+            bail!("issuer {name}: the chain must end in a self-signed root");
         }
         let intermediates: Vec<CertInfo> = chain.iter().filter(|c| !c.is_self_issued()).cloned().collect();
         ca_core::chain::verify_chain(&cert, &intermediates, &roots, OffsetDateTime::now_utc())
-            .with_context(|| format!("issuer {}: certificate does not chain to its root", cfg.name))?;
+            .with_context(|| format!("issuer {name}: certificate does not chain to its root"))?;
         if !cert.is_ca || !cert.key_cert_sign {
-            bail!("issuer {}: {} is not a CA certificate", cfg.name, cert.subject);
+            bail!("issuer {name}: {} is not a CA certificate", cert.subject);
         }
         Ok(Issuer {
-            name: cfg.name.clone(),
-            key_ref: cfg.key.parse()?,
+            name: name.to_string(),
+            key_ref,
             cert,
             chain,
             roots,

@@ -4,4 +4,6 @@
 REVOKE ALL ON audit_log, audit_checkpoints, audit_keys FROM ca_server;
 GRANT SELECT, INSERT ON audit_log, audit_checkpoints, audit_keys TO ca_server;
 GRANT SELECT, INSERT, UPDATE ON clusters, certificates, approval_requests, crls, leases TO ca_server;
+-- Workload certificates are pruned after their retention period.
+GRANT SELECT, INSERT, DELETE ON workload_certificates TO ca_server;
 GRANT SELECT ON _sqlx_migrations TO ca_server;

@@ -44,6 +44,8 @@ pub struct Server {
     pub env: HashMap<String, String>,
     pub client: reqwest::Client,
     pub stderr_log: PathBuf,
+    /// The gRPC (Istio external-CA) address, when the server listens for it.
+    pub grpc: Option<String>,
 }
 
 #[derive(Default, Clone)]
@@ -75,6 +77,7 @@ impl Server {
             }
         }
         cmd.args(["--listen", "127.0.0.1:0"])
+            .env("CA_SERVER_ISTIO__LISTEN", "127.0.0.1:0")
             .env("CA_SERVER_JOBS__INTERVAL", "1s")
             .env("CA_SERVER_LOG__FORMAT", "json");
         if let Some(db) = &opts.database_url {
@@ -86,13 +89,20 @@ impl Server {
         let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::from(log)).spawn().expect("ca-server starts");
         let stdout = child.stdout.take().unwrap();
         let mut lines = BufReader::new(stdout).lines();
-        let first = lines.next().and_then(|l| l.ok()).unwrap_or_else(|| {
-            let _ = child.wait();
-            panic!(
-                "ca-server exited before listening; log:\n{}",
-                std::fs::read_to_string(&stderr_log).unwrap_or_default()
-            )
-        });
+        let mut grpc = None;
+        let first = loop {
+            let line = lines.next().and_then(|l| l.ok()).unwrap_or_else(|| {
+                let _ = child.wait();
+                panic!(
+                    "ca-server exited before listening; log:\n{}",
+                    std::fs::read_to_string(&stderr_log).unwrap_or_default()
+                )
+            });
+            match line.strip_prefix("ca-server grpc listening on ") {
+                Some(g) => grpc = Some(g.to_string()),
+                None => break line,
+            }
+        };
         let url = first
             .strip_prefix("ca-server listening on ")
             .unwrap_or_else(|| panic!("unexpected first line {first:?}"))
@@ -111,7 +121,7 @@ impl Server {
         };
         let root = env_dir.join("hierarchy/root/root.pem");
         let client = client(&root, None);
-        Server { child, url, dir: env_dir, env, client, stderr_log }
+        Server { child, url, dir: env_dir, env, client, stderr_log, grpc }
     }
 
     pub fn token(&self, role: &str) -> String {

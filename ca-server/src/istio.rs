@@ -1,0 +1,891 @@
+//! External-CA mode: Istio's certificate gRPC API (`istio.v1.auth.IstioCertificateService`)
+//! for istio-agent and ztunnel.
+//!
+//! A request is authenticated by the cluster's projected service-account token (validated
+//! offline against that cluster's JWKS), signed by the cluster intermediate whose key this
+//! server holds, and answered only once its record is durable. Records are written by one
+//! recorder task in group commits: whatever requests are waiting when the previous commit
+//! ends go into the next, with one audit record listing them all. So a restart storm costs a
+//! few transactions per second, not one per workload.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use ca_core::cert::CertInfo;
+use ca_core::csr::VerifiedCsr;
+use ca_core::names::{SpiffeId, TrustDomain};
+use ca_core::profile::{CertRequest, ProfileKind};
+use ca_core::store::{AuditEvent, ClusterRecord, Store, WorkloadRecord, now_secs};
+use ca_core::workload::{TtlPolicy, WorkloadDenial};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use serde::Deserialize;
+use serde_json::json;
+use sha2::Digest;
+use time::OffsetDateTime;
+use tokio::sync::{mpsc, oneshot};
+use tonic::{Request, Response, Status};
+
+use crate::config::{IstioClusterConfig, IstioConfig};
+use crate::error::ApiError;
+use crate::proto::istio_certificate_service_server::{IstioCertificateService, IstioCertificateServiceServer};
+use crate::proto::{IstioCertificateRequest, IstioCertificateResponse};
+use crate::state::{AppState, Issuer};
+
+/// Everything external-CA mode keeps in memory.
+pub struct Istio {
+    pub config: Option<IstioConfig>,
+    tokens: HashMap<String, Arc<TokenValidator>>,
+    clusters: RwLock<HashMap<String, Arc<ClusterCa>>>,
+    /// Single-flight loading of a cluster's CA, so that a storm on a cold cache opens the key once.
+    loading: tokio::sync::Mutex<()>,
+    recorder: Recorder,
+    pub serving: Arc<ServingCert>,
+}
+
+/// A cluster intermediate held by this server, ready to sign.
+pub struct ClusterCa {
+    pub issuer: Arc<Issuer>,
+    pub trust_domain: TrustDomain,
+    pub serial: String,
+    /// The intermediate, then its parents below the root (PEM).
+    chain_pem: Vec<String>,
+    /// Every root the cluster trusts, concatenated (PEM): the response's last element.
+    bundle_pem: String,
+}
+
+impl Istio {
+    pub fn new(
+        config: Option<IstioConfig>,
+        store: Store,
+        batch_metrics: Arc<crate::metrics::Metrics>,
+    ) -> Result<Istio> {
+        let mut tokens = HashMap::new();
+        if let Some(cfg) = &config {
+            for (name, c) in &cfg.clusters {
+                tokens.insert(name.clone(), Arc::new(TokenValidator::new(name, c.clone())?));
+            }
+        }
+        let batch_max = config.as_ref().map_or(1, |c| c.batch_max);
+        Ok(Istio {
+            config,
+            tokens,
+            clusters: RwLock::new(HashMap::new()),
+            loading: tokio::sync::Mutex::new(()),
+            recorder: Recorder::spawn(store, batch_max, batch_metrics),
+            serving: Arc::new(ServingCert::default()),
+        })
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.config.is_some()
+    }
+
+    fn cached(&self, name: &str) -> Option<Arc<ClusterCa>> {
+        self.clusters.read().unwrap_or_else(|p| p.into_inner()).get(name).cloned()
+    }
+
+    pub fn forget(&self, name: &str) {
+        self.clusters.write().unwrap_or_else(|p| p.into_inner()).remove(name);
+    }
+
+    pub fn loaded(&self) -> Vec<Arc<ClusterCa>> {
+        self.clusters.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
+    }
+
+    /// Loads initial keys for every cluster (discovery URLs are fetched here).
+    pub async fn load_keys(&self) {
+        for v in self.tokens.values() {
+            if let Err(e) = v.refresh(true).await {
+                tracing::warn!(cluster = %v.cluster, error = %format!("{e:#}"), "service-account keys not loaded yet; will retry on first use");
+            }
+        }
+    }
+
+    /// Re-reads every cluster's keys when their refresh period has passed.
+    pub async fn refresh_keys(&self) {
+        for v in self.tokens.values() {
+            if v.due() {
+                if let Err(e) = v.refresh(true).await {
+                    tracing::warn!(cluster = %v.cluster, error = %format!("{e:#}"), "service-account key refresh failed; keeping the previous keys");
+                }
+            }
+        }
+    }
+}
+
+/// The cluster's CA, from the cache or loaded from storage (and its key opened).
+pub async fn cluster_ca(state: &AppState, name: &str) -> Result<Arc<ClusterCa>, ApiError> {
+    if let Some(c) = state.istio.cached(name) {
+        return Ok(c);
+    }
+    let _guard = state.istio.loading.lock().await;
+    if let Some(c) = state.istio.cached(name) {
+        return Ok(c);
+    }
+    let record =
+        state.store.get_cluster(name).await?.filter(|c| c.is_external_ca() && c.status == "active").ok_or_else(
+            || {
+                ApiError::forbidden(
+                    "cluster-not-served",
+                    format!("cluster {name:?} is not an active external-CA cluster here"),
+                )
+            },
+        )?;
+    let ca = load_cluster_ca(state, &record).await?;
+    state.istio.clusters.write().unwrap_or_else(|p| p.into_inner()).insert(name.to_string(), ca.clone());
+    Ok(ca)
+}
+
+async fn load_cluster_ca(state: &AppState, record: &ClusterRecord) -> Result<Arc<ClusterCa>, ApiError> {
+    let name = &record.name;
+    let not_ready = || {
+        ApiError::unavailable(
+            "intermediate-not-ready",
+            format!("cluster {name} has no intermediate yet; try again shortly"),
+        )
+    };
+    let serial = record.current_serial.clone().ok_or_else(not_ready)?;
+    let cert_rec = state.store.get_certificate(&serial).await?.ok_or_else(not_ready)?;
+    let cert = pem::parse(cert_rec.pem.as_bytes())
+        .map_err(ApiError::internal)
+        .and_then(|p| CertInfo::from_der(p.into_contents()).map_err(ApiError::internal))?;
+    let env = state.issuer(&record.environment)?.clone();
+    let chain: Vec<CertInfo> = std::iter::once(env.cert.clone()).chain(env.chain.iter().cloned()).collect();
+    let key_ref: hsm::KeyRef = record
+        .key_ref
+        .as_deref()
+        .ok_or_else(|| ApiError::internal(format!("external-CA cluster {name} has no key reference")))?
+        .parse()
+        .map_err(ApiError::internal)?;
+    let issuer = Arc::new(Issuer::from_certs(name, key_ref, cert.clone(), chain.clone()).map_err(ApiError::internal)?);
+    let i = issuer.clone();
+    match tokio::time::timeout(state.hsm_timeout(), tokio::task::spawn_blocking(move || i.reconnect())).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => {
+            tracing::error!(cluster = %name, error = %format!("{e:#}"), "cluster intermediate key unavailable");
+            return Err(ApiError::unavailable("hsm-unavailable", format!("the key of cluster {name} is unavailable")));
+        }
+        _ => {
+            return Err(ApiError::unavailable(
+                "hsm-timeout",
+                format!("the key of cluster {name} did not answer in time"),
+            ));
+        }
+    }
+    let chain_pem: Vec<String> =
+        std::iter::once(&cert).chain(chain.iter().filter(|c| !c.is_self_issued())).map(CertInfo::pem).collect();
+    let bundle_pem: String = issuer.roots.iter().map(CertInfo::pem).collect();
+    Ok(Arc::new(ClusterCa {
+        trust_domain: record.trust_domain.parse().map_err(ApiError::internal)?,
+        serial,
+        chain_pem,
+        bundle_pem,
+        issuer,
+    }))
+}
+
+// ---- service-account tokens -----------------------------------------------------------------
+
+/// Algorithms a Kubernetes API server signs service-account tokens with; never HMAC or none.
+const TOKEN_ALGS: &[Algorithm] =
+    &[Algorithm::RS256, Algorithm::RS384, Algorithm::RS512, Algorithm::PS256, Algorithm::ES256, Algorithm::ES384];
+
+/// Validates one cluster's projected service-account tokens offline.
+pub struct TokenValidator {
+    cluster: String,
+    cfg: IstioClusterConfig,
+    keys: RwLock<Arc<HashMap<String, DecodingKey>>>,
+    last_fetch: Mutex<Option<Instant>>,
+    http: reqwest::Client,
+}
+
+/// The workload a token speaks for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Caller {
+    pub namespace: String,
+    pub service_account: String,
+}
+
+impl Caller {
+    pub fn account(&self) -> String {
+        format!("{}/{}", self.namespace, self.service_account)
+    }
+}
+
+#[derive(Deserialize)]
+struct SaClaims {
+    sub: Option<String>,
+    #[serde(rename = "kubernetes.io")]
+    kubernetes: Option<K8sClaims>,
+}
+
+#[derive(Deserialize)]
+struct K8sClaims {
+    namespace: Option<String>,
+    serviceaccount: Option<Named>,
+}
+
+#[derive(Deserialize)]
+struct Named {
+    name: Option<String>,
+}
+
+/// Kubernetes object names as they may appear in a SPIFFE path: DNS-1123 labels/subdomains.
+fn valid_k8s_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && !s.starts_with(['-', '.'])
+        && !s.ends_with(['-', '.'])
+}
+
+impl TokenValidator {
+    fn new(cluster: &str, cfg: IstioClusterConfig) -> Result<Self> {
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?;
+        Ok(TokenValidator {
+            cluster: cluster.to_string(),
+            cfg,
+            keys: RwLock::new(Arc::new(HashMap::new())),
+            last_fetch: Mutex::new(None),
+            http,
+        })
+    }
+
+    fn due(&self) -> bool {
+        let last = *self.last_fetch.lock().unwrap_or_else(|p| p.into_inner());
+        last.is_none_or(|t| t.elapsed() >= self.cfg.jwks_refresh.duration().unsigned_abs())
+    }
+
+    /// Re-reads the keys. Unless `force`, at most once every 10 s: an unknown `kid` (a key
+    /// rotation) triggers a refresh, and a flood of forged kids must not turn into a flood of
+    /// fetches.
+    async fn refresh(&self, force: bool) -> Result<bool> {
+        {
+            let mut last = self.last_fetch.lock().unwrap_or_else(|p| p.into_inner());
+            if !force && last.is_some_and(|t| t.elapsed() < Duration::from_secs(10)) {
+                return Ok(false);
+            }
+            *last = Some(Instant::now());
+        }
+        let jwks: jsonwebtoken::jwk::JwkSet = if let Some(path) = &self.cfg.jwks_file {
+            let text = tokio::fs::read_to_string(path).await.with_context(|| format!("reading {}", path.display()))?;
+            serde_json::from_str(&text).with_context(|| format!("{}: not a JWKS", path.display()))?
+        } else {
+            let url = self.cfg.oidc_discovery_url.as_deref().expect("validated: file or discovery");
+            let doc: serde_json::Value = self
+                .http
+                .get(url)
+                .send()
+                .await
+                .and_then(|r| r.error_for_status())
+                .with_context(|| format!("fetching {url}"))?
+                .json()
+                .await
+                .with_context(|| format!("{url}: not a discovery document"))?;
+            if doc["issuer"].as_str() != Some(self.cfg.sa_issuer.as_str()) {
+                bail!("{url}: issuer {} is not the configured sa_issuer {:?}", doc["issuer"], self.cfg.sa_issuer);
+            }
+            let jwks_uri = doc["jwks_uri"].as_str().ok_or_else(|| anyhow!("{url}: no jwks_uri"))?;
+            self.http
+                .get(jwks_uri)
+                .send()
+                .await
+                .and_then(|r| r.error_for_status())
+                .with_context(|| format!("fetching {jwks_uri}"))?
+                .json()
+                .await
+                .with_context(|| format!("{jwks_uri}: not a JWKS"))?
+        };
+        let mut keys = HashMap::new();
+        for jwk in &jwks.keys {
+            let Some(kid) = jwk.common.key_id.clone() else { continue };
+            match DecodingKey::from_jwk(jwk) {
+                Ok(k) => {
+                    keys.insert(kid, k);
+                }
+                Err(e) => tracing::warn!(cluster = %self.cluster, %kid, error = %e, "skipping unusable JWKS key"),
+            }
+        }
+        if keys.is_empty() {
+            bail!("the JWKS of cluster {} holds no usable key with a kid", self.cluster);
+        }
+        *self.keys.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(keys);
+        Ok(true)
+    }
+
+    fn key(&self, kid: &str) -> Option<DecodingKey> {
+        self.keys.read().unwrap_or_else(|p| p.into_inner()).get(kid).cloned()
+    }
+
+    /// Verifies the token and names its service account. Errors say what was wrong, never
+    /// echo the token.
+    pub async fn verify(&self, token: &str) -> Result<Caller, ApiError> {
+        let invalid = |why: String| ApiError::unauthenticated("invalid-token", why);
+        let header = jsonwebtoken::decode_header(token).map_err(|e| invalid(format!("malformed token: {e}")))?;
+        if !TOKEN_ALGS.contains(&header.alg) {
+            return Err(invalid(format!("token algorithm {:?} is not accepted", header.alg)));
+        }
+        let kid = header.kid.ok_or_else(|| invalid("token has no key id (kid)".into()))?;
+        let key = match self.key(&kid) {
+            Some(k) => k,
+            // Perhaps the cluster rotated its signing key: look again (rate-limited).
+            None => {
+                if let Err(e) = self.refresh(false).await {
+                    tracing::warn!(cluster = %self.cluster, error = %format!("{e:#}"), "service-account key refresh failed");
+                }
+                self.key(&kid).ok_or_else(|| {
+                    invalid(format!("token key {kid:?} is not among cluster {}'s service-account keys", self.cluster))
+                })?
+            }
+        };
+        let mut v = Validation::new(header.alg);
+        v.set_issuer(&[&self.cfg.sa_issuer]);
+        v.set_audience(&self.cfg.audiences);
+        v.set_required_spec_claims(&["exp", "iss", "aud"]);
+        v.validate_nbf = true;
+        v.leeway = self.cfg.leeway.duration().whole_seconds().max(0) as u64;
+        let data = jsonwebtoken::decode::<SaClaims>(token, &key, &v).map_err(|e| {
+            use jsonwebtoken::errors::ErrorKind;
+            invalid(match e.kind() {
+                ErrorKind::ExpiredSignature => "token has expired".into(),
+                ErrorKind::InvalidAudience => format!("token audience is not one of {:?}", self.cfg.audiences),
+                ErrorKind::InvalidIssuer => format!("token issuer is not {:?}", self.cfg.sa_issuer),
+                ErrorKind::InvalidSignature => "token signature does not verify".into(),
+                ErrorKind::ImmatureSignature => "token is not valid yet".into(),
+                _ => format!("token rejected: {e}"),
+            })
+        })?;
+        let claims = data.claims;
+        let from_k8s = claims
+            .kubernetes
+            .as_ref()
+            .and_then(|k| Some((k.namespace.clone()?, k.serviceaccount.as_ref()?.name.clone()?)));
+        let from_sub = claims.sub.as_deref().and_then(|s| {
+            let rest = s.strip_prefix("system:serviceaccount:")?;
+            let (ns, sa) = rest.split_once(':')?;
+            Some((ns.to_string(), sa.to_string()))
+        });
+        let (namespace, service_account) = match (from_k8s, from_sub) {
+            (Some(a), Some(b)) if a != b => {
+                return Err(invalid("token's kubernetes.io claims and sub name different service accounts".into()));
+            }
+            (Some(a), _) | (None, Some(a)) => a,
+            (None, None) => return Err(invalid("token names no service account".into())),
+        };
+        if !valid_k8s_name(&namespace) || !valid_k8s_name(&service_account) {
+            return Err(invalid("token's namespace or service account is not a valid Kubernetes name".into()));
+        }
+        Ok(Caller { namespace, service_account })
+    }
+}
+
+// ---- group commit ---------------------------------------------------------------------------
+
+enum Entry {
+    Issued { record: WorkloadRecord, sha256: String },
+    Denied(serde_json::Value),
+}
+
+struct Pending {
+    entry: Entry,
+    done: oneshot::Sender<Result<(), ()>>,
+}
+
+/// Hands records to the writer task and waits until they are committed.
+#[derive(Clone)]
+pub struct Recorder {
+    tx: mpsc::Sender<Pending>,
+}
+
+impl Recorder {
+    fn spawn(store: Store, batch_max: usize, metrics: Arc<crate::metrics::Metrics>) -> Recorder {
+        // Bounded: under overload requests wait for room rather than growing memory.
+        let (tx, rx) = mpsc::channel(65_536);
+        tokio::spawn(record_loop(store, rx, batch_max, metrics));
+        Recorder { tx }
+    }
+
+    async fn record(&self, entry: Entry) -> Result<(), ApiError> {
+        let (done, wait) = oneshot::channel();
+        let failed = || ApiError::unavailable("not-recorded", "the certificate could not be recorded; try again");
+        self.tx.send(Pending { entry, done }).await.map_err(|_| failed())?;
+        wait.await.map_err(|_| failed())?.map_err(|_| failed())
+    }
+}
+
+async fn record_loop(
+    store: Store,
+    mut rx: mpsc::Receiver<Pending>,
+    batch_max: usize,
+    metrics: Arc<crate::metrics::Metrics>,
+) {
+    let mut batch: Vec<Pending> = Vec::with_capacity(batch_max);
+    while rx.recv_many(&mut batch, batch_max).await > 0 {
+        let result = write_batch(&store, &batch).await;
+        if let Err(e) = &result {
+            tracing::error!(error = %e, count = batch.len(), "writing a batch of workload records failed; the requests fail");
+        }
+        metrics.workload_batch.observe(batch.len() as f64);
+        for p in batch.drain(..) {
+            let _ = p.done.send(result.as_ref().map(|_| ()).map_err(|_| ()));
+        }
+    }
+}
+
+async fn write_batch(store: &Store, batch: &[Pending]) -> Result<(), ca_core::store::StoreError> {
+    let mut issued = Vec::new();
+    let mut listed = Vec::new();
+    let mut denied = Vec::new();
+    for p in batch {
+        match &p.entry {
+            Entry::Issued { record, sha256 } => {
+                listed.push(json!({"serial": record.serial, "cluster": record.cluster, "identity": record.identity,
+                    "not_after": record.not_after, "sha256": sha256}));
+                issued.push(record.clone());
+            }
+            Entry::Denied(v) => denied.push(v.clone()),
+        }
+    }
+    let mut tx = store.write().await?;
+    let action = if issued.is_empty() { "workload.denied" } else { "workload.issued" };
+    let subject = format!("{} issued, {} denied", issued.len(), denied.len());
+    let mut details = json!({"issued": listed});
+    if !denied.is_empty() {
+        details["denied"] = serde_json::Value::Array(denied);
+    }
+    let rec = tx.audit(AuditEvent::new("istio-api", action, subject, details)).await?;
+    tx.insert_workload_certificates(&issued, rec.seq).await?;
+    tx.commit().await
+}
+
+// ---- the gRPC service -----------------------------------------------------------------------
+
+#[derive(Clone)]
+pub struct IstioApi {
+    state: AppState,
+}
+
+/// A refusal with what is known of who was refused.
+struct Refusal {
+    error: ApiError,
+    actor: String,
+    cluster: Option<String>,
+}
+
+impl From<ApiError> for Refusal {
+    fn from(error: ApiError) -> Self {
+        Refusal { error, actor: "anonymous".into(), cluster: None }
+    }
+}
+
+#[tonic::async_trait]
+impl IstioCertificateService for IstioApi {
+    async fn create_certificate(
+        &self,
+        request: Request<IstioCertificateRequest>,
+    ) -> Result<Response<IstioCertificateResponse>, Status> {
+        let started = Instant::now();
+        let result = self.handle(request).await;
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(r) if r.error.status.is_client_error() => "denied",
+            Err(_) => "error",
+        };
+        self.state
+            .metrics
+            .workload_latency
+            .get_or_create(&crate::metrics::OutcomeLabels { outcome: outcome.into() })
+            .observe(started.elapsed().as_secs_f64());
+        match result {
+            Ok(chain) => Ok(Response::new(IstioCertificateResponse { cert_chain: chain })),
+            Err(r) => {
+                let cluster = r.cluster.clone().unwrap_or_default();
+                self.state.metrics.issued(&cluster, "workload", outcome);
+                if r.error.status.is_client_error() {
+                    tracing::info!(actor = %r.actor, %cluster, code = r.error.code, detail = %r.error.detail, "workload certificate refused");
+                    let denial =
+                        json!({"actor": r.actor, "cluster": r.cluster, "code": r.error.code, "detail": r.error.detail});
+                    // The refusal stands whether or not its record could be written.
+                    if self.state.istio.recorder.record(Entry::Denied(denial)).await.is_err() {
+                        tracing::error!("a workload denial could not be audited");
+                    }
+                }
+                Err(r.error.into())
+            }
+        }
+    }
+}
+
+fn metadata_str<'a>(md: &'a tonic::metadata::MetadataMap, key: &str) -> Option<&'a str> {
+    md.get(key).and_then(|v| v.to_str().ok()).map(str::trim).filter(|s| !s.is_empty())
+}
+
+impl IstioApi {
+    async fn handle(&self, request: Request<IstioCertificateRequest>) -> Result<Vec<String>, Refusal> {
+        let state = &self.state;
+        let cfg =
+            state.istio.config.as_ref().ok_or_else(|| ApiError::unavailable("disabled", "external-CA mode is off"))?;
+        let md = request.metadata();
+        let cluster = metadata_str(md, "clusterid")
+            .ok_or_else(|| ApiError::unauthenticated("no-cluster-id", "send the ClusterID metadata header"))?
+            .to_string();
+        let claimed = |e: ApiError| Refusal { error: e, actor: "anonymous".into(), cluster: Some(cluster.clone()) };
+        let (Some(validator), Some(ccfg)) = (state.istio.tokens.get(&cluster), cfg.clusters.get(&cluster)) else {
+            return Err(claimed(ApiError::forbidden(
+                "cluster-not-served",
+                format!("cluster {cluster:?} is not served by this CA"),
+            )));
+        };
+        let token = metadata_str(md, "authorization")
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .ok_or_else(|| {
+                claimed(ApiError::unauthenticated(
+                    "unauthenticated",
+                    "send the workload's service-account token as authorization: Bearer <JWT>",
+                ))
+            })?;
+        let caller = validator.verify(token).await.map_err(claimed)?;
+        let actor = format!("serviceaccount:{cluster}/{}", caller.account());
+        let refuse = |e: ApiError| Refusal { error: e, actor: actor.clone(), cluster: Some(cluster.clone()) };
+        let ca = cluster_ca(state, &cluster).await.map_err(refuse)?;
+        let mut identity = SpiffeId::istio(&ca.trust_domain, &caller.namespace, &caller.service_account)
+            .map_err(|e| refuse(ApiError::unauthenticated("invalid-token", e.to_string())))?;
+        let request = request.into_inner();
+        let impersonated = request
+            .metadata
+            .as_ref()
+            .and_then(|m| m.fields.get("ImpersonatedIdentity"))
+            .and_then(|v| match &v.kind {
+                Some(prost_types::value::Kind::StringValue(s)) => Some(s.clone()),
+                _ => None,
+            })
+            .filter(|s| !s.is_empty());
+        if let Some(imp) = impersonated {
+            if !ccfg.trusted_node_accounts.contains(&caller.account()) {
+                return Err(refuse(ApiError::forbidden(
+                    "impersonation-denied",
+                    format!("{} is not a trusted node account and may not act for {imp}", caller.account()),
+                )));
+            }
+            let id: SpiffeId = imp.parse().map_err(|e: ca_core::PolicyError| {
+                refuse(ApiError::bad_request("invalid-impersonated-identity", e.to_string()))
+            })?;
+            if id.trust_domain() != &ca.trust_domain {
+                return Err(refuse(ApiError::forbidden(
+                    "impersonation-denied",
+                    format!("{imp} is outside the cluster's trust domain {}", ca.trust_domain),
+                )));
+            }
+            identity = id;
+        }
+        let policy =
+            TtlPolicy { default: ccfg.default_ttl.duration(), max: ccfg.max_ttl.duration(), over_max: ccfg.over_max };
+        let validity = request.validity_duration;
+        let csr_text = request.csr;
+        let id = identity.clone();
+        let issued = ca
+            .issuer
+            .with_key(state.hsm_timeout(), move |ca| {
+                let csr = VerifiedCsr::parse(csr_text.as_bytes())?;
+                if let Err(d) = ca_core::workload::check_requested_names(&csr, &id) {
+                    return Ok(Err(d));
+                }
+                let (not_before, not_after) = match ca_core::workload::lifetime(
+                    validity,
+                    &policy,
+                    ca.cert.not_after,
+                    OffsetDateTime::now_utc(),
+                ) {
+                    Ok(l) => l,
+                    Err(d) => return Ok(Err(d)),
+                };
+                let req = CertRequest {
+                    spiffe_id: Some(id),
+                    ..CertRequest::new(
+                        ProfileKind::Workload,
+                        rcgen::DistinguishedName::new(),
+                        csr.public_key().clone(),
+                        not_before,
+                        not_after,
+                    )
+                };
+                ca_core::issue::issue(ca, &req).map(Ok)
+            })
+            .await
+            .map_err(&refuse)?
+            .map_err(|d| {
+                refuse(match d {
+                    WorkloadDenial::Forbidden(m) => ApiError::forbidden("identity-mismatch", m),
+                    WorkloadDenial::Invalid(m) => ApiError::bad_request("invalid-request", m),
+                })
+            })?;
+        let cert = issued.cert;
+        let sha256 = hex::encode(sha2::Sha256::digest(&cert.der));
+        let record = WorkloadRecord {
+            serial: cert.serial.clone(),
+            cluster: cluster.clone(),
+            identity: identity.to_string(),
+            issuer_serial: ca.serial.clone(),
+            not_before: cert.not_before.unix_timestamp(),
+            not_after: cert.not_after.unix_timestamp(),
+            issued_at: now_secs(),
+            audit_seq: 0,
+            der: cert.der.clone(),
+        };
+        // Only a durable record is answered: a certificate nobody can find is never handed out.
+        state.istio.recorder.record(Entry::Issued { record, sha256 }).await.map_err(&refuse)?;
+        state.metrics.issued(&cluster, "workload", "ok");
+        let mut chain = Vec::with_capacity(ca.chain_pem.len() + 2);
+        chain.push(cert.pem());
+        chain.extend(ca.chain_pem.iter().cloned());
+        chain.push(ca.bundle_pem.clone());
+        Ok(chain)
+    }
+}
+
+// ---- cluster intermediates held by the server -----------------------------------------------
+
+/// Issues (or renews) the intermediate of an external-CA cluster for the key the server holds.
+/// Due when the cluster has none, its newest is revoked, or two thirds of its life have passed.
+pub async fn ensure_intermediate(state: &AppState, name: &str, actor: &str) -> Result<bool, ApiError> {
+    let Some(cluster) = state.store.get_cluster(name).await? else { return Ok(false) };
+    if !cluster.is_external_ca() || cluster.status != "active" {
+        return Ok(false);
+    }
+    let now = now_secs();
+    if let Some(serial) = &cluster.current_serial {
+        if let Some(c) = state.store.get_certificate(serial).await? {
+            let renew_at = c.not_before + (c.not_after - c.not_before) * 2 / 3;
+            if c.revoked_at.is_none() && now < renew_at {
+                return Ok(false);
+            }
+        }
+    }
+    let key_ref: hsm::KeyRef = cluster
+        .key_ref
+        .as_deref()
+        .ok_or_else(|| ApiError::internal(format!("cluster {name} has no key reference")))?
+        .parse()
+        .map_err(ApiError::internal)?;
+    let kr = key_ref.clone();
+    let public = match tokio::time::timeout(
+        state.hsm_timeout(),
+        tokio::task::spawn_blocking(move || hsm::open_signer(&kr).map(|s| s.public_key().clone())),
+    )
+    .await
+    {
+        Ok(Ok(Ok(p))) => p,
+        Ok(Ok(Err(e))) => {
+            return Err(ApiError::unavailable("hsm-unavailable", format!("opening the key of cluster {name}: {e}")));
+        }
+        _ => return Err(ApiError::unavailable("hsm-timeout", format!("the key of cluster {name} did not answer"))),
+    };
+    let issuer = state.issuer(&cluster.environment)?.clone();
+    let request = crate::api::cluster_request(state, &issuer, &cluster, public)?;
+    let issued = issuer.with_key(state.hsm_timeout(), move |ca| ca_core::issue::issue(ca, &request)).await?;
+    let cert = issued.cert;
+    let mut tx = state.store.write().await?;
+    // Someone else (another replica, an approval) may have got there first.
+    let current = tx.get_cluster(name).await?.ok_or_else(|| ApiError::internal("cluster vanished"))?;
+    if current.current_serial != cluster.current_serial || current.status != "active" {
+        return Ok(false);
+    }
+    let record = crate::api::cert_record(&cert, &issuer.name, Some(name), "cluster", actor);
+    tx.insert_certificate(&record).await?;
+    tx.set_current(name, &cert.serial, cluster.current_serial.as_deref()).await?;
+    tx.audit(AuditEvent::new(
+        actor,
+        "certificate.issued",
+        &cert.serial,
+        json!({"cluster": name, "issuer": issuer.name, "profile": "cluster", "via": "external-ca",
+               "renewed_from": cluster.current_serial, "key": key_ref.to_string(),
+               "not_after": record.not_after, "sha256_fingerprint": record.fingerprint}),
+    ))
+    .await?;
+    tx.commit().await?;
+    state.metrics.issued(&issuer.name, "cluster", "ok");
+    state.istio.forget(name);
+    tracing::info!(cluster = %name, serial = %cert.serial, "external-CA cluster intermediate issued");
+    Ok(true)
+}
+
+/// Every active external-CA cluster gets its intermediate when due; cached CAs whose cluster
+/// moved on (a renewal by another replica, a deactivation) are dropped and reload on use.
+pub async fn maintain(state: &AppState, leader: bool) -> Result<()> {
+    if !state.istio.enabled() {
+        return Ok(());
+    }
+    let clusters = state.store.list_clusters().await?;
+    if leader {
+        for c in clusters.iter().filter(|c| c.is_external_ca() && c.status == "active") {
+            if let Err(e) = ensure_intermediate(state, &c.name, &state.job_actor()).await {
+                tracing::warn!(cluster = %c.name, error = %e.detail, "external-CA intermediate not issued; will retry");
+            }
+        }
+    }
+    let clusters = state.store.list_clusters().await?;
+    for ca in state.istio.loaded() {
+        let still = clusters.iter().any(|c| {
+            c.name == ca.issuer.name && c.status == "active" && c.current_serial.as_deref() == Some(ca.serial.as_str())
+        });
+        if !still {
+            state.istio.forget(&ca.issuer.name);
+        }
+    }
+    state.istio.refresh_keys().await;
+    if leader {
+        let retention = state.istio.config.as_ref().map_or(0, |c| c.retention.duration().whole_seconds());
+        let before = now_secs() - retention;
+        let mut tx = state.store.write().await?;
+        let pruned = tx.prune_workload_certificates(before).await?;
+        if pruned > 0 {
+            tx.audit(AuditEvent::new(
+                state.job_actor(),
+                "workload.pruned",
+                format!("{pruned} certificates"),
+                json!({"count": pruned, "expired_before": before}),
+            ))
+            .await?;
+        }
+        tx.commit().await?;
+    }
+    if let Err(e) = ensure_serving_cert(state).await {
+        tracing::warn!(error = %e.detail, "gRPC serving certificate not renewed; will retry");
+    }
+    Ok(())
+}
+
+// ---- the gRPC listener and its certificate ---------------------------------------------------
+
+/// The gRPC serving certificate: issued by this server from the serving cluster's
+/// intermediate (so agents verify it against the mesh root), with a key that never leaves
+/// memory, renewed at half-life.
+#[derive(Default)]
+pub struct ServingCert {
+    current: RwLock<Option<(Arc<CertifiedKey>, i64)>>,
+}
+
+impl std::fmt::Debug for ServingCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ServingCert")
+    }
+}
+
+impl ResolvesServerCert for ServingCert {
+    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.current.read().unwrap_or_else(|p| p.into_inner()).as_ref().map(|(k, _)| k.clone())
+    }
+}
+
+impl ServingCert {
+    fn renew_due(&self, now: i64) -> bool {
+        self.current.read().unwrap_or_else(|p| p.into_inner()).as_ref().is_none_or(|(_, at)| now >= *at)
+    }
+}
+
+pub fn serving_cluster(cfg: &IstioConfig) -> Option<String> {
+    cfg.serving_cluster.clone().or_else(|| cfg.clusters.keys().next().cloned())
+}
+
+pub async fn ensure_serving_cert(state: &AppState) -> Result<(), ApiError> {
+    let Some(cfg) = &state.istio.config else { return Ok(()) };
+    let now = now_secs();
+    if !state.istio.serving.renew_due(now) {
+        return Ok(());
+    }
+    let name = serving_cluster(cfg).ok_or_else(|| ApiError::internal("no istio.clusters configured"))?;
+    let ca = cluster_ca(state, &name).await?;
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(ApiError::internal)?;
+    let public = hsm::PublicKey::from_spki_der(&rcgen::PublicKeyData::subject_public_key_info(&key))
+        .map_err(ApiError::internal)?;
+    let not_before = ca_core::issue::default_not_before();
+    let not_after = (not_before + cfg.serving_cert_validity.duration()).min(ca.issuer.cert.not_after);
+    let mut subject = rcgen::DistinguishedName::new();
+    subject.push(rcgen::DnType::CommonName, "ca-server");
+    let request = CertRequest {
+        server_names: cfg.server_names.clone(),
+        ..CertRequest::new(ProfileKind::Server, subject, public, not_before, not_after)
+    };
+    let issued = ca.issuer.with_key(state.hsm_timeout(), move |c| ca_core::issue::issue(c, &request)).await?;
+    let cert = issued.cert;
+    let actor = state.job_actor();
+    let record = crate::api::cert_record(&cert, &name, Some(&name), "server", &actor);
+    let mut tx = state.store.write().await?;
+    tx.insert_certificate(&record).await?;
+    tx.audit(AuditEvent::new(
+        &actor,
+        "certificate.issued",
+        &cert.serial,
+        json!({"cluster": name, "issuer": ca.serial, "profile": "server", "via": "grpc-serving-certificate",
+               "names": cfg.server_names, "not_after": record.not_after, "sha256_fingerprint": record.fingerprint}),
+    ))
+    .await?;
+    tx.commit().await?;
+    let mut chain = vec![rustls_pki_types::CertificateDer::from(cert.der.clone())];
+    chain.extend(
+        std::iter::once(&ca.issuer.cert)
+            .chain(ca.issuer.chain.iter().filter(|c| !c.is_self_issued()))
+            .map(|c| rustls_pki_types::CertificateDer::from(c.der.clone())),
+    );
+    let der = rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+    let signing = rustls::crypto::aws_lc_rs::sign::any_ecdsa_type(&der).map_err(ApiError::internal)?;
+    let renew_at = cert.not_before.unix_timestamp() + (cert.not_after - cert.not_before).whole_seconds() / 2;
+    *state.istio.serving.current.write().unwrap_or_else(|p| p.into_inner()) =
+        Some((Arc::new(CertifiedKey::new(chain, signing)), renew_at));
+    tracing::info!(serial = %cert.serial, cluster = %name, "gRPC serving certificate issued");
+    Ok(())
+}
+
+/// Serves Istio's certificate API over TLS until `shutdown` resolves.
+pub async fn serve(
+    state: AppState,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let mut config = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_cert_resolver(state.istio.serving.clone());
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let (conn_tx, conn_rx) =
+        mpsc::channel::<std::io::Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>>(1024);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, remote) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "gRPC accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let conn_tx = conn_tx.clone();
+            // Handshakes run in their own tasks: one slow client must not hold up the rest.
+            tokio::spawn(async move {
+                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = conn_tx.send(Ok(tls)).await;
+                    }
+                    Ok(Err(e)) => tracing::debug!(%remote, error = %e, "gRPC TLS handshake failed"),
+                    Err(_) => tracing::debug!(%remote, "gRPC TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    let service =
+        IstioCertificateServiceServer::new(IstioApi { state: state.clone() }).max_decoding_message_size(64 * 1024);
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .add_service(service)
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::ReceiverStream::new(conn_rx), shutdown)
+        .await
+        .context("gRPC server")
+}
