@@ -745,6 +745,60 @@ async fn registration_two_person_rule_and_unreachable_key() {
     assert!(inter.subject().to_string().contains("edge"), "{}", inter.subject());
     let spki = hsm::open_signer(&hsm::KeyRef::file(&key)).unwrap().public_key().spki_der().to_vec();
     assert_eq!(inter.public_key().raw, spki.as_slice(), "the intermediate certifies the server-side key");
+    // istiod's serving certificate from the external-CA cluster's intermediate (admin only).
+    let (istiod_csr, _) = csr(vec![], &rcgen::PKCS_ECDSA_P256_SHA256);
+    let body = json!({"csr": istiod_csr, "dns_names": ["istiod.istio-system.svc"], "validity": "30d"});
+    let (s, r) = srv
+        .call("POST", "/v1/clusters/edge/server-certificates", Some(&srv.token("approver")), Some(body.clone()))
+        .await;
+    assert_eq!((s, r["code"].as_str()), (403, Some("forbidden")), "{r}");
+    let (s, r) = srv.call("POST", "/v1/clusters/edge/server-certificates", Some(&srv.token("admin")), Some(body)).await;
+    assert_eq!(s, 200, "{r}");
+    let text = openssl_text(r["certificate"].as_str().unwrap());
+    assert!(text.contains("DNS:istiod.istio-system.svc") && text.contains("TLS Web Server Authentication"), "{text}");
+    let mut full = vec![r["certificate"].as_str().unwrap().to_string()];
+    full.extend(r["chain"].as_array().unwrap().iter().map(|c| c.as_str().unwrap().to_string()));
+    full.push(r["trust_bundle"].as_array().unwrap().iter().map(|c| c.as_str().unwrap()).collect::<String>());
+    assert_eq!(der(&full[1]), inter_der, "signed by the edge intermediate");
+    let leaf = rustls::pki_types::CertificateDer::from(der(&full[0]));
+    let anchors =
+        [webpki::anchor_from_trusted_cert(&rustls::pki_types::CertificateDer::from(der(full.last().unwrap())))
+            .unwrap()
+            .to_owned()];
+    let inter: Vec<_> =
+        full[1..full.len() - 1].iter().map(|p| rustls::pki_types::CertificateDer::from(der(p))).collect();
+    webpki::EndEntityCert::try_from(&leaf)
+        .unwrap()
+        .verify_for_usage(
+            webpki::ALL_VERIFICATION_ALGS,
+            &anchors,
+            &inter,
+            rustls::pki_types::UnixTime::now(),
+            webpki::KeyUsage::server_auth(),
+            None,
+            None,
+        )
+        .expect("istiod's certificate verifies to the root");
+    for bad in [
+        json!({"csr": plain_csr(), "dns_names": ["*.istio-system.svc"]}),
+        json!({"csr": plain_csr(), "dns_names": ["a.b"], "validity": "400d"}),
+    ] {
+        let (s, r) =
+            srv.call("POST", "/v1/clusters/edge/server-certificates", Some(&srv.token("admin")), Some(bad)).await;
+        assert_eq!(s, 400, "{r}");
+    }
+    // No CRL covers certificates issued by a cluster intermediate: revocation says so.
+    let serial = r["serial"].as_str().unwrap();
+    let (s, v) = srv
+        .call(
+            "POST",
+            &format!("/v1/certificates/{serial}/revoke"),
+            Some(&srv.token("admin")),
+            Some(json!({"reason": "key-compromise"})),
+        )
+        .await;
+    assert_eq!((s, v["code"].as_str()), (409, Some("no-crl")), "{v}");
+
     // Bad registrations.
     for (bad, code) in [
         (

@@ -64,62 +64,63 @@ pub fn new_serial(signer: &hsm::KeySigner) -> Result<SerialNumber> {
     Ok(SerialNumber::from(bytes))
 }
 
-/// Draft signer: presents the real issuer key, signs with a throwaway, records what it signed.
+/// Draft signer: presents the real issuer key and algorithm, so the TBS rcgen encodes is
+/// byte-identical to the one the real key will sign, records it, and returns a placeholder
+/// signature (lint never looks at the signature value, only at the TBS and the algorithms).
 struct Draft {
-    inner: hsm::ThrowawaySigner,
+    public: hsm::PublicKey,
+    alg: &'static rcgen::SignatureAlgorithm,
     seen: Mutex<Vec<u8>>,
 }
 
 impl PublicKeyData for Draft {
     fn der_bytes(&self) -> &[u8] {
-        self.inner.der_bytes()
+        self.public.raw()
     }
     fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
-        self.inner.algorithm()
+        self.alg
     }
 }
 
 impl SigningKey for Draft {
     fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen::Error> {
         *self.seen.lock().unwrap_or_else(|p| p.into_inner()) = msg.to_vec();
-        self.inner.sign(msg)
+        Ok(vec![0; 8])
     }
 }
 
-/// The real key, reachable only through linted bytes: it refuses to sign anything else.
-struct Guarded<'a> {
-    key: &'a hsm::KeySigner,
-    linted: &'a LintedTbs,
-    refused: Mutex<bool>,
-    /// rcgen only carries an opaque error; the HSM's real one is kept here.
-    failed: Mutex<Option<hsm::HsmError>>,
-}
-
-impl PublicKeyData for Guarded<'_> {
-    fn der_bytes(&self) -> &[u8] {
-        self.key.public_key().raw()
-    }
-    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
-        self.key.rcgen_algorithm()
-    }
-}
-
-impl SigningKey for Guarded<'_> {
-    fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen::Error> {
-        if msg != self.linted.bytes() {
-            *self.refused.lock().unwrap_or_else(|p| p.into_inner()) = true;
-            return Err(rcgen::Error::RemoteKeyError);
+/// Header and content lengths of the DER element at the start of `b`.
+fn tlv(b: &[u8]) -> Option<(usize, usize)> {
+    let first = *b.get(1)?;
+    let (header, len) = if first < 0x80 {
+        (2, first as usize)
+    } else {
+        let n = (first & 0x7f) as usize;
+        if n == 0 || n > 4 {
+            return None;
         }
-        self.key.sign_bytes(msg).map_err(|e| {
-            *self.failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
-            rcgen::Error::RemoteKeyError
-        })
-    }
+        (2 + n, b.get(2..2 + n)?.iter().fold(0usize, |acc, x| (acc << 8) | *x as usize))
+    };
+    (header.checked_add(len)? <= b.len()).then_some((header, len))
 }
 
-/// Runs `make` twice: once with a throwaway key to produce a draft that `lint` must accept,
-/// then with the real key, which signs only the linted bytes. The result's signature is
-/// verified with `issuer_public` and its TBS compared with the linted one.
+/// The draft's signatureAlgorithm: the element after the TBS inside the outer SEQUENCE.
+fn signature_algorithm_der(draft: &[u8], tbs: &[u8]) -> Result<Vec<u8>> {
+    let bad = || CoreError::Signing("the draft is not a SEQUENCE of TBS, algorithm and signature".into());
+    let (header, _) = tlv(draft).ok_or_else(bad)?;
+    let rest = draft.get(header..).ok_or_else(bad)?;
+    if !rest.starts_with(tbs) {
+        return Err(bad());
+    }
+    let rest = &rest[tbs.len()..];
+    let (h, len) = tlv(rest).ok_or_else(bad)?;
+    Ok(rest[..h + len].to_vec())
+}
+
+/// Runs `make` once with a draft signer to get the TBS, which `lint` must accept; then the real
+/// key signs exactly the linted bytes, and the certificate (or CRL) is assembled from them, the
+/// draft's signatureAlgorithm and the new signature. The signature is verified with
+/// `issuer_public` before anything is returned.
 pub(crate) fn sign_linted(
     key: &hsm::KeySigner,
     issuer_public: &hsm::PublicKey,
@@ -127,21 +128,24 @@ pub(crate) fn sign_linted(
     lint: impl Fn(&[u8], &[u8]) -> std::result::Result<LintedTbs, lint::LintFailure>,
     split: impl Fn(&[u8]) -> Result<(Vec<u8>, String, Vec<u8>)>,
 ) -> Result<Vec<u8>> {
-    let draft = Draft { inner: hsm::ThrowawaySigner::new(issuer_public)?, seen: Mutex::new(Vec::new()) };
+    let draft = Draft {
+        public: issuer_public.clone(),
+        alg: issuer_public.algorithm().signature_algorithm(),
+        seen: Mutex::new(Vec::new()),
+    };
     let draft_der = make(&draft).map_err(|e| CoreError::Signing(format!("building the draft: {e}")))?;
     let seen = draft.seen.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let linted = lint(&draft_der, &seen).map_err(CoreError::Lint)?;
-
-    let guard = Guarded { key, linted: &linted, refused: Mutex::new(false), failed: Mutex::new(None) };
-    let der = make(&guard).map_err(|e| {
-        if *guard.refused.lock().unwrap_or_else(|p| p.into_inner()) {
-            CoreError::Signing("the TBS changed between lint and signing; nothing was signed".into())
-        } else if let Some(cause) = guard.failed.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            CoreError::Hsm(cause)
-        } else {
-            CoreError::Signing(e.to_string())
-        }
-    })?;
+    let alg = signature_algorithm_der(&draft_der, linted.bytes())?;
+    // The only raw signature over certificate or CRL bytes: what lint accepted, nothing else.
+    let sig = key.sign_bytes(linted.bytes()).map_err(CoreError::Hsm)?;
+    let der = yasna::construct_der(|w| {
+        w.write_sequence(|w| {
+            w.next().write_der(linted.bytes());
+            w.next().write_der(&alg);
+            w.next().write_bitvec_bytes(&sig, sig.len() * 8);
+        })
+    });
     let (tbs, sig_oid, sig) = split(&der)?;
     if tbs != linted.bytes() {
         return Err(CoreError::Signing("signed TBS differs from the linted TBS".into()));
@@ -290,38 +294,45 @@ mod tests {
         let key = hsm::open_signer(&r).unwrap();
         let mut params = rcgen::CertificateParams::default();
         params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+        params.serial_number = Some(SerialNumber::from(vec![0x10; 17]));
         let calls = AtomicU8::new(0);
-        // A builder that yields a different TBS on its second call, as a racy or buggy
-        // caller might: the guard must refuse to sign it.
-        let err = sign_linted(
-            &key,
-            key.public_key(),
-            |k| {
-                let mut p = params.clone();
-                p.serial_number = Some(SerialNumber::from(vec![0x10 + calls.fetch_add(1, Ordering::SeqCst); 17]));
-                p.self_signed(&k).map(|c| c.der().to_vec())
-            },
-            |_der, tbs| Ok(crate::lint::tests_support::accept(tbs)),
-            split_cert,
-        )
-        .unwrap_err();
-        assert!(err.to_string().contains("TBS changed between lint and signing"), "{err}");
-        assert_eq!(calls.load(Ordering::SeqCst), 2);
-
-        // And when lint refuses, the real key is never asked.
-        let calls = AtomicU8::new(0);
-        let err = sign_linted(
+        let linted = Mutex::new(Vec::new());
+        let der = sign_linted(
             &key,
             key.public_key(),
             |k| {
                 calls.fetch_add(1, Ordering::SeqCst);
                 params.self_signed(&k).map(|c| c.der().to_vec())
             },
+            |_der, tbs| {
+                *linted.lock().unwrap() = tbs.to_vec();
+                Ok(crate::lint::tests_support::accept(tbs))
+            },
+            split_cert,
+        )
+        .unwrap();
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "one draft, no second encoding");
+        let info = CertInfo::from_der(der).unwrap();
+        assert_eq!(info.tbs, *linted.lock().unwrap(), "the certificate carries exactly the linted TBS");
+        key.public_key().verify(&info.signature_oid, &info.tbs, &info.signature).unwrap();
+
+        // When lint refuses, nothing is signed.
+        let err = sign_linted(
+            &key,
+            key.public_key(),
+            |k| params.self_signed(&k).map(|c| c.der().to_vec()),
             |_der, _tbs| Err(crate::lint::LintFailure(vec!["x509.version: forced".into()])),
             split_cert,
         )
         .unwrap_err();
         assert!(matches!(err, CoreError::Lint(_)), "{err}");
-        assert_eq!(calls.load(Ordering::SeqCst), 1, "only the throwaway draft was built");
+    }
+
+    #[test]
+    fn der_lengths() {
+        assert_eq!(tlv(&[0x30, 0x03, 1, 2, 3]), Some((2, 3)));
+        assert_eq!(tlv(&[0x30, 0x81, 0x01, 9]), Some((3, 1)));
+        assert_eq!(tlv(&[0x30, 0x82, 0x01, 0x00]), None, "longer than the input");
+        assert_eq!(tlv(&[0x30]), None);
     }
 }

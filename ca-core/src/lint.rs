@@ -1,8 +1,8 @@
 //! Lint before sign.
 //!
-//! A TBS is first signed with a throwaway key, parsed back and checked against the rules below.
-//! Only a passing TBS becomes a [`LintedTbs`], and [`LintedTbs`] can be made nowhere else:
-//! the real key signs through a guard that accepts nothing but those exact bytes.
+//! A draft is encoded with a placeholder signature, parsed back and checked against the rules
+//! below. Only a passing TBS becomes a [`LintedTbs`], and [`LintedTbs`] can be made nowhere
+//! else: the real key signs those exact bytes and nothing else.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -133,7 +133,7 @@ fn ts(t: x509_parser::time::ASN1Time) -> OffsetDateTime {
     OffsetDateTime::from_unix_timestamp(t.timestamp()).unwrap_or(OffsetDateTime::UNIX_EPOCH)
 }
 
-/// Lints a draft certificate. `draft_tbs` is what the throwaway signer was actually handed; it
+/// Lints a draft certificate. `draft_tbs` is what the draft signer was actually handed; it
 /// must be what the DER holds.
 pub fn lint_certificate(der: &[u8], draft_tbs: &[u8], ctx: &LintContext<'_>) -> Result<LintedTbs, LintFailure> {
     let (_, cert) = X509Certificate::from_der(der)

@@ -916,7 +916,7 @@ async fn issue_server_certificate(
     };
     let cert =
         ca.issuer.with_key(state.hsm_timeout(), move |c| ca_core::issue::issue(c, &request)).await.map_err(deny)?.cert;
-    let record = cert_record(&cert, &name, Some(&name), "server", &op.actor());
+    let record = cert_record(&cert, &format!("cluster:{name}"), Some(&name), "server", &op.actor());
     let mut tx = state.store.write().await?;
     tx.insert_certificate(&record).await?;
     tx.audit(AuditEvent::new(
@@ -1286,6 +1286,16 @@ async fn revoke_certificate(
         return Err(
             ApiError::conflict("already-revoked", format!("certificate {serial} is already revoked")).by(op.actor())
         );
+    }
+    if !state.issuers.contains_key(&cert.issuer) {
+        return Err(ApiError::conflict(
+            "no-crl",
+            format!(
+                "certificate {serial} was issued by {}, which publishes no CRL: let it expire (keep server certificates short) or rotate that intermediate",
+                cert.issuer
+            ),
+        )
+        .by(op.actor()));
     }
     let now = now_secs();
     let request = ApprovalRequest {

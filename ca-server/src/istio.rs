@@ -788,8 +788,20 @@ impl ServingCert {
     }
 }
 
-pub fn serving_cluster(cfg: &IstioConfig) -> Option<String> {
-    cfg.serving_cluster.clone().or_else(|| cfg.clusters.keys().next().cloned())
+/// The configured serving cluster, or else the first configured cluster (by name) that is
+/// active here: a configured but not yet approved cluster must not keep the listener dark.
+async fn serving_ca(state: &AppState, cfg: &IstioConfig) -> Result<(String, Arc<ClusterCa>), ApiError> {
+    if let Some(name) = &cfg.serving_cluster {
+        return Ok((name.clone(), cluster_ca(state, name).await?));
+    }
+    let mut last = ApiError::unavailable("intermediate-not-ready", "no external-CA cluster is active yet");
+    for name in cfg.clusters.keys() {
+        match cluster_ca(state, name).await {
+            Ok(ca) => return Ok((name.clone(), ca)),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
 }
 
 pub async fn ensure_serving_cert(state: &AppState) -> Result<(), ApiError> {
@@ -798,8 +810,7 @@ pub async fn ensure_serving_cert(state: &AppState) -> Result<(), ApiError> {
     if !state.istio.serving.renew_due(now) {
         return Ok(());
     }
-    let name = serving_cluster(cfg).ok_or_else(|| ApiError::internal("no istio.clusters configured"))?;
-    let ca = cluster_ca(state, &name).await?;
+    let (name, ca) = serving_ca(state, cfg).await?;
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(ApiError::internal)?;
     let public = hsm::PublicKey::from_spki_der(&rcgen::PublicKeyData::subject_public_key_info(&key))
         .map_err(ApiError::internal)?;
@@ -814,7 +825,8 @@ pub async fn ensure_serving_cert(state: &AppState) -> Result<(), ApiError> {
     let issued = ca.issuer.with_key(state.hsm_timeout(), move |c| ca_core::issue::issue(c, &request)).await?;
     let cert = issued.cert;
     let actor = state.job_actor();
-    let record = crate::api::cert_record(&cert, &name, Some(&name), "server", &actor);
+    // Issued by a cluster intermediate, not an environment: no environment CRL covers it.
+    let record = crate::api::cert_record(&cert, &format!("cluster:{name}"), Some(&name), "server", &actor);
     let mut tx = state.store.write().await?;
     tx.insert_certificate(&record).await?;
     tx.audit(AuditEvent::new(

@@ -1,5 +1,5 @@
 //! Key custody. The only crate that touches private key material: everything else holds a
-//! [`KeySigner`], which implements [`rcgen::SigningKey`].
+//! [`KeySigner`], which deliberately does not implement `rcgen::SigningKey`.
 //!
 //! Keys are named by [`KeyRef`]: `pkcs11:token=..;object=..?module-path=..&pin-source=env:VAR`
 //! or `file:<path>`.
@@ -19,7 +19,7 @@ pub use keyref::{KeyRef, PinSource, Pkcs11Ref};
 pub use public::{KeyAlgorithm, PublicKey, PublicKeyKind};
 
 use cryptoki::object::Attribute;
-use rcgen::{PublicKeyData, SigningKey};
+use rcgen::SigningKey;
 
 /// Generates a key: inside the token for `pkcs11:` references (never extractable), or as a
 /// new 0600 PKCS#8 file for `file:` references. Refuses to replace an existing key.
@@ -198,37 +198,6 @@ pub struct TokenKeyInfo {
     pub sign: bool,
 }
 
-/// A software key that stands in for a real one: it presents `public` (so that everything
-/// derived from the issuer's key, such as the AKI, is identical) but signs with a fresh
-/// throwaway key of the same type. Used to lint a TBS before the real key ever sees it.
-pub struct ThrowawaySigner {
-    public: PublicKey,
-    alg: &'static rcgen::SignatureAlgorithm,
-    kp: rcgen::KeyPair,
-}
-
-impl ThrowawaySigner {
-    pub fn new(public: &PublicKey) -> Result<Self> {
-        let alg = public.algorithm();
-        Ok(ThrowawaySigner { public: public.clone(), alg: alg.signature_algorithm(), kp: file::generate_keypair(alg)? })
-    }
-}
-
-impl PublicKeyData for ThrowawaySigner {
-    fn der_bytes(&self) -> &[u8] {
-        self.public.raw()
-    }
-    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
-        self.alg
-    }
-}
-
-impl SigningKey for ThrowawaySigner {
-    fn sign(&self, msg: &[u8]) -> std::result::Result<Vec<u8>, rcgen::Error> {
-        self.kp.sign(msg)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -252,16 +221,5 @@ mod tests {
         let sig = signer.sign_bytes(b"msg").unwrap();
         public.verify(public.signature_oid(), b"msg", &sig).unwrap();
         assert!(!format!("{signer:?}").contains("PRIVATE"));
-    }
-
-    #[test]
-    fn throwaway_signer_presents_the_real_public_key() {
-        let real = file::generate_keypair(KeyAlgorithm::EcdsaP384).unwrap();
-        let public = PublicKey::from_spki_der(&real.subject_public_key_info()).unwrap();
-        let t = ThrowawaySigner::new(&public).unwrap();
-        assert_eq!(t.der_bytes(), real.der_bytes());
-        let sig = t.sign(b"x").unwrap();
-        // Signed by a different key, so the real public key must not verify it.
-        assert!(public.verify(public.signature_oid(), b"x", &sig).is_err());
     }
 }

@@ -203,7 +203,7 @@ impl PublicKey {
     }
 
     /// The algorithm we would generate for a key like this one (RSA sizes round to the
-    /// nearest we support, for throwaway lint keys).
+    /// nearest we support); its signature algorithm is the one this key signs with.
     pub fn algorithm(&self) -> KeyAlgorithm {
         match self.kind {
             PublicKeyKind::EcP256 => KeyAlgorithm::EcdsaP256,

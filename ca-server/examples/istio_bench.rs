@@ -1,0 +1,433 @@
+//! Benchmark of Istio's certificate API (external-CA mode). Reproduce with:
+//!
+//!     cargo build --release -p ca-server --bins --examples
+//!     target/release/examples/istio_bench [seconds=60] [concurrency=64]
+//!
+//! It starts `target/release/ca-server --dev` in a fresh directory (SQLite WAL), registers an
+//! external-CA cluster `bench` whose intermediate key is a file, pre-generates P-256 CSRs and
+//! service-account tokens for 1,000 identities, and drives concurrent gRPC clients over TLS on
+//! loopback (the load generator shares the machine's two cores with the server). Phases:
+//! sustained closed-loop load; latency at 2,000 requests/s offered (open loop, measured from
+//! the scheduled send time); a burst of 10,000 simultaneous requests. Afterwards it counts the
+//! certificates in the database and in the audit records. In the same run: the raw ECDSA P-256
+//! signing rate and the in-process issuance core (CSR verify + lint + sign + verify).
+
+mod proto {
+    tonic::include_proto!("istio.v1.auth");
+}
+
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use proto::IstioCertificateRequest;
+use proto::istio_certificate_service_client::IstioCertificateServiceClient;
+use serde_json::{Value, json};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+
+const IDENTITIES: usize = 1000;
+const CONNECTIONS: usize = 4;
+
+fn env(dir: &Path) -> std::collections::HashMap<String, String> {
+    std::fs::read_to_string(dir.join("dev.env"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn rate(seconds: f64, f: impl Fn()) -> f64 {
+    let start = Instant::now();
+    let mut n = 0u64;
+    while start.elapsed().as_secs_f64() < seconds {
+        f();
+        n += 1;
+    }
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+fn csr() -> String {
+    let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    rcgen::CertificateParams::default().serialize_request(&kp).unwrap().pem().unwrap()
+}
+
+fn token(dir: &Path, issuer: &str, ns: &str, sa: &str) -> String {
+    let key = hsm::export_file_key(&hsm::KeyRef::file(dir.join("sa-signing.key"))).unwrap();
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+    header.kid = Some(hex::encode(&key.public_key().fingerprint()[..8]));
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let claims = json!({"iss": issuer, "aud": ["istio-ca"], "sub": format!("system:serviceaccount:{ns}:{sa}"),
+        "kubernetes.io": {"namespace": ns, "serviceaccount": {"name": sa}}, "iat": now, "nbf": now - 60, "exp": now + 7200});
+    jsonwebtoken::encode(
+        &header,
+        &claims,
+        &jsonwebtoken::EncodingKey::from_ec_pem(key.expose_pem().as_bytes()).unwrap(),
+    )
+    .unwrap()
+}
+
+#[derive(Clone)]
+struct Load {
+    channels: Vec<Channel>,
+    work: Arc<Vec<(String, String)>>,
+}
+
+impl Load {
+    async fn one(&self, i: usize) -> Result<(), tonic::Status> {
+        let (csr, token) = &self.work[i % self.work.len()];
+        let mut req =
+            tonic::Request::new(IstioCertificateRequest { csr: csr.clone(), validity_duration: 0, metadata: None });
+        req.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+        req.metadata_mut().insert("clusterid", "bench".parse().unwrap());
+        let ch = self.channels[i % self.channels.len()].clone();
+        let r = IstioCertificateServiceClient::new(ch).create_certificate(req).await?;
+        assert_eq!(r.into_inner().cert_chain.len(), 4);
+        Ok(())
+    }
+}
+
+struct Stats {
+    ok: u64,
+    errors: u64,
+    latencies: Vec<Duration>,
+    elapsed: Duration,
+}
+
+impl Stats {
+    fn pct(&self, p: f64) -> f64 {
+        if self.latencies.is_empty() {
+            return 0.0;
+        }
+        let i = ((self.latencies.len() as f64 - 1.0) * p).round() as usize;
+        self.latencies[i].as_secs_f64() * 1000.0
+    }
+}
+
+async fn closed_loop(load: &Load, seconds: u64, concurrency: usize) -> Stats {
+    let stop = Arc::new(AtomicBool::new(false));
+    let counter = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (load, stop, counter) = (load.clone(), stop.clone(), counter.clone());
+        tasks.push(tokio::spawn(async move {
+            let (mut ok, mut errors, mut lat) = (0u64, 0u64, Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                let i = counter.fetch_add(1, Ordering::Relaxed) as usize;
+                let t = Instant::now();
+                match load.one(i).await {
+                    Ok(()) => ok += 1,
+                    Err(e) => {
+                        errors += 1;
+                        if errors < 3 {
+                            eprintln!("error: {e}");
+                        }
+                    }
+                }
+                lat.push(t.elapsed());
+            }
+            (ok, errors, lat)
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut s = Stats { ok: 0, errors: 0, latencies: Vec::new(), elapsed: Duration::ZERO };
+    for t in tasks {
+        let (o, e, l) = t.await.unwrap();
+        s.ok += o;
+        s.errors += e;
+        s.latencies.extend(l);
+    }
+    s.elapsed = start.elapsed();
+    s
+}
+
+/// Requests at a fixed rate regardless of responses; latency counts from the scheduled time.
+async fn open_loop(load: &Load, seconds: u64, per_second: u64) -> Stats {
+    let start = Instant::now();
+    let total = seconds * per_second;
+    let mut tasks = Vec::with_capacity(total as usize);
+    for i in 0..total {
+        let due = start + Duration::from_secs_f64(i as f64 / per_second as f64);
+        tokio::time::sleep_until(due.into()).await;
+        let load = load.clone();
+        tasks.push(tokio::spawn(async move {
+            let r = load.one(i as usize).await;
+            (r.is_ok(), due.elapsed())
+        }));
+    }
+    let mut s = Stats { ok: 0, errors: 0, latencies: Vec::new(), elapsed: Duration::ZERO };
+    for t in tasks {
+        let (ok, l) = t.await.unwrap();
+        if ok {
+            s.ok += 1
+        } else {
+            s.errors += 1
+        }
+        s.latencies.push(l);
+    }
+    s.elapsed = start.elapsed();
+    s
+}
+
+async fn burst(load: &Load, n: usize) -> Stats {
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let load = load.clone();
+            tokio::spawn(async move {
+                let t = Instant::now();
+                (load.one(i).await, t.elapsed())
+            })
+        })
+        .collect();
+    let mut s = Stats { ok: 0, errors: 0, latencies: Vec::new(), elapsed: Duration::ZERO };
+    for t in tasks {
+        let (r, l) = t.await.unwrap();
+        match r {
+            Ok(()) => s.ok += 1,
+            Err(e) => {
+                s.errors += 1;
+                if s.errors < 3 {
+                    eprintln!("burst error: {e}");
+                }
+            }
+        }
+        s.latencies.push(l);
+    }
+    s.elapsed = start.elapsed();
+    s
+}
+
+fn peak_rss_mb(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let seconds: u64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(60);
+    let concurrency: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(64);
+    let exe = std::env::current_exe().unwrap();
+    let bin: PathBuf = exe.parent().unwrap().parent().unwrap().join("ca-server");
+    assert!(bin.exists(), "{} missing: cargo build --release -p ca-server --bins --examples", bin.display());
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("dev");
+    let key = tmp.path().join("bench-cluster.key");
+    hsm::generate_key(&hsm::KeyRef::file(&key), hsm::KeyAlgorithm::EcdsaP256).unwrap();
+    let mut child = Command::new(&bin)
+        .args(["--dev", "--dev-dir"])
+        .arg(&dir)
+        .args(["--listen", "127.0.0.1:0"])
+        .env("CA_SERVER_ISTIO__LISTEN", "127.0.0.1:0")
+        .env("CA_SERVER_LOG__LEVEL", "warn")
+        .env("CA_SERVER_ISTIO__CLUSTERS__BENCH__SA_ISSUER", "https://kubernetes.default.svc.cluster.local")
+        .env("CA_SERVER_ISTIO__CLUSTERS__BENCH__JWKS_FILE", "sa-jwks.json")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(std::fs::File::create(tmp.path().join("server.log")).unwrap()))
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut grpc = String::new();
+    let url = loop {
+        let l = lines.next().expect("server output").unwrap();
+        if let Some(g) = l.strip_prefix("ca-server grpc listening on ") {
+            grpc = g.to_string();
+        } else if let Some(u) = l.strip_prefix("ca-server listening on ") {
+            break u.to_string();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    std::thread::sleep(Duration::from_secs(1));
+    let e = env(&dir);
+    let root = std::fs::read(dir.join("hierarchy/root/root.pem")).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    for p in pem::parse_many(&root).unwrap() {
+        roots.add(rustls::pki_types::CertificateDer::from(p.into_contents())).unwrap();
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let http = reqwest::Client::builder().use_preconfigured_tls(tls).build().unwrap();
+    let call = |method: reqwest::Method, path: String, token: &str, body: Option<Value>| {
+        let mut r = http.request(method, format!("{url}{path}")).bearer_auth(token);
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        r.send()
+    };
+    let r: Value = call(
+        reqwest::Method::POST,
+        "/v1/clusters".into(),
+        &e["CA_ADMIN_TOKEN"],
+        Some(json!({"name": "bench", "environment": "dev", "trust_domain": "cluster.local", "mode": "external-ca",
+                    "key": format!("file:{}", key.display())})),
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    let id = r["request_id"].as_str().expect("registered").to_string();
+    let a =
+        call(reqwest::Method::POST, format!("/v1/requests/{id}/approve"), &e["CA_APPROVER_TOKEN"], None).await.unwrap();
+    assert!(a.status().is_success());
+
+    // Raw limits and the in-process issuance core, in this run.
+    let sw =
+        aws_lc_rs::signature::EcdsaKeyPair::generate(&aws_lc_rs::signature::ECDSA_P256_SHA256_ASN1_SIGNING).unwrap();
+    let rng = aws_lc_rs::rand::SystemRandom::new();
+    let raw = rate(3.0, || {
+        sw.sign(&rng, b"benchmark message").unwrap();
+    });
+    let sig = sw.sign(&rng, b"benchmark message").unwrap();
+    let pk = aws_lc_rs::signature::UnparsedPublicKey::new(
+        &aws_lc_rs::signature::ECDSA_P256_SHA256_ASN1,
+        aws_lc_rs::signature::KeyPair::public_key(&sw).as_ref().to_vec(),
+    );
+    let verify = rate(3.0, || {
+        pk.verify(b"benchmark message", sig.as_ref()).unwrap();
+    });
+    let jwt = token(&dir, &e["CA_SA_ISSUER"], "bench", "jwt");
+    let jwks: jsonwebtoken::jwk::JwkSet =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("sa-jwks.json")).unwrap()).unwrap();
+    let dk = jsonwebtoken::DecodingKey::from_jwk(&jwks.keys[0]).unwrap();
+    let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::ES256);
+    v.set_audience(&["istio-ca"]);
+    let jwt_rate = rate(3.0, || {
+        jsonwebtoken::decode::<Value>(&jwt, &dk, &v).unwrap();
+    });
+    let cluster: Value = call(reqwest::Method::GET, "/v1/clusters/bench".into(), &e["CA_AUDITOR_TOKEN"], None)
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let serial = cluster["current_serial"].as_str().expect("intermediate issued on approval");
+    let cert: Value = call(reqwest::Method::GET, format!("/v1/certificates/{serial}"), &e["CA_AUDITOR_TOKEN"], None)
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let inter =
+        ca_core::cert::CertInfo::from_der(pem::parse(cert["pem"].as_str().unwrap()).unwrap().into_contents()).unwrap();
+    let ca = ca_core::issue::CaIssuer::new(inter, hsm::open_signer(&hsm::KeyRef::file(&key)).unwrap()).unwrap();
+    let sample = csr();
+    let id_ = ca_core::names::SpiffeId::istio(&"cluster.local".parse().unwrap(), "bench", "core").unwrap();
+    let core = rate(3.0, || {
+        let v = ca_core::csr::VerifiedCsr::parse(sample.as_bytes()).unwrap();
+        let nb = ca_core::issue::default_not_before();
+        let req = ca_core::profile::CertRequest {
+            spiffe_id: Some(id_.clone()),
+            ..ca_core::profile::CertRequest::new(
+                ca_core::profile::ProfileKind::Workload,
+                rcgen::DistinguishedName::new(),
+                v.public_key().clone(),
+                nb,
+                nb + time::Duration::hours(24),
+            )
+        };
+        ca_core::issue::issue(&ca, &req).unwrap();
+    });
+
+    eprintln!("pre-generating {IDENTITIES} CSRs and tokens");
+    let issuer = e["CA_SA_ISSUER"].clone();
+    let work: Vec<(String, String)> =
+        (0..IDENTITIES).map(|i| (csr(), token(&dir, &issuer, &format!("ns-{}", i % 20), &format!("sa-{i}")))).collect();
+    let port = grpc.rsplit_once(':').unwrap().1.to_string();
+    let mut channels = Vec::new();
+    for _ in 0..CONNECTIONS {
+        channels.push(
+            Endpoint::from_shared(format!("https://localhost:{port}"))
+                .unwrap()
+                .tls_config(
+                    ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&root)).domain_name("localhost"),
+                )
+                .unwrap()
+                .timeout(Duration::from_secs(30))
+                .connect()
+                .await
+                .unwrap(),
+        );
+    }
+    let load = Load { channels, work: Arc::new(work) };
+    load.one(0).await.expect("warm-up request");
+
+    eprintln!("sustained: {seconds} s at concurrency {concurrency}");
+    let mut sustained = closed_loop(&load, seconds, concurrency).await;
+    eprintln!("open loop: 20 s at 2,000/s");
+    let mut paced = open_loop(&load, 20, 2000).await;
+    eprintln!("burst: 10,000 at once");
+    let mut b = burst(&load, 10_000).await;
+    let rss = peak_rss_mb(child.id());
+    for s in [&mut sustained, &mut paced, &mut b] {
+        s.latencies.sort();
+    }
+
+    // Every certificate answered is stored and listed in an audit record.
+    let answered = sustained.ok + paced.ok + b.ok + 1;
+    let store = ca_core::store::Store::connect(&e["CA_DATABASE_URL"], false).await.unwrap();
+    let stored = store.count_workload_certificates().await.unwrap();
+    let mut audited = 0usize;
+    let mut after = 0;
+    loop {
+        let page = store.audit_after(after, 1000).await.unwrap();
+        if page.is_empty() {
+            break;
+        }
+        after = page.last().unwrap().seq;
+        for r in page.iter().filter(|r| r.action == "workload.issued") {
+            let d: Value = serde_json::from_str(&r.details).unwrap();
+            audited += d["issued"].as_array().map_or(0, Vec::len);
+        }
+    }
+    let _ = child.kill();
+
+    println!("\n| measurement | result |\n| --- | --- |");
+    println!("| raw ECDSA P-256 sign, software (aws-lc-rs), 1 thread | {raw:.0}/s |");
+    println!("| raw ECDSA P-256 verify, software (aws-lc-rs), 1 thread | {verify:.0}/s |");
+    println!("| service-account token (ES256 JWT) verify, 1 thread | {jwt_rate:.0}/s |");
+    println!("| issuance core in process (CSR verify + lint + sign + verify), 1 thread | {core:.0}/s |");
+    println!(
+        "| sustained, {seconds} s, concurrency {concurrency}, {CONNECTIONS} connections | {:.0} certs/s ({} ok, {} errors); p50 {:.1} ms, p95 {:.1} ms, p99 {:.1} ms |",
+        sustained.ok as f64 / sustained.elapsed.as_secs_f64(),
+        sustained.ok,
+        sustained.errors,
+        sustained.pct(0.5),
+        sustained.pct(0.95),
+        sustained.pct(0.99)
+    );
+    println!(
+        "| 2,000 requests/s offered, 20 s | {:.0} certs/s ({} ok, {} errors); p50 {:.1} ms, p95 {:.1} ms, p99 {:.1} ms |",
+        paced.ok as f64 / paced.elapsed.as_secs_f64(),
+        paced.ok,
+        paced.errors,
+        paced.pct(0.5),
+        paced.pct(0.95),
+        paced.pct(0.99)
+    );
+    println!(
+        "| burst of 10,000 simultaneous requests | all answered in {:.2} s ({} ok, {} errors); p50 {:.0} ms, p99 {:.0} ms |",
+        b.elapsed.as_secs_f64(),
+        b.ok,
+        b.errors,
+        b.pct(0.5),
+        b.pct(0.99)
+    );
+    println!("| peak server RSS (VmHWM) | {rss:.0} MB |");
+    println!("| answered / stored / listed in audit records | {answered} / {stored} / {audited} |");
+}
