@@ -416,8 +416,20 @@ async fn workload_certificates_follow_every_rule() {
         .unwrap()
         .push(json!({"kty": "EC", "crv": "P-256", "x": b64(&raw[1..33]), "y": b64(&raw[33..65]),
         "kid": hex::encode(&public.fingerprint()[..8]), "alg": "ES256", "use": "sig"}));
+    // A token accepted once (here within the 30 s leeway) is refused once it is past it, even
+    // though its verification was cached.
+    let nearly = sa_token(&srv, "default", "default", |c| {
+        c["exp"] = json!(time::OffsetDateTime::now_utc().unix_timestamp() - 22)
+    });
+    create(&ch, Call::new(&nearly, plain_csr())).await.expect("within leeway");
+    create(&ch, Call::new(&nearly, plain_csr())).await.expect("again, from the cache");
     // The refresh after the earlier unknown kid is rate-limited to one per 10 s.
     tokio::time::sleep(Duration::from_secs(11)).await;
+    expect_code(
+        create(&ch, Call::new(&nearly, plain_csr())).await,
+        Code::Unauthenticated,
+        "past the leeway, cached or not",
+    );
     std::fs::write(&jwks_path, serde_json::to_vec(&jwks).unwrap()).unwrap();
     let t = sa_token_with(&srv, &rotated, "default", "default", |_| {});
     create(&ch, Call::new(&t, plain_csr())).await.expect("token from the rotated key");
@@ -829,4 +841,97 @@ async fn registration_two_person_rule_and_unreachable_key() {
     assert!(msg.contains("hsm"), "{msg}");
     // The dev cluster is unaffected.
     create(&ch, Call::new(&srv.env["CA_EXAMPLE_TOKEN"], plain_csr())).await.expect("dev still issues");
+}
+
+/// A cluster whose keys come from OIDC discovery (served here on loopback): the discovery
+/// document is fetched, its issuer checked, and a key the cluster adds later is picked up when
+/// a token names its `kid`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn keys_from_oidc_discovery_follow_rotation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("dev");
+    // The "API server": discovery document and JWKS, the JWKS swappable at run time.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let issuer = "https://oidc.disc.example".to_string();
+    let jwks = Arc::new(std::sync::Mutex::new(json!({"keys": []})));
+    let app = {
+        let (jwks, base, issuer) = (jwks.clone(), base.clone(), issuer.clone());
+        axum::Router::new()
+            .route(
+                "/.well-known/openid-configuration",
+                axum::routing::get(move || {
+                    let doc = json!({"issuer": issuer, "jwks_uri": format!("{base}/openid/v1/jwks")});
+                    async move { axum::Json(doc) }
+                }),
+            )
+            .route(
+                "/openid/v1/jwks",
+                axum::routing::get(move || {
+                    let j = jwks.lock().unwrap().clone();
+                    async move { axum::Json(j) }
+                }),
+            )
+    };
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let jwk_of = |key: &Path| {
+        let k = hsm::export_file_key(&hsm::KeyRef::file(key)).unwrap();
+        let raw = k.public_key().raw().to_vec();
+        let b64 = |b: &[u8]| base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, b);
+        json!({"kty": "EC", "crv": "P-256", "x": b64(&raw[1..33]), "y": b64(&raw[33..65]), "kid": kid_of(key), "alg": "ES256"})
+    };
+    let first = tmp.path().join("first.key");
+    let second = tmp.path().join("second.key");
+    for k in [&first, &second] {
+        hsm::generate_key(&hsm::KeyRef::file(k), hsm::KeyAlgorithm::EcdsaP256).unwrap();
+    }
+    *jwks.lock().unwrap() = json!({"keys": [jwk_of(&first)]});
+
+    let opts = Opts {
+        env: vec![
+            ("CA_SERVER_ISTIO__CLUSTERS__DISC__SA_ISSUER".into(), issuer.clone()),
+            (
+                "CA_SERVER_ISTIO__CLUSTERS__DISC__OIDC_DISCOVERY_URL".into(),
+                format!("{base}/.well-known/openid-configuration"),
+            ),
+        ],
+        ..Opts::default()
+    };
+    let srv = Server::start(&dir, &opts);
+    srv.wait_ready().await;
+    let key = tmp.path().join("disc-cluster.key");
+    hsm::generate_key(&hsm::KeyRef::file(&key), hsm::KeyAlgorithm::EcdsaP256).unwrap();
+    let (s, r) = srv
+        .call(
+            "POST",
+            "/v1/clusters",
+            Some(&srv.token("admin")),
+            Some(json!({"name": "disc", "environment": "dev", "trust_domain": "cluster.local", "mode": "external-ca",
+                        "key": format!("file:{}", key.display())})),
+        )
+        .await;
+    assert_eq!(s, 202, "{r}");
+    let id = r["request_id"].as_str().unwrap();
+    let (s, _) = srv.call("POST", &format!("/v1/requests/{id}/approve"), Some(&srv.token("approver")), None).await;
+    assert_eq!(s, 200);
+    let ch = channel(&srv).await;
+    let token = |key: &Path| {
+        sa_token_with(&srv, key, "web", "frontend", |c| {
+            c["iss"] = json!(issuer);
+        })
+    };
+    let call = |t: String| {
+        let ch = ch.clone();
+        async move { create(&ch, Call { cluster: Some("disc"), ..Call::new(&t, plain_csr()) }).await }
+    };
+    let chain = call(token(&first)).await.expect("token from the discovered key");
+    assert_eq!(parse_leaf(&chain[0]).sans, vec!["URI:spiffe://cluster.local/ns/web/sa/frontend"]);
+    // The dev cluster's key means nothing to this cluster, nor does its issuer.
+    let dev_token = sa_token(&srv, "web", "frontend", |_| {});
+    expect_code(call(dev_token).await, Code::Unauthenticated, "another cluster's token");
+    // The cluster rotates: a second key appears. The server has not seen it, fetches again
+    // (at most every 10 s after the last fetch) and accepts the token.
+    *jwks.lock().unwrap() = json!({"keys": [jwk_of(&first), jwk_of(&second)]});
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    call(token(&second)).await.expect("token from the rotated-in key");
 }

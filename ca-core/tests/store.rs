@@ -4,7 +4,8 @@ mod common;
 
 use ca_core::audit::verify_chain;
 use ca_core::store::{
-    ApprovalRequest, AuditEvent, CertFilter, CertRecord, ClusterRecord, CrlRecord, Store, StoreError, now_secs,
+    ApprovalRequest, AuditEvent, CertFilter, CertRecord, ClusterRecord, CrlRecord, Store, StoreError, WorkloadRecord,
+    now_secs,
 };
 use serde_json::json;
 
@@ -175,6 +176,45 @@ async fn audit_chain_under_concurrent_writers(s: &Store) {
     assert_eq!(s.audit_after(n - 2, 10).await.unwrap().len(), 2, "paging");
 }
 
+async fn workload_batches_and_pruning(s: &Store) {
+    let now = now_secs();
+    let row = |i: usize, not_after: i64| WorkloadRecord {
+        serial: format!("{i:034x}"),
+        cluster: "c1".into(),
+        identity: format!("spiffe://td/ns/a/sa/s{i}"),
+        issuer_serial: "aa".into(),
+        not_before: now - 60,
+        not_after,
+        issued_at: now,
+        audit_seq: 0,
+        der: vec![0x30, i as u8],
+    };
+    // More than one INSERT chunk (500 rows each), half of them long expired.
+    let rows: Vec<WorkloadRecord> =
+        (0..1203).map(|i| row(i, if i % 2 == 0 { now - 40 * 86400 } else { now + 3600 })).collect();
+    let mut tx = s.write().await.unwrap();
+    let rec =
+        tx.audit(AuditEvent::new("istio-api", "workload.issued", "batch", json!({"n": rows.len()}))).await.unwrap();
+    tx.insert_workload_certificates(&rows, rec.seq).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(s.count_workload_certificates().await.unwrap(), 1203);
+    let got = s.get_workload_certificate(&rows[7].serial).await.unwrap().unwrap();
+    assert_eq!(got, WorkloadRecord { audit_seq: rec.seq, ..rows[7].clone() }, "round trip, with its audit record");
+    // A duplicate serial fails the whole batch: nothing of it is kept.
+    let mut tx = s.write().await.unwrap();
+    assert!(tx.insert_workload_certificates(&[row(5000, now + 60), rows[1].clone()], rec.seq).await.is_err());
+    drop(tx);
+    assert!(s.get_workload_certificate(&row(5000, 0).serial).await.unwrap().is_none());
+    // Pruning removes exactly those expired before the cut-off.
+    let mut tx = s.write().await.unwrap();
+    let pruned = tx.prune_workload_certificates(now - 30 * 86400).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(pruned, 602);
+    assert_eq!(s.count_workload_certificates().await.unwrap(), 601);
+    assert!(s.get_workload_certificate(&rows[0].serial).await.unwrap().is_none());
+    assert!(s.get_workload_certificate(&rows[1].serial).await.unwrap().is_some());
+}
+
 macro_rules! conformance {
     ($($backend:ident),*) => { $(
         mod $backend {
@@ -187,6 +227,8 @@ macro_rules! conformance {
             async fn crls() { crls_and_leases(&common::$backend().await.store).await }
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn audit() { audit_chain_under_concurrent_writers(&common::$backend().await.store).await }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn workloads() { workload_batches_and_pruning(&common::$backend().await.store).await }
         }
     )* };
 }

@@ -7,8 +7,10 @@
 //! external-CA cluster `bench` whose intermediate key is a file, pre-generates P-256 CSRs and
 //! service-account tokens for 1,000 identities, and drives concurrent gRPC clients over TLS on
 //! loopback (the load generator shares the machine's two cores with the server). Phases:
-//! sustained closed-loop load; latency at 2,000 requests/s offered (open loop, measured from
-//! the scheduled send time); a burst of 10,000 simultaneous requests. Afterwards it counts the
+//! sustained closed-loop load and latency at 2,000 requests/s offered (open loop, measured from
+//! the scheduled send time), both cycling through the 1,000 identities as renewing agents do
+//! (the same token until the kubelet rotates it); and a burst of 10,000 simultaneous requests
+//! from 10,000 identities whose tokens the server has never seen (a restart storm). Afterwards it counts the
 //! certificates in the database and in the audit records. In the same run: the raw ECDSA P-256
 //! signing rate and the in-process issuance core (CSR verify + lint + sign + verify).
 
@@ -364,6 +366,11 @@ async fn main() {
                 .unwrap(),
         );
     }
+    // The burst models a restart storm: 10,000 new pods, each with a token never seen before.
+    eprintln!("pre-generating 10,000 more for the burst");
+    let fresh: Vec<(String, String)> =
+        (0..10_000).map(|i| (csr(), token(&dir, &issuer, "storm", &format!("pod-{i}")))).collect();
+    let burst_load = Load { channels: channels.clone(), work: Arc::new(fresh) };
     let load = Load { channels, work: Arc::new(work) };
     load.one(0).await.expect("warm-up request");
 
@@ -372,7 +379,7 @@ async fn main() {
     eprintln!("open loop: 20 s at 2,000/s");
     let mut paced = open_loop(&load, 20, 2000).await;
     eprintln!("burst: 10,000 at once");
-    let mut b = burst(&load, 10_000).await;
+    let mut b = burst(&burst_load, 10_000).await;
     let rss = peak_rss_mb(child.id());
     for s in [&mut sustained, &mut paced, &mut b] {
         s.latencies.sort();

@@ -201,7 +201,17 @@ pub struct TokenValidator {
     keys: RwLock<Arc<HashMap<String, DecodingKey>>>,
     last_fetch: Mutex<Option<Instant>>,
     http: reqwest::Client,
+    /// Tokens that verified, by SHA-256, with when to stop trusting the result: an agent sends
+    /// the same token for every renewal until the kubelet rotates it, and its signature and
+    /// claims cannot change. Cleared whenever the keys are re-read, so a key the cluster
+    /// withdrew stops working at the next refresh.
+    verified: Mutex<HashMap<[u8; 32], (Caller, i64)>>,
 }
+
+/// Most cached token results per cluster; past it, expired entries go, then all.
+const TOKEN_CACHE_MAX: usize = 100_000;
+/// A cached result is re-checked at least this often (seconds), whatever the token's expiry.
+const TOKEN_CACHE_TTL: i64 = 300;
 
 /// The workload a token speaks for.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -218,6 +228,7 @@ impl Caller {
 
 #[derive(Deserialize)]
 struct SaClaims {
+    exp: i64,
     sub: Option<String>,
     #[serde(rename = "kubernetes.io")]
     kubernetes: Option<K8sClaims>,
@@ -252,6 +263,7 @@ impl TokenValidator {
             keys: RwLock::new(Arc::new(HashMap::new())),
             last_fetch: Mutex::new(None),
             http,
+            verified: Mutex::new(HashMap::new()),
         })
     }
 
@@ -314,6 +326,7 @@ impl TokenValidator {
             bail!("the JWKS of cluster {} holds no usable key with a kid", self.cluster);
         }
         *self.keys.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(keys);
+        self.verified.lock().unwrap_or_else(|p| p.into_inner()).clear();
         Ok(true)
     }
 
@@ -324,6 +337,28 @@ impl TokenValidator {
     /// Verifies the token and names its service account. Errors say what was wrong, never
     /// echo the token.
     pub async fn verify(&self, token: &str) -> Result<Caller, ApiError> {
+        let digest: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
+        let now = now_secs();
+        if let Some((caller, until)) = self.verified.lock().unwrap_or_else(|p| p.into_inner()).get(&digest) {
+            if now < *until {
+                return Ok(caller.clone());
+            }
+        }
+        let (caller, exp) = self.verify_uncached(token).await?;
+        let leeway = self.cfg.leeway.duration().whole_seconds().max(0);
+        let until = (exp + leeway).min(now + TOKEN_CACHE_TTL);
+        let mut cache = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= TOKEN_CACHE_MAX {
+            cache.retain(|_, (_, u)| *u > now);
+            if cache.len() >= TOKEN_CACHE_MAX {
+                cache.clear();
+            }
+        }
+        cache.insert(digest, (caller.clone(), until));
+        Ok(caller)
+    }
+
+    async fn verify_uncached(&self, token: &str) -> Result<(Caller, i64), ApiError> {
         let invalid = |why: String| ApiError::unauthenticated("invalid-token", why);
         let header = jsonwebtoken::decode_header(token).map_err(|e| invalid(format!("malformed token: {e}")))?;
         if !TOKEN_ALGS.contains(&header.alg) {
@@ -379,7 +414,7 @@ impl TokenValidator {
         if !valid_k8s_name(&namespace) || !valid_k8s_name(&service_account) {
             return Err(invalid("token's namespace or service account is not a valid Kubernetes name".into()));
         }
-        Ok(Caller { namespace, service_account })
+        Ok((Caller { namespace, service_account }, claims.exp))
     }
 }
 
