@@ -260,6 +260,9 @@ impl Store {
                 .create_if_missing(true)
                 .journal_mode(SqliteJournalMode::Wal)
                 .synchronous(SqliteSynchronous::Full)
+                // The writer never checkpoints on its own (a checkpoint in the commit path
+                // stalls every waiting request); `checkpoint_wal` does it from a reader.
+                .pragma("wal_autocheckpoint", "0")
                 .busy_timeout(Duration::from_secs(10))
                 .foreign_keys(true);
             // One writer: SQLite serialises writes anyway; one connection makes it explicit and
@@ -308,6 +311,15 @@ impl Store {
         let r = tx.audit(event).await?;
         tx.commit().await?;
         Ok(r)
+    }
+
+    /// Copies committed WAL frames into the database file without blocking the writer
+    /// (SQLite; a no-op on PostgreSQL). Called every second by the server.
+    pub async fn checkpoint_wal(&self) -> Result<()> {
+        if let Store::Sqlite { read, .. } = self {
+            sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(read).await?;
+        }
+        Ok(())
     }
 
     pub async fn ping(&self) -> Result<()> {

@@ -206,6 +206,17 @@ async fn burst(load: &Load, n: usize) -> Stats {
     s
 }
 
+/// CPU seconds (user + system) a process has used so far.
+fn cpu_seconds(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of stat, 12 and 13 after the command name.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
 fn peak_rss_mb(pid: u32) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
@@ -375,7 +386,10 @@ async fn main() {
     load.one(0).await.expect("warm-up request");
 
     eprintln!("sustained: {seconds} s at concurrency {concurrency}");
+    let server_pid = child.id().to_string();
+    let (srv0, me0) = (cpu_seconds(&server_pid), cpu_seconds("self"));
     let mut sustained = closed_loop(&load, seconds, concurrency).await;
+    let (srv_cpu, me_cpu) = (cpu_seconds(&server_pid) - srv0, cpu_seconds("self") - me0);
     eprintln!("open loop: 20 s at 2,000/s");
     let mut paced = open_loop(&load, 20, 2000).await;
     eprintln!("burst: 10,000 at once");
@@ -417,6 +431,12 @@ async fn main() {
         sustained.pct(0.5),
         sustained.pct(0.95),
         sustained.pct(0.99)
+    );
+    println!(
+        "| CPU during the sustained phase | server {:.2} cores ({:.0} µs per certificate), load generator {:.2} cores |",
+        srv_cpu / sustained.elapsed.as_secs_f64(),
+        srv_cpu * 1e6 / sustained.ok.max(1) as f64,
+        me_cpu / sustained.elapsed.as_secs_f64()
     );
     println!(
         "| 2,000 requests/s offered, 20 s | {:.0} certs/s ({} ok, {} errors); p50 {:.1} ms, p95 {:.1} ms, p99 {:.1} ms |",

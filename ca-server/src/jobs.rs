@@ -22,6 +22,15 @@ pub fn spawn(state: AppState) {
             tokio::time::sleep(PROBE_EVERY).await;
         }
     });
+    let s = state.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if let Err(e) = s.store.checkpoint_wal().await {
+                tracing::warn!(error = %e, "WAL checkpoint failed");
+            }
+        }
+    });
     tokio::spawn(async move {
         let interval = state.config.jobs.interval.duration().unsigned_abs();
         loop {
