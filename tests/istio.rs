@@ -363,8 +363,12 @@ async fn workload_certificates_follow_every_rule() {
     expect_code(create(&ch, no_token).await, Code::Unauthenticated, "no token");
     let no_cluster = Call { cluster: None, ..Call::new(&example, plain_csr()) };
     expect_code(create(&ch, no_cluster).await, Code::Unauthenticated, "no ClusterID");
-    let unknown = Call { cluster: Some("elsewhere"), ..Call::new(&example, plain_csr()) };
+    let unknown = Call { cluster: Some("elsewhere\"{x=1}"), ..Call::new(&example, plain_csr()) };
     expect_code(create(&ch, unknown).await, Code::PermissionDenied, "unknown cluster");
+    // A claimed cluster name never becomes a metric label.
+    let (_, m) = srv.call("GET", "/metrics", None, None).await;
+    let m = m.as_str().unwrap().to_string();
+    assert!(!m.contains("elsewhere") && m.contains("issuer=\"unknown\""), "{m}");
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     let cases: Vec<(&str, Box<dyn FnOnce(&mut Value)>)> = vec![
         ("wrong audience", Box::new(|c: &mut Value| c["aud"] = json!(["kubernetes"]))),
@@ -437,6 +441,16 @@ async fn workload_certificates_follow_every_rule() {
     // Impersonation: only the trusted node account, only inside the trust domain.
     let ztunnel = sa_token(&srv, "istio-system", "ztunnel", |_| {});
     let web = "spiffe://cluster.local/ns/app/sa/web";
+    for (what, target) in [
+        ("a non-workload identity", "spiffe://cluster.local/anything"),
+        ("a node account", "spiffe://cluster.local/ns/istio-system/sa/ztunnel"),
+    ] {
+        expect_code(
+            create(&ch, Call { impersonate: Some(target), ..Call::new(&ztunnel, plain_csr()) }).await,
+            Code::PermissionDenied,
+            what,
+        );
+    }
     let chain = create(&ch, Call { impersonate: Some(web), ..Call::new(&ztunnel, plain_csr()) }).await.unwrap();
     assert_eq!(parse_leaf(&chain[0]).sans, vec![format!("URI:{web}")]);
     let c = csr(vec![uri(web)], &rcgen::PKCS_ECDSA_P256_SHA256).0;
@@ -777,27 +791,29 @@ async fn registration_two_person_rule_and_unreachable_key() {
         [webpki::anchor_from_trusted_cert(&rustls::pki_types::CertificateDer::from(der(full.last().unwrap())))
             .unwrap()
             .to_owned()];
-    let inter: Vec<_> =
+    let inters: Vec<_> =
         full[1..full.len() - 1].iter().map(|p| rustls::pki_types::CertificateDer::from(der(p))).collect();
     webpki::EndEntityCert::try_from(&leaf)
         .unwrap()
         .verify_for_usage(
             webpki::ALL_VERIFICATION_ALGS,
             &anchors,
-            &inter,
+            &inters,
             rustls::pki_types::UnixTime::now(),
             webpki::KeyUsage::server_auth(),
             None,
             None,
         )
         .expect("istiod's certificate verifies to the root");
-    for bad in [
-        json!({"csr": plain_csr(), "dns_names": ["*.istio-system.svc"]}),
-        json!({"csr": plain_csr(), "dns_names": ["a.b"], "validity": "400d"}),
+    for (bad, status) in [
+        (json!({"csr": plain_csr(), "dns_names": ["*.istio-system.svc"]}), 400),
+        (json!({"csr": plain_csr(), "dns_names": ["istiod.istio-system.svc"], "validity": "400d"}), 400),
+        (json!({"csr": plain_csr(), "dns_names": ["bank.example.com"]}), 403),
+        (json!({"csr": plain_csr(), "dns_names": ["localhost"]}), 403),
     ] {
         let (s, r) =
             srv.call("POST", "/v1/clusters/edge/server-certificates", Some(&srv.token("admin")), Some(bad)).await;
-        assert_eq!(s, 400, "{r}");
+        assert_eq!(s, status, "{r}");
     }
     // No CRL covers certificates issued by a cluster intermediate: revocation says so.
     let serial = r["serial"].as_str().unwrap();
@@ -811,6 +827,29 @@ async fn registration_two_person_rule_and_unreachable_key() {
         .await;
     assert_eq!((s, v["code"].as_str()), (409, Some("no-crl")), "{v}");
 
+    // Revoking the server-held intermediate (two operators) stops it signing: the next
+    // certificate comes from its successor, for the same key.
+    let old_serial = hex::encode(inter.raw_serial());
+    let (s, r) = srv
+        .call(
+            "POST",
+            &format!("/v1/certificates/{old_serial}/revoke"),
+            Some(&srv.token("admin")),
+            Some(json!({"reason": "superseded"})),
+        )
+        .await;
+    assert_eq!(s, 202, "{r}");
+    let id = r["id"].as_str().unwrap();
+    let (s, a) = srv.call("POST", &format!("/v1/requests/{id}/approve"), Some(&srv.token("approver")), None).await;
+    assert_eq!(s, 200, "{a}");
+    let chain = create(&ch, Call { cluster: Some("edge"), ..Call::new(&t, plain_csr()) })
+        .await
+        .expect("issued by the successor");
+    let next_der = der(&chain[1]);
+    let (_, next) = x509_parser::parse_x509_certificate(&next_der).unwrap();
+    assert_ne!(hex::encode(next.raw_serial()), old_serial, "a new intermediate");
+    assert_eq!(next.public_key().raw, spki.as_slice(), "for the same server-side key");
+
     // Bad registrations.
     for (bad, code) in [
         (
@@ -822,6 +861,11 @@ async fn registration_two_person_rule_and_unreachable_key() {
             "invalid-mode",
         ),
         (json!({"name": "x3", "environment": "dev", "trust_domain": "cluster.local", "key": "file:/k"}), "invalid-key"),
+        (
+            json!({"name": "x4", "environment": "dev", "trust_domain": "cluster.local", "mode": "external-ca",
+                "key": format!("file:{}", key.display())}),
+            "invalid-key",
+        ),
     ] {
         let (s, r) = srv.call("POST", "/v1/clusters", Some(&srv.token("admin")), Some(bad)).await;
         assert_eq!((s, r["code"].as_str().unwrap()), (400, code), "{r}");

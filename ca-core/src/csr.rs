@@ -31,6 +31,15 @@ pub enum RequestedName {
 fn requested_names(csr: &X509CertificationRequest<'_>) -> Result<Vec<RequestedName>, CsrError> {
     use x509_parser::extensions::{GeneralName, ParsedExtension};
     let mut out = Vec::new();
+    // x509-parser reads only the first extensionRequest; a second one could hide names.
+    let requests = csr
+        .certification_request_info
+        .iter_attributes()
+        .filter(|a| a.oid.to_id_string() == "1.2.840.113549.1.9.14")
+        .count();
+    if requests > 1 {
+        return Err(CsrError::Malformed("more than one extensionRequest attribute".into()));
+    }
     let Some(exts) = csr.requested_extensions() else { return Ok(out) };
     for ext in exts {
         match ext {

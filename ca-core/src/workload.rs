@@ -14,7 +14,13 @@ pub enum WorkloadDenial {
     Forbidden(String),
     #[error("{0}")]
     Invalid(String),
+    /// Nothing the caller can fix: the intermediate needs replacing (UNAVAILABLE).
+    #[error("{0}")]
+    IssuerExpiring(String),
 }
+
+/// The shortest workload certificate issued.
+pub const MIN_TTL: Duration = Duration::minutes(1);
 
 /// The issued SAN is always `identity`; the CSR may repeat it but ask for nothing else. A
 /// different URI is someone else's identity; DNS, IP and email names have no place in a
@@ -81,6 +87,12 @@ pub fn lifetime(
         return Err(WorkloadDenial::Invalid(format!("validity_duration {requested_secs} is negative")));
     }
     let mut ttl = if requested_secs == 0 { policy.default } else { Duration::seconds(requested_secs) };
+    if ttl < MIN_TTL {
+        return Err(WorkloadDenial::Invalid(format!(
+            "validity_duration {requested_secs}s is below the minimum {}s",
+            MIN_TTL.whole_seconds()
+        )));
+    }
     if ttl > policy.max {
         match policy.over_max {
             OverMax::Reject => {
@@ -97,8 +109,8 @@ pub fn lifetime(
     // A little backdating absorbs clock skew between this server and the workloads' nodes.
     let not_before = (now - Duration::minutes(1)).max(OffsetDateTime::UNIX_EPOCH);
     let not_after = (now + ttl).min(issuer_not_after);
-    if not_after - now < Duration::minutes(1) {
-        return Err(WorkloadDenial::Invalid(format!(
+    if not_after - now < MIN_TTL {
+        return Err(WorkloadDenial::IssuerExpiring(format!(
             "the cluster intermediate expires at {}: no workload certificate fits under it",
             crate::error::fmt_time(issuer_not_after)
         )));
@@ -131,6 +143,13 @@ mod tests {
         let soon = now + Duration::hours(2);
         let (_, na) = lifetime(0, &policy(OverMax::Reject), soon, now).unwrap();
         assert_eq!(na, soon);
-        assert!(lifetime(0, &policy(OverMax::Reject), now + Duration::seconds(30), now).is_err());
+        assert!(matches!(
+            lifetime(0, &policy(OverMax::Reject), now + Duration::seconds(30), now),
+            Err(WorkloadDenial::IssuerExpiring(_))
+        ));
+        assert!(
+            matches!(lifetime(30, &policy(OverMax::Reject), far, now), Err(WorkloadDenial::Invalid(_))),
+            "too short"
+        );
     }
 }

@@ -383,6 +383,16 @@ async fn register_cluster(
         }
         (None, false) => None,
     };
+    // One key, one purpose: never another cluster's, an environment's or the audit key.
+    if let Some(k) = &key_ref {
+        let taken = state.store.list_clusters().await?.iter().any(|c| c.key_ref.as_deref() == Some(k.as_str()))
+            || state.config.issuers.iter().any(|i| i.key == *k)
+            || state.config.audit.key == *k
+            || state.config.tls.key == *k;
+        if taken {
+            return Err(ApiError::bad_request("invalid-key", "that key is already in use here").by(op.actor()));
+        }
+    }
     let now = now_secs();
     // A plug-in cluster enrols with a one-time token; an external-CA cluster has nothing to
     // enrol: the server issues its intermediate on approval.
@@ -904,6 +914,22 @@ async fn issue_server_certificate(
             "dns_names must be one or more lowercase DNS names without wildcards",
         )));
     }
+    // A certificate for any name under the mesh root would let one person intercept istiod's
+    // traffic: only the names configured for the cluster, never the CA's own.
+    let allowed = state
+        .istio
+        .config
+        .as_ref()
+        .and_then(|c| c.clusters.get(&name))
+        .map(|c| c.server_certificate_names.clone())
+        .unwrap_or_else(crate::config::default_server_certificate_names);
+    let own = state.istio.config.as_ref().map(|c| c.server_names.clone()).unwrap_or_default();
+    if let Some(n) = req.dns_names.iter().find(|n| !allowed.contains(n) || own.contains(n)) {
+        return Err(deny(ApiError::forbidden(
+            "name-not-allowed",
+            format!("{n} is not among istio.clusters.{name}.server_certificate_names ({})", allowed.join(", ")),
+        )));
+    }
     let ca = crate::istio::cluster_ca(&state, &name).await.map_err(deny)?;
     let csr = VerifiedCsr::parse(req.csr.as_bytes()).map_err(|e| deny(crate::state::map_core(e.into())))?;
     let not_before = ca_core::issue::default_not_before();
@@ -1049,6 +1075,7 @@ async fn decide(state: AppState, op: Operator, id: String, approve: bool) -> Res
     let payload: serde_json::Value = serde_json::from_str(&req.payload).map_err(ApiError::internal)?;
     let mut republish = None;
     let mut external_ca = None;
+    let mut revoked_cluster: Option<String> = None;
     match (req.kind.as_str(), approve) {
         ("register-cluster", true) => {
             tx.set_cluster_status(&req.subject, "active").await?;
@@ -1092,6 +1119,7 @@ async fn decide(state: AppState, op: Operator, id: String, approve: bool) -> Res
                 ))
                 .await?;
                 republish = Some(cert.issuer.clone());
+                revoked_cluster = cert.cluster.clone();
             }
         }
         _ => {}
@@ -1100,6 +1128,14 @@ async fn decide(state: AppState, op: Operator, id: String, approve: bool) -> Res
     // The revocation stands even if the HSM is away right now: the CRL follows here, or from
     // the background job, which treats a CRL older than the last revocation as due.
     if let Some(issuer_name) = republish {
+        // A revoked external-CA intermediate stops signing on this replica now, and gets a
+        // successor (other replicas drop theirs at their next maintenance round).
+        if let Some(cluster) = revoked_cluster.as_deref() {
+            state.istio.forget(cluster);
+            if let Err(e) = crate::istio::ensure_intermediate(&state, cluster, &op.actor()).await {
+                tracing::warn!(%cluster, error = %e.detail, "successor intermediate not issued yet; the background job will retry");
+            }
+        }
         let issuer = state.issuer(&issuer_name)?.clone();
         if let Err(e) = publish_crl(&state, &issuer, &op.actor()).await {
             tracing::warn!(issuer = %issuer_name, error = %e.detail, "CRL not regenerated yet; the background job will retry");

@@ -98,17 +98,8 @@ impl Auth {
         v.set_required_spec_claims(&["exp", "iss", "aud"]);
         v.validate_nbf = true;
         v.leeway = 30;
-        let data = jsonwebtoken::decode::<serde_json::Value>(token, &key, &v).map_err(|e| {
-            use jsonwebtoken::errors::ErrorKind;
-            invalid(match e.kind() {
-                ErrorKind::ExpiredSignature => "token has expired".into(),
-                ErrorKind::InvalidAudience => format!("token audience is not {:?}", self.cfg.audience),
-                ErrorKind::InvalidIssuer => format!("token issuer is not {:?}", self.cfg.issuer),
-                ErrorKind::InvalidSignature => "token signature does not verify".into(),
-                ErrorKind::ImmatureSignature => "token is not valid yet".into(),
-                _ => format!("token rejected: {e}"),
-            })
-        })?;
+        let data = jsonwebtoken::decode::<serde_json::Value>(token, &key, &v)
+            .map_err(|e| invalid(describe_jwt_error(&e, &self.cfg.issuer, &format!("{:?}", self.cfg.audience))))?;
         let claims = data.claims;
         let name = lookup(&claims, &self.cfg.subject_claim)
             .and_then(|v| v.as_str())
@@ -127,6 +118,19 @@ impl Auth {
             .by(format!("operator:{name}")));
         }
         Ok(Operator { name, roles })
+    }
+}
+
+/// Why a token was refused, in words for the caller; never the token itself.
+pub fn describe_jwt_error(e: &jsonwebtoken::errors::Error, issuer: &str, audience: &str) -> String {
+    use jsonwebtoken::errors::ErrorKind;
+    match e.kind() {
+        ErrorKind::ExpiredSignature => "token has expired".into(),
+        ErrorKind::InvalidAudience => format!("token audience is not {audience}"),
+        ErrorKind::InvalidIssuer => format!("token issuer is not {issuer:?}"),
+        ErrorKind::InvalidSignature => "token signature does not verify".into(),
+        ErrorKind::ImmatureSignature => "token is not valid yet".into(),
+        _ => format!("token rejected: {e}"),
     }
 }
 

@@ -85,6 +85,13 @@ pub struct IstioClusterConfig {
     /// every 10 s).
     #[serde(default = "default_jwks_refresh", with = "validity")]
     pub jwks_refresh: Validity,
+    /// DNS names `POST /v1/clusters/<name>/server-certificates` may issue (istiod's).
+    #[serde(default = "default_server_certificate_names")]
+    pub server_certificate_names: Vec<String>,
+}
+
+pub fn default_server_certificate_names() -> Vec<String> {
+    vec!["istiod.istio-system.svc".into()]
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]

@@ -150,6 +150,12 @@ async fn load_cluster_ca(state: &AppState, record: &ClusterRecord) -> Result<Arc
     };
     let serial = record.current_serial.clone().ok_or_else(not_ready)?;
     let cert_rec = state.store.get_certificate(&serial).await?.ok_or_else(not_ready)?;
+    if cert_rec.revoked_at.is_some() {
+        return Err(ApiError::unavailable(
+            "intermediate-revoked",
+            format!("cluster {name}'s intermediate {serial} is revoked; a new one is being issued"),
+        ));
+    }
     let cert = pem::parse(cert_rec.pem.as_bytes())
         .map_err(ApiError::internal)
         .and_then(|p| CertInfo::from_der(p.into_contents()).map_err(ApiError::internal))?;
@@ -206,6 +212,8 @@ pub struct TokenValidator {
     /// claims cannot change. Cleared whenever the keys are re-read, so a key the cluster
     /// withdrew stops working at the next refresh.
     verified: Mutex<HashMap<[u8; 32], (Caller, i64)>>,
+    /// Bumped at every key refresh: a verification that began under older keys is not cached.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 /// Most cached token results per cluster; past it, expired entries go, then all.
@@ -264,6 +272,7 @@ impl TokenValidator {
             last_fetch: Mutex::new(None),
             http,
             verified: Mutex::new(HashMap::new()),
+            generation: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -326,7 +335,9 @@ impl TokenValidator {
             bail!("the JWKS of cluster {} holds no usable key with a kid", self.cluster);
         }
         *self.keys.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(keys);
-        self.verified.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        let mut cache = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+        self.generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        cache.clear();
         Ok(true)
     }
 
@@ -344,10 +355,14 @@ impl TokenValidator {
                 return Ok(caller.clone());
             }
         }
+        let generation = self.generation.load(std::sync::atomic::Ordering::SeqCst);
         let (caller, exp) = self.verify_uncached(token).await?;
         let leeway = self.cfg.leeway.duration().whole_seconds().max(0);
         let until = (exp + leeway).min(now + TOKEN_CACHE_TTL);
         let mut cache = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+        if self.generation.load(std::sync::atomic::Ordering::SeqCst) != generation {
+            return Ok(caller);
+        }
         if cache.len() >= TOKEN_CACHE_MAX {
             cache.retain(|_, (_, u)| *u > now);
             if cache.len() >= TOKEN_CACHE_MAX {
@@ -384,15 +399,11 @@ impl TokenValidator {
         v.validate_nbf = true;
         v.leeway = self.cfg.leeway.duration().whole_seconds().max(0) as u64;
         let data = jsonwebtoken::decode::<SaClaims>(token, &key, &v).map_err(|e| {
-            use jsonwebtoken::errors::ErrorKind;
-            invalid(match e.kind() {
-                ErrorKind::ExpiredSignature => "token has expired".into(),
-                ErrorKind::InvalidAudience => format!("token audience is not one of {:?}", self.cfg.audiences),
-                ErrorKind::InvalidIssuer => format!("token issuer is not {:?}", self.cfg.sa_issuer),
-                ErrorKind::InvalidSignature => "token signature does not verify".into(),
-                ErrorKind::ImmatureSignature => "token is not valid yet".into(),
-                _ => format!("token rejected: {e}"),
-            })
+            invalid(crate::auth::describe_jwt_error(
+                &e,
+                &self.cfg.sa_issuer,
+                &format!("one of {:?}", self.cfg.audiences),
+            ))
         })?;
         let claims = data.claims;
         let from_k8s = claims
@@ -442,6 +453,12 @@ impl Recorder {
         let (tx, rx) = mpsc::channel(65_536);
         tokio::spawn(record_loop(store, rx, batch_max, metrics));
         Recorder { tx }
+    }
+
+    /// Queues a record without waiting for room or for the commit. False when the queue is full.
+    fn offer(&self, entry: Entry) -> bool {
+        let (done, _) = oneshot::channel();
+        self.tx.try_send(Pending { entry, done }).is_ok()
     }
 
     async fn record(&self, entry: Entry) -> Result<(), ApiError> {
@@ -538,14 +555,24 @@ impl IstioCertificateService for IstioApi {
         match result {
             Ok(chain) => Ok(Response::new(IstioCertificateResponse { cert_chain: chain })),
             Err(r) => {
-                let cluster = r.cluster.clone().unwrap_or_default();
+                // The ClusterID header is the caller's say-so: only a configured name becomes a
+                // metric label or goes into the audit trail as is.
+                let claimed = r.cluster.clone().unwrap_or_default();
+                let known = self.state.istio.tokens.contains_key(&claimed);
+                let cluster = if known { claimed.clone() } else { "unknown".to_string() };
                 self.state.metrics.issued(&cluster, "workload", outcome);
                 if r.error.status.is_client_error() {
                     tracing::info!(actor = %r.actor, %cluster, code = r.error.code, detail = %r.error.detail, "workload certificate refused");
-                    let denial =
-                        json!({"actor": r.actor, "cluster": r.cluster, "code": r.error.code, "detail": r.error.detail});
-                    // The refusal stands whether or not its record could be written.
-                    if self.state.istio.recorder.record(Entry::Denied(denial)).await.is_err() {
+                    let shown: String = claimed.chars().take(64).collect();
+                    let denial = json!({"actor": r.actor, "cluster": if known { json!(claimed) } else { json!({"claimed": shown}) },
+                                        "code": r.error.code, "detail": r.error.detail.chars().take(512).collect::<String>()});
+                    if r.actor == "anonymous" {
+                        // Unauthenticated refusals are recorded when there is room, never awaited:
+                        // a flood of them must not queue ahead of real issuance.
+                        if !self.state.istio.recorder.offer(Entry::Denied(denial)) {
+                            self.state.metrics.workload_denials_dropped.inc();
+                        }
+                    } else if self.state.istio.recorder.record(Entry::Denied(denial)).await.is_err() {
                         tracing::error!("a workload denial could not be audited");
                     }
                 }
@@ -616,49 +643,60 @@ impl IstioApi {
                     format!("{imp} is outside the cluster's trust domain {}", ca.trust_domain),
                 )));
             }
+            // Only workload identities of the Istio form, and never a node account itself.
+            let path = imp.split_once("://").and_then(|(_, r)| r.split_once('/')).map_or("", |(_, p)| p);
+            let target = match path.split('/').collect::<Vec<_>>().as_slice() {
+                ["ns", ns, "sa", sa] if valid_k8s_name(ns) && valid_k8s_name(sa) => format!("{ns}/{sa}"),
+                _ => {
+                    return Err(refuse(ApiError::forbidden(
+                        "impersonation-denied",
+                        format!("{imp} is not a workload identity (spiffe://<td>/ns/<ns>/sa/<sa>)"),
+                    )));
+                }
+            };
+            if ccfg.trusted_node_accounts.contains(&target) {
+                return Err(refuse(ApiError::forbidden(
+                    "impersonation-denied",
+                    format!("{imp} is a trusted node account and cannot be impersonated"),
+                )));
+            }
             identity = id;
         }
         let policy =
             TtlPolicy { default: ccfg.default_ttl.duration(), max: ccfg.max_ttl.duration(), over_max: ccfg.over_max };
-        let validity = request.validity_duration;
-        let csr_text = request.csr;
-        let id = identity.clone();
+        // The request is judged before the key is asked: a bad CSR is the caller's error even
+        // while the key is away, and only the signature counts against the HSM timeout.
+        let denial = |d: WorkloadDenial| {
+            refuse(match d {
+                WorkloadDenial::Forbidden(m) => ApiError::forbidden("identity-mismatch", m),
+                WorkloadDenial::Invalid(m) => ApiError::bad_request("invalid-request", m),
+                WorkloadDenial::IssuerExpiring(m) => ApiError::unavailable("issuer-expiring", m),
+            })
+        };
+        let csr = VerifiedCsr::parse(request.csr.as_bytes()).map_err(|e| refuse(crate::state::map_core(e.into())))?;
+        ca_core::workload::check_requested_names(&csr, &identity).map_err(denial)?;
+        let (not_before, not_after) = ca_core::workload::lifetime(
+            request.validity_duration,
+            &policy,
+            ca.issuer.cert.not_after,
+            OffsetDateTime::now_utc(),
+        )
+        .map_err(denial)?;
+        let req = CertRequest {
+            spiffe_id: Some(identity.clone()),
+            ..CertRequest::new(
+                ProfileKind::Workload,
+                rcgen::DistinguishedName::new(),
+                csr.public_key().clone(),
+                not_before,
+                not_after,
+            )
+        };
         let issued = ca
             .issuer
-            .with_key(state.hsm_timeout(), move |ca| {
-                let csr = VerifiedCsr::parse(csr_text.as_bytes())?;
-                if let Err(d) = ca_core::workload::check_requested_names(&csr, &id) {
-                    return Ok(Err(d));
-                }
-                let (not_before, not_after) = match ca_core::workload::lifetime(
-                    validity,
-                    &policy,
-                    ca.cert.not_after,
-                    OffsetDateTime::now_utc(),
-                ) {
-                    Ok(l) => l,
-                    Err(d) => return Ok(Err(d)),
-                };
-                let req = CertRequest {
-                    spiffe_id: Some(id),
-                    ..CertRequest::new(
-                        ProfileKind::Workload,
-                        rcgen::DistinguishedName::new(),
-                        csr.public_key().clone(),
-                        not_before,
-                        not_after,
-                    )
-                };
-                ca_core::issue::issue(ca, &req).map(Ok)
-            })
+            .with_key(state.hsm_timeout(), move |ca| ca_core::issue::issue(ca, &req))
             .await
-            .map_err(&refuse)?
-            .map_err(|d| {
-                refuse(match d {
-                    WorkloadDenial::Forbidden(m) => ApiError::forbidden("identity-mismatch", m),
-                    WorkloadDenial::Invalid(m) => ApiError::bad_request("invalid-request", m),
-                })
-            })?;
+            .map_err(&refuse)?;
         let cert = issued.cert;
         let sha256 = hex::encode(sha2::Sha256::digest(&cert.der));
         let record = WorkloadRecord {
@@ -765,10 +803,13 @@ pub async fn maintain(state: &AppState, leader: bool) -> Result<()> {
     }
     let clusters = state.store.list_clusters().await?;
     for ca in state.istio.loaded() {
-        let still = clusters.iter().any(|c| {
+        let current = clusters.iter().any(|c| {
             c.name == ca.issuer.name && c.status == "active" && c.current_serial.as_deref() == Some(ca.serial.as_str())
         });
-        if !still {
+        let revoked = state.store.get_certificate(&ca.serial).await?.is_none_or(|c| c.revoked_at.is_some());
+        // An HSM failure or timeout marks the key unhealthy; dropping it makes the next request
+        // open the key afresh (a new login) instead of refusing until the process restarts.
+        if !current || revoked || !ca.issuer.is_healthy() {
             state.istio.forget(&ca.issuer.name);
         }
     }

@@ -51,6 +51,7 @@ pub struct Metrics {
     pub hsm_up: Family<IssuerLabels, Gauge>,
     pub workload_latency: Family<OutcomeLabels, Histogram>,
     pub workload_batch: Histogram,
+    pub workload_denials_dropped: Counter,
 }
 
 impl Metrics {
@@ -92,7 +93,14 @@ impl Metrics {
             "Workload records (certificates and denials) per group commit",
             workload_batch.clone(),
         );
+        let workload_denials_dropped = Counter::default();
+        registry.register(
+            "workload_denials_unrecorded",
+            "Unauthenticated workload refusals not audited because the record queue was full",
+            workload_denials_dropped.clone(),
+        );
         Metrics {
+            workload_denials_dropped,
             registry: Mutex::new(registry),
             issuances,
             latency,
