@@ -979,3 +979,79 @@ async fn keys_from_oidc_discovery_follow_rotation() {
     tokio::time::sleep(Duration::from_secs(11)).await;
     call(token(&second)).await.expect("token from the rotated-in key");
 }
+
+/// The dev cluster's server-held key behind a PKCS#11 module that fails on demand
+/// (tests/fault-hsm): while it fails, requests get UNAVAILABLE at once; when it is back, the
+/// cluster issues again without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_hsm_failure_is_unavailable_and_recovers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shim = tmp.path().join("libfault.so");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fault-hsm/fault_pkcs11.c");
+    let cc = Command::new("cc")
+        .args(["-shared", "-fPIC", "-O1", "-o"])
+        .arg(&shim)
+        .arg(&src)
+        .arg("-ldl")
+        .output()
+        .expect("a C compiler (gcc) is installed");
+    assert!(cc.status.success(), "{}", String::from_utf8_lossy(&cc.stderr));
+    let dir = tmp.path().join("dev");
+    let mut first = Server::start(&dir, &Opts::default());
+    first.wait_ready().await;
+    let db = first.database_url();
+    first.kill();
+    let real = hsm::softhsm::find_module().expect("SoftHSM2 is installed (scripts/test installs it)");
+    // Put the dev cluster's key (in the DB) behind the shim.
+    let pool = sqlx::SqlitePool::connect(&db).await.unwrap();
+    let r = sqlx::query("UPDATE clusters SET key_ref = replace(key_ref, ?1, ?2) WHERE name = 'dev'")
+        .bind(real.to_str().unwrap())
+        .bind(shim.to_str().unwrap())
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(r.rows_affected(), 1);
+    pool.close().await;
+    let fault = tmp.path().join("fault");
+    let srv = Server::start(
+        &tmp.path().join("replica"),
+        &Opts {
+            config_of: Some(dir.clone()),
+            env: vec![
+                ("PKI_FAULT_TARGET".into(), real.display().to_string()),
+                ("PKI_FAULT_FILE".into(), fault.display().to_string()),
+                ("CA_SERVER_POLICY__HSM_TIMEOUT".into(), "2s".into()),
+            ],
+            ..Default::default()
+        },
+    );
+    srv.wait_ready().await;
+    let ch = channel(&srv).await;
+    let t = sa_token(&srv, "default", "default", |_| {});
+    create(&ch, Call::new(&t, plain_csr())).await.expect("issues through the shim");
+
+    std::fs::write(&fault, "fail").unwrap();
+    for _ in 0..3 {
+        let start = std::time::Instant::now();
+        expect_code(create(&ch, Call::new(&t, plain_csr())).await, Code::Unavailable, "HSM failing");
+        assert!(start.elapsed() < Duration::from_secs(3), "refused within the HSM timeout");
+    }
+    // A malformed CSR is still the caller's error, not the HSM's.
+    expect_code(create(&ch, Call::new(&t, "junk".into())).await, Code::InvalidArgument, "bad CSR during the outage");
+
+    std::fs::remove_file(&fault).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        match create(&ch, Call::new(&t, plain_csr())).await {
+            Ok(chain) => {
+                assert_eq!(chain.len(), 4);
+                break;
+            }
+            Err(s) => {
+                assert_eq!(s.code(), Code::Unavailable, "{}", s.message());
+                assert!(std::time::Instant::now() < deadline, "the cluster never issued again: {}", s.message());
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+    }
+}

@@ -42,6 +42,9 @@ pub struct Istio {
     clusters: RwLock<HashMap<String, Arc<ClusterCa>>>,
     /// Single-flight loading of a cluster's CA, so that a storm on a cold cache opens the key once.
     loading: tokio::sync::Mutex<()>,
+    /// Clusters whose CA failed to load, and when: requests fail fast for a moment instead of
+    /// queueing one by one behind a key that does not answer.
+    failed: Mutex<HashMap<String, (Instant, u16, &'static str, String)>>,
     recorder: Recorder,
     pub serving: Arc<ServingCert>,
 }
@@ -75,6 +78,7 @@ impl Istio {
             tokens,
             clusters: RwLock::new(HashMap::new()),
             loading: tokio::sync::Mutex::new(()),
+            failed: Mutex::new(HashMap::new()),
             recorder: Recorder::spawn(store, batch_max, batch_metrics),
             serving: Arc::new(ServingCert::default()),
         })
@@ -88,8 +92,10 @@ impl Istio {
         self.clusters.read().unwrap_or_else(|p| p.into_inner()).get(name).cloned()
     }
 
+    /// Drops the cluster's CA (and any remembered load failure): the next request loads afresh.
     pub fn forget(&self, name: &str) {
         self.clusters.write().unwrap_or_else(|p| p.into_inner()).remove(name);
+        self.failed.lock().unwrap_or_else(|p| p.into_inner()).remove(name);
     }
 
     pub fn loaded(&self) -> Vec<Arc<ClusterCa>> {
@@ -118,14 +124,53 @@ impl Istio {
 }
 
 /// The cluster's CA, from the cache or loaded from storage (and its key opened).
+/// How long a failed load is remembered.
+const LOAD_RETRY: Duration = Duration::from_secs(2);
+
+fn recent_failure(state: &AppState, name: &str) -> Option<ApiError> {
+    let failed = state.istio.failed.lock().unwrap_or_else(|p| p.into_inner());
+    let (at, status, code, detail) = failed.get(name)?;
+    (at.elapsed() < LOAD_RETRY).then(|| {
+        ApiError::new(
+            axum::http::StatusCode::from_u16(*status).unwrap_or(axum::http::StatusCode::SERVICE_UNAVAILABLE),
+            code,
+            detail.clone(),
+        )
+    })
+}
+
 pub async fn cluster_ca(state: &AppState, name: &str) -> Result<Arc<ClusterCa>, ApiError> {
     if let Some(c) = state.istio.cached(name) {
         return Ok(c);
+    }
+    if let Some(e) = recent_failure(state, name) {
+        return Err(e);
     }
     let _guard = state.istio.loading.lock().await;
     if let Some(c) = state.istio.cached(name) {
         return Ok(c);
     }
+    if let Some(e) = recent_failure(state, name) {
+        return Err(e);
+    }
+    match load_cluster(state, name).await {
+        Ok(ca) => {
+            state.istio.failed.lock().unwrap_or_else(|p| p.into_inner()).remove(name);
+            Ok(ca)
+        }
+        Err(e) => {
+            state
+                .istio
+                .failed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(name.to_string(), (Instant::now(), e.status.as_u16(), e.code, e.detail.clone()));
+            Err(e)
+        }
+    }
+}
+
+async fn load_cluster(state: &AppState, name: &str) -> Result<Arc<ClusterCa>, ApiError> {
     let record =
         state.store.get_cluster(name).await?.filter(|c| c.is_external_ca() && c.status == "active").ok_or_else(
             || {
