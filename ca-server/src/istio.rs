@@ -709,39 +709,31 @@ impl IstioApi {
         }
         let policy =
             TtlPolicy { default: ccfg.default_ttl.duration(), max: ccfg.max_ttl.duration(), over_max: ccfg.over_max };
-        // The request is judged before the key is asked: a bad CSR is the caller's error even
-        // while the key is away, and only the signature counts against the HSM timeout.
-        let denial = |d: WorkloadDenial| {
-            refuse(match d {
-                WorkloadDenial::Forbidden(m) => ApiError::forbidden("identity-mismatch", m),
-                WorkloadDenial::Invalid(m) => ApiError::bad_request("invalid-request", m),
-                WorkloadDenial::IssuerExpiring(m) => ApiError::unavailable("issuer-expiring", m),
+        let to_refusal = |j: Judged| {
+            refuse(match j {
+                Judged::Csr(e) => crate::state::map_core(e),
+                Judged::Denial(WorkloadDenial::Forbidden(m)) => ApiError::forbidden("identity-mismatch", m),
+                Judged::Denial(WorkloadDenial::Invalid(m)) => ApiError::bad_request("invalid-request", m),
+                Judged::Denial(WorkloadDenial::IssuerExpiring(m)) => ApiError::unavailable("issuer-expiring", m),
             })
         };
-        let csr = VerifiedCsr::parse(request.csr.as_bytes()).map_err(|e| refuse(crate::state::map_core(e.into())))?;
-        ca_core::workload::check_requested_names(&csr, &identity).map_err(denial)?;
-        let (not_before, not_after) = ca_core::workload::lifetime(
-            request.validity_duration,
-            &policy,
-            ca.issuer.cert.not_after,
-            OffsetDateTime::now_utc(),
-        )
-        .map_err(denial)?;
-        let req = CertRequest {
-            spiffe_id: Some(identity.clone()),
-            ..CertRequest::new(
-                ProfileKind::Workload,
-                rcgen::DistinguishedName::new(),
-                csr.public_key().clone(),
-                not_before,
-                not_after,
-            )
-        };
+        let (csr, validity) = (request.csr, request.validity_duration);
+        if !ca.issuer.is_healthy() {
+            // The key is away: a bad request is still the caller's error, a good one waits.
+            judge(&csr, &identity, validity, &policy, ca.issuer.cert.not_after).map_err(to_refusal)?;
+        }
+        // Judging and signing share one trip to a blocking thread: the CSR check is CPU work
+        // of the same order as the signature.
+        let id = identity.clone();
         let issued = ca
             .issuer
-            .with_key(state.hsm_timeout(), move |ca| ca_core::issue::issue(ca, &req))
+            .with_key(state.hsm_timeout(), move |ca| match judge(&csr, &id, validity, &policy, ca.cert.not_after) {
+                Ok(req) => ca_core::issue::issue(ca, &req).map(Ok),
+                Err(j) => Ok(Err(j)),
+            })
             .await
-            .map_err(&refuse)?;
+            .map_err(&refuse)?
+            .map_err(to_refusal)?;
         let cert = issued.cert;
         let sha256 = hex::encode(sha2::Sha256::digest(&cert.der));
         let record = WorkloadRecord {
@@ -764,6 +756,37 @@ impl IstioApi {
         chain.push(ca.bundle_pem.clone());
         Ok(chain)
     }
+}
+
+/// Why a request was refused before signing.
+enum Judged {
+    Csr(ca_core::CoreError),
+    Denial(WorkloadDenial),
+}
+
+/// The CSR's signature, key and names, and the lifetime: everything decided before signing.
+fn judge(
+    csr: &str,
+    identity: &SpiffeId,
+    validity: i64,
+    policy: &TtlPolicy,
+    issuer_not_after: OffsetDateTime,
+) -> Result<CertRequest, Judged> {
+    let csr = VerifiedCsr::parse(csr.as_bytes()).map_err(|e| Judged::Csr(e.into()))?;
+    ca_core::workload::check_requested_names(&csr, identity).map_err(Judged::Denial)?;
+    let (not_before, not_after) =
+        ca_core::workload::lifetime(validity, policy, issuer_not_after, OffsetDateTime::now_utc())
+            .map_err(Judged::Denial)?;
+    Ok(CertRequest {
+        spiffe_id: Some(identity.clone()),
+        ..CertRequest::new(
+            ProfileKind::Workload,
+            rcgen::DistinguishedName::new(),
+            csr.public_key().clone(),
+            not_before,
+            not_after,
+        )
+    })
 }
 
 // ---- cluster intermediates held by the server -----------------------------------------------
