@@ -164,15 +164,26 @@ async fn open_loop(load: &Load, seconds: u64, per_second: u64) -> Stats {
         }));
     }
     let mut s = Stats { ok: 0, errors: 0, latencies: Vec::new(), elapsed: Duration::ZERO };
-    for t in tasks {
+    // The slowest answer of each tenth of a second, to see whether stalls are periodic.
+    let mut worst = vec![Duration::ZERO; (seconds * 10) as usize];
+    for (i, t) in tasks.into_iter().enumerate() {
         let (ok, l) = t.await.unwrap();
         if ok {
             s.ok += 1
         } else {
             s.errors += 1
         }
+        let slot = (i as u64 * 10 / per_second) as usize;
+        worst[slot] = worst[slot].max(l);
         s.latencies.push(l);
     }
+    let stalls: Vec<String> = worst
+        .iter()
+        .enumerate()
+        .filter(|(_, w)| **w > Duration::from_millis(50))
+        .map(|(i, w)| format!("{:.1}s:{}ms", i as f64 / 10.0, w.as_millis()))
+        .collect();
+    eprintln!("open loop: tenths of a second whose slowest answer exceeded 50 ms: {}", stalls.join(" "));
     s.elapsed = start.elapsed();
     s
 }
