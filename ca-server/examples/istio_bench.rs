@@ -228,6 +228,24 @@ fn cpu_seconds(pid: &str) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
+/// The storage's own limit: 4 KiB appended and fsync'd, `n` times, in `dir`. Returns
+/// (p50, p99, max) in milliseconds.
+fn fsync_latency(dir: &Path, n: usize) -> (f64, f64, f64) {
+    use std::io::Write;
+    let mut f = std::fs::File::create(dir.join("fsync-probe")).unwrap();
+    let block = [0x5au8; 4096];
+    let mut lat: Vec<f64> = (0..n)
+        .map(|_| {
+            let t = Instant::now();
+            f.write_all(&block).unwrap();
+            f.sync_data().unwrap();
+            t.elapsed().as_secs_f64() * 1000.0
+        })
+        .collect();
+    lat.sort_by(f64::total_cmp);
+    (lat[n / 2], lat[n * 99 / 100], lat[n - 1])
+}
+
 fn peak_rss_mb(pid: u32) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
@@ -334,6 +352,7 @@ async fn main() {
     let jwt_rate = rate(3.0, || {
         jsonwebtoken::decode::<Value>(&jwt, &dk, &v).unwrap();
     });
+    let (fs50, fs99, fsmax) = fsync_latency(tmp.path(), 500);
     let cluster: Value = call(reqwest::Method::GET, "/v1/clusters/bench".into(), &e["CA_AUDITOR_TOKEN"], None)
         .await
         .unwrap()
@@ -428,9 +447,17 @@ async fn main() {
         }
     }
     let _ = child.kill();
+    let log = std::fs::read_to_string(tmp.path().join("server.log")).unwrap_or_default();
+    let slow: Vec<&str> = log.lines().filter(|l| l.contains("slow workload commit")).collect();
+    eprintln!("slow group commits (> 100 ms) logged by the server: {}", slow.len());
+    for l in slow.iter().take(10) {
+        eprintln!("  {l}");
+    }
 
     println!("\n| measurement | result |\n| --- | --- |");
     println!("| raw ECDSA P-256 sign, software (aws-lc-rs), 1 thread | {raw:.0}/s |");
+    println!("| storage: 4 KiB write + fsync, 500 times | p50 {fs50:.2} ms, p99 {fs99:.2} ms, max {fsmax:.1} ms |");
+    println!("| slow group commits (> 100 ms) logged by the server | {} |", slow.len());
     println!("| raw ECDSA P-256 verify, software (aws-lc-rs), 1 thread | {verify:.0}/s |");
     println!("| service-account token (ES256 JWT) verify, 1 thread | {jwt_rate:.0}/s |");
     println!("| issuance core in process (CSR verify + lint + sign + verify), 1 thread | {core:.0}/s |");

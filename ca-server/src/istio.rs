@@ -46,6 +46,10 @@ pub struct Istio {
     /// queueing one by one behind a key that does not answer.
     failed: Mutex<HashMap<String, (Instant, u16, &'static str, String)>>,
     recorder: Recorder,
+    /// Issuances running at once. Each is CPU work on a blocking thread; hundreds of them in a
+    /// restart storm would crowd out the database writer and the network tasks (every request
+    /// then waits on a starved commit), so they queue here instead.
+    issuing: tokio::sync::Semaphore,
     pub serving: Arc<ServingCert>,
 }
 
@@ -80,6 +84,9 @@ impl Istio {
             loading: tokio::sync::Mutex::new(()),
             failed: Mutex::new(HashMap::new()),
             recorder: Recorder::spawn(store, batch_max, batch_metrics),
+            issuing: tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get).max(2),
+            ),
             serving: Arc::new(ServingCert::default()),
         })
     }
@@ -522,7 +529,14 @@ async fn record_loop(
 ) {
     let mut batch: Vec<Pending> = Vec::with_capacity(batch_max);
     while rx.recv_many(&mut batch, batch_max).await > 0 {
+        let started = Instant::now();
         let result = write_batch(&store, &batch).await;
+        let took = started.elapsed();
+        metrics.workload_commit.observe(took.as_secs_f64());
+        if took > Duration::from_millis(100) {
+            // Every waiting request waits this long: worth a line when it happens.
+            tracing::warn!(ms = took.as_millis() as u64, count = batch.len(), "slow workload commit");
+        }
         if let Err(e) = &result {
             tracing::error!(error = %e, count = batch.len(), "writing a batch of workload records failed; the requests fail");
         }
@@ -725,15 +739,22 @@ impl IstioApi {
         // Judging and signing share one trip to a blocking thread: the CSR check is CPU work
         // of the same order as the signature.
         let id = identity.clone();
+        let permit = state
+            .istio
+            .issuing
+            .acquire()
+            .await
+            .map_err(|_| refuse(ApiError::unavailable("shutting-down", "the server is stopping")))?;
         let issued = ca
             .issuer
             .with_key(state.hsm_timeout(), move |ca| match judge(&csr, &id, validity, &policy, ca.cert.not_after) {
                 Ok(req) => ca_core::issue::issue(ca, &req).map(Ok),
                 Err(j) => Ok(Err(j)),
             })
-            .await
-            .map_err(&refuse)?
-            .map_err(to_refusal)?;
+            .await;
+        // Held for the CPU work only, not while the record commits.
+        drop(permit);
+        let issued = issued.map_err(&refuse)?.map_err(to_refusal)?;
         let cert = issued.cert;
         let sha256 = hex::encode(sha2::Sha256::digest(&cert.der));
         let record = WorkloadRecord {

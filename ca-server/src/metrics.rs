@@ -52,6 +52,7 @@ pub struct Metrics {
     pub workload_latency: Family<OutcomeLabels, Histogram>,
     pub workload_batch: Histogram,
     pub workload_denials_dropped: Counter,
+    pub workload_commit: Histogram,
 }
 
 impl Metrics {
@@ -99,7 +100,14 @@ impl Metrics {
             "Unauthenticated workload refusals not audited because the record queue was full",
             workload_denials_dropped.clone(),
         );
+        let workload_commit = Histogram::new(exponential_buckets(0.0005, 2.0, 14));
+        registry.register(
+            "workload_commit_seconds",
+            "Time to commit one group of workload records (every request in it waits this long)",
+            workload_commit.clone(),
+        );
         Metrics {
+            workload_commit,
             workload_denials_dropped,
             registry: Mutex::new(registry),
             issuances,
