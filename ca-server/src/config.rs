@@ -41,7 +41,7 @@ pub struct IstioConfig {
     #[serde(default = "default_server_names")]
     pub server_names: Vec<String>,
     /// The external-CA cluster whose intermediate signs the serving certificate (default: the
-    /// first configured one, by name).
+    /// first configured one, by name, that is active here).
     pub serving_cluster: Option<String>,
     #[serde(default = "default_serving_validity", with = "validity")]
     pub serving_cert_validity: Validity,
