@@ -1055,3 +1055,84 @@ async fn an_hsm_failure_is_unavailable_and_recovers() {
         }
     }
 }
+
+/// `ca-cli status` lists every issuer and cluster intermediate with its renewal state; the
+/// example alert rules in deploy/prometheus name only metrics the server exports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fleet_status_and_alert_rules() {
+    let tmp = tempfile::tempdir().unwrap();
+    let srv = Server::start(&tmp.path().join("dev"), &Opts::default());
+    srv.wait_ready().await;
+    let ch = channel(&srv).await;
+    create(&ch, Call::new(&srv.env["CA_EXAMPLE_TOKEN"], plain_csr())).await.unwrap();
+    srv.register_approved("plug-1").await;
+    let (s, _) = srv
+        .call(
+            "POST",
+            "/v1/clusters",
+            Some(&srv.token("admin")),
+            Some(json!({"name": "plug-2", "environment": "dev", "trust_domain": "cluster.local"})),
+        )
+        .await;
+    assert_eq!(s, 202);
+    let status = |token: Option<String>, json_out: bool| {
+        let mut cmd = Command::new(ca_cli_bin());
+        if json_out {
+            cmd.args(["--output", "json"]);
+        }
+        cmd.args(["status", "--server", &srv.url, "--ca-root"]).arg(srv.root()).env_remove("CA_TOKEN");
+        if let Some(t) = token {
+            cmd.env("CA_TOKEN", t);
+        }
+        cmd.output().unwrap()
+    };
+    let o = status(Some(srv.token("auditor")), true);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let item = |name: &str| -> Value {
+        v["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["name"] == name && (name != "dev" || i["kind"] == "cluster"))
+            .cloned()
+            .unwrap_or_else(|| panic!("{name} missing: {v}"))
+    };
+    let env = v["items"].as_array().unwrap().iter().find(|i| i["kind"] == "environment").unwrap().clone();
+    assert_eq!((env["name"].as_str(), env["state"].as_str()), (Some("dev"), Some("ok")), "{env}");
+    let dev = item("dev");
+    assert_eq!((dev["mode"].as_str(), dev["state"].as_str()), (Some("external-ca"), Some("ok")), "{dev}");
+    assert!(dev["seconds_left"].as_i64().unwrap() > 29 * 86_400, "{dev}");
+    assert_eq!(item("plug-1")["state"], "no-intermediate", "approved, not enrolled yet");
+    assert_eq!(item("plug-2")["state"], "pending");
+    let o = status(Some(srv.token("auditor")), false);
+    let text = stdout(&o);
+    assert!(text.starts_with("KIND") && text.contains("external-ca") && text.contains("plug-2"), "{text}");
+    // No token: a clear refusal, and the token never comes from argv.
+    let o = status(None, false);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("CA_TOKEN"), "{}", stderr(&o));
+
+    // Every metric the alert rules use is one the server exports.
+    let rules = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/prometheus/alerts.yaml"))
+        .unwrap();
+    let names: Vec<String> = rules
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter_map(|w| w.strip_prefix("ca_"))
+        .map(|b| format!("# TYPE ca_{}", b.trim_end_matches("_bucket").trim_end_matches("_total")))
+        .collect();
+    // Gauges appear once the background jobs (every second here) have set them.
+    let mut missing = names.clone();
+    for _ in 0..100 {
+        let (_, m) = srv.call("GET", "/metrics", None, None).await;
+        let exported = m.as_str().unwrap().to_string();
+        missing = names.iter().filter(|n| !exported.contains(n.as_str())).cloned().collect();
+        if missing.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(missing.is_empty(), "alerts.yaml uses metrics ca-server does not export: {missing:?}");
+    let checked = names.len();
+    assert!(checked >= 8, "{checked}");
+}

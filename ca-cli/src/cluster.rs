@@ -97,7 +97,7 @@ pub fn current(state_dir: &Path) -> Result<Option<CertInfo>> {
     Ok(Some(load_cert(&p).with_context(|| format!("current intermediate {}", p.display()))?))
 }
 
-fn tls_config(ca_root: &Path, client: Option<(&Path, &Path)>) -> Result<rustls::ClientConfig> {
+pub fn tls_config(ca_root: &Path, client: Option<(&Path, &Path)>) -> Result<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     for c in load_certs(ca_root).with_context(|| format!("--ca-root {}", ca_root.display()))? {
         roots.add(rustls::pki_types::CertificateDer::from(c.der)).context("--ca-root")?;

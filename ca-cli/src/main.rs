@@ -3,6 +3,7 @@
 
 mod audit;
 mod cluster;
+mod status;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -67,6 +68,16 @@ enum Cmd {
     /// Audit trail verification.
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// Every issuer and cluster intermediate a ca-server knows: expiry and renewal state.
+    /// The operator or auditor token comes from CA_TOKEN, never the command line.
+    Status {
+        /// ca-server's base URL (or CA_SERVER_URL).
+        #[arg(long, env = "CA_SERVER_URL")]
+        server: String,
+        /// The root that ca-server's TLS certificate chains to (or CA_ROOT_CERT).
+        #[arg(long, env = "CA_ROOT_CERT")]
+        ca_root: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -584,6 +595,14 @@ fn run(cmd: Cmd, output: Output) -> Result<()> {
             });
         }
         Cmd::Cluster(c) => run_cluster(c, output)?,
+        Cmd::Status { server, ca_root } => {
+            let token = std::env::var("CA_TOKEN")
+                .ok()
+                .filter(|t| !t.trim().is_empty())
+                .context("set CA_TOKEN to an operator or auditor token (it is never taken from the command line)")?;
+            let v = block_on(status::collect(&server, &ca_root, token.trim()))?;
+            emit(output, v, status::table);
+        }
         Cmd::Audit(AuditCmd::Verify { database, audit_key }) => {
             let v = block_on(audit::verify(&database, audit_key.as_deref()))?;
             emit(output, v, |v| {
