@@ -44,7 +44,7 @@ pub struct Istio {
     loading: tokio::sync::Mutex<()>,
     /// Clusters whose CA failed to load, and when: requests fail fast for a moment instead of
     /// queueing one by one behind a key that does not answer.
-    failed: Mutex<HashMap<String, (Instant, u16, &'static str, String)>>,
+    failed: Mutex<HashMap<String, LoadFailure>>,
     recorder: Recorder,
     /// Issuances running at once. Each is CPU work on a blocking thread; hundreds of them in a
     /// restart storm would crowd out the database writer and the network tasks (every request
@@ -52,6 +52,9 @@ pub struct Istio {
     issuing: tokio::sync::Semaphore,
     pub serving: Arc<ServingCert>,
 }
+
+/// When a cluster's CA last failed to load, and the error (status, code, detail) to repeat.
+type LoadFailure = (Instant, u16, &'static str, String);
 
 /// A cluster intermediate held by this server, ready to sign.
 pub struct ClusterCa {
