@@ -616,16 +616,9 @@ async fn issue_intermediate(
         }
     };
     let record = cert_record(&cert, &issuer.name, Some(&name), "cluster", &actor);
-    tx.insert_certificate(&record).await?;
+    record_issued(&mut tx, &record, &actor, json!({"issuer": issuer.name, "via": via, "renewed_from": renewed_from}))
+        .await?;
     tx.set_current(&name, &cert.serial, renewed_from.as_deref()).await?;
-    tx.audit(AuditEvent::new(
-        &actor,
-        "certificate.issued",
-        &cert.serial,
-        json!({"cluster": name, "issuer": issuer.name, "profile": "cluster", "via": via, "renewed_from": renewed_from,
-               "not_after": record.not_after, "sha256_fingerprint": record.fingerprint}),
-    ))
-    .await?;
     tx.commit().await?;
     state.metrics.issued(&issuer.name, "cluster", "ok");
     let chain: Vec<String> = std::iter::once(&cert).chain(&issuer_chain(&issuer)).map(CertInfo::pem).collect();
@@ -715,6 +708,24 @@ pub(crate) fn cluster_request(
         ],
         ..CertRequest::new(ProfileKind::Cluster, subject, key, not_before, not_after)
     })
+}
+
+/// Records a new certificate in the inventory together with its `certificate.issued` audit
+/// record: the common fields (cluster, profile, notAfter, fingerprint) plus `extra`.
+pub(crate) async fn record_issued(
+    tx: &mut ca_core::store::Tx,
+    record: &CertRecord,
+    actor: &str,
+    extra: serde_json::Value,
+) -> Result<(), ApiError> {
+    tx.insert_certificate(record).await?;
+    let mut details = json!({"cluster": record.cluster, "profile": record.profile,
+                             "not_after": record.not_after, "sha256_fingerprint": record.fingerprint});
+    if let (Some(d), serde_json::Value::Object(e)) = (details.as_object_mut(), extra) {
+        d.extend(e);
+    }
+    tx.audit(AuditEvent::new(actor, "certificate.issued", &record.serial, details)).await?;
+    Ok(())
 }
 
 pub(crate) fn cert_record(
@@ -944,15 +955,7 @@ async fn issue_server_certificate(
         ca.issuer.with_key(state.hsm_timeout(), move |c| ca_core::issue::issue(c, &request)).await.map_err(deny)?.cert;
     let record = cert_record(&cert, &format!("cluster:{name}"), Some(&name), "server", &op.actor());
     let mut tx = state.store.write().await?;
-    tx.insert_certificate(&record).await?;
-    tx.audit(AuditEvent::new(
-        op.actor(),
-        "certificate.issued",
-        &cert.serial,
-        json!({"cluster": name, "issuer": ca.serial, "profile": "server", "names": req.dns_names,
-               "not_after": record.not_after, "sha256_fingerprint": record.fingerprint}),
-    ))
-    .await?;
+    record_issued(&mut tx, &record, &op.actor(), json!({"issuer": ca.serial, "names": req.dns_names})).await?;
     tx.commit().await?;
     state.metrics.issued(&name, "server", "ok");
     Ok(Json(ServerCertResponse {

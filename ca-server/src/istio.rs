@@ -861,17 +861,15 @@ pub async fn ensure_intermediate(state: &AppState, name: &str, actor: &str) -> R
         return Ok(false);
     }
     let record = crate::api::cert_record(&cert, &issuer.name, Some(name), "cluster", actor);
-    tx.insert_certificate(&record).await?;
-    tx.set_current(name, &cert.serial, cluster.current_serial.as_deref()).await?;
-    tx.audit(AuditEvent::new(
+    crate::api::record_issued(
+        &mut tx,
+        &record,
         actor,
-        "certificate.issued",
-        &cert.serial,
-        json!({"cluster": name, "issuer": issuer.name, "profile": "cluster", "via": "external-ca",
-               "renewed_from": cluster.current_serial, "key": key_ref.to_string(),
-               "not_after": record.not_after, "sha256_fingerprint": record.fingerprint}),
-    ))
+        json!({"issuer": issuer.name, "via": "external-ca", "renewed_from": cluster.current_serial,
+               "key": key_ref.to_string()}),
+    )
     .await?;
+    tx.set_current(name, &cert.serial, cluster.current_serial.as_deref()).await?;
     tx.commit().await?;
     state.metrics.issued(&issuer.name, "cluster", "ok");
     state.istio.forget(name);
@@ -996,14 +994,12 @@ pub async fn ensure_serving_cert(state: &AppState) -> Result<(), ApiError> {
     // Issued by a cluster intermediate, not an environment: no environment CRL covers it.
     let record = crate::api::cert_record(&cert, &format!("cluster:{name}"), Some(&name), "server", &actor);
     let mut tx = state.store.write().await?;
-    tx.insert_certificate(&record).await?;
-    tx.audit(AuditEvent::new(
+    crate::api::record_issued(
+        &mut tx,
+        &record,
         &actor,
-        "certificate.issued",
-        &cert.serial,
-        json!({"cluster": name, "issuer": ca.serial, "profile": "server", "via": "grpc-serving-certificate",
-               "names": cfg.server_names, "not_after": record.not_after, "sha256_fingerprint": record.fingerprint}),
-    ))
+        json!({"issuer": ca.serial, "via": "grpc-serving-certificate", "names": cfg.server_names}),
+    )
     .await?;
     tx.commit().await?;
     let mut chain = vec![rustls_pki_types::CertificateDer::from(cert.der.clone())];
