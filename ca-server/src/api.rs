@@ -928,13 +928,13 @@ async fn issue_server_certificate(
     // A certificate for any name under the mesh root would let one person intercept istiod's
     // traffic: only the names configured for the cluster, never the CA's own.
     let allowed = state
-        .istio
         .config
+        .istio
         .as_ref()
         .and_then(|c| c.clusters.get(&name))
         .map(|c| c.server_certificate_names.clone())
         .unwrap_or_else(crate::config::default_server_certificate_names);
-    let own = state.istio.config.as_ref().map(|c| c.server_names.clone()).unwrap_or_default();
+    let own = state.config.istio.as_ref().map(|c| c.server_names.clone()).unwrap_or_default();
     if let Some(n) = req.dns_names.iter().find(|n| !allowed.contains(n) || own.contains(n)) {
         return Err(deny(ApiError::forbidden(
             "name-not-allowed",
@@ -962,10 +962,7 @@ async fn issue_server_certificate(
         serial: cert.serial.clone(),
         not_after: ca_core::error::fmt_time(cert.not_after),
         certificate: cert.pem(),
-        chain: std::iter::once(&ca.issuer.cert)
-            .chain(ca.issuer.chain.iter().filter(|c| !c.is_self_issued()))
-            .map(CertInfo::pem)
-            .collect(),
+        chain: ca.chain_pem.clone(),
         trust_bundle: ca.issuer.roots.iter().map(CertInfo::pem).collect(),
     }))
 }

@@ -37,7 +37,6 @@ use crate::state::{AppState, Issuer};
 
 /// Everything external-CA mode keeps in memory.
 pub struct Istio {
-    pub config: Option<IstioConfig>,
     tokens: HashMap<String, Arc<TokenValidator>>,
     clusters: RwLock<HashMap<String, Arc<ClusterCa>>>,
     /// Single-flight loading of a cluster's CA, so that a storm on a cold cache opens the key once.
@@ -61,27 +60,28 @@ pub struct ClusterCa {
     pub issuer: Arc<Issuer>,
     pub trust_domain: TrustDomain,
     pub serial: String,
-    /// The intermediate, then its parents below the root (PEM).
-    chain_pem: Vec<String>,
+    /// The intermediate, then its parents below the root.
+    pub chain: Vec<CertInfo>,
+    /// The same, PEM-encoded once for every response.
+    pub chain_pem: Vec<String>,
     /// Every root the cluster trusts, concatenated (PEM): the response's last element.
     bundle_pem: String,
 }
 
 impl Istio {
     pub fn new(
-        config: Option<IstioConfig>,
+        config: Option<&IstioConfig>,
         store: Store,
         batch_metrics: Arc<crate::metrics::Metrics>,
     ) -> Result<Istio> {
         let mut tokens = HashMap::new();
-        if let Some(cfg) = &config {
+        if let Some(cfg) = config {
             for (name, c) in &cfg.clusters {
                 tokens.insert(name.clone(), Arc::new(TokenValidator::new(name, c.clone())?));
             }
         }
-        let batch_max = config.as_ref().map_or(1, |c| c.batch_max);
+        let batch_max = config.map_or(1, |c| c.batch_max);
         Ok(Istio {
-            config,
             tokens,
             clusters: RwLock::new(HashMap::new()),
             loading: tokio::sync::Mutex::new(()),
@@ -92,10 +92,6 @@ impl Istio {
             ),
             serving: Arc::new(ServingCert::default()),
         })
-    }
-
-    pub fn enabled(&self) -> bool {
-        self.config.is_some()
     }
 
     fn cached(&self, name: &str) -> Option<Arc<ClusterCa>> {
@@ -237,12 +233,14 @@ async fn load_cluster_ca(state: &AppState, record: &ClusterRecord) -> Result<Arc
             ));
         }
     }
-    let chain_pem: Vec<String> =
-        std::iter::once(&cert).chain(chain.iter().filter(|c| !c.is_self_issued())).map(CertInfo::pem).collect();
+    let below_root: Vec<CertInfo> =
+        std::iter::once(cert).chain(chain.into_iter().filter(|c| !c.is_self_issued())).collect();
+    let chain_pem: Vec<String> = below_root.iter().map(CertInfo::pem).collect();
     let bundle_pem: String = issuer.roots.iter().map(CertInfo::pem).collect();
     Ok(Arc::new(ClusterCa {
         trust_domain: record.trust_domain.parse().map_err(ApiError::internal)?,
         serial,
+        chain: below_root,
         chain_pem,
         bundle_pem,
         issuer,
@@ -652,7 +650,7 @@ impl IstioApi {
     async fn handle(&self, request: Request<IstioCertificateRequest>) -> Result<Vec<String>, Refusal> {
         let state = &self.state;
         let cfg =
-            state.istio.config.as_ref().ok_or_else(|| ApiError::unavailable("disabled", "external-CA mode is off"))?;
+            state.config.istio.as_ref().ok_or_else(|| ApiError::unavailable("disabled", "external-CA mode is off"))?;
         let md = request.metadata();
         let cluster = metadata_str(md, "clusterid")
             .ok_or_else(|| ApiError::unauthenticated("no-cluster-id", "send the ClusterID metadata header"))?
@@ -880,7 +878,7 @@ pub async fn ensure_intermediate(state: &AppState, name: &str, actor: &str) -> R
 /// Every active external-CA cluster gets its intermediate when due; cached CAs whose cluster
 /// moved on (a renewal by another replica, a deactivation) are dropped and reload on use.
 pub async fn maintain(state: &AppState, leader: bool) -> Result<()> {
-    if !state.istio.enabled() {
+    if state.config.istio.is_none() {
         return Ok(());
     }
     let clusters = state.store.list_clusters().await?;
@@ -905,7 +903,7 @@ pub async fn maintain(state: &AppState, leader: bool) -> Result<()> {
     }
     state.istio.refresh_keys().await;
     if leader {
-        let retention = state.istio.config.as_ref().map_or(0, |c| c.retention.duration().whole_seconds());
+        let retention = state.config.istio.as_ref().map_or(0, |c| c.retention.duration().whole_seconds());
         let before = now_secs() - retention;
         let mut tx = state.store.write().await?;
         let pruned = tx.prune_workload_certificates(before).await?;
@@ -971,7 +969,7 @@ async fn serving_ca(state: &AppState, cfg: &IstioConfig) -> Result<(String, Arc<
 }
 
 pub async fn ensure_serving_cert(state: &AppState) -> Result<(), ApiError> {
-    let Some(cfg) = &state.istio.config else { return Ok(()) };
+    let Some(cfg) = &state.config.istio else { return Ok(()) };
     let now = now_secs();
     if !state.istio.serving.renew_due(now) {
         return Ok(());
@@ -1003,11 +1001,7 @@ pub async fn ensure_serving_cert(state: &AppState) -> Result<(), ApiError> {
     .await?;
     tx.commit().await?;
     let mut chain = vec![rustls_pki_types::CertificateDer::from(cert.der.clone())];
-    chain.extend(
-        std::iter::once(&ca.issuer.cert)
-            .chain(ca.issuer.chain.iter().filter(|c| !c.is_self_issued()))
-            .map(|c| rustls_pki_types::CertificateDer::from(c.der.clone())),
-    );
+    chain.extend(ca.chain.iter().map(|c| rustls_pki_types::CertificateDer::from(c.der.clone())));
     let der = rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
     let signing = rustls::crypto::aws_lc_rs::sign::any_ecdsa_type(&der).map_err(ApiError::internal)?;
     let renew_at = cert.not_before.unix_timestamp() + (cert.not_after - cert.not_before).whole_seconds() / 2;

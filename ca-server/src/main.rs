@@ -152,7 +152,7 @@ async fn run(args: Args) -> Result<()> {
     let tls_config = tls::server_config(&cfg.tls)?;
     let client_roots = tls::client_roots(&cfg.tls)?;
     let metrics = Arc::new(metrics::Metrics::new());
-    let istio = istio::Istio::new(cfg.istio.clone(), store.clone(), metrics.clone())?;
+    let istio = istio::Istio::new(cfg.istio.as_ref(), store.clone(), metrics.clone())?;
     let state = AppState::new(Inner {
         auth: auth::Auth::new(cfg.auth.clone(), jwks),
         config: cfg.clone(),
