@@ -889,7 +889,8 @@ pub async fn maintain(state: &AppState, leader: bool) -> Result<()> {
             }
         }
     }
-    let clusters = state.store.list_clusters().await?;
+    // A cluster that got a new intermediate above was already dropped from the cache by
+    // `ensure_intermediate`; at worst this list is a round old and a fresh CA reloads once.
     for ca in state.istio.loaded() {
         let current = clusters.iter().any(|c| {
             c.name == ca.issuer.name && c.status == "active" && c.current_serial.as_deref() == Some(ca.serial.as_str())
