@@ -48,6 +48,14 @@ fn kid_of(key: &Path) -> String {
     hex::encode(&k.public_key().fingerprint()[..8])
 }
 
+/// The JWK of a P-256 file key, with the kid the dev setup uses.
+fn jwk_of(key: &Path) -> Value {
+    let k = hsm::export_file_key(&hsm::KeyRef::file(key)).unwrap();
+    let raw = k.public_key().raw().to_vec();
+    let b64 = |b: &[u8]| base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, b);
+    json!({"kty": "EC", "crv": "P-256", "x": b64(&raw[1..33]), "y": b64(&raw[33..65]), "kid": kid_of(key), "alg": "ES256", "use": "sig"})
+}
+
 fn sa_token_with(srv: &Server, key: &Path, ns: &str, sa: &str, edit: impl FnOnce(&mut Value)) -> String {
     let pem_text = std::fs::read_to_string(key).unwrap();
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
@@ -410,16 +418,10 @@ async fn workload_certificates_follow_every_rule() {
     // Key rotation: the cluster publishes a second key; tokens signed with it are accepted
     // without a restart (an unknown kid re-reads the JWKS).
     let rotated = tmp.path().join("rotated.key");
-    let public = hsm::generate_key(&hsm::KeyRef::file(&rotated), hsm::KeyAlgorithm::EcdsaP256).unwrap();
+    hsm::generate_key(&hsm::KeyRef::file(&rotated), hsm::KeyAlgorithm::EcdsaP256).unwrap();
     let jwks_path = srv.dir.join("sa-jwks.json");
     let mut jwks: Value = serde_json::from_str(&std::fs::read_to_string(&jwks_path).unwrap()).unwrap();
-    let raw = public.raw();
-    let b64 = |b: &[u8]| base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, b);
-    jwks["keys"]
-        .as_array_mut()
-        .unwrap()
-        .push(json!({"kty": "EC", "crv": "P-256", "x": b64(&raw[1..33]), "y": b64(&raw[33..65]),
-        "kid": hex::encode(&public.fingerprint()[..8]), "alg": "ES256", "use": "sig"}));
+    jwks["keys"].as_array_mut().unwrap().push(jwk_of(&rotated));
     // A token accepted once (here within the 30 s leeway) is refused once it is past it, even
     // though its verification was cached.
     let nearly = sa_token(&srv, "default", "default", |c| {
@@ -918,12 +920,6 @@ async fn keys_from_oidc_discovery_follow_rotation() {
             )
     };
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    let jwk_of = |key: &Path| {
-        let k = hsm::export_file_key(&hsm::KeyRef::file(key)).unwrap();
-        let raw = k.public_key().raw().to_vec();
-        let b64 = |b: &[u8]| base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, b);
-        json!({"kty": "EC", "crv": "P-256", "x": b64(&raw[1..33]), "y": b64(&raw[33..65]), "kid": kid_of(key), "alg": "ES256"})
-    };
     let first = tmp.path().join("first.key");
     let second = tmp.path().join("second.key");
     for k in [&first, &second] {
@@ -986,16 +982,7 @@ async fn keys_from_oidc_discovery_follow_rotation() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_hsm_failure_is_unavailable_and_recovers() {
     let tmp = tempfile::tempdir().unwrap();
-    let shim = tmp.path().join("libfault.so");
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fault-hsm/fault_pkcs11.c");
-    let cc = Command::new("cc")
-        .args(["-shared", "-fPIC", "-O1", "-o"])
-        .arg(&shim)
-        .arg(&src)
-        .arg("-ldl")
-        .output()
-        .expect("a C compiler (gcc) is installed");
-    assert!(cc.status.success(), "{}", String::from_utf8_lossy(&cc.stderr));
+    let shim = build_fault_shim(tmp.path());
     let dir = tmp.path().join("dev");
     let mut first = Server::start(&dir, &Opts::default());
     first.wait_ready().await;

@@ -861,16 +861,7 @@ async fn bad_configuration_is_one_clear_line() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn readyz_follows_the_hsm_and_no_request_hangs() {
     let tmp = tempfile::tempdir().unwrap();
-    let shim = tmp.path().join("libfault.so");
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fault-hsm/fault_pkcs11.c");
-    let cc = Command::new("cc")
-        .args(["-shared", "-fPIC", "-O1", "-o"])
-        .arg(&shim)
-        .arg(&src)
-        .arg("-ldl")
-        .output()
-        .expect("a C compiler (gcc) is installed");
-    assert!(cc.status.success(), "{}", String::from_utf8_lossy(&cc.stderr));
+    let shim = build_fault_shim(tmp.path());
 
     // A normal dev setup first, then the same config with the issuer behind the shim.
     let dir = tmp.path().join("dev");

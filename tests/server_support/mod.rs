@@ -319,3 +319,19 @@ pub fn stdout(o: &std::process::Output) -> String {
 pub fn stderr(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stderr).to_string()
 }
+
+/// Compiles tests/fault-hsm (a PKCS#11 module that forwards to SoftHSM2 and fails or hangs on
+/// demand) into `dir` and returns the library's path.
+pub fn build_fault_shim(dir: &Path) -> PathBuf {
+    let shim = dir.join("libfault.so");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fault-hsm/fault_pkcs11.c");
+    let cc = Command::new("cc")
+        .args(["-shared", "-fPIC", "-O1", "-o"])
+        .arg(&shim)
+        .arg(&src)
+        .arg("-ldl")
+        .output()
+        .expect("a C compiler (gcc) is installed");
+    assert!(cc.status.success(), "{}", String::from_utf8_lossy(&cc.stderr));
+    shim
+}
