@@ -151,12 +151,42 @@ pub async fn renew(a: &RenewArgs) -> Result<serde_json::Value> {
     let now = OffsetDateTime::now_utc();
     let cur = current(&state_dir)?;
     let usable = cur.as_ref().filter(|c| c.not_after > now);
-    if let Some(c) = usable {
+    // Every run reports what is installed; the server answers with the trust bundle to hold
+    // and whether a rotation wants a new intermediate now.
+    let refused_credential =
+        |e: &anyhow::Error| e.downcast_ref::<Refused>().is_some_and(|r| CREDENTIAL_REFUSALS.contains(&r.code.as_str()));
+    let advice = match usable {
+        Some(_) => match report(a, &state_dir, now).await {
+            Ok(adv) => Some(adv),
+            // The renewal below meets the same refusal and falls back to the enrolment token.
+            Err(e) if refused_credential(&e) => None,
+            Err(e) => return Err(e),
+        },
+        None => None,
+    };
+    let mut reason = None;
+    if let (Some(c), Some(adv)) = (usable, &advice) {
         let due = renew_at(c, a.renew_after);
-        if !a.force && now < due {
+        let bundle_fits = chain_verifies_under(&state_dir, &adv.trust_bundle)?;
+        reason = if a.force {
+            Some("forced".to_string())
+        } else if let Some(r) = &adv.reason {
+            Some(format!("rotation: {r}"))
+        } else if !bundle_fits {
+            Some("the installed chain does not verify under the server's trust bundle".to_string())
+        } else if now >= due {
+            Some("due".to_string())
+        } else {
+            None
+        };
+        if reason.is_none() {
+            let bundle_updated = sync_bundle(&state_dir, &adv.trust_bundle, now)?;
+            if bundle_updated {
+                report(a, &state_dir, now).await.context("the new trust bundle is installed, but reporting it failed")?;
+            }
             return Ok(
-                json!({"renewed": false, "serial": c.serial, "not_after": ca_core::error::fmt_time(c.not_after),
-                "renew_after": ca_core::error::fmt_time(due)}),
+                json!({"renewed": false, "bundle_updated": bundle_updated, "serial": c.serial,
+                "not_after": ca_core::error::fmt_time(c.not_after), "renew_after": ca_core::error::fmt_time(due)}),
             );
         }
     }
@@ -186,8 +216,6 @@ pub async fn renew(a: &RenewArgs) -> Result<serde_json::Value> {
     let mut result = fetch_into(a, mode, &state_dir, &version, now).await;
     // A revoked or superseded credential cannot renew; an operator-issued enrolment token can
     // still bring the cluster back.
-    let refused_credential =
-        |e: &anyhow::Error| e.downcast_ref::<Refused>().is_some_and(|r| CREDENTIAL_REFUSALS.contains(&r.code.as_str()));
     if mode == "renewal" && a.enrolment_token.is_some() && result.as_ref().err().is_some_and(refused_credential) {
         let renewal_error = result.err().expect("checked").to_string();
         let _ = std::fs::remove_dir_all(&version);
@@ -208,9 +236,101 @@ pub async fn renew(a: &RenewArgs) -> Result<serde_json::Value> {
     };
     swap(&state_dir, &version)?;
     prune(&state_dir)?;
+    report(a, &state_dir, now).await.context("renewed, but reporting the new set to the server failed")?;
     Ok(
-        json!({"renewed": true, "via": mode, "serial": resp.serial, "not_after": resp.not_after, "state_dir": state_dir}),
+        json!({"renewed": true, "via": mode, "reason": reason, "serial": resp.serial, "not_after": resp.not_after, "state_dir": state_dir}),
     )
+}
+
+#[derive(Deserialize)]
+struct Advice {
+    trust_bundle: Vec<String>,
+    reason: Option<String>,
+}
+
+fn fingerprints(path: &Path) -> Result<Vec<String>> {
+    Ok(load_certs(path)?.iter().map(CertInfo::fingerprint).collect())
+}
+
+/// Tells the server what `..data` holds (over mTLS with the newest credential) and returns
+/// its advice.
+async fn report(a: &RenewArgs, state_dir: &Path, now: OffsetDateTime) -> Result<Advice> {
+    let installed = current(state_dir)?.context("nothing installed to report")?;
+    let mut chain = vec![installed.fingerprint()];
+    chain.extend(fingerprints(&state_dir.join("cert-chain.pem"))?);
+    let body = json!({
+        "bundle": fingerprints(&state_dir.join("root-cert.pem"))?,
+        "chain": chain,
+        "intermediate_serial": installed.serial,
+    });
+    let (_, set) = credential(state_dir, now)?.context("no unexpired intermediate to report with")?;
+    let tls = tls_config(&a.ca_root, Some((&set.join("ca-cert.pem"), &set.join("ca-key.pem"))))?;
+    let client = reqwest::Client::builder().use_preconfigured_tls(tls).timeout(Duration::from_secs(30)).build()?;
+    let url = format!("{}/v1/clusters/{}/report", a.server.trim_end_matches('/'), a.cluster);
+    let resp = client.post(&url).json(&body).send().await.with_context(|| format!("POST {url}"))?;
+    let status = resp.status();
+    if !status.is_success() {
+        let (code, message) = match resp.json::<Problem>().await.ok() {
+            Some(p) => (p.code.clone(), format!("report refused by {} ({status}, {}): {}", a.server, p.code, p.detail)),
+            None => (String::new(), format!("report refused by {} ({status})", a.server)),
+        };
+        return Err(Refused { code, message }.into());
+    }
+    resp.json().await.context("the server's answer to the report is not advice")
+}
+
+fn parse_pems(pems: &[String]) -> Result<Vec<CertInfo>> {
+    pems.iter().map(|p| CertInfo::from_der(pem::parse(p)?.into_contents()).map_err(anyhow::Error::msg)).collect()
+}
+
+/// Whether the installed intermediate and chain verify under `bundle` (istiod refuses a set
+/// whose chain does not verify to `root-cert.pem`).
+fn chain_verifies_under(state_dir: &Path, bundle: &[String]) -> Result<bool> {
+    let cert = current(state_dir)?.context("nothing installed")?;
+    let chain: Vec<CertInfo> =
+        load_certs(&state_dir.join("cert-chain.pem"))?.into_iter().filter(|c| !c.is_self_issued()).collect();
+    let roots = parse_pems(bundle)?;
+    Ok(ca_core::chain::verify_chain(&cert, &chain, &roots, OffsetDateTime::now_utc()).is_ok())
+}
+
+/// Installs `bundle` as `root-cert.pem` beside the current intermediate, key and chain, as a
+/// new version swapped in like a renewal. Istiod (with `ISTIO_MULTIROOT_MESH`) takes a new
+/// bundle only as a superset or subset of the old one, so anything else is refused.
+fn sync_bundle(state_dir: &Path, bundle: &[String], now: OffsetDateTime) -> Result<bool> {
+    let installed: std::collections::BTreeSet<String> =
+        fingerprints(&state_dir.join("root-cert.pem"))?.into_iter().collect();
+    let wanted: std::collections::BTreeSet<String> = parse_pems(bundle)?.iter().map(CertInfo::fingerprint).collect();
+    if installed == wanted {
+        return Ok(false);
+    }
+    if !installed.is_subset(&wanted) && !installed.is_superset(&wanted) {
+        bail!(
+            "the server's trust bundle neither contains nor is contained in the installed one; istiod would refuse it (install the intermediate bundle first, or renew with --force)"
+        );
+    }
+    let stamp = now.format(time::macros::format_description!(
+        "[year]_[month]_[day]_[hour]_[minute]_[second].[subsecond digits:3]"
+    ))?;
+    let version = state_dir.join(format!("..{stamp}_bundle"));
+    std::fs::create_dir(&version).with_context(|| format!("creating {}", version.display()))?;
+    let write = || -> Result<()> {
+        let key = std::fs::read(state_dir.join("ca-key.pem")).context("reading the installed key")?;
+        hsm::write_new_private(&version.join("ca-key.pem"), &key)?;
+        let mut out = ca_core::outputs::OutputSet::new();
+        for f in ["ca-cert.pem", "cert-chain.pem"] {
+            out.add(version.join(f), std::fs::read(state_dir.join(f))?);
+        }
+        out.add(version.join("root-cert.pem"), bundle.concat());
+        out.commit()?;
+        Ok(())
+    };
+    if let Err(e) = write() {
+        let _ = std::fs::remove_dir_all(&version);
+        return Err(e);
+    }
+    swap(state_dir, &version)?;
+    prune(state_dir)?;
+    Ok(true)
 }
 
 async fn fetch_into(

@@ -3,6 +3,9 @@
 
 mod audit;
 mod cluster;
+mod handshake;
+mod rotation;
+mod simulate;
 mod status;
 
 use std::path::{Path, PathBuf};
@@ -77,6 +80,149 @@ enum Cmd {
         /// The root that ca-server's TLS certificate chains to (or CA_ROOT_CERT).
         #[arg(long, env = "CA_ROOT_CERT")]
         ca_root: PathBuf,
+    },
+    /// Staged root, environment and cluster intermediate rotations on ca-server (operator
+    /// token from CA_TOKEN); all-pairs handshake checks; the offline rotation simulation.
+    #[command(subcommand)]
+    Rotation(RotationCmd),
+    /// Requests awaiting a second operator (the two-person rule): list, approve, reject.
+    #[command(subcommand)]
+    Request(RequestCmd),
+}
+
+/// Where ca-server is and how to trust its TLS certificate.
+#[derive(Args, Clone)]
+struct ServerArgs {
+    /// ca-server's base URL (or CA_SERVER_URL).
+    #[arg(long, env = "CA_SERVER_URL")]
+    server: String,
+    /// The root that ca-server's TLS certificate chains to (or CA_ROOT_CERT).
+    #[arg(long, env = "CA_ROOT_CERT")]
+    ca_root: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum RotationCmd {
+    /// Ask to start a rotation; a second operator approves it (`ca-cli request approve`).
+    #[command(subcommand)]
+    Start(StartCmd),
+    /// Root rotation: add an environment's certificate re-signed by the new root (the
+    /// cross-sign ceremony's output).
+    Certificate {
+        id: String,
+        #[arg(long)]
+        environment: String,
+        #[arg(long)]
+        certificate: PathBuf,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// A rotation's stage, each cluster's progress and what blocks the next stage; without an
+    /// ID, every rotation.
+    Status {
+        id: Option<String>,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Ask to move to the next stage (refused, with the reasons, while any cluster lags).
+    Advance {
+        id: String,
+        /// The stage you expect next; refused if the rotation is elsewhere.
+        #[arg(long)]
+        to: Option<String>,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Ask to move one stage back (or abort before anything was re-issued).
+    Rollback {
+        id: String,
+        #[arg(long)]
+        to: Option<String>,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// All-pairs mTLS handshakes between the workloads in DIR (one subdirectory each with
+    /// cert-chain.pem, key.pem and root-cert.pem), over loopback; exits 1 on any failure.
+    Handshakes {
+        dir: PathBuf,
+        #[arg(long, value_enum, default_value_t = handshake::Stack::Both)]
+        stack: handshake::Stack,
+    },
+    /// Play a rotation on a throwaway mesh (M clusters x N workloads, real TLS on loopback)
+    /// and report failed handshakes per stage; exits 1 on any failure.
+    Simulate {
+        /// root, environment or cluster.
+        #[arg(long, default_value = "root")]
+        kind: String,
+        #[arg(long, default_value_t = 2)]
+        clusters: usize,
+        #[arg(long, default_value_t = 3)]
+        workloads: usize,
+        /// Skip the drain: retire the old root while workloads still present the old chain.
+        #[arg(long)]
+        retire_early: bool,
+        #[arg(long, value_enum, default_value_t = handshake::Stack::Both)]
+        stack: handshake::Stack,
+    },
+}
+
+#[derive(Subcommand)]
+enum StartCmd {
+    /// Replace the root every environment under it chains to.
+    Root {
+        /// The new root certificate (PEM), from the root ceremony.
+        #[arg(long)]
+        new_root: PathBuf,
+        /// SHA-256 of the root to replace (default: the only root in use).
+        #[arg(long)]
+        old_root: Option<String>,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Replace an environment intermediate with a new one (new key) under the same root.
+    Environment {
+        #[arg(long)]
+        environment: String,
+        /// The new intermediate (PEM), from the intermediate ceremony.
+        #[arg(long)]
+        certificate: PathBuf,
+        /// Its key (pkcs11:... or file:...), which the server opens.
+        #[arg(long)]
+        key: KeyArg,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Replace a cluster's intermediate with one for a new key.
+    Cluster {
+        #[arg(long)]
+        cluster: String,
+        /// External-CA clusters: the new server-held key. Plug-in clusters make their own.
+        #[arg(long)]
+        key: Option<KeyArg>,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum RequestCmd {
+    List {
+        /// pending, approved or rejected.
+        #[arg(long)]
+        status: Option<String>,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Approve a request someone else made.
+    Approve {
+        id: String,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    Reject {
+        id: String,
+        #[command(flatten)]
+        server: ServerArgs,
     },
 }
 
@@ -603,6 +749,8 @@ fn run(cmd: Cmd, output: Output) -> Result<()> {
             let v = block_on(status::collect(&server, &ca_root, token.trim()))?;
             emit(output, v, status::table);
         }
+        Cmd::Rotation(r) => run_rotation(r, output)?,
+        Cmd::Request(r) => run_request(r, output)?,
         Cmd::Audit(AuditCmd::Verify { database, audit_key }) => {
             let v = block_on(audit::verify(&database, audit_key.as_deref()))?;
             emit(output, v, |v| {
@@ -635,6 +783,149 @@ fn run(cmd: Cmd, output: Output) -> Result<()> {
             let r = ca_core::quickstart::run(&opts)?;
             let v = serde_json::to_value(&r)?;
             emit(output, v, |_| quickstart_text(&r));
+        }
+    }
+    Ok(())
+}
+
+fn run_rotation(cmd: RotationCmd, output: Output) -> Result<()> {
+    let api = |s: &ServerArgs| rotation::Api::new(&s.server, &s.ca_root);
+    match cmd {
+        RotationCmd::Start(start) => {
+            let (server, s) = match &start {
+                StartCmd::Root { new_root, old_root, server } => {
+                    (server, rotation::Start::Root { new_root, old_root: old_root.clone() })
+                }
+                StartCmd::Environment { environment, certificate, key, server } => (
+                    server,
+                    rotation::Start::Environment {
+                        environment: environment.clone(),
+                        certificate,
+                        key: key.parse()?.to_string(),
+                    },
+                ),
+                StartCmd::Cluster { cluster, key, server } => (
+                    server,
+                    rotation::Start::Cluster {
+                        cluster: cluster.clone(),
+                        key: key.as_ref().map(|k| k.parse()).transpose()?.map(|k| k.to_string()),
+                    },
+                ),
+            };
+            let api = api(server)?;
+            let v = block_on(rotation::start(&api, s))?;
+            emit(output, v, |v| {
+                format!(
+                    "rotation {} requested; a second operator approves it with `ca-cli request approve {}`",
+                    v["rotation"].as_str().unwrap_or_default(),
+                    v["request_id"].as_str().unwrap_or_default()
+                )
+            });
+        }
+        RotationCmd::Certificate { id, environment, certificate, server } => {
+            let v = block_on(rotation::add_certificate(&api(&server)?, &id, &environment, &certificate))?;
+            emit(output, v, rotation::status_text);
+        }
+        RotationCmd::Status { id, server } => {
+            let api = api(&server)?;
+            match id {
+                Some(id) => {
+                    let v = block_on(api.call("GET", &format!("/v1/rotations/{id}"), None))?;
+                    emit(output, v, rotation::status_text);
+                }
+                None => {
+                    let v = block_on(api.call("GET", "/v1/rotations", None))?;
+                    emit(output, v, rotation::list_text);
+                }
+            }
+        }
+        RotationCmd::Advance { id, to, server } => {
+            let v = block_on(rotation::stage(&api(&server)?, &id, true, to))?;
+            emit(output, v, move_text);
+        }
+        RotationCmd::Rollback { id, to, server } => {
+            let v = block_on(rotation::stage(&api(&server)?, &id, false, to))?;
+            emit(output, v, move_text);
+        }
+        RotationCmd::Handshakes { dir, stack } => {
+            let ws = handshake::load_dir(&dir)?;
+            let scratch = tempfile_dir()?;
+            let outcome = handshake::all_pairs(&ws, stack, scratch.path())?;
+            let failed = outcome.failures.len();
+            let v = serde_json::to_value(&outcome)?;
+            emit(output, v, |v| {
+                let mut s = format!("{} handshakes, {} failed", v["handshakes"], failed);
+                for f in v["failures"].as_array().into_iter().flatten() {
+                    s.push_str(&format!(
+                        "\n  {} {} -> {}: {}",
+                        f["stack"].as_str().unwrap_or_default(),
+                        f["client"].as_str().unwrap_or_default(),
+                        f["server"].as_str().unwrap_or_default(),
+                        f["error"].as_str().unwrap_or_default()
+                    ));
+                }
+                s
+            });
+            if failed > 0 {
+                bail!("{failed} handshakes failed");
+            }
+        }
+        RotationCmd::Simulate { kind, clusters, workloads, retire_early, stack } => {
+            let kind = kind.parse().map_err(anyhow::Error::msg)?;
+            if clusters == 0 || workloads == 0 || clusters * workloads < 2 {
+                bail!("the simulation needs at least two workloads in all (--clusters and --workloads)");
+            }
+            let scratch = tempfile_dir()?;
+            let opts = simulate::Options { kind, clusters, workloads, retire_early, stack };
+            let steps = simulate::run(&opts, scratch.path())?;
+            let failed: usize = steps.iter().map(|s| s.outcome.failures.len()).sum();
+            emit(output, serde_json::to_value(&steps)?, |_| simulate::table(&steps));
+            if failed > 0 {
+                bail!("{failed} handshakes failed during the simulated {kind} rotation");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn tempfile_dir() -> Result<tempfile::TempDir> {
+    Ok(tempfile::Builder::new().prefix("ca-cli-handshakes").tempdir()?)
+}
+
+fn move_text(v: &Value) -> String {
+    format!(
+        "asked to move rotation {} from {} to {}; a second operator approves with `ca-cli request approve {}`",
+        v["rotation"].as_str().unwrap_or_default(),
+        v["from"].as_str().unwrap_or_default(),
+        v["to"].as_str().unwrap_or_default(),
+        v["request_id"].as_str().unwrap_or_default()
+    )
+}
+
+fn run_request(cmd: RequestCmd, output: Output) -> Result<()> {
+    match cmd {
+        RequestCmd::List { status, server } => {
+            let api = rotation::Api::new(&server.server, &server.ca_root)?;
+            let path = match status {
+                Some(s) => format!("/v1/requests?status={s}"),
+                None => "/v1/requests".into(),
+            };
+            let v = block_on(api.call("GET", &path, None))?;
+            emit(output, v, rotation::requests_text);
+        }
+        RequestCmd::Approve { id, server } => {
+            let api = rotation::Api::new(&server.server, &server.ca_root)?;
+            let v = block_on(api.call("POST", &format!("/v1/requests/{id}/approve"), None))?;
+            emit(output, v, |v| {
+                format!("request {} ({} {}) approved", id, v["kind"].as_str().unwrap_or_default(), v["subject"].as_str().unwrap_or_default())
+            });
+        }
+        RequestCmd::Reject { id, server } => {
+            let api = rotation::Api::new(&server.server, &server.ca_root)?;
+            let v = block_on(api.call("POST", &format!("/v1/requests/{id}/reject"), None))?;
+            emit(output, v, |v| {
+                format!("request {} ({} {}) rejected", id, v["kind"].as_str().unwrap_or_default(), v["subject"].as_str().unwrap_or_default())
+            });
         }
     }
     Ok(())

@@ -51,6 +51,23 @@ pub async fn collect(server: &str, ca_root: &Path, token: &str) -> Result<Value>
         }
     };
     let now = OffsetDateTime::now_utc().unix_timestamp();
+    // What each active rotation is doing to each environment and cluster it covers.
+    let mut rotation: std::collections::BTreeMap<(String, String), String> = Default::default();
+    for r in get("/v1/rotations".into()).await?.as_array().cloned().unwrap_or_default() {
+        if matches!(r["stage"].as_str(), Some("done" | "aborted")) {
+            continue;
+        }
+        let id = r["id"].as_str().unwrap_or_default();
+        let detail = get(format!("/v1/rotations/{id}")).await?;
+        let what = format!("{} {}", r["kind"].as_str().unwrap_or_default(), r["stage"].as_str().unwrap_or_default());
+        for e in detail["environments"].as_array().into_iter().flatten() {
+            rotation.insert(("environment".into(), e["name"].as_str().unwrap_or_default().into()), what.clone());
+        }
+        for c in detail["clusters"].as_array().into_iter().flatten() {
+            let state = c["state"].as_str().unwrap_or_default();
+            rotation.insert(("cluster".into(), c["name"].as_str().unwrap_or_default().into()), format!("{what} ({state})"));
+        }
+    }
     let mut rows = Vec::new();
     for i in get("/v1/issuers".into()).await?.as_array().cloned().unwrap_or_default() {
         let pem = i["chain"][0].as_str().context("issuer without a certificate")?;
@@ -80,13 +97,17 @@ pub async fn collect(server: &str, ca_root: &Path, token: &str) -> Result<Value>
         };
         rows.push(row);
     }
+    for row in &mut rows {
+        let key = (row["kind"].as_str().unwrap_or_default().to_string(), row["name"].as_str().unwrap_or_default().to_string());
+        row["rotation"] = rotation.get(&key).map_or(Value::Null, |r| json!(r));
+    }
     Ok(json!({"server": server, "checked_at": now, "items": rows}))
 }
 
 pub fn table(v: &Value) -> String {
     let mut out = format!(
-        "{:<12} {:<24} {:<12} {:<12} {:<21} {:<9} {}\n",
-        "KIND", "NAME", "ENVIRONMENT", "MODE", "NOT AFTER", "LEFT", "STATE"
+        "{:<12} {:<24} {:<12} {:<12} {:<21} {:<9} {:<18} {}\n",
+        "KIND", "NAME", "ENVIRONMENT", "MODE", "NOT AFTER", "LEFT", "STATE", "ROTATION"
     );
     for r in v["items"].as_array().into_iter().flatten() {
         let not_after = r["not_after"]
@@ -94,7 +115,7 @@ pub fn table(v: &Value) -> String {
             .and_then(|t| OffsetDateTime::from_unix_timestamp(t).ok())
             .map_or("-".to_string(), ca_core::error::fmt_time);
         out.push_str(&format!(
-            "{:<12} {:<24} {:<12} {:<12} {:<21} {:<9} {}\n",
+            "{:<12} {:<24} {:<12} {:<12} {:<21} {:<9} {:<18} {}\n",
             r["kind"].as_str().unwrap_or(""),
             r["name"].as_str().unwrap_or(""),
             r["environment"].as_str().unwrap_or(""),
@@ -102,6 +123,7 @@ pub fn table(v: &Value) -> String {
             not_after,
             r["seconds_left"].as_i64().map_or("-".into(), left),
             r["state"].as_str().unwrap_or(""),
+            r["rotation"].as_str().unwrap_or("-"),
         ));
     }
     out.trim_end().to_string()

@@ -18,6 +18,7 @@ pub mod names;
 pub mod outputs;
 pub mod profile;
 pub mod quickstart;
+pub mod rotation;
 pub mod store;
 pub mod workload;
 

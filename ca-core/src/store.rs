@@ -110,6 +110,33 @@ pub struct WorkloadRecord {
     pub der: Vec<u8>,
 }
 
+/// A staged rotation. `spec` is `ca_core::rotation`-shaped JSON owned by the server.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, sqlx::FromRow)]
+pub struct RotationRecord {
+    pub id: String,
+    /// `root`, `environment` or `cluster`.
+    pub kind: String,
+    /// The old root's SHA-256, the environment or the cluster.
+    pub target: String,
+    pub stage: String,
+    pub spec: String,
+    pub created_by: String,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+/// What a plug-in cluster last reported having installed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, sqlx::FromRow)]
+pub struct ClusterReport {
+    pub cluster: String,
+    /// JSON array of the SHA-256 fingerprints in `root-cert.pem`.
+    pub bundle: String,
+    /// JSON array of the SHA-256 fingerprints of `ca-cert.pem`, then `cert-chain.pem`.
+    pub chain: String,
+    pub intermediate_serial: String,
+    pub reported_at: i64,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, sqlx::FromRow)]
 pub struct ApprovalRequest {
     pub id: String,
@@ -405,6 +432,38 @@ impl Store {
         Ok(r.0)
     }
 
+    pub async fn get_rotation(&self, id: &str) -> Result<Option<RotationRecord>> {
+        Ok(on_pool!(self, c => sqlx::query_as("SELECT * FROM rotations WHERE id = $1").bind(id).fetch_optional(c).await)?)
+    }
+
+    /// Rotations, newest first; only those not done or aborted when `active_only`.
+    pub async fn list_rotations(&self, active_only: bool) -> Result<Vec<RotationRecord>> {
+        Ok(on_pool!(self, c => sqlx::query_as(
+            "SELECT * FROM rotations WHERE ($1 = 0 OR stage NOT IN ('done', 'aborted')) ORDER BY created_at DESC, id")
+            .bind(i64::from(active_only)).fetch_all(c).await)?)
+    }
+
+    pub async fn cluster_reports(&self) -> Result<Vec<ClusterReport>> {
+        Ok(on_pool!(self, c => sqlx::query_as("SELECT * FROM cluster_reports ORDER BY cluster").fetch_all(c).await)?)
+    }
+
+    /// Live (unexpired at `now`) workload certificates of `cluster` issued before `before`.
+    pub async fn count_workloads_issued_before(&self, cluster: &str, now: i64, before: i64) -> Result<i64> {
+        let (n,): (i64,) = on_pool!(self, c => sqlx::query_as(
+            "SELECT COUNT(*) FROM workload_certificates WHERE cluster = $1 AND not_after > $2 AND issued_at < $3")
+            .bind(cluster).bind(now).bind(before).fetch_one(c).await)?;
+        Ok(n)
+    }
+
+    /// Live workload certificates of `cluster` signed by an intermediate issued before `before`.
+    pub async fn count_workloads_under_intermediates_before(&self, cluster: &str, now: i64, before: i64) -> Result<i64> {
+        let (n,): (i64,) = on_pool!(self, c => sqlx::query_as(
+            "SELECT COUNT(*) FROM workload_certificates w JOIN certificates i ON i.serial = w.issuer_serial
+             WHERE w.cluster = $1 AND w.not_after > $2 AND i.issued_at < $3")
+            .bind(cluster).bind(now).bind(before).fetch_one(c).await)?;
+        Ok(n)
+    }
+
     pub async fn get_cluster(&self, name: &str) -> Result<Option<ClusterRecord>> {
         Ok(
             on_pool!(self, p => sqlx::query_as("SELECT * FROM clusters WHERE name = $1").bind(name).fetch_optional(p).await)?,
@@ -661,6 +720,55 @@ impl Tx {
         Ok(
             on_tx!(self, c => sqlx::query("DELETE FROM workload_certificates WHERE not_after < $1").bind(before).execute(c).await.map(|r| r.rows_affected()))?,
         )
+    }
+
+    pub async fn insert_rotation(&mut self, r: &RotationRecord) -> Result<()> {
+        on_tx!(self, c => sqlx::query("INSERT INTO rotations (id, kind, target, stage, spec, created_by, created_at, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)")
+            .bind(&r.id).bind(&r.kind).bind(&r.target).bind(&r.stage).bind(&r.spec).bind(&r.created_by)
+            .bind(r.created_at).bind(r.updated_at).execute(c).await.map(|r| r.rows_affected()))?;
+        Ok(())
+    }
+
+    pub async fn get_rotation(&mut self, id: &str) -> Result<Option<RotationRecord>> {
+        Ok(on_tx!(self, c => sqlx::query_as("SELECT * FROM rotations WHERE id = $1").bind(id).fetch_optional(c).await)?)
+    }
+
+    pub async fn list_active_rotations(&mut self) -> Result<Vec<RotationRecord>> {
+        Ok(on_tx!(self, c => sqlx::query_as("SELECT * FROM rotations WHERE stage NOT IN ('done', 'aborted') ORDER BY created_at, id")
+            .fetch_all(c).await)?)
+    }
+
+    /// Moves a rotation from `from` to `stage` with its new spec. False when it is no longer at
+    /// `from` (someone else moved it).
+    pub async fn update_rotation(&mut self, id: &str, from: &str, stage: &str, spec: &str, now: i64) -> Result<bool> {
+        let n = on_tx!(self, c => sqlx::query("UPDATE rotations SET stage = $1, spec = $2, updated_at = $3 WHERE id = $4 AND stage = $5")
+            .bind(stage).bind(spec).bind(now).bind(id).bind(from).execute(c).await.map(|r| r.rows_affected()))?;
+        Ok(n == 1)
+    }
+
+    pub async fn put_cluster_report(&mut self, r: &ClusterReport) -> Result<()> {
+        on_tx!(self, c => sqlx::query(
+            "INSERT INTO cluster_reports (cluster, bundle, chain, intermediate_serial, reported_at) VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (cluster) DO UPDATE SET bundle = excluded.bundle, chain = excluded.chain,
+                 intermediate_serial = excluded.intermediate_serial, reported_at = excluded.reported_at")
+            .bind(&r.cluster).bind(&r.bundle).bind(&r.chain).bind(&r.intermediate_serial).bind(r.reported_at)
+            .execute(c).await.map(|r| r.rows_affected()))?;
+        Ok(())
+    }
+
+    /// Sets the key an external-CA cluster's next intermediate is issued for.
+    pub async fn set_cluster_key(&mut self, cluster: &str, key_ref: &str) -> Result<()> {
+        on_tx!(self, c => sqlx::query("UPDATE clusters SET key_ref = $1 WHERE name = $2")
+            .bind(key_ref).bind(cluster).execute(c).await.map(|r| r.rows_affected()))?;
+        Ok(())
+    }
+
+    /// Unrevoked, unexpired intermediates of `cluster`.
+    pub async fn live_cluster_certificates(&mut self, cluster: &str, now: i64) -> Result<Vec<CertRecord>> {
+        Ok(on_tx!(self, c => sqlx::query_as(
+            "SELECT * FROM certificates WHERE cluster = $1 AND profile = 'cluster' AND revoked_at IS NULL AND not_after > $2 ORDER BY issued_at, serial")
+            .bind(cluster).bind(now).fetch_all(c).await)?)
     }
 
     /// Takes or renews the lease `name` for `holder` until `until`. True when `holder` holds it.

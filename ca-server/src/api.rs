@@ -58,6 +58,12 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/certificates/{serial}/revoke", post(revoke_certificate))
         .route("/v1/crl/{issuer}", get(get_crl))
         .route("/v1/audit", get(list_audit))
+        .route("/v1/clusters/{name}/report", post(report_installed))
+        .route("/v1/rotations", post(crate::rotation::start).get(crate::rotation::list))
+        .route("/v1/rotations/{id}", get(crate::rotation::get))
+        .route("/v1/rotations/{id}/certificates", post(crate::rotation::upload_certificate))
+        .route("/v1/rotations/{id}/advance", post(crate::rotation::advance))
+        .route("/v1/rotations/{id}/rollback", post(crate::rotation::rollback))
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         // No request holds a connection longer than this (HSM calls are bounded well below it).
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(
@@ -149,11 +155,14 @@ impl<T: serde::de::DeserializeOwned> FromRequest<AppState> for Body<T> {
     paths(
         healthz, readyz, list_issuers, register_cluster, list_clusters, get_cluster, issue_intermediate, reissue_enrolment, list_requests,
         approve_request, reject_request, list_certificates, get_certificate, revoke_certificate, get_crl, list_audit,
-        trust_bundle, trust_bundle_configmap, issue_server_certificate
+        trust_bundle, trust_bundle_configmap, issue_server_certificate, report_installed,
+        crate::rotation::list, crate::rotation::get, crate::rotation::start, crate::rotation::upload_certificate,
+        crate::rotation::advance, crate::rotation::rollback
     ),
     components(schemas(
         Problem, RegisterCluster, RegisterResponse, ClusterView, IntermediateRequest, IntermediateResponse, RequestView,
-        CertificateView, RevokeRequest, IssuerView, AuditView, Ready, ServerCertRequest, ServerCertResponse
+        CertificateView, RevokeRequest, IssuerView, AuditView, Ready, ServerCertRequest, ServerCertResponse,
+        InstalledReport, ReportResponse
     )),
     modifiers(&BearerAuth)
 )]
@@ -194,7 +203,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
     let database =
         tokio::time::timeout(std::time::Duration::from_secs(2), state.store.ping()).await.is_ok_and(|r| r.is_ok());
     let issuers: std::collections::BTreeMap<String, bool> =
-        state.issuers.iter().map(|(n, i)| (n.clone(), i.is_healthy())).collect();
+        state.issuers.all().iter().map(|i| (i.name.clone(), i.is_healthy())).collect();
     let ready = database && issuers.values().all(|v| *v);
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, Json(Ready { ready, database, issuers })).into_response()
@@ -220,7 +229,8 @@ async fn list_issuers(State(state): State<AppState>) -> Json<Vec<IssuerView>> {
     Json(
         state
             .issuers
-            .values()
+            .all()
+            .iter()
             .map(|i| IssuerView {
                 name: i.name.clone(),
                 subject: i.cert.subject.clone(),
@@ -544,30 +554,8 @@ async fn issue_intermediate(
         }
         Caller::Enrolment { token_hash: h }
     } else if let Some(der) = peer {
-        let fp = hex::encode(sha2::Sha256::digest(&der));
-        // One of our issuers' intermediates for this cluster: it chains to tls.client_ca and
-        // the inventory knows it. (TLS only proved the client holds its key.)
-        let rejected = || {
-            claimed(ApiError::unauthenticated(
-                "client-certificate-rejected",
-                format!("certificate sha256:{fp} is not an intermediate of this cluster"),
-            ))
-        };
-        if !state.client_chain_ok(&der) {
-            return Err(rejected());
-        }
-        let rec = match state.store.get_certificate_by_fingerprint(&fp).await? {
-            Some(r) if r.cluster.as_deref() == Some(name.as_str()) => r,
-            _ => return Err(rejected()),
-        };
         // Refused before the HSM signs anything; checked again under the write lock below.
-        let successor_revoked = match &cluster.current_serial {
-            Some(c) if *c != rec.serial => {
-                state.store.get_certificate(c).await?.is_some_and(|c| c.revoked_at.is_some())
-            }
-            _ => false,
-        };
-        renewal_allowed(&rec, &cluster, successor_revoked, now).map_err(|e| e.by(format!("cluster:{name}")))?;
+        let rec = presented_intermediate(&state, &cluster, &der, now).await?;
         Caller::Renewal { serial: rec.serial }
     } else {
         return Err(claimed(ApiError::unauthenticated(
@@ -628,6 +616,129 @@ async fn issue_intermediate(
         certificate: cert.pem(),
         chain,
         trust_bundle: issuer.roots.iter().map(CertInfo::pem).collect(),
+    }))
+}
+
+/// The intermediate a cluster presented over mTLS, if it may act for the cluster (renew, or
+/// report what it has installed): one of our issuers' intermediates for this cluster (it
+/// chains to `tls.client_ca` and the inventory knows it; TLS only proved the client holds its
+/// key), unrevoked, unexpired, and the cluster's newest or the one it last renewed with.
+async fn presented_intermediate(
+    state: &AppState,
+    cluster: &ClusterRecord,
+    der: &[u8],
+    now: i64,
+) -> Result<CertRecord, ApiError> {
+    let name = &cluster.name;
+    let fp = hex::encode(sha2::Sha256::digest(der));
+    let rejected = || {
+        ApiError::unauthenticated(
+            "client-certificate-rejected",
+            format!("certificate sha256:{fp} is not an intermediate of this cluster (claimed cluster {name:?})"),
+        )
+    };
+    if !state.client_chain_ok(der) {
+        return Err(rejected());
+    }
+    let rec = match state.store.get_certificate_by_fingerprint(&fp).await? {
+        Some(r) if r.cluster.as_deref() == Some(name.as_str()) => r,
+        _ => return Err(rejected()),
+    };
+    let successor_revoked = match &cluster.current_serial {
+        Some(c) if *c != rec.serial => state.store.get_certificate(c).await?.is_some_and(|c| c.revoked_at.is_some()),
+        _ => false,
+    };
+    renewal_allowed(&rec, cluster, successor_revoked, now).map_err(|e| e.by(format!("cluster:{name}")))?;
+    Ok(rec)
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+struct InstalledReport {
+    /// SHA-256 fingerprints (hex) of the certificates in the installed `root-cert.pem`.
+    bundle: Vec<String>,
+    /// SHA-256 fingerprints of the installed `ca-cert.pem`, then of `cert-chain.pem`'s.
+    chain: Vec<String>,
+    /// Serial of the installed `ca-cert.pem`.
+    intermediate_serial: String,
+}
+
+#[derive(Serialize, ToSchema)]
+struct ReportResponse {
+    /// The bundle the cluster should have installed now (PEM roots).
+    trust_bundle: Vec<String>,
+    /// True when the cluster should renew now (a rotation moved its chain), with why.
+    renew: bool,
+    reason: Option<String>,
+}
+
+/// A plug-in cluster reports what it has installed (over mTLS, like a renewal) and learns the
+/// bundle it should hold and whether to renew now. Rotation gates read these reports.
+#[utoipa::path(post, path = "/v1/clusters/{name}/report", request_body = InstalledReport,
+    responses((status = 200, body = ReportResponse), (status = 400, body = Problem), (status = 401, body = Problem), (status = 404, body = Problem)))]
+async fn report_installed(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    conn: Option<Extension<ConnInfo>>,
+    Body(req): Body<InstalledReport>,
+) -> Result<Json<ReportResponse>, ApiError> {
+    let cluster = state
+        .store
+        .get_cluster(&name)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no such cluster (claimed cluster {name:?})")))?;
+    let der = conn.as_ref().and_then(|c| c.peer_cert.clone()).ok_or_else(|| {
+        ApiError::unauthenticated("unauthenticated", "report over mTLS with the cluster's current intermediate")
+    })?;
+    let now = now_secs();
+    presented_intermediate(&state, &cluster, &der, now).await?;
+    let actor = format!("cluster:{name}");
+    let valid_fp = |f: &String| f.len() == 64 && f.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    if req.bundle.is_empty()
+        || req.bundle.len() > 16
+        || req.chain.is_empty()
+        || req.chain.len() > 16
+        || !req.bundle.iter().chain(&req.chain).all(valid_fp)
+    {
+        return Err(ApiError::bad_request(
+            "invalid-report",
+            "bundle and chain are 1 to 16 lowercase hex SHA-256 fingerprints each",
+        )
+        .by(actor));
+    }
+    let installed = state
+        .store
+        .get_certificate(&normalise_serial(&req.intermediate_serial))
+        .await?
+        .filter(|c| c.cluster.as_deref() == Some(name.as_str()))
+        .ok_or_else(|| {
+            ApiError::bad_request("invalid-report", "intermediate_serial is not an intermediate of this cluster")
+                .by(actor.clone())
+        })?;
+    let issuer = state.issuer(&cluster.environment)?;
+    let bundle: std::collections::BTreeSet<&String> = req.bundle.iter().collect();
+    let mut tx = state.store.write().await?;
+    tx.put_cluster_report(&ca_core::store::ClusterReport {
+        cluster: name.clone(),
+        bundle: serde_json::to_string(&bundle).map_err(ApiError::internal)?,
+        chain: serde_json::to_string(&req.chain).map_err(ApiError::internal)?,
+        intermediate_serial: installed.serial.clone(),
+        reported_at: now,
+    })
+    .await?;
+    tx.commit().await?;
+    let reissue_after = crate::rotation::reissue_after(&state, &cluster).await?;
+    let reason = if !req.chain.contains(&issuer.cert.fingerprint()) {
+        Some(format!("the installed chain does not go through {}'s current certificate", issuer.name))
+    } else if installed.issued_at < reissue_after {
+        Some("a rotation moved this cluster's chain after its intermediate was issued".to_string())
+    } else {
+        None
+    };
+    Ok(Json(ReportResponse {
+        trust_bundle: issuer.roots.iter().map(CertInfo::pem).collect(),
+        renew: reason.is_some(),
+        reason,
     }))
 }
 
@@ -1076,7 +1187,14 @@ async fn decide(state: AppState, op: Operator, id: String, approve: bool) -> Res
     let mut republish = None;
     let mut external_ca = None;
     let mut revoked_cluster: Option<String> = None;
+    let mut rotation = None;
     match (req.kind.as_str(), approve) {
+        ("start-rotation", true) => {
+            rotation = Some(crate::rotation::approve_start(&state, &mut tx, &req, &op).await?);
+        }
+        ("rotation-stage", true) => {
+            rotation = Some(crate::rotation::approve_stage(&state, &mut tx, &req, &op).await?);
+        }
         ("register-cluster", true) => {
             tx.set_cluster_status(&req.subject, "active").await?;
             if payload["mode"].as_str() == Some(ca_core::store::MODE_EXTERNAL_CA) {
@@ -1125,6 +1243,9 @@ async fn decide(state: AppState, op: Operator, id: String, approve: bool) -> Res
         _ => {}
     }
     tx.commit().await?;
+    if let Some(a) = rotation {
+        crate::rotation::after_commit(&state, a, &op.actor()).await;
+    }
     // The revocation stands even if the HSM is away right now: the CRL follows here, or from
     // the background job, which treats a CRL older than the last revocation as due.
     if let Some(issuer_name) = republish {

@@ -29,6 +29,21 @@ pub struct Config {
     pub log: LogConfig,
     /// Istio's certificate API (external-CA mode). Off when absent.
     pub istio: Option<IstioConfig>,
+    #[serde(default)]
+    pub rotation: RotationConfig,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RotationConfig {
+    /// The longest workload certificate any cluster issues (istiod's `MAX_WORKLOAD_CERT_TTL`
+    /// in plug-in clusters, `istio.clusters.*.max_ttl` here): the drain stage lasts at least
+    /// this long after the last cluster moved to the new chain.
+    #[serde(default = "default_workload_ttl", with = "validity")]
+    pub workload_ttl: Validity,
+    /// Added to the drain for clock skew and late renewals.
+    #[serde(default = "default_drain_margin", with = "validity")]
+    pub drain_margin: Validity,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -272,6 +287,9 @@ fn default_over_max() -> ca_core::workload::OverMax {
 fn default_jwks_refresh() -> Validity {
     v("10m")
 }
+fn default_drain_margin() -> Validity {
+    v("1h")
+}
 fn default_log_format() -> String {
     "json".into()
 }
@@ -292,6 +310,11 @@ impl Default for PolicyConfig {
 impl Default for CrlConfig {
     fn default() -> Self {
         CrlConfig { validity: default_crl_validity(), refresh_before: default_crl_refresh() }
+    }
+}
+impl Default for RotationConfig {
+    fn default() -> Self {
+        RotationConfig { workload_ttl: default_workload_ttl(), drain_margin: default_drain_margin() }
     }
 }
 impl Default for JobsConfig {

@@ -104,6 +104,12 @@ impl Istio {
         self.failed.lock().unwrap_or_else(|p| p.into_inner()).remove(name);
     }
 
+    /// Drops every cached cluster CA (an environment's chain or bundle changed).
+    pub fn forget_all(&self) {
+        self.clusters.write().unwrap_or_else(|p| p.into_inner()).clear();
+        self.failed.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
     pub fn loaded(&self) -> Vec<Arc<ClusterCa>> {
         self.clusters.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
     }
@@ -218,7 +224,13 @@ async fn load_cluster_ca(state: &AppState, record: &ClusterRecord) -> Result<Arc
         .ok_or_else(|| ApiError::internal(format!("external-CA cluster {name} has no key reference")))?
         .parse()
         .map_err(ApiError::internal)?;
-    let issuer = Arc::new(Issuer::from_certs(name, key_ref, cert.clone(), chain.clone()).map_err(ApiError::internal)?);
+    // The cluster trusts what its environment hands out (both roots during a rotation), not
+    // just the root its own chain ends in.
+    let issuer = Arc::new(
+        Issuer::from_certs(name, key_ref, cert.clone(), chain.clone())
+            .map_err(ApiError::internal)?
+            .with_trust(env.roots.clone(), vec![]),
+    );
     let i = issuer.clone();
     match tokio::time::timeout(state.hsm_timeout(), tokio::task::spawn_blocking(move || i.reconnect())).await {
         Ok(Ok(Ok(()))) => {}
@@ -821,10 +833,12 @@ pub async fn ensure_intermediate(state: &AppState, name: &str, actor: &str) -> R
         return Ok(false);
     }
     let now = now_secs();
+    // A rotation that moved the cluster's chain (or key) wants an intermediate issued since.
+    let reissue_after = crate::rotation::reissue_after(state, &cluster).await?;
     if let Some(serial) = &cluster.current_serial {
         if let Some(c) = state.store.get_certificate(serial).await? {
             let renew_at = c.not_before + (c.not_after - c.not_before) * 2 / 3;
-            if c.revoked_at.is_none() && now < renew_at {
+            if c.revoked_at.is_none() && now < renew_at && c.issued_at >= reissue_after {
                 return Ok(false);
             }
         }
@@ -932,7 +946,7 @@ pub async fn maintain(state: &AppState, leader: bool) -> Result<()> {
 /// memory, renewed at half-life.
 #[derive(Default)]
 pub struct ServingCert {
-    current: RwLock<Option<(Arc<CertifiedKey>, i64)>>,
+    current: RwLock<Option<(Arc<CertifiedKey>, i64, String)>>,
 }
 
 impl std::fmt::Debug for ServingCert {
@@ -943,14 +957,25 @@ impl std::fmt::Debug for ServingCert {
 
 impl ResolvesServerCert for ServingCert {
     fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        self.current.read().unwrap_or_else(|p| p.into_inner()).as_ref().map(|(k, _)| k.clone())
+        self.current.read().unwrap_or_else(|p| p.into_inner()).as_ref().map(|(k, _, _)| k.clone())
     }
 }
 
 impl ServingCert {
-    fn renew_due(&self, now: i64) -> bool {
-        self.current.read().unwrap_or_else(|p| p.into_inner()).as_ref().is_none_or(|(_, at)| now >= *at)
+    /// Due at half-life, or as soon as the chain above it changed (a rotation: agents may
+    /// soon trust only the new root).
+    fn renew_due(&self, now: i64, chain: Option<&str>) -> bool {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_none_or(|(_, at, issued_under)| now >= *at || chain.is_some_and(|c| c != issued_under))
     }
+}
+
+/// Identifies the chain a certificate from `ca` carries.
+fn chain_id(ca: &ClusterCa) -> String {
+    ca.chain.iter().map(CertInfo::fingerprint).collect::<Vec<_>>().join(",")
 }
 
 /// The configured serving cluster, or else the first configured cluster (by name) that is
@@ -972,10 +997,15 @@ async fn serving_ca(state: &AppState, cfg: &IstioConfig) -> Result<(String, Arc<
 pub async fn ensure_serving_cert(state: &AppState) -> Result<(), ApiError> {
     let Some(cfg) = &state.config.istio else { return Ok(()) };
     let now = now_secs();
-    if !state.istio.serving.renew_due(now) {
+    let (name, ca) = match serving_ca(state, cfg).await {
+        Ok(found) => found,
+        // Keep serving the current certificate while no CA is at hand.
+        Err(_) if !state.istio.serving.renew_due(now, None) => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if !state.istio.serving.renew_due(now, Some(&chain_id(&ca))) {
         return Ok(());
     }
-    let (name, ca) = serving_ca(state, cfg).await?;
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(ApiError::internal)?;
     let public = hsm::PublicKey::from_spki_der(&rcgen::PublicKeyData::subject_public_key_info(&key))
         .map_err(ApiError::internal)?;
@@ -1007,7 +1037,7 @@ pub async fn ensure_serving_cert(state: &AppState) -> Result<(), ApiError> {
     let signing = rustls::crypto::aws_lc_rs::sign::any_ecdsa_type(&der).map_err(ApiError::internal)?;
     let renew_at = cert.not_before.unix_timestamp() + (cert.not_after - cert.not_before).whole_seconds() / 2;
     *state.istio.serving.current.write().unwrap_or_else(|p| p.into_inner()) =
-        Some((Arc::new(CertifiedKey::new(chain, signing)), renew_at));
+        Some((Arc::new(CertifiedKey::new(chain, signing)), renew_at, chain_id(&ca)));
     tracing::info!(serial = %cert.serial, cluster = %name, "gRPC serving certificate issued");
     Ok(())
 }

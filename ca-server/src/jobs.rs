@@ -14,9 +14,9 @@ const PROBE_EVERY: Duration = Duration::from_secs(2);
 pub fn spawn(state: AppState) {
     let s = state.clone();
     tokio::spawn(async move {
-        let mut backoff: Vec<Backoff> = s.issuers.values().map(|_| Backoff::default()).collect();
+        let mut backoff: Vec<Backoff> = s.issuers.all().iter().map(|_| Backoff::default()).collect();
         loop {
-            for (issuer, b) in s.issuers.values().zip(backoff.iter_mut()) {
+            for (issuer, b) in s.issuers.all().iter().zip(backoff.iter_mut()) {
                 probe(&s, issuer, b).await;
             }
             tokio::time::sleep(PROBE_EVERY).await;
@@ -96,6 +96,10 @@ async fn tick(state: &AppState) -> anyhow::Result<()> {
     let mut tx = state.store.write().await?;
     let leader = tx.try_lease("jobs", &state.instance, now, now + lease_for).await?;
     tx.commit().await?;
+    // Before maintenance: a stage approved on another replica changes the issuers here.
+    if let Err(e) = crate::rotation::refresh(state).await {
+        tracing::warn!(error = %e.detail, "rotation state not applied; retrying next round");
+    }
     if let Err(e) = crate::istio::maintain(state, leader).await {
         tracing::warn!(error = %format!("{e:#}"), "external-CA maintenance failed; retrying next round");
     }
@@ -103,7 +107,7 @@ async fn tick(state: &AppState) -> anyhow::Result<()> {
         return Ok(());
     }
     let refresh_before = state.config.crl.refresh_before.duration().whole_seconds();
-    for issuer in state.issuers.values() {
+    for issuer in &state.issuers.all() {
         if !issuer.is_healthy() {
             continue;
         }
@@ -140,12 +144,15 @@ fn expiry_scan(state: &AppState, expiries: &[(String, i64)], now: i64) {
 /// Gauges on every replica; returns the cluster expiries for the leader's scan.
 async fn update_gauges(state: &AppState) -> anyhow::Result<Vec<(String, i64)>> {
     let now = now_secs();
-    for issuer in state.issuers.values() {
+    for issuer in &state.issuers.all() {
         let labels = IssuerLabels { issuer: issuer.name.clone() };
         state.metrics.issuer_expiry.get_or_create(&labels).set((issuer.cert.not_after.unix_timestamp() - now) as f64);
         if let Some(crl) = state.store.get_crl(&issuer.name).await? {
             state.metrics.crl_age.get_or_create(&labels).set((now - crl.this_update) as f64);
         }
+    }
+    if let Err(e) = crate::rotation::update_gauges(state).await {
+        tracing::warn!(error = %e.detail, "rotation gauges not updated");
     }
     let expiries = state.store.cluster_expiries(now).await?;
     for (cluster, not_after) in &expiries {

@@ -11,6 +11,7 @@ mod error;
 mod istio;
 mod jobs;
 mod metrics;
+mod rotation;
 mod state;
 mod tls;
 
@@ -157,13 +158,17 @@ async fn run(args: Args) -> Result<()> {
         auth: auth::Auth::new(cfg.auth.clone(), jwks),
         config: cfg.clone(),
         store,
-        issuers,
+        issuers: state::Issuers::new(issuers),
         metrics,
         istio,
         instance: uuid::Uuid::new_v4().to_string(),
         audit_signer: Arc::new(RwLock::new(Some(audit_signer))),
         client_roots,
     });
+
+    // A rotation in progress (or finished while the configuration still names the old
+    // certificate) decides what the issuers sign with and hand out.
+    rotation::refresh(&state).await.map_err(|e| anyhow::anyhow!("applying rotations: {}", e.detail))?;
 
     if cfg.auth.jwks_url.is_some() {
         let s = state.clone();

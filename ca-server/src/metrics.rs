@@ -39,6 +39,13 @@ pub struct OutcomeLabels {
     pub outcome: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RotationLabels {
+    pub rotation: String,
+    pub kind: String,
+    pub target: String,
+}
+
 type FGauge = Gauge<f64, AtomicU64>;
 
 pub struct Metrics {
@@ -53,6 +60,10 @@ pub struct Metrics {
     pub workload_batch: Histogram,
     pub workload_denials_dropped: Counter,
     pub workload_commit: Histogram,
+    pub rotation_stage: Family<RotationLabels, Gauge>,
+    pub rotation_lagging: Family<RotationLabels, Gauge>,
+    /// The rotations exported last round, so that finished ones stop being exported.
+    pub rotation_exported: Mutex<Vec<RotationLabels>>,
 }
 
 impl Metrics {
@@ -106,7 +117,22 @@ impl Metrics {
             "Time to commit one group of workload records (every request in it waits this long)",
             workload_commit.clone(),
         );
+        let rotation_stage = Family::<RotationLabels, Gauge>::default();
+        registry.register(
+            "rotation_stage",
+            "Stage of each active rotation: 0 prepared, 1 distribute, 2 reissue, 3 drain, 4 retire",
+            rotation_stage.clone(),
+        );
+        let rotation_lagging = Family::<RotationLabels, Gauge>::default();
+        registry.register(
+            "rotation_lagging_clusters",
+            "Clusters of an active rotation that do not yet hold what its stage hands out",
+            rotation_lagging.clone(),
+        );
         Metrics {
+            rotation_stage,
+            rotation_lagging,
+            rotation_exported: Mutex::new(Vec::new()),
             workload_commit,
             workload_denials_dropped,
             registry: Mutex::new(registry),

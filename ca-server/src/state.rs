@@ -23,7 +23,9 @@ pub struct AppState(Arc<Inner>);
 pub struct Inner {
     pub config: Config,
     pub store: Store,
-    pub issuers: BTreeMap<String, Arc<Issuer>>,
+    /// Environment intermediates by name. A rotation swaps an entry for one with another
+    /// certificate, key or trust bundle (`rotation::refresh`); everything else reads.
+    pub issuers: Issuers,
     pub auth: Auth,
     pub metrics: Arc<Metrics>,
     /// Identifies this replica in leases.
@@ -47,7 +49,7 @@ impl AppState {
         AppState(Arc::new(inner))
     }
 
-    pub fn issuer(&self, name: &str) -> Result<&Arc<Issuer>, ApiError> {
+    pub fn issuer(&self, name: &str) -> Result<Arc<Issuer>, ApiError> {
         self.issuers.get(name).ok_or_else(|| ApiError::not_found(format!("no issuer {name:?}")))
     }
 
@@ -58,17 +60,57 @@ impl AppState {
 
     /// Whether a client certificate chains to `tls.client_ca` through one of our issuers, as of
     /// its own notBefore (expiry is reported separately).
+    ///
+    /// During a rotation an environment has two certificates (the old one and its
+    /// successor); intermediates under either may renew, so that clusters can move over.
     pub fn client_chain_ok(&self, der: &[u8]) -> bool {
         let Ok(leaf) = CertInfo::from_der(der.to_vec()) else { return false };
-        let Some(issuer) = self.issuers.values().find(|i| i.cert.subject_raw == leaf.issuer_raw) else { return false };
-        let mut intermediates = vec![issuer.cert.clone()];
-        intermediates.extend(issuer.chain.iter().filter(|c| !c.is_self_issued()).cloned());
-        ca_core::chain::verify_chain(&leaf, &intermediates, &self.client_roots, leaf.not_before)
-            .is_ok_and(|path| path.get(1).is_some_and(|p| p.der == issuer.cert.der))
+        self.issuers.all().iter().any(|issuer| {
+            issuer.versions().any(|(cert, chain)| {
+                if cert.subject_raw != leaf.issuer_raw {
+                    return false;
+                }
+                let mut intermediates = vec![cert.clone()];
+                intermediates.extend(chain.iter().filter(|c| !c.is_self_issued()).cloned());
+                // tls.client_ca, plus the roots this environment's chains end in (a rotated
+                // root is trusted here once an approved rotation installed it).
+                let mut roots = self.client_roots.clone();
+                roots.extend(chain.iter().filter(|c| c.is_self_issued()).cloned());
+                ca_core::chain::verify_chain(&leaf, &intermediates, &roots, leaf.not_before)
+                    .is_ok_and(|path| path.get(1).is_some_and(|p| p.der == cert.der))
+            })
+        })
     }
 
     pub fn hsm_timeout(&self) -> Duration {
         self.config.policy.hsm_timeout.duration().unsigned_abs()
+    }
+}
+
+/// The environment intermediates, by name.
+pub struct Issuers(RwLock<BTreeMap<String, Arc<Issuer>>>);
+
+impl Issuers {
+    pub fn new(map: BTreeMap<String, Arc<Issuer>>) -> Self {
+        Issuers(RwLock::new(map))
+    }
+
+    pub fn get(&self, name: &str) -> Option<Arc<Issuer>> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).get(name).cloned()
+    }
+
+    pub fn contains_key(&self, name: &str) -> bool {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).contains_key(name)
+    }
+
+    /// Every issuer, in name order.
+    pub fn all(&self) -> Vec<Arc<Issuer>> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
+    }
+
+    /// Puts `issuer` in place of the one with its name.
+    pub fn replace(&self, issuer: Arc<Issuer>) {
+        self.0.write().unwrap_or_else(|p| p.into_inner()).insert(issuer.name.clone(), issuer);
     }
 }
 
@@ -79,8 +121,12 @@ pub struct Issuer {
     pub cert: CertInfo,
     /// Parents of `cert`, up to and including the root.
     pub chain: Vec<CertInfo>,
-    /// The trust bundle handed to clusters: the self-signed certificates of the chain.
+    /// The trust bundle handed to clusters: the self-signed certificates of the chain, or
+    /// during a root rotation whatever its stage puts in bundles.
     pub roots: Vec<CertInfo>,
+    /// Other certificates of this environment (with their chains) whose cluster
+    /// intermediates may still renew: the other side of a rotation in progress.
+    pub accepted: Vec<(CertInfo, Vec<CertInfo>)>,
     signer: RwLock<Option<Arc<CaIssuer>>>,
     healthy: AtomicBool,
 }
@@ -116,9 +162,24 @@ impl Issuer {
             cert,
             chain,
             roots,
+            accepted: Vec::new(),
             signer: RwLock::new(None),
             healthy: AtomicBool::new(false),
         })
+    }
+
+    /// This issuer as a rotation stage sets it up: `bundle` is handed to clusters instead of
+    /// the chain's own roots, and intermediates under `accepted` may still renew.
+    pub fn with_trust(mut self, bundle: Vec<CertInfo>, accepted: Vec<(CertInfo, Vec<CertInfo>)>) -> Self {
+        self.roots = bundle;
+        self.accepted = accepted;
+        self
+    }
+
+    /// The certificate and chain this issuer signs with, then the accepted ones.
+    pub fn versions(&self) -> impl Iterator<Item = (&CertInfo, &[CertInfo])> {
+        std::iter::once((&self.cert, self.chain.as_slice()))
+            .chain(self.accepted.iter().map(|(c, ch)| (c, ch.as_slice())))
     }
 
     pub fn is_healthy(&self) -> bool {

@@ -1,0 +1,435 @@
+//! Staged rotations: what each stage of a root, environment-intermediate or
+//! cluster-intermediate rotation puts in trust bundles and chains, and when a stage may be left.
+//!
+//! Protocol- and storage-free: ca-server feeds it what clusters reported and what its own
+//! inventory shows; `ca-cli rotation simulate` runs the same stage semantics offline. Keeping
+//! one definition is the point: the simulation proves the schedule the server enforces.
+//!
+//! A root rotation moves every bundle from {old} to {old, new} (*distribute*), every chain from
+//! the old root to the new (*reissue*), waits until nothing live presents the old chain
+//! (*drain*), then shrinks every bundle to {new} (*retire*). Each bundle change is a superset
+//! or subset of the last, which is what istiod accepts under `ISTIO_MULTIROOT_MESH`. An
+//! intermediate rotation keeps the root, so it has no distribute stage.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RotationKind {
+    /// A new root for every environment that chains to the old one.
+    Root,
+    /// A new environment intermediate (new key) under the same root.
+    Environment,
+    /// A new cluster intermediate (new key) under the same environment.
+    Cluster,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Stage {
+    /// Registered and approved; nothing distributed yet.
+    Prepared,
+    /// Root rotation: bundles carry the old and the new root.
+    Distribute,
+    /// Chains move to the new issuer: clusters renew onto it.
+    Reissue,
+    /// Waiting until no live certificate presents the old chain.
+    Drain,
+    /// The old root leaves the bundles; old intermediates stop renewing (cluster: revoked).
+    Retire,
+    Done,
+    Aborted,
+}
+
+const ROOT_STAGES: &[Stage] =
+    &[Stage::Prepared, Stage::Distribute, Stage::Reissue, Stage::Drain, Stage::Retire, Stage::Done];
+const INTERMEDIATE_STAGES: &[Stage] = &[Stage::Prepared, Stage::Reissue, Stage::Drain, Stage::Retire, Stage::Done];
+
+impl Stage {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Prepared => "prepared",
+            Stage::Distribute => "distribute",
+            Stage::Reissue => "reissue",
+            Stage::Drain => "drain",
+            Stage::Retire => "retire",
+            Stage::Done => "done",
+            Stage::Aborted => "aborted",
+        }
+    }
+
+    pub fn is_active(self) -> bool {
+        !matches!(self, Stage::Done | Stage::Aborted)
+    }
+}
+
+impl fmt::Display for Stage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Stage {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        [
+            Stage::Prepared,
+            Stage::Distribute,
+            Stage::Reissue,
+            Stage::Drain,
+            Stage::Retire,
+            Stage::Done,
+            Stage::Aborted,
+        ]
+        .into_iter()
+        .find(|st| st.as_str() == s)
+        .ok_or_else(|| format!("unknown stage {s:?}"))
+    }
+}
+
+impl RotationKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RotationKind::Root => "root",
+            RotationKind::Environment => "environment",
+            RotationKind::Cluster => "cluster",
+        }
+    }
+
+    pub fn stages(self) -> &'static [Stage] {
+        match self {
+            RotationKind::Root => ROOT_STAGES,
+            RotationKind::Environment | RotationKind::Cluster => INTERMEDIATE_STAGES,
+        }
+    }
+
+    /// The stage after `s`, if any.
+    pub fn next(self, s: Stage) -> Option<Stage> {
+        let st = self.stages();
+        st.iter().position(|x| *x == s).and_then(|i| st.get(i + 1)).copied().filter(|_| s.is_active())
+    }
+
+    /// Where a rollback from `s` goes: the stage before it, or `Aborted` while nothing but the
+    /// bundle has changed (and, for intermediates, before anything was re-issued). A cluster
+    /// rotation cannot leave `Retire` backwards: the old intermediates are revoked by then.
+    pub fn rollback(self, s: Stage) -> Option<Stage> {
+        match (self, s) {
+            (_, Stage::Prepared) => Some(Stage::Aborted),
+            (RotationKind::Root, Stage::Distribute) => Some(Stage::Aborted),
+            (RotationKind::Root, Stage::Reissue) => Some(Stage::Distribute),
+            (RotationKind::Environment | RotationKind::Cluster, Stage::Reissue) => Some(Stage::Aborted),
+            (_, Stage::Drain) => Some(Stage::Reissue),
+            (RotationKind::Cluster, Stage::Retire) => None,
+            (_, Stage::Retire) => Some(Stage::Drain),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for RotationKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for RotationKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        [RotationKind::Root, RotationKind::Environment, RotationKind::Cluster]
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| format!("unknown rotation kind {s:?} (root, environment or cluster)"))
+    }
+}
+
+/// Which roots a bundle carries. Outside a root rotation there is one root, the "old" one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Trust {
+    pub old: bool,
+    pub new: bool,
+}
+
+pub fn trust(kind: RotationKind, stage: Stage) -> Trust {
+    match (kind, stage) {
+        (RotationKind::Root, Stage::Distribute | Stage::Reissue | Stage::Drain) => Trust { old: true, new: true },
+        (RotationKind::Root, Stage::Retire | Stage::Done) => Trust { old: false, new: true },
+        _ => Trust { old: true, new: false },
+    }
+}
+
+/// Whether chains handed out at `stage` go through the new issuer.
+pub fn new_chain(stage: Stage) -> bool {
+    matches!(stage, Stage::Reissue | Stage::Drain | Stage::Retire | Stage::Done)
+}
+
+/// Whether moving from `from` to `to` drops a root from the bundles: the one change that can
+/// break a handshake, so it waits for every cluster.
+pub fn shrinks_bundle(kind: RotationKind, from: Stage, to: Stage) -> bool {
+    let (a, b) = (trust(kind, from), trust(kind, to));
+    (a.old && !b.old) || (a.new && !b.new)
+}
+
+/// Whether entering `stage` added a root to the bundles (only *distribute*): workloads that
+/// got their bundle earlier lack it until they renew.
+pub fn bundle_grew(kind: RotationKind, stage: Stage) -> bool {
+    kind == RotationKind::Root && stage == Stage::Distribute
+}
+
+/// One cluster's position, from its own report (plug-in) or from the server's inventory
+/// (external-CA, whose bundle and chain the server hands out itself).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ClusterProgress {
+    pub name: String,
+    pub external_ca: bool,
+    /// The installed trust bundle is the one the current stage hands out.
+    pub bundle_ok: bool,
+    /// The installed chain goes through the issuer the stage wants.
+    pub chain_ok: bool,
+    /// When the installed intermediate was issued.
+    pub intermediate_issued_at: Option<i64>,
+    /// When the cluster last reported (plug-in).
+    pub reported_at: Option<i64>,
+    /// External-CA: live workload certificates issued before the bundle last grew.
+    pub stale_bundle_workloads: i64,
+    /// External-CA: live workload certificates issued before the chain last changed.
+    pub stale_chain_workloads: i64,
+}
+
+/// Everything a stage gate looks at.
+#[derive(Clone, Debug)]
+pub struct GateInput<'a> {
+    pub kind: RotationKind,
+    pub from: Stage,
+    pub to: Stage,
+    pub bundle_changed_at: i64,
+    pub chain_changed_at: i64,
+    pub drain_until: Option<i64>,
+    pub now: i64,
+    pub clusters: &'a [ClusterProgress],
+    /// Preconditions not about clusters (e.g. an environment without its re-signed
+    /// certificate), already phrased for the operator.
+    pub missing: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Blocker {
+    pub cluster: Option<String>,
+    pub reason: String,
+}
+
+impl Blocker {
+    fn cluster(name: &str, reason: String) -> Blocker {
+        Blocker { cluster: Some(name.to_string()), reason }
+    }
+}
+
+/// Whether a cluster holds what the current stage hands out.
+pub fn cluster_blockers(g: &GateInput<'_>, c: &ClusterProgress) -> Vec<Blocker> {
+    let mut out = Vec::new();
+    if c.external_ca {
+        if bundle_grew(g.kind, g.from) && c.stale_bundle_workloads > 0 {
+            out.push(Blocker::cluster(
+                &c.name,
+                format!(
+                    "{} live workload certificates were issued before the bundle changed; they expire or renew within the workload TTL",
+                    c.stale_bundle_workloads
+                ),
+            ));
+        }
+        if c.intermediate_issued_at.is_none_or(|t| t < g.chain_changed_at) || !c.chain_ok {
+            out.push(Blocker::cluster(&c.name, "the server has not issued its intermediate on the current chain yet".into()));
+        }
+        return out;
+    }
+    let Some(reported) = c.reported_at else {
+        out.push(Blocker::cluster(
+            &c.name,
+            "has never reported its installed bundle: run `ca-cli cluster renew` there (it reports on every run)".into(),
+        ));
+        return out;
+    };
+    let since = g.bundle_changed_at.max(g.chain_changed_at);
+    if reported < since {
+        out.push(Blocker::cluster(&c.name, format!("has not reported since the stage changed (last report at {reported})")));
+        return out;
+    }
+    if !c.bundle_ok {
+        out.push(Blocker::cluster(&c.name, "its installed trust bundle is not the current one".into()));
+    }
+    if !c.chain_ok || c.intermediate_issued_at.is_none_or(|t| t < g.chain_changed_at) {
+        out.push(Blocker::cluster(&c.name, "has not renewed onto the current chain".into()));
+    }
+    out
+}
+
+/// Why the rotation may not move from `g.from` to `g.to` now; empty when it may.
+///
+/// Forward, every cluster must hold what the current stage hands out (leaving *prepared* needs
+/// nothing from clusters: nothing has changed yet), and leaving *drain* also waits until the
+/// longest-lived certificate on the old chain has expired. Backwards, only a move that drops a
+/// root from the bundles waits for clusters; every other rollback widens trust and is safe.
+pub fn blockers(g: &GateInput<'_>) -> Vec<Blocker> {
+    let mut out: Vec<Blocker> = g.missing.iter().map(|m| Blocker { cluster: None, reason: m.clone() }).collect();
+    let forward = g.kind.next(g.from) == Some(g.to);
+    let backward = g.kind.rollback(g.from) == Some(g.to);
+    if !forward && !backward {
+        out.push(Blocker { cluster: None, reason: format!("a {} rotation cannot go from {} to {}", g.kind, g.from, g.to) });
+        return out;
+    }
+    let wait_for_clusters =
+        (forward && g.from != Stage::Prepared) || (backward && shrinks_bundle(g.kind, g.from, g.to));
+    if wait_for_clusters {
+        for c in g.clusters {
+            out.extend(cluster_blockers(g, c));
+        }
+    }
+    if forward && g.from == Stage::Drain {
+        match g.drain_until {
+            Some(t) if g.now < t => out.push(Blocker {
+                cluster: None,
+                reason: format!("draining until {} ({}s left): the longest workload TTL plus margin", t, t - g.now),
+            }),
+            _ => {}
+        }
+        for c in g.clusters.iter().filter(|c| c.external_ca && c.stale_chain_workloads > 0) {
+            out.push(Blocker::cluster(
+                &c.name,
+                format!("{} live workload certificates still present the old chain", c.stale_chain_workloads),
+            ));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    fn set(v: &[&str]) -> BTreeSet<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn root_bundles_only_grow_then_shrink() {
+        let k = RotationKind::Root;
+        let seq: Vec<Trust> = k.stages().iter().map(|s| trust(k, *s)).collect();
+        // {old} -> {old,new} -> ... -> {new}: each step a superset or subset of the previous.
+        for w in seq.windows(2) {
+            let (a, b) = (w[0], w[1]);
+            let superset = (b.old || !a.old) && (b.new || !a.new);
+            let subset = (a.old || !b.old) && (a.new || !b.new);
+            assert!(superset || subset, "{a:?} -> {b:?}");
+        }
+        assert_eq!(trust(k, Stage::Prepared), Trust { old: true, new: false });
+        assert_eq!(trust(k, Stage::Done), Trust { old: false, new: true });
+        // Chains change only while both roots are trusted.
+        assert!(!new_chain(Stage::Distribute) && new_chain(Stage::Reissue));
+        assert_eq!(trust(k, Stage::Reissue), Trust { old: true, new: true });
+        assert!(shrinks_bundle(k, Stage::Drain, Stage::Retire));
+        assert!(!shrinks_bundle(k, Stage::Retire, Stage::Drain));
+        assert!(shrinks_bundle(k, Stage::Distribute, Stage::Aborted));
+    }
+
+    #[test]
+    fn transitions() {
+        let k = RotationKind::Environment;
+        assert_eq!(k.next(Stage::Prepared), Some(Stage::Reissue));
+        assert_eq!(k.next(Stage::Done), None);
+        assert_eq!(RotationKind::Root.next(Stage::Prepared), Some(Stage::Distribute));
+        assert_eq!(RotationKind::Cluster.rollback(Stage::Retire), None);
+        assert_eq!(RotationKind::Root.rollback(Stage::Reissue), Some(Stage::Distribute));
+        assert_eq!(k.rollback(Stage::Done), None);
+        assert_eq!("drain".parse::<Stage>().unwrap(), Stage::Drain);
+        assert!("later".parse::<Stage>().is_err());
+    }
+
+    fn plugin(name: &str, bundle: &[&str], chain_ok: bool, issued: i64, reported: i64) -> ClusterProgress {
+        ClusterProgress {
+            name: name.into(),
+            bundle_ok: set(bundle) == set(&["O", "N"]),
+            chain_ok,
+            intermediate_issued_at: Some(issued),
+            reported_at: Some(reported),
+            ..Default::default()
+        }
+    }
+
+    fn gate(from: Stage, to: Stage, clusters: &[ClusterProgress]) -> GateInput<'_> {
+        GateInput {
+            kind: RotationKind::Root,
+            from,
+            to,
+            bundle_changed_at: 100,
+            chain_changed_at: 200,
+            drain_until: Some(1000),
+            now: 500,
+            clusters,
+            missing: vec![],
+        }
+    }
+
+    #[test]
+    fn a_lagging_cluster_blocks_the_next_stage() {
+        let ok = plugin("a", &["O", "N"], true, 250, 300);
+        let old_bundle = plugin("b", &["O"], true, 250, 300);
+        let silent = ClusterProgress { name: "c".into(), ..Default::default() };
+        let stale_report = plugin("d", &["O", "N"], true, 250, 150);
+        let old_chain = plugin("e", &["O", "N"], false, 250, 300);
+        let clusters = [ok.clone(), old_bundle, silent, stale_report, old_chain];
+        let b = blockers(&gate(Stage::Reissue, Stage::Drain, &clusters));
+        let named: BTreeSet<_> = b.iter().filter_map(|b| b.cluster.clone()).collect();
+        assert_eq!(named, set(&["b", "c", "d", "e"]), "{b:?}");
+        assert!(blockers(&gate(Stage::Reissue, Stage::Drain, &[ok.clone()])).is_empty());
+        // Leaving prepared waits for nobody; a rollback that widens trust neither.
+        assert!(blockers(&gate(Stage::Prepared, Stage::Distribute, &clusters)).is_empty());
+        assert!(blockers(&gate(Stage::Retire, Stage::Drain, &clusters)).is_empty());
+        // A rollback that narrows trust does.
+        assert!(!blockers(&gate(Stage::Distribute, Stage::Aborted, &clusters)).is_empty());
+        // Skipping a stage is never allowed.
+        let skip = blockers(&gate(Stage::Reissue, Stage::Retire, &[ok]));
+        assert!(skip[0].reason.contains("cannot go from reissue to retire"), "{skip:?}");
+    }
+
+    #[test]
+    fn drain_waits_for_time_and_for_live_old_certificates() {
+        let ext = ClusterProgress {
+            name: "x".into(),
+            external_ca: true,
+            chain_ok: true,
+            intermediate_issued_at: Some(250),
+            stale_chain_workloads: 3,
+            ..Default::default()
+        };
+        let mut g = gate(Stage::Drain, Stage::Retire, std::slice::from_ref(&ext));
+        let b = blockers(&g);
+        assert_eq!(b.len(), 2, "{b:?}");
+        g.now = 1000;
+        assert_eq!(blockers(&g).len(), 1);
+        let drained = ClusterProgress { stale_chain_workloads: 0, ..ext.clone() };
+        g.clusters = std::slice::from_ref(&drained);
+        assert!(blockers(&g).is_empty());
+    }
+
+    #[test]
+    fn external_ca_distribute_waits_for_workloads_holding_the_old_bundle() {
+        let ext = ClusterProgress {
+            name: "x".into(),
+            external_ca: true,
+            chain_ok: true,
+            intermediate_issued_at: Some(50),
+            stale_bundle_workloads: 2,
+            ..Default::default()
+        };
+        let mut g = gate(Stage::Distribute, Stage::Reissue, std::slice::from_ref(&ext));
+        g.chain_changed_at = 0;
+        assert_eq!(blockers(&g).len(), 1);
+        let fresh = ClusterProgress { stale_bundle_workloads: 0, ..ext.clone() };
+        g.clusters = std::slice::from_ref(&fresh);
+        assert!(blockers(&g).is_empty());
+    }
+}
