@@ -75,7 +75,8 @@ struct Held {
 async fn dev_workload(srv: &Server, sa: &str, extra_roots: &str) -> Held {
     let kp = rcgen::KeyPair::generate().unwrap();
     let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.subject_alt_names = vec![rcgen::SanType::URI(format!("spiffe://cluster.local/ns/default/sa/{sa}").try_into().unwrap())];
+    params.subject_alt_names =
+        vec![rcgen::SanType::URI(format!("spiffe://cluster.local/ns/default/sa/{sa}").try_into().unwrap())];
     let csr = params.serialize_request(&kp).unwrap().pem().unwrap();
     let mut req = tonic::Request::new(IstioCertificateRequest { csr, validity_duration: TTL_SECS, metadata: None });
     req.metadata_mut().insert("authorization", format!("Bearer {}", sa_token(srv, sa)).parse().unwrap());
@@ -155,11 +156,8 @@ impl<'a> Mesh<'a> {
     /// All-pairs handshakes over the live population; returns the failures.
     fn handshakes_of(&mut self, live: &BTreeMap<String, Held>) -> Vec<Value> {
         let dir = self.write(live);
-        let out = Command::new(ca_cli_bin())
-            .args(["--output", "json", "rotation", "handshakes"])
-            .arg(&dir)
-            .output()
-            .unwrap();
+        let out =
+            Command::new(ca_cli_bin()).args(["--output", "json", "rotation", "handshakes"]).arg(&dir).output().unwrap();
         let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{}", stderr(&out)));
         assert_eq!(v["handshakes"], json!(live.len() * (live.len() - 1) * 2), "{v}");
         assert_eq!(out.status.success(), v["failures"].as_array().unwrap().is_empty(), "exit status follows failures");
@@ -262,7 +260,15 @@ fn renew_east(srv: &Server, east: &Path) -> Value {
 }
 
 async fn bundle_of(srv: &Server, cluster: &str) -> Vec<String> {
-    let pem = srv.client.get(format!("{}/v1/clusters/{cluster}/trust-bundle", srv.url)).send().await.unwrap().text().await.unwrap();
+    let pem = srv
+        .client
+        .get(format!("{}/v1/clusters/{cluster}/trust-bundle", srv.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     let certs: Vec<CertInfo> =
         pem::parse_many(&pem).unwrap().into_iter().map(|p| CertInfo::from_der(p.into_contents()).unwrap()).collect();
     certs.iter().map(CertInfo::fingerprint).collect()
@@ -274,7 +280,8 @@ async fn mesh<'a>(srv: &'a Server, tmp: &Path) -> Mesh<'a> {
     let east = tmp.join("east");
     let o = srv.renew("east", &east, Some(&token), false);
     assert!(o.status.success(), "{}", stderr(&o));
-    let mut m = Mesh { srv, east, work: tmp.join("work"), live: BTreeMap::new(), checks: 0, extra_roots: String::new() };
+    let mut m =
+        Mesh { srv, east, work: tmp.join("work"), live: BTreeMap::new(), checks: 0, extra_roots: String::new() };
     m.renew("a").await;
     m.renew("b").await;
     m.assert_all_connect("before any rotation");
@@ -294,35 +301,93 @@ async fn a_root_rotation_moves_a_running_mesh_without_a_failed_handshake() {
     std::fs::create_dir_all(&cer).unwrap();
     let conf = Some(srv.dir.join("hierarchy/softhsm/softhsm2.conf"));
     let key = cer.join("root-b.key");
-    ceremony(&cer, "1-key.yaml", &format!("ceremony-type: key\nkey: \"file:{}\"\nalgorithm: ecdsa-p384\noutputs:\n  public-key: root-b.pub.pem\n", key.display()), conf.as_deref());
-    ceremony(&cer, "2-root.yaml", &format!("ceremony-type: root\nkey: \"file:{}\"\nsubject: \"CN=Dev Root B,O=Test\"\nvalidity: 10y\noutputs:\n  certificate: root-b.pem\n", key.display()), conf.as_deref());
+    ceremony(
+        &cer,
+        "1-key.yaml",
+        &format!(
+            "ceremony-type: key\nkey: \"file:{}\"\nalgorithm: ecdsa-p384\noutputs:\n  public-key: root-b.pub.pem\n",
+            key.display()
+        ),
+        conf.as_deref(),
+    );
+    ceremony(
+        &cer,
+        "2-root.yaml",
+        &format!(
+            "ceremony-type: root\nkey: \"file:{}\"\nsubject: \"CN=Dev Root B,O=Test\"\nvalidity: 10y\noutputs:\n  certificate: root-b.pem\n",
+            key.display()
+        ),
+        conf.as_deref(),
+    );
     let env_cert = srv.dir.join("hierarchy/environments/dev/environment.pem");
-    ceremony(&cer, "3-cross.yaml", &format!("ceremony-type: cross-sign\nissuer:\n  certificate: root-b.pem\n  key: \"file:{}\"\ncertificate: {}\nvalidity: 4y\noutputs:\n  certificate: env-under-b.pem\n", key.display(), env_cert.display()), conf.as_deref());
+    ceremony(
+        &cer,
+        "3-cross.yaml",
+        &format!(
+            "ceremony-type: cross-sign\nissuer:\n  certificate: root-b.pem\n  key: \"file:{}\"\ncertificate: {}\nvalidity: 4y\noutputs:\n  certificate: env-under-b.pem\n",
+            key.display(),
+            env_cert.display()
+        ),
+        conf.as_deref(),
+    );
     let new_root = load_cert(&cer.join("root-b.pem")).unwrap();
     m.extra_roots = new_root.pem();
 
-    let started = json_of(&cli(&srv, "admin", &["rotation", "start", "root", "--new-root", cer.join("root-b.pem").to_str().unwrap()]));
+    let started = json_of(&cli(
+        &srv,
+        "admin",
+        &["rotation", "start", "root", "--new-root", cer.join("root-b.pem").to_str().unwrap()],
+    ));
     let id = started["rotation"].as_str().unwrap().to_string();
     // Nothing exists until a second operator approves.
     assert!(!cli(&srv, "auditor", &["rotation", "status", &id]).status.success());
     json_of(&cli(&srv, "approver", &["request", "approve", started["request_id"].as_str().unwrap()]));
     // One root rotation at a time.
-    let again = cli(&srv, "admin", &["rotation", "start", "root", "--new-root", cer.join("root-b.pem").to_str().unwrap()]);
+    let again =
+        cli(&srv, "admin", &["rotation", "start", "root", "--new-root", cer.join("root-b.pem").to_str().unwrap()]);
     assert!(stderr(&again).contains("rotation-in-progress"), "{}", stderr(&again));
 
     // distribute: every bundle carries both roots.
     advance(&srv, &id, "distribute");
     assert_eq!(bundle_of(&srv, "east").await, vec![old_root.fingerprint(), new_root.fingerprint()]);
-    refused(&srv, &id, &[
-        "environment dev has no certificate under the new root",
-        "cluster east: has not reported since the stage changed",
-        "cluster dev: ",
-        "issued before the bundle changed",
-    ]);
+    refused(
+        &srv,
+        &id,
+        &[
+            "environment dev has no certificate under the new root",
+            "cluster east: has not reported since the stage changed",
+            "cluster dev: ",
+            "issued before the bundle changed",
+        ],
+    );
     // A certificate that is not the environment's own key and subject is refused.
-    let wrong = cli(&srv, "admin", &["rotation", "certificate", &id, "--environment", "dev", "--certificate", cer.join("root-b.pem").to_str().unwrap()]);
+    let wrong = cli(
+        &srv,
+        "admin",
+        &[
+            "rotation",
+            "certificate",
+            &id,
+            "--environment",
+            "dev",
+            "--certificate",
+            cer.join("root-b.pem").to_str().unwrap(),
+        ],
+    );
     assert!(stderr(&wrong).contains("subject and key"), "{}", stderr(&wrong));
-    json_of(&cli(&srv, "admin", &["rotation", "certificate", &id, "--environment", "dev", "--certificate", cer.join("env-under-b.pem").to_str().unwrap()]));
+    json_of(&cli(
+        &srv,
+        "admin",
+        &[
+            "rotation",
+            "certificate",
+            &id,
+            "--environment",
+            "dev",
+            "--certificate",
+            cer.join("env-under-b.pem").to_str().unwrap(),
+        ],
+    ));
     // The plug-in cluster picks the bundle up on its next run without renewing.
     let r = renew_east(&srv, &m.east);
     assert_eq!((r["renewed"].clone(), r["bundle_updated"].clone()), (json!(false), json!(true)), "{r}");
@@ -335,6 +400,9 @@ async fn a_root_rotation_moves_a_running_mesh_without_a_failed_handshake() {
     // reissue: chains move to the new root.
     advance(&srv, &id, "reissue");
     refused(&srv, &id, &["cluster east: has not"]);
+    // No stage can be skipped: retiring now would be the outage shown below.
+    let skip = cli(&srv, "admin", &["rotation", "advance", &id, "--to", "retire"]);
+    assert!(stderr(&skip).contains("its next stage is drain, not retire"), "{}", stderr(&skip));
     let r = renew_east(&srv, &m.east);
     assert_eq!(r["renewed"], true, "{r}");
     assert!(r["reason"].as_str().unwrap().starts_with("rotation:"), "{r}");
@@ -353,7 +421,12 @@ async fn a_root_rotation_moves_a_running_mesh_without_a_failed_handshake() {
     }
     let failures = m.handshakes_of(&retired);
     assert!(!failures.is_empty(), "retiring before the drain must break handshakes");
-    assert!(failures.iter().all(|f| f["client"].as_str().unwrap().ends_with("-b") || f["server"].as_str().unwrap().ends_with("-b")), "{failures:#?}");
+    assert!(
+        failures
+            .iter()
+            .all(|f| f["client"].as_str().unwrap().ends_with("-b") || f["server"].as_str().unwrap().ends_with("-b")),
+        "{failures:#?}"
+    );
     m.renew("b").await;
     m.assert_all_connect("reissue, all renewed");
 
@@ -365,6 +438,21 @@ async fn a_root_rotation_moves_a_running_mesh_without_a_failed_handshake() {
     let items = fleet["items"].as_array().unwrap();
     assert!(items.iter().any(|r| r["kind"] == "environment" && r["rotation"] == "root drain"), "{fleet}");
     assert!(items.iter().any(|r| r["name"] == "east" && r["rotation"] == "root drain (current)"), "{fleet}");
+    // And the metrics the example alert rules use (exported while a rotation runs).
+    let labels = format!("{{rotation=\"{id}\",kind=\"root\",target=\"{}\"}}", old_root.fingerprint());
+    let wanted = [format!("ca_rotation_stage{labels} 3"), format!("ca_rotation_lagging_clusters{labels} 0")];
+    let mut metrics = String::new();
+    for _ in 0..50 {
+        metrics = srv.client.get(format!("{}/metrics", srv.url)).send().await.unwrap().text().await.unwrap();
+        if wanted.iter().all(|w| metrics.contains(w.as_str())) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(wanted.iter().all(|w| metrics.contains(w.as_str())), "{wanted:?} in {metrics}");
+    let rules = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/prometheus/alerts.yaml"))
+        .unwrap();
+    assert!(rules.contains("ca_rotation_lagging_clusters > 0"));
     until_open(&mut m, &id).await;
 
     // retire: bundles shrink to the new root.
@@ -377,17 +465,32 @@ async fn a_root_rotation_moves_a_running_mesh_without_a_failed_handshake() {
     for h in m.live.values() {
         assert_eq!(pem::parse_many(&h.bundle).unwrap().len(), 1, "only the new root is trusted");
     }
+    // Rolling a retire back is always safe: the old root comes back into every bundle.
+    let back = json_of(&cli(&srv, "admin", &["rotation", "rollback", &id, "--to", "drain"]));
+    json_of(&cli(&srv, "approver", &["request", "approve", back["request_id"].as_str().unwrap()]));
+    assert_eq!(bundle_of(&srv, "east").await.len(), 2);
+    assert_eq!(renew_east(&srv, &m.east)["bundle_updated"], true);
+    m.renew_all("rolled back to drain").await;
+    advance(&srv, &id, "retire");
+    assert_eq!(renew_east(&srv, &m.east)["bundle_updated"], true);
+    m.renew_all("retire again").await;
     advance(&srv, &id, "done");
-    let status = cli(&srv, "auditor", &["--output", "text", "rotation", "status", &id]);
-    assert!(stdout(&status).contains("finished."), "{}", stdout(&status));
+    let status = Command::new(ca_cli_bin())
+        .args(["rotation", "status", &id, "--server", &srv.url, "--ca-root"])
+        .arg(srv.root())
+        .env("CA_TOKEN", srv.token("auditor"))
+        .output()
+        .unwrap();
+    let text = stdout(&status);
+    assert!(text.contains("stage: done") && text.contains("finished."), "{text}\n{}", stderr(&status));
     let s = json_of(&cli(&srv, "auditor", &["rotation", "status", &id]));
-    assert_eq!(s["history"].as_array().unwrap().len(), 5, "{s}");
+    assert_eq!(s["history"].as_array().unwrap().len(), 7, "{s}");
     assert!(s["history"].as_array().unwrap().iter().all(|h| h["requested_by"] != h["approved_by"]));
 
     // Every stage change is in the audit trail, which still verifies.
     let (_, audit) = srv.call("GET", "/v1/audit?limit=1000", Some(&srv.token("auditor")), None).await;
     let stages: Vec<&Value> = audit.as_array().unwrap().iter().filter(|r| r["action"] == "rotation.stage").collect();
-    assert_eq!(stages.len(), 5, "{audit}");
+    assert_eq!(stages.len(), 7, "{audit}");
     let v = srv.audit_verify(&srv.database_url());
     assert!(v.status.success(), "{}", stderr(&v));
 }
@@ -406,7 +509,8 @@ async fn intermediate_rotations_keep_the_mesh_connected_and_are_gated() {
     hsm::generate_key(&new_key.parse().unwrap(), hsm::KeyAlgorithm::EcdsaP256).unwrap();
     let plugin_key = cli(&srv, "admin", &["rotation", "start", "cluster", "--cluster", "east", "--key", &new_key]);
     assert!(stderr(&plugin_key).contains("makes its own new key"), "{}", stderr(&plugin_key));
-    let started = json_of(&cli(&srv, "admin", &["rotation", "start", "cluster", "--cluster", "dev", "--key", &new_key]));
+    let started =
+        json_of(&cli(&srv, "admin", &["rotation", "start", "cluster", "--cluster", "dev", "--key", &new_key]));
     let id = started["rotation"].as_str().unwrap().to_string();
     json_of(&cli(&srv, "approver", &["request", "approve", started["request_id"].as_str().unwrap()]));
     advance(&srv, &id, "reissue");
@@ -435,11 +539,49 @@ async fn intermediate_rotations_keep_the_mesh_connected_and_are_gated() {
         .find_map(|l| l.trim().strip_prefix("key: ").map(|k| k.trim_matches('"').to_string()))
         .unwrap();
     let env_key = cer.join("env-2.key");
-    ceremony(&cer, "1-key.yaml", &format!("ceremony-type: key\nkey: \"file:{}\"\nalgorithm: ecdsa-p256\noutputs:\n  public-key: env-2.pub.pem\n", env_key.display()), conf.as_deref());
-    ceremony(&cer, "2-csr.yaml", &format!("ceremony-type: csr\nkey: \"file:{}\"\nsubject: \"CN=Dev Environment CA 2,O=Test\"\noutputs:\n  csr: env-2.csr\n", env_key.display()), conf.as_deref());
-    ceremony(&cer, "3-int.yaml", &format!("ceremony-type: intermediate\nprofile: environment\nissuer:\n  certificate: {}\n  key: \"{root_key}\"\ncsr: env-2.csr\ntrust-domains: [cluster.local]\nvalidity: 3y\noutputs:\n  certificate: env-2.pem\n", srv.root().display()), conf.as_deref());
+    ceremony(
+        &cer,
+        "1-key.yaml",
+        &format!(
+            "ceremony-type: key\nkey: \"file:{}\"\nalgorithm: ecdsa-p256\noutputs:\n  public-key: env-2.pub.pem\n",
+            env_key.display()
+        ),
+        conf.as_deref(),
+    );
+    ceremony(
+        &cer,
+        "2-csr.yaml",
+        &format!(
+            "ceremony-type: csr\nkey: \"file:{}\"\nsubject: \"CN=Dev Environment CA 2,O=Test\"\noutputs:\n  csr: env-2.csr\n",
+            env_key.display()
+        ),
+        conf.as_deref(),
+    );
+    ceremony(
+        &cer,
+        "3-int.yaml",
+        &format!(
+            "ceremony-type: intermediate\nprofile: environment\nissuer:\n  certificate: {}\n  key: \"{root_key}\"\ncsr: env-2.csr\ntrust-domains: [cluster.local]\nvalidity: 3y\noutputs:\n  certificate: env-2.pem\n",
+            srv.root().display()
+        ),
+        conf.as_deref(),
+    );
     let env2 = load_cert(&cer.join("env-2.pem")).unwrap();
-    let started = json_of(&cli(&srv, "admin", &["rotation", "start", "environment", "--environment", "dev", "--certificate", cer.join("env-2.pem").to_str().unwrap(), "--key", &format!("file:{}", env_key.display())]));
+    let started = json_of(&cli(
+        &srv,
+        "admin",
+        &[
+            "rotation",
+            "start",
+            "environment",
+            "--environment",
+            "dev",
+            "--certificate",
+            cer.join("env-2.pem").to_str().unwrap(),
+            "--key",
+            &format!("file:{}", env_key.display()),
+        ],
+    ));
     let id = started["rotation"].as_str().unwrap().to_string();
     json_of(&cli(&srv, "approver", &["request", "approve", started["request_id"].as_str().unwrap()]));
     advance(&srv, &id, "reissue");
@@ -456,6 +598,7 @@ async fn intermediate_rotations_keep_the_mesh_connected_and_are_gated() {
     let req = back["request_id"].as_str().unwrap().to_string();
     json_of(&cli(&srv, "approver", &["request", "reject", &req]));
     advance(&srv, &id, "drain");
+    refused(&srv, &id, &["draining until"]);
     until_open(&mut m, &id).await;
     advance(&srv, &id, "retire");
     advance(&srv, &id, "done");
@@ -465,7 +608,14 @@ async fn intermediate_rotations_keep_the_mesh_connected_and_are_gated() {
     assert_eq!(CertInfo::from_der(pem::parse(now_pem).unwrap().into_contents()).unwrap().der, env2.der);
 
     // Cluster reports are checked: mTLS only, well-formed.
-    let (s, p) = srv.call("POST", "/v1/clusters/east/report", None, Some(json!({"bundle": ["x"], "chain": ["y"], "intermediate_serial": "1"}))).await;
+    let (s, p) = srv
+        .call(
+            "POST",
+            "/v1/clusters/east/report",
+            None,
+            Some(json!({"bundle": ["x"], "chain": ["y"], "intermediate_serial": "1"})),
+        )
+        .await;
     assert_eq!(s, 401, "{p}");
 }
 
@@ -485,7 +635,19 @@ fn the_simulation_sees_no_failure_in_a_correct_rotation_and_the_outage_of_an_ear
         }
     }
     let o = Command::new(ca_cli_bin())
-        .args(["--output", "json", "rotation", "simulate", "--kind", "root", "--clusters", "2", "--workloads", "2", "--retire-early"])
+        .args([
+            "--output",
+            "json",
+            "rotation",
+            "simulate",
+            "--kind",
+            "root",
+            "--clusters",
+            "2",
+            "--workloads",
+            "2",
+            "--retire-early",
+        ])
         .output()
         .unwrap();
     assert!(!o.status.success());
@@ -501,4 +663,63 @@ fn the_simulation_sees_no_failure_in_a_correct_rotation_and_the_outage_of_an_ear
             assert_eq!(stacks.len(), 2, "{s}");
         }
     }
+}
+
+/// Every `ca-cli` command in the runbooks exists with the flags it is given, and every stage
+/// named with `--to` is a stage.
+#[test]
+fn the_runbooks_use_commands_that_exist() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/runbooks");
+    let stages = ["prepared", "distribute", "reissue", "drain", "retire", "done", "aborted"];
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut in_code = false;
+        for line in text.lines() {
+            if line.trim_start().starts_with("```") {
+                in_code = !in_code;
+                continue;
+            }
+            if !in_code {
+                continue;
+            }
+            for cmd in line.split("&&") {
+                let cmd = cmd.split(" #").next().unwrap().trim();
+                let Some(rest) = cmd.strip_prefix("ca-cli ") else { continue };
+                let tokens: Vec<&str> = rest.split_whitespace().collect();
+                let sub: Vec<&str> = tokens
+                    .iter()
+                    .take_while(|t| {
+                        t.chars().next().is_some_and(|c| c.is_ascii_lowercase())
+                            && t.chars().all(|c| c.is_ascii_lowercase() || c == '-')
+                    })
+                    .copied()
+                    .collect();
+                let o = Command::new(ca_cli_bin()).args(&sub).arg("--help").output().unwrap();
+                assert!(o.status.success(), "{}: `{cmd}`: {}", path.display(), stderr(&o));
+                let help = stdout(&o);
+                for (i, flag) in tokens.iter().enumerate().filter(|(_, t)| t.starts_with("--")) {
+                    assert!(
+                        help.contains(&format!("{flag} "))
+                            || help.contains(&format!("{flag}\n"))
+                            || help.contains(&format!("{flag} <")),
+                        "{}: `{cmd}`: {flag} is not a flag of `ca-cli {}`",
+                        path.display(),
+                        sub.join(" ")
+                    );
+                    if *flag == "--to" {
+                        assert!(
+                            stages.contains(&tokens[i + 1]),
+                            "{}: `{cmd}`: no stage {}",
+                            path.display(),
+                            tokens[i + 1]
+                        );
+                    }
+                }
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 25, "only {checked} commands found");
 }

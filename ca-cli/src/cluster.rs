@@ -182,12 +182,12 @@ pub async fn renew(a: &RenewArgs) -> Result<serde_json::Value> {
         if reason.is_none() {
             let bundle_updated = sync_bundle(&state_dir, &adv.trust_bundle, now)?;
             if bundle_updated {
-                report(a, &state_dir, now).await.context("the new trust bundle is installed, but reporting it failed")?;
+                report(a, &state_dir, now)
+                    .await
+                    .context("the new trust bundle is installed, but reporting it failed")?;
             }
-            return Ok(
-                json!({"renewed": false, "bundle_updated": bundle_updated, "serial": c.serial,
-                "not_after": ca_core::error::fmt_time(c.not_after), "renew_after": ca_core::error::fmt_time(due)}),
-            );
+            return Ok(json!({"renewed": false, "bundle_updated": bundle_updated, "serial": c.serial,
+                "not_after": ca_core::error::fmt_time(c.not_after), "renew_after": ca_core::error::fmt_time(due)}));
         }
     }
     let mode = match (usable, &a.enrolment_token) {

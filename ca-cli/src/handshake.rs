@@ -92,16 +92,6 @@ pub fn load_dir(dir: &Path) -> Result<Vec<Workload>> {
     Ok(out)
 }
 
-/// Writes a workload in the layout `load_dir` reads.
-pub fn write_dir(dir: &Path, w: &Workload) -> Result<()> {
-    let d = dir.join(&w.name);
-    std::fs::create_dir_all(&d)?;
-    std::fs::write(d.join("cert-chain.pem"), w.chain.iter().map(CertInfo::pem).collect::<String>())?;
-    std::fs::write(d.join("root-cert.pem"), w.bundle.iter().map(CertInfo::pem).collect::<String>())?;
-    hsm::write_new_private(&d.join("key.pem"), ca_core::cert::to_pem("PRIVATE KEY", &w.key).as_bytes())?;
-    Ok(())
-}
-
 /// Every ordered pair (client, server) of distinct workloads, on each requested stack.
 pub fn all_pairs(ws: &[Workload], stack: Stack, scratch: &Path) -> Result<Outcome> {
     let mut out = Outcome::default();
@@ -175,7 +165,8 @@ impl rustls::client::danger::ServerCertVerifier for ChainOnly {
 }
 
 fn server_config(w: &Workload) -> Result<Arc<rustls::ServerConfig>> {
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots(&w.bundle)?, provider()).build()?;
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(roots(&w.bundle)?, provider()).build()?;
     Ok(Arc::new(
         rustls::ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()?
@@ -274,7 +265,12 @@ fn rustls_pairs(ws: &[Workload], out: &mut Outcome) -> Result<()> {
                     parts.join("; ")
                 }
             };
-            out.failures.push(Failure { stack: "rustls", client: ws[*ci].name.clone(), server: ws[si].name.clone(), error });
+            out.failures.push(Failure {
+                stack: "rustls",
+                client: ws[*ci].name.clone(),
+                server: ws[si].name.clone(),
+                error,
+            });
         }
     }
     Ok(())
@@ -289,10 +285,29 @@ struct Files {
     bundle: PathBuf,
 }
 
+impl Files {
+    /// What the workload presents and trusts, as s_server and s_client both take it.
+    fn identity(&self) -> Vec<std::ffi::OsString> {
+        let mut a = Vec::new();
+        for (flag, path) in
+            [("-cert", &self.leaf), ("-cert_chain", &self.chain), ("-key", &self.key), ("-CAfile", &self.bundle)]
+        {
+            a.push(flag.into());
+            a.push(path.as_os_str().to_owned());
+        }
+        a
+    }
+}
+
 fn files(scratch: &Path, w: &Workload) -> Result<Files> {
     let d = scratch.join(&w.name);
     std::fs::create_dir_all(&d)?;
-    let f = Files { leaf: d.join("leaf.pem"), chain: d.join("chain.pem"), key: d.join("key.pem"), bundle: d.join("bundle.pem") };
+    let f = Files {
+        leaf: d.join("leaf.pem"),
+        chain: d.join("chain.pem"),
+        key: d.join("key.pem"),
+        bundle: d.join("bundle.pem"),
+    };
     std::fs::write(&f.leaf, w.chain[0].pem())?;
     std::fs::write(&f.chain, w.chain[1..].iter().map(CertInfo::pem).collect::<String>())?;
     let _ = std::fs::remove_file(&f.key);
@@ -325,14 +340,7 @@ fn openssl_pairs(ws: &[Workload], scratch: &Path, out: &mut Outcome) -> Result<(
         let child = Command::new("openssl")
             .args(["s_server", "-quiet", "-www", "-accept"])
             .arg(format!("127.0.0.1:{port}"))
-            .arg("-cert")
-            .arg(&f.leaf)
-            .arg("-cert_chain")
-            .arg(&f.chain)
-            .arg("-key")
-            .arg(&f.key)
-            .arg("-CAfile")
-            .arg(&f.bundle)
+            .args(f.identity())
             .args(["-Verify", "4", "-verify_return_error"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -357,7 +365,12 @@ fn openssl_pairs(ws: &[Workload], scratch: &Path, out: &mut Outcome) -> Result<(
             }
             out.handshakes += 1;
             if let Err(error) = s_client(c, *port) {
-                out.failures.push(Failure { stack: "openssl", client: ws[ci].name.clone(), server: ws[si].name.clone(), error });
+                out.failures.push(Failure {
+                    stack: "openssl",
+                    client: ws[ci].name.clone(),
+                    server: ws[si].name.clone(),
+                    error,
+                });
             }
         }
     }
@@ -368,14 +381,7 @@ fn s_client(f: &Files, port: u16) -> Result<(), String> {
     let mut child = Command::new("openssl")
         .args(["s_client", "-quiet", "-verify_return_error", "-verify_quiet", "-connect"])
         .arg(format!("127.0.0.1:{port}"))
-        .arg("-cert")
-        .arg(&f.leaf)
-        .arg("-cert_chain")
-        .arg(&f.chain)
-        .arg("-key")
-        .arg(&f.key)
-        .arg("-CAfile")
-        .arg(&f.bundle)
+        .args(f.identity())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -917,14 +917,24 @@ fn run_request(cmd: RequestCmd, output: Output) -> Result<()> {
             let api = rotation::Api::new(&server.server, &server.ca_root)?;
             let v = block_on(api.call("POST", &format!("/v1/requests/{id}/approve"), None))?;
             emit(output, v, |v| {
-                format!("request {} ({} {}) approved", id, v["kind"].as_str().unwrap_or_default(), v["subject"].as_str().unwrap_or_default())
+                format!(
+                    "request {} ({} {}) approved",
+                    id,
+                    v["kind"].as_str().unwrap_or_default(),
+                    v["subject"].as_str().unwrap_or_default()
+                )
             });
         }
         RequestCmd::Reject { id, server } => {
             let api = rotation::Api::new(&server.server, &server.ca_root)?;
             let v = block_on(api.call("POST", &format!("/v1/requests/{id}/reject"), None))?;
             emit(output, v, |v| {
-                format!("request {} ({} {}) rejected", id, v["kind"].as_str().unwrap_or_default(), v["subject"].as_str().unwrap_or_default())
+                format!(
+                    "request {} ({} {}) rejected",
+                    id,
+                    v["kind"].as_str().unwrap_or_default(),
+                    v["subject"].as_str().unwrap_or_default()
+                )
             });
         }
     }
@@ -966,11 +976,12 @@ fn run_cluster(cmd: ClusterCmd, output: Output) -> Result<()> {
                     )
                 } else {
                     format!(
-                        "{}: intermediate {} is valid until {}; not renewing before {} (use --force to renew now)",
+                        "{}: intermediate {} is valid until {}; not renewing before {} (use --force to renew now){}",
                         args.cluster,
                         v["serial"].as_str().unwrap_or_default(),
                         v["not_after"].as_str().unwrap_or_default(),
-                        v["renew_after"].as_str().unwrap_or_default()
+                        v["renew_after"].as_str().unwrap_or_default(),
+                        if v["bundle_updated"] == true { "; installed the server's new trust bundle" } else { "" }
                     )
                 }
             });

@@ -66,7 +66,9 @@ pub enum Start<'a> {
 
 pub async fn start(api: &Api, s: Start<'_>) -> Result<Value> {
     let body = match s {
-        Start::Root { new_root, old_root } => json!({"kind": "root", "new_root": read_pem(new_root)?, "old_root": old_root}),
+        Start::Root { new_root, old_root } => {
+            json!({"kind": "root", "new_root": read_pem(new_root)?, "old_root": old_root})
+        }
         Start::Environment { environment, certificate, key } => {
             json!({"kind": "environment", "environment": environment, "certificate": read_pem(certificate)?, "key": key})
         }
@@ -149,7 +151,11 @@ pub fn status_text(v: &Value) -> String {
     if v["next"].is_null() {
         out.push_str("\n  finished.");
     } else if blockers.is_empty() {
-        out.push_str(&format!("\n  ready: `ca-cli rotation advance {}` may move it to {}.", s(&v["id"]), s(&v["next"])));
+        out.push_str(&format!(
+            "\n  ready: `ca-cli rotation advance {}` may move it to {}.",
+            s(&v["id"]),
+            s(&v["next"])
+        ));
     } else {
         out.push_str(&format!("\n  blocked from {}:\n", s(&v["next"])));
         for b in blockers {
@@ -188,7 +194,8 @@ pub fn list_text(v: &Value) -> String {
 }
 
 pub fn requests_text(v: &Value) -> String {
-    let mut out = format!("{:<38} {:<20} {:<10} {:<16} {}\n", "ID", "KIND", "STATUS", "REQUESTED BY", "SUBJECT / DETAILS");
+    let mut out =
+        format!("{:<38} {:<20} {:<10} {:<16} {}\n", "ID", "KIND", "STATUS", "REQUESTED BY", "SUBJECT / DETAILS");
     for r in v.as_array().into_iter().flatten() {
         out.push_str(&format!(
             "{:<38} {:<20} {:<10} {:<16} {} {}\n",

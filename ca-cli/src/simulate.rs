@@ -86,7 +86,14 @@ fn root(m: &mut Mesh<'_>, cn: &str) -> Result<Ca> {
     Ok(Ca { issuer: CaIssuer::new(cert, key)?, above: vec![] })
 }
 
-fn intermediate(m: &mut Mesh<'_>, parent: &Ca, profile: ProfileKind, cn: &str, td: &TrustDomain, days: i64) -> Result<Ca> {
+fn intermediate(
+    m: &mut Mesh<'_>,
+    parent: &Ca,
+    profile: ProfileKind,
+    cn: &str,
+    td: &TrustDomain,
+    days: i64,
+) -> Result<Ca> {
     let key = m.key()?;
     let nb = now();
     let req = CertRequest {
@@ -130,7 +137,12 @@ fn workload(cluster: &Cluster, name: &str) -> Result<Workload> {
     let leaf = issue(&cluster.ca.issuer, &req)?.cert;
     let mut chain = vec![leaf, cluster.ca.issuer.cert.clone()];
     chain.extend(cluster.ca.above.iter().cloned());
-    Ok(Workload { name: format!("{}-{name}", cluster.name), chain, key: kp.serialize_der(), bundle: cluster.bundle.clone() })
+    Ok(Workload {
+        name: format!("{}-{name}", cluster.name),
+        chain,
+        key: kp.serialize_der(),
+        bundle: cluster.bundle.clone(),
+    })
 }
 
 /// Plays the rotation and returns every step's handshake outcome.

@@ -65,7 +65,8 @@ pub async fn collect(server: &str, ca_root: &Path, token: &str) -> Result<Value>
         }
         for c in detail["clusters"].as_array().into_iter().flatten() {
             let state = c["state"].as_str().unwrap_or_default();
-            rotation.insert(("cluster".into(), c["name"].as_str().unwrap_or_default().into()), format!("{what} ({state})"));
+            rotation
+                .insert(("cluster".into(), c["name"].as_str().unwrap_or_default().into()), format!("{what} ({state})"));
         }
     }
     let mut rows = Vec::new();
@@ -98,7 +99,10 @@ pub async fn collect(server: &str, ca_root: &Path, token: &str) -> Result<Value>
         rows.push(row);
     }
     for row in &mut rows {
-        let key = (row["kind"].as_str().unwrap_or_default().to_string(), row["name"].as_str().unwrap_or_default().to_string());
+        let key = (
+            row["kind"].as_str().unwrap_or_default().to_string(),
+            row["name"].as_str().unwrap_or_default().to_string(),
+        );
         row["rotation"] = rotation.get(&key).map_or(Value::Null, |r| json!(r));
     }
     Ok(json!({"server": server, "checked_at": now, "items": rows}))

@@ -75,18 +75,10 @@ impl fmt::Display for Stage {
 impl FromStr for Stage {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        [
-            Stage::Prepared,
-            Stage::Distribute,
-            Stage::Reissue,
-            Stage::Drain,
-            Stage::Retire,
-            Stage::Done,
-            Stage::Aborted,
-        ]
-        .into_iter()
-        .find(|st| st.as_str() == s)
-        .ok_or_else(|| format!("unknown stage {s:?}"))
+        [Stage::Prepared, Stage::Distribute, Stage::Reissue, Stage::Drain, Stage::Retire, Stage::Done, Stage::Aborted]
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| format!("unknown stage {s:?}"))
     }
 }
 
@@ -240,20 +232,27 @@ pub fn cluster_blockers(g: &GateInput<'_>, c: &ClusterProgress) -> Vec<Blocker> 
             ));
         }
         if c.intermediate_issued_at.is_none_or(|t| t < g.chain_changed_at) || !c.chain_ok {
-            out.push(Blocker::cluster(&c.name, "the server has not issued its intermediate on the current chain yet".into()));
+            out.push(Blocker::cluster(
+                &c.name,
+                "the server has not issued its intermediate on the current chain yet".into(),
+            ));
         }
         return out;
     }
     let Some(reported) = c.reported_at else {
         out.push(Blocker::cluster(
             &c.name,
-            "has never reported its installed bundle: run `ca-cli cluster renew` there (it reports on every run)".into(),
+            "has never reported its installed bundle: run `ca-cli cluster renew` there (it reports on every run)"
+                .into(),
         ));
         return out;
     };
     let since = g.bundle_changed_at.max(g.chain_changed_at);
     if reported < since {
-        out.push(Blocker::cluster(&c.name, format!("has not reported since the stage changed (last report at {reported})")));
+        out.push(Blocker::cluster(
+            &c.name,
+            format!("has not reported since the stage changed (last report at {reported})"),
+        ));
         return out;
     }
     if !c.bundle_ok {
@@ -276,7 +275,10 @@ pub fn blockers(g: &GateInput<'_>) -> Vec<Blocker> {
     let forward = g.kind.next(g.from) == Some(g.to);
     let backward = g.kind.rollback(g.from) == Some(g.to);
     if !forward && !backward {
-        out.push(Blocker { cluster: None, reason: format!("a {} rotation cannot go from {} to {}", g.kind, g.from, g.to) });
+        out.push(Blocker {
+            cluster: None,
+            reason: format!("a {} rotation cannot go from {} to {}", g.kind, g.from, g.to),
+        });
         return out;
     }
     let wait_for_clusters =
@@ -384,7 +386,7 @@ mod tests {
         let b = blockers(&gate(Stage::Reissue, Stage::Drain, &clusters));
         let named: BTreeSet<_> = b.iter().filter_map(|b| b.cluster.clone()).collect();
         assert_eq!(named, set(&["b", "c", "d", "e"]), "{b:?}");
-        assert!(blockers(&gate(Stage::Reissue, Stage::Drain, &[ok.clone()])).is_empty());
+        assert!(blockers(&gate(Stage::Reissue, Stage::Drain, std::slice::from_ref(&ok))).is_empty());
         // Leaving prepared waits for nobody; a rollback that widens trust neither.
         assert!(blockers(&gate(Stage::Prepared, Stage::Distribute, &clusters)).is_empty());
         assert!(blockers(&gate(Stage::Retire, Stage::Drain, &clusters)).is_empty());

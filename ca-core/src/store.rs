@@ -153,6 +153,30 @@ pub struct ApprovalRequest {
     pub decided_at: Option<i64>,
 }
 
+impl ApprovalRequest {
+    /// A new request awaiting a second operator.
+    pub fn pending(
+        id: &str,
+        kind: &str,
+        subject: &str,
+        payload: &serde_json::Value,
+        requested_by: &str,
+        now: i64,
+    ) -> ApprovalRequest {
+        ApprovalRequest {
+            id: id.into(),
+            kind: kind.into(),
+            subject: subject.into(),
+            payload: payload.to_string(),
+            requested_by: requested_by.into(),
+            requested_at: now,
+            status: "pending".into(),
+            decided_by: None,
+            decided_at: None,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, sqlx::FromRow)]
 pub struct CrlRecord {
     pub issuer: String,
@@ -433,7 +457,9 @@ impl Store {
     }
 
     pub async fn get_rotation(&self, id: &str) -> Result<Option<RotationRecord>> {
-        Ok(on_pool!(self, c => sqlx::query_as("SELECT * FROM rotations WHERE id = $1").bind(id).fetch_optional(c).await)?)
+        Ok(
+            on_pool!(self, c => sqlx::query_as("SELECT * FROM rotations WHERE id = $1").bind(id).fetch_optional(c).await)?,
+        )
     }
 
     /// Rotations, newest first; only those not done or aborted when `active_only`.
@@ -456,7 +482,12 @@ impl Store {
     }
 
     /// Live workload certificates of `cluster` signed by an intermediate issued before `before`.
-    pub async fn count_workloads_under_intermediates_before(&self, cluster: &str, now: i64, before: i64) -> Result<i64> {
+    pub async fn count_workloads_under_intermediates_before(
+        &self,
+        cluster: &str,
+        now: i64,
+        before: i64,
+    ) -> Result<i64> {
         let (n,): (i64,) = on_pool!(self, c => sqlx::query_as(
             "SELECT COUNT(*) FROM workload_certificates w JOIN certificates i ON i.serial = w.issuer_serial
              WHERE w.cluster = $1 AND w.not_after > $2 AND i.issued_at < $3")
@@ -735,8 +766,10 @@ impl Tx {
     }
 
     pub async fn list_active_rotations(&mut self) -> Result<Vec<RotationRecord>> {
-        Ok(on_tx!(self, c => sqlx::query_as("SELECT * FROM rotations WHERE stage NOT IN ('done', 'aborted') ORDER BY created_at, id")
-            .fetch_all(c).await)?)
+        Ok(
+            on_tx!(self, c => sqlx::query_as("SELECT * FROM rotations WHERE stage NOT IN ('done', 'aborted') ORDER BY created_at, id")
+            .fetch_all(c).await)?,
+        )
     }
 
     /// Moves a rotation from `from` to `stage` with its new spec. False when it is no longer at

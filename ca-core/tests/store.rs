@@ -4,8 +4,8 @@ mod common;
 
 use ca_core::audit::verify_chain;
 use ca_core::store::{
-    ApprovalRequest, AuditEvent, CertFilter, CertRecord, ClusterRecord, CrlRecord, Store, StoreError, WorkloadRecord,
-    now_secs,
+    ApprovalRequest, AuditEvent, CertFilter, CertRecord, ClusterRecord, ClusterReport, CrlRecord, RotationRecord,
+    Store, StoreError, WorkloadRecord, now_secs,
 };
 use serde_json::json;
 
@@ -215,6 +215,82 @@ async fn workload_batches_and_pruning(s: &Store) {
     assert!(s.get_workload_certificate(&rows[1].serial).await.unwrap().is_some());
 }
 
+async fn rotations_reports_and_lagging_workloads(s: &Store) {
+    let now = now_secs();
+    let rot = |id: &str, stage: &str, at: i64| RotationRecord {
+        id: id.into(),
+        kind: "root".into(),
+        target: "ab".into(),
+        stage: stage.into(),
+        spec: "{}".into(),
+        created_by: "alice".into(),
+        created_at: at,
+        updated_at: at,
+    };
+    let mut tx = s.write().await.unwrap();
+    tx.insert_rotation(&rot("r1", "done", now - 10)).await.unwrap();
+    tx.insert_rotation(&rot("r2", "distribute", now)).await.unwrap();
+    assert_eq!(tx.list_active_rotations().await.unwrap().len(), 1);
+    // Compare-and-set on the stage: a stale move loses.
+    assert!(tx.update_rotation("r2", "distribute", "reissue", "{\"x\":1}", now).await.unwrap());
+    assert!(!tx.update_rotation("r2", "distribute", "reissue", "{}", now).await.unwrap());
+    tx.commit().await.unwrap();
+    let all = s.list_rotations(false).await.unwrap();
+    assert_eq!(all.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["r2", "r1"], "newest first");
+    assert_eq!(s.list_rotations(true).await.unwrap().len(), 1);
+    let r2 = s.get_rotation("r2").await.unwrap().unwrap();
+    assert_eq!((r2.stage.as_str(), r2.spec.as_str()), ("reissue", "{\"x\":1}"));
+
+    // A report replaces the cluster's previous one.
+    let report = |bundle: &str, at: i64| ClusterReport {
+        cluster: "c1".into(),
+        bundle: bundle.into(),
+        chain: "[]".into(),
+        intermediate_serial: "0a".into(),
+        reported_at: at,
+    };
+    let mut tx = s.write().await.unwrap();
+    tx.put_cluster_report(&report("[\"o\"]", now - 5)).await.unwrap();
+    tx.put_cluster_report(&report("[\"o\",\"n\"]", now)).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(s.cluster_reports().await.unwrap(), vec![report("[\"o\",\"n\"]", now)]);
+
+    // Live workload certificates by issue time and by the age of their intermediate.
+    let mut tx = s.write().await.unwrap();
+    tx.insert_certificate(&CertRecord { issued_at: now - 100, ..cert("i-old", "c1", now + 3600) }).await.unwrap();
+    tx.insert_certificate(&CertRecord { issued_at: now, ..cert("i-new", "c1", now + 3600) }).await.unwrap();
+    let w = |serial: &str, issuer: &str, issued_at: i64, not_after: i64| WorkloadRecord {
+        serial: serial.into(),
+        cluster: "c1".into(),
+        identity: "spiffe://td/ns/a/sa/b".into(),
+        issuer_serial: issuer.into(),
+        not_before: issued_at,
+        not_after,
+        issued_at,
+        audit_seq: 0,
+        der: vec![0x30],
+    };
+    let rows = [
+        w("w1", "i-old", now - 90, now + 60),
+        w("w2", "i-old", now - 90, now - 1),
+        w("w3", "i-new", now - 5, now + 60),
+        w("w4", "i-new", now - 50, now + 60),
+    ];
+    let rec = tx.audit(AuditEvent::new("t", "workload.issued", "b", json!({}))).await.unwrap();
+    tx.insert_workload_certificates(&rows, rec.seq).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(s.count_workloads_issued_before("c1", now, now - 10).await.unwrap(), 2, "w1 and w4; w2 expired");
+    assert_eq!(s.count_workloads_under_intermediates_before("c1", now, now - 10).await.unwrap(), 1, "w1 only");
+    assert_eq!(s.count_workloads_issued_before("c2", now, now).await.unwrap(), 0);
+
+    let mut tx = s.write().await.unwrap();
+    let live = tx.live_cluster_certificates("c1", now).await.unwrap();
+    assert_eq!(live.iter().map(|c| c.serial.as_str()).collect::<Vec<_>>(), ["i-old", "i-new"]);
+    tx.revoke_certificate("i-old", "superseded", now).await.unwrap();
+    assert_eq!(tx.live_cluster_certificates("c1", now).await.unwrap().len(), 1);
+    tx.commit().await.unwrap();
+}
+
 macro_rules! conformance {
     ($($backend:ident),*) => { $(
         mod $backend {
@@ -229,6 +305,8 @@ macro_rules! conformance {
             async fn audit() { audit_chain_under_concurrent_writers(&common::$backend().await.store).await }
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn workloads() { workload_batches_and_pruning(&common::$backend().await.store).await }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn rotations() { rotations_reports_and_lagging_workloads(&common::$backend().await.store).await }
         }
     )* };
 }

@@ -430,18 +430,8 @@ async fn register_cluster(
     })
     .await
     .map_err(|e| ApiError::from(e).by(op.actor()))?;
-    tx.insert_request(&ApprovalRequest {
-        id: request_id.clone(),
-        kind: "register-cluster".into(),
-        subject: req.name.clone(),
-        payload: payload.to_string(),
-        requested_by: op.name.clone(),
-        requested_at: now,
-        status: "pending".into(),
-        decided_by: None,
-        decided_at: None,
-    })
-    .await?;
+    tx.insert_request(&ApprovalRequest::pending(&request_id, "register-cluster", &req.name, &payload, &op.name, now))
+        .await?;
     tx.audit(AuditEvent::new(
         op.actor(),
         "cluster.register.requested",
@@ -898,17 +888,14 @@ async fn reissue_enrolment(
     let expires = now + state.config.policy.enrolment_token_ttl.duration().whole_seconds();
     let request_id = uuid::Uuid::new_v4().to_string();
     let mut tx = state.store.write().await?;
-    tx.insert_request(&ApprovalRequest {
-        id: request_id.clone(),
-        kind: "reissue-enrolment".into(),
-        subject: name.clone(),
-        payload: json!({"token_hash": token_hash(&token), "expires_at": expires}).to_string(),
-        requested_by: op.name.clone(),
-        requested_at: now,
-        status: "pending".into(),
-        decided_by: None,
-        decided_at: None,
-    })
+    tx.insert_request(&ApprovalRequest::pending(
+        &request_id,
+        "reissue-enrolment",
+        &name,
+        &json!({"token_hash": token_hash(&token), "expires_at": expires}),
+        &op.name,
+        now,
+    ))
     .await?;
     tx.audit(AuditEvent::new(op.actor(), "cluster.enrolment.requested", &name, json!({"request_id": request_id})))
         .await?;
@@ -1455,18 +1442,14 @@ async fn revoke_certificate(
         .by(op.actor()));
     }
     let now = now_secs();
-    let request = ApprovalRequest {
-        id: uuid::Uuid::new_v4().to_string(),
-        kind: "revoke-certificate".into(),
-        subject: serial.clone(),
-        payload: json!({"serial": serial, "reason": reason_name, "cluster": cert.cluster, "issuer": cert.issuer})
-            .to_string(),
-        requested_by: op.name.clone(),
-        requested_at: now,
-        status: "pending".into(),
-        decided_by: None,
-        decided_at: None,
-    };
+    let request = ApprovalRequest::pending(
+        &uuid::Uuid::new_v4().to_string(),
+        "revoke-certificate",
+        &serial,
+        &json!({"serial": serial, "reason": reason_name, "cluster": cert.cluster, "issuer": cert.issuer}),
+        &op.name,
+        now,
+    );
     let mut tx = state.store.write().await?;
     tx.insert_request(&request).await?;
     tx.audit(AuditEvent::new(

@@ -264,7 +264,13 @@ pub async fn refresh(state: &AppState) -> Result<(), ApiError> {
 /// When the chain a cluster should hold last changed (0: never): an intermediate issued
 /// before it is renewed.
 pub async fn reissue_after(state: &AppState, cluster: &ClusterRecord) -> Result<i64, ApiError> {
-    Ok(all_rotations(state).await?.iter().filter(|r| r.covers_cluster(cluster)).map(|r| r.spec.chain_changed_at).max().unwrap_or(0))
+    Ok(all_rotations(state)
+        .await?
+        .iter()
+        .filter(|r| r.covers_cluster(cluster))
+        .map(|r| r.spec.chain_changed_at)
+        .max()
+        .unwrap_or(0))
 }
 
 // ---- progress and gates -----------------------------------------------------------------------
@@ -307,14 +313,10 @@ async fn progress(state: &AppState, r: &Rotation, now: i64) -> Result<Vec<(Clust
                 p.chain_ok = rec.revoked_at.is_none() && signed_by(&rec.pem, &env.cert);
             }
             p.bundle_ok = true;
-            p.stale_bundle_workloads = state
-                .store
-                .count_workloads_issued_before(&c.name, now, r.spec.bundle_changed_at + grace)
-                .await?;
-            p.stale_chain_workloads = state
-                .store
-                .count_workloads_under_intermediates_before(&c.name, now, r.spec.chain_changed_at)
-                .await?;
+            p.stale_bundle_workloads =
+                state.store.count_workloads_issued_before(&c.name, now, r.spec.bundle_changed_at + grace).await?;
+            p.stale_chain_workloads =
+                state.store.count_workloads_under_intermediates_before(&c.name, now, r.spec.chain_changed_at).await?;
         } else if let Some(rep) = reports.get(&c.name) {
             let installed: BTreeSet<String> = serde_json::from_str(&rep.bundle).map_err(ApiError::internal)?;
             let chain: Vec<String> = serde_json::from_str(&rep.chain).map_err(ApiError::internal)?;
@@ -351,7 +353,12 @@ fn missing(r: &Rotation, to: Stage) -> Vec<String> {
     out
 }
 
-async fn gate(state: &AppState, r: &Rotation, to: Stage, now: i64) -> Result<(Vec<Blocker>, Vec<ClusterStatus>), ApiError> {
+async fn gate(
+    state: &AppState,
+    r: &Rotation,
+    to: Stage,
+    now: i64,
+) -> Result<(Vec<Blocker>, Vec<ClusterStatus>), ApiError> {
     let clusters = progress(state, r, now).await?;
     let ps: Vec<ClusterProgress> = clusters.iter().map(|(_, p)| p.clone()).collect();
     let input = GateInput {
@@ -487,7 +494,9 @@ async fn view(state: &AppState, r: &Rotation, now: i64) -> Result<RotationView, 
 }
 
 async fn load(state: &AppState, id: &str) -> Result<Rotation, ApiError> {
-    Rotation::parse(state.store.get_rotation(id).await?.ok_or_else(|| ApiError::not_found(format!("no rotation {id:?}")))?)
+    Rotation::parse(
+        state.store.get_rotation(id).await?.ok_or_else(|| ApiError::not_found(format!("no rotation {id:?}")))?,
+    )
 }
 
 #[derive(Serialize, ToSchema)]
@@ -524,7 +533,11 @@ pub async fn list(State(state): State<AppState>, op: Operator) -> Result<Json<Ve
 
 /// A rotation's stage, each cluster's progress and what blocks the next stage.
 #[utoipa::path(get, path = "/v1/rotations/{id}", responses((status = 200, body = RotationView), (status = 404, body = crate::error::Problem)), security(("bearer" = [])))]
-pub async fn get(State(state): State<AppState>, op: Operator, Path(id): Path<String>) -> Result<Json<RotationView>, ApiError> {
+pub async fn get(
+    State(state): State<AppState>,
+    op: Operator,
+    Path(id): Path<String>,
+) -> Result<Json<RotationView>, ApiError> {
     op.require(&[Role::Operator, Role::Admin, Role::Auditor], "reading rotations")?;
     let r = load(&state, &id).await.map_err(|e| e.by(op.actor()))?;
     Ok(Json(view(&state, &r, now_secs()).await?))
@@ -599,7 +612,10 @@ fn plan_from(issuer: &Issuer) -> EnvPlan {
 /// and key, under the new root, a CA valid now.
 fn check_resigned(issuer: &CertInfo, new_root: &CertInfo, cert: &CertInfo) -> Result<(), ApiError> {
     if cert.subject_raw != issuer.subject_raw || cert.spki_der != issuer.spki_der {
-        return Err(bad("invalid-certificate", "the certificate must have the environment's subject and key (a cross-signature)"));
+        return Err(bad(
+            "invalid-certificate",
+            "the certificate must have the environment's subject and key (a cross-signature)",
+        ));
     }
     if !cert.is_ca || !cert.key_cert_sign {
         return Err(bad("invalid-certificate", "the certificate is not a CA certificate"));
@@ -613,7 +629,11 @@ fn check_resigned(issuer: &CertInfo, new_root: &CertInfo, cert: &CertInfo) -> Re
 #[utoipa::path(post, path = "/v1/rotations", request_body = StartRotation,
     responses((status = 202, body = Started), (status = 400, body = crate::error::Problem), (status = 409, body = crate::error::Problem)),
     security(("bearer" = [])))]
-pub async fn start(State(state): State<AppState>, op: Operator, Body(req): Body<StartRotation>) -> Result<Response, ApiError> {
+pub async fn start(
+    State(state): State<AppState>,
+    op: Operator,
+    Body(req): Body<StartRotation>,
+) -> Result<Response, ApiError> {
     op.require(&[Role::Operator, Role::Admin], "starting a rotation")?;
     let deny = |e: ApiError| e.by(op.actor());
     let kind: RotationKind = req.kind.parse().map_err(|e: String| deny(bad("invalid-kind", e)))?;
@@ -624,27 +644,32 @@ pub async fn start(State(state): State<AppState>, op: Operator, Body(req): Body<
         RotationKind::Root => {
             let pem = req.new_root.as_deref().ok_or_else(|| deny(bad("invalid-root", "new_root (PEM) is required")))?;
             let new_root = pem_cert(pem).map_err(deny)?;
-            let self_signed = new_root.is_self_issued()
-                && new_root.public_key().is_ok_and(|k| new_root.verify_signed_by(&k).is_ok());
+            let self_signed =
+                new_root.is_self_issued() && new_root.public_key().is_ok_and(|k| new_root.verify_signed_by(&k).is_ok());
             let t = time::OffsetDateTime::now_utc();
-            if !self_signed || !new_root.is_ca || !new_root.key_cert_sign || new_root.not_before > t || new_root.not_after <= t {
+            if !self_signed
+                || !new_root.is_ca
+                || !new_root.key_cert_sign
+                || new_root.not_before > t
+                || new_root.not_after <= t
+            {
                 return Err(deny(bad("invalid-root", "new_root must be a self-signed CA certificate valid now")));
             }
-            let in_use: BTreeMap<String, CertInfo> = state
-                .issuers
-                .all()
-                .iter()
-                .flat_map(|i| i.roots.clone())
-                .map(|c| (c.fingerprint(), c))
-                .collect();
+            let in_use: BTreeMap<String, CertInfo> =
+                state.issuers.all().iter().flat_map(|i| i.roots.clone()).map(|c| (c.fingerprint(), c)).collect();
             let old_fp = match &req.old_root {
                 Some(f) => f.to_ascii_lowercase().replace(':', ""),
                 None if in_use.len() == 1 => in_use.keys().next().cloned().unwrap_or_default(),
                 None => {
-                    return Err(deny(bad("invalid-root", "several roots are in use: name the one to replace (old_root, its SHA-256)")));
+                    return Err(deny(bad(
+                        "invalid-root",
+                        "several roots are in use: name the one to replace (old_root, its SHA-256)",
+                    )));
                 }
             };
-            let old_root = in_use.get(&old_fp).ok_or_else(|| deny(bad("invalid-root", format!("no issuer uses a root with SHA-256 {old_fp}"))))?;
+            let old_root = in_use
+                .get(&old_fp)
+                .ok_or_else(|| deny(bad("invalid-root", format!("no issuer uses a root with SHA-256 {old_fp}"))))?;
             if old_root.fingerprint() == new_root.fingerprint() {
                 return Err(deny(bad("invalid-root", "the new root is the old root")));
             }
@@ -656,24 +681,50 @@ pub async fn start(State(state): State<AppState>, op: Operator, Body(req): Body<
             old_fp
         }
         RotationKind::Environment => {
-            let env = req.environment.clone().ok_or_else(|| deny(bad("invalid-environment", "environment is required")))?;
-            let issuer = state.issuers.get(&env).ok_or_else(|| deny(bad("unknown-environment", format!("no environment {env:?} is served here"))))?;
-            let cert = pem_cert(req.certificate.as_deref().ok_or_else(|| deny(bad("invalid-certificate", "certificate (PEM) is required")))?).map_err(deny)?;
-            let key_str = req.key.clone().ok_or_else(|| deny(bad("invalid-key", "key (the new intermediate's key reference) is required")))?;
-            let key: hsm::KeyRef = key_str.parse().map_err(|e: hsm::HsmError| deny(bad("invalid-key", e.to_string())))?;
+            let env =
+                req.environment.clone().ok_or_else(|| deny(bad("invalid-environment", "environment is required")))?;
+            let issuer = state
+                .issuers
+                .get(&env)
+                .ok_or_else(|| deny(bad("unknown-environment", format!("no environment {env:?} is served here"))))?;
+            let cert = pem_cert(
+                req.certificate
+                    .as_deref()
+                    .ok_or_else(|| deny(bad("invalid-certificate", "certificate (PEM) is required")))?,
+            )
+            .map_err(deny)?;
+            let key_str = req
+                .key
+                .clone()
+                .ok_or_else(|| deny(bad("invalid-key", "key (the new intermediate's key reference) is required")))?;
+            let key: hsm::KeyRef =
+                key_str.parse().map_err(|e: hsm::HsmError| deny(bad("invalid-key", e.to_string())))?;
             key_unused(&state, &key.to_string()).await.map_err(deny)?;
             if cert.spki_der == issuer.cert.spki_der {
                 return Err(deny(bad("invalid-certificate", "the new intermediate must have a new key")));
             }
             if !cert.is_ca || !cert.key_cert_sign || cert.path_len.is_some_and(|p| p < 1) {
-                return Err(deny(bad("invalid-certificate", "the new intermediate must be a CA that may sign cluster CAs (pathLen ≥ 1)")));
+                return Err(deny(bad(
+                    "invalid-certificate",
+                    "the new intermediate must be a CA that may sign cluster CAs (pathLen ≥ 1)",
+                )));
             }
             let intermediates: Vec<CertInfo> = issuer.chain.iter().filter(|c| !c.is_self_issued()).cloned().collect();
             ca_core::chain::verify_chain(&cert, &intermediates, &issuer.roots, time::OffsetDateTime::now_utc())
-                .map_err(|e| deny(bad("invalid-certificate", format!("the new intermediate does not chain to the environment's root: {e}"))))?;
+                .map_err(|e| {
+                    deny(bad(
+                        "invalid-certificate",
+                        format!("the new intermediate does not chain to the environment's root: {e}"),
+                    ))
+                })?;
             let served = cert.trust_domains();
-            if let Some(c) = clusters.iter().find(|c| c.environment == env && c.status == "active" && !served.is_empty() && !served.contains(&c.trust_domain)) {
-                return Err(deny(bad("invalid-certificate", format!("the new intermediate does not cover cluster {}'s trust domain {}", c.name, c.trust_domain))));
+            if let Some(c) = clusters.iter().find(|c| {
+                c.environment == env && c.status == "active" && !served.is_empty() && !served.contains(&c.trust_domain)
+            }) {
+                return Err(deny(bad(
+                    "invalid-certificate",
+                    format!("the new intermediate does not cover cluster {}'s trust domain {}", c.name, c.trust_domain),
+                )));
             }
             let public = open_public(&state, &key).await.map_err(deny)?;
             if public.spki_der() != cert.spki_der {
@@ -688,17 +739,29 @@ pub async fn start(State(state): State<AppState>, op: Operator, Body(req): Body<
         }
         RotationKind::Cluster => {
             let name = req.cluster.clone().ok_or_else(|| deny(bad("invalid-cluster", "cluster is required")))?;
-            let c = clusters.iter().find(|c| c.name == name && c.status == "active" && c.current_serial.is_some())
-                .ok_or_else(|| deny(bad("unknown-cluster", format!("no active cluster {name:?} with an intermediate"))))?;
+            let c = clusters
+                .iter()
+                .find(|c| c.name == name && c.status == "active" && c.current_serial.is_some())
+                .ok_or_else(|| {
+                    deny(bad("unknown-cluster", format!("no active cluster {name:?} with an intermediate")))
+                })?;
             let new_key = match (c.is_external_ca(), &req.key) {
                 (true, Some(k)) => {
-                    let key: hsm::KeyRef = k.parse().map_err(|e: hsm::HsmError| deny(bad("invalid-key", e.to_string())))?;
+                    let key: hsm::KeyRef =
+                        k.parse().map_err(|e: hsm::HsmError| deny(bad("invalid-key", e.to_string())))?;
                     key_unused(&state, &key.to_string()).await.map_err(deny)?;
                     open_public(&state, &key).await.map_err(deny)?;
                     Some(key.to_string())
                 }
-                (true, None) => return Err(deny(bad("invalid-key", "an external-CA cluster needs its new server-side key (key)"))),
-                (false, Some(_)) => return Err(deny(bad("invalid-key", "a plug-in cluster makes its own new key when it renews; key is for external-ca clusters"))),
+                (true, None) => {
+                    return Err(deny(bad("invalid-key", "an external-CA cluster needs its new server-side key (key)")));
+                }
+                (false, Some(_)) => {
+                    return Err(deny(bad(
+                        "invalid-key",
+                        "a plug-in cluster makes its own new key when it renews; key is for external-ca clusters",
+                    )));
+                }
                 (false, None) => None,
             };
             spec.cluster = Some(ClusterPlan { external_ca: c.is_external_ca(), old_key: c.key_ref.clone(), new_key });
@@ -710,8 +773,16 @@ pub async fn start(State(state): State<AppState>, op: Operator, Body(req): Body<
     }
     let id = uuid::Uuid::new_v4().to_string();
     let candidate = Rotation {
-        rec: RotationRecord { id: id.clone(), kind: kind.to_string(), target: target.clone(), stage: Stage::Prepared.to_string(),
-            spec: String::new(), created_by: op.name.clone(), created_at: now, updated_at: now },
+        rec: RotationRecord {
+            id: id.clone(),
+            kind: kind.to_string(),
+            target: target.clone(),
+            stage: Stage::Prepared.to_string(),
+            spec: String::new(),
+            created_by: op.name.clone(),
+            created_at: now,
+            updated_at: now,
+        },
         kind,
         stage: Stage::Prepared,
         spec,
@@ -719,29 +790,29 @@ pub async fn start(State(state): State<AppState>, op: Operator, Body(req): Body<
     for other in state.store.list_rotations(true).await?.into_iter().map(Rotation::parse) {
         let other = other?;
         if candidate.overlaps(&other, &clusters) {
-            return Err(deny(ApiError::conflict("rotation-in-progress", format!("rotation {} ({} {}) is in progress at stage {}", other.rec.id, other.kind, other.rec.target, other.stage))));
+            return Err(deny(ApiError::conflict(
+                "rotation-in-progress",
+                format!(
+                    "rotation {} ({} {}) is in progress at stage {}",
+                    other.rec.id, other.kind, other.rec.target, other.stage
+                ),
+            )));
         }
     }
     let request_id = uuid::Uuid::new_v4().to_string();
     let payload = json!({"rotation": id, "kind": kind, "target": target, "spec": candidate.spec});
     let mut tx = state.store.write().await?;
-    tx.insert_request(&ApprovalRequest {
-        id: request_id.clone(),
-        kind: "start-rotation".into(),
-        subject: id.clone(),
-        payload: payload.to_string(),
-        requested_by: op.name.clone(),
-        requested_at: now,
-        status: "pending".into(),
-        decided_by: None,
-        decided_at: None,
-    })
-    .await?;
-    tx.audit(AuditEvent::new(op.actor(), "rotation.start.requested", &id,
-        json!({"request_id": request_id, "kind": kind, "target": target})))
+    tx.insert_request(&ApprovalRequest::pending(&request_id, "start-rotation", &id, &payload, &op.name, now)).await?;
+    tx.audit(AuditEvent::new(
+        op.actor(),
+        "rotation.start.requested",
+        &id,
+        json!({"request_id": request_id, "kind": kind, "target": target}),
+    ))
     .await?;
     tx.commit().await?;
-    Ok((StatusCode::ACCEPTED, Json(Started { rotation: id, request_id, status: "pending-approval".into() })).into_response())
+    Ok((StatusCode::ACCEPTED, Json(Started { rotation: id, request_id, status: "pending-approval".into() }))
+        .into_response())
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -767,13 +838,22 @@ pub async fn upload_certificate(
     let deny = |e: ApiError| e.by(op.actor());
     let cert = pem_cert(&req.certificate).map_err(deny)?;
     let mut tx = state.store.write().await?;
-    let mut r = Rotation::parse(tx.get_rotation(&id).await?.ok_or_else(|| deny(ApiError::not_found(format!("no rotation {id:?}"))))?)?;
+    let mut r = Rotation::parse(
+        tx.get_rotation(&id).await?.ok_or_else(|| deny(ApiError::not_found(format!("no rotation {id:?}"))))?,
+    )?;
     if r.kind != RotationKind::Root || !matches!(r.stage, Stage::Prepared | Stage::Distribute) {
-        return Err(deny(ApiError::conflict("rotation-stage", format!("certificates are added to a root rotation before reissue; this is a {} rotation at {}", r.kind, r.stage))));
+        return Err(deny(ApiError::conflict(
+            "rotation-stage",
+            format!(
+                "certificates are added to a root rotation before reissue; this is a {} rotation at {}",
+                r.kind, r.stage
+            ),
+        )));
     }
     let new_root = pem_cert(r.spec.new_root.as_deref().unwrap_or_default())?;
-    let plan = r.spec.environments.get_mut(&req.environment)
-        .ok_or_else(|| deny(bad("unknown-environment", format!("environment {:?} is not part of this rotation", req.environment))))?;
+    let plan = r.spec.environments.get_mut(&req.environment).ok_or_else(|| {
+        deny(bad("unknown-environment", format!("environment {:?} is not part of this rotation", req.environment)))
+    })?;
     check_resigned(&pem_cert(&plan.old_certificate)?, &new_root, &cert).map_err(deny)?;
     plan.new_certificate = Some(cert.pem());
     plan.new_chain = vec![new_root.pem()];
@@ -783,8 +863,12 @@ pub async fn upload_certificate(
     if !tx.update_rotation(&id, &stage, &stage, &spec, now).await? {
         return Err(deny(ApiError::conflict("rotation-stage", "the rotation changed meanwhile; try again")));
     }
-    tx.audit(AuditEvent::new(op.actor(), "rotation.certificate.added", &id,
-        json!({"environment": req.environment, "serial": cert.serial, "sha256_fingerprint": cert.fingerprint()})))
+    tx.audit(AuditEvent::new(
+        op.actor(),
+        "rotation.certificate.added",
+        &id,
+        json!({"environment": req.environment, "serial": cert.serial, "sha256_fingerprint": cert.fingerprint()}),
+    ))
     .await?;
     tx.commit().await?;
     r.rec.spec = spec;
@@ -811,26 +895,54 @@ pub struct MoveRequested {
 /// cluster lags; takes effect when a second operator approves (the gate is checked again).
 #[utoipa::path(post, path = "/v1/rotations/{id}/advance", request_body = Move,
     responses((status = 202, body = MoveRequested), (status = 409, body = crate::error::Problem)), security(("bearer" = [])))]
-pub async fn advance(State(state): State<AppState>, op: Operator, Path(id): Path<String>, Body(req): Body<Move>) -> Result<Response, ApiError> {
+pub async fn advance(
+    State(state): State<AppState>,
+    op: Operator,
+    Path(id): Path<String>,
+    Body(req): Body<Move>,
+) -> Result<Response, ApiError> {
     request_move(state, op, id, req, true).await
 }
 
 /// Asks to move a rotation one stage back (or abort it before anything was re-issued).
 #[utoipa::path(post, path = "/v1/rotations/{id}/rollback", request_body = Move,
     responses((status = 202, body = MoveRequested), (status = 409, body = crate::error::Problem)), security(("bearer" = [])))]
-pub async fn rollback(State(state): State<AppState>, op: Operator, Path(id): Path<String>, Body(req): Body<Move>) -> Result<Response, ApiError> {
+pub async fn rollback(
+    State(state): State<AppState>,
+    op: Operator,
+    Path(id): Path<String>,
+    Body(req): Body<Move>,
+) -> Result<Response, ApiError> {
     request_move(state, op, id, req, false).await
 }
 
-async fn request_move(state: AppState, op: Operator, id: String, req: Move, forward: bool) -> Result<Response, ApiError> {
+async fn request_move(
+    state: AppState,
+    op: Operator,
+    id: String,
+    req: Move,
+    forward: bool,
+) -> Result<Response, ApiError> {
     op.require(&[Role::Operator, Role::Admin], "changing a rotation's stage")?;
     let deny = |e: ApiError| e.by(op.actor());
     let r = load(&state, &id).await.map_err(deny)?;
     let to = if forward { r.kind.next(r.stage) } else { r.kind.rollback(r.stage) };
-    let to = to.ok_or_else(|| deny(ApiError::conflict("rotation-stage", format!("a {} rotation at {} cannot {}", r.kind, r.stage, if forward { "advance" } else { "roll back" }))))?;
+    let to = to.ok_or_else(|| {
+        deny(ApiError::conflict(
+            "rotation-stage",
+            format!("a {} rotation at {} cannot {}", r.kind, r.stage, if forward { "advance" } else { "roll back" }),
+        ))
+    })?;
     if let Some(want) = &req.to {
         if want != to.as_str() {
-            return Err(deny(ApiError::conflict("rotation-stage", format!("the rotation is at {}; its {} is {to}, not {want}", r.stage, if forward { "next stage" } else { "rollback" }))));
+            return Err(deny(ApiError::conflict(
+                "rotation-stage",
+                format!(
+                    "the rotation is at {}; its {} is {to}, not {want}",
+                    r.stage,
+                    if forward { "next stage" } else { "rollback" }
+                ),
+            )));
         }
     }
     let now = now_secs();
@@ -840,23 +952,34 @@ async fn request_move(state: AppState, op: Operator, id: String, req: Move, forw
     }
     let request_id = uuid::Uuid::new_v4().to_string();
     let mut tx = state.store.write().await?;
-    tx.insert_request(&ApprovalRequest {
-        id: request_id.clone(),
-        kind: "rotation-stage".into(),
-        subject: id.clone(),
-        payload: json!({"from": r.stage, "to": to}).to_string(),
-        requested_by: op.name.clone(),
-        requested_at: now,
-        status: "pending".into(),
-        decided_by: None,
-        decided_at: None,
-    })
+    tx.insert_request(&ApprovalRequest::pending(
+        &request_id,
+        "rotation-stage",
+        &id,
+        &json!({"from": r.stage, "to": to}),
+        &op.name,
+        now,
+    ))
     .await?;
-    tx.audit(AuditEvent::new(op.actor(), "rotation.stage.requested", &id,
-        json!({"request_id": request_id, "from": r.stage, "to": to})))
+    tx.audit(AuditEvent::new(
+        op.actor(),
+        "rotation.stage.requested",
+        &id,
+        json!({"request_id": request_id, "from": r.stage, "to": to}),
+    ))
     .await?;
     tx.commit().await?;
-    Ok((StatusCode::ACCEPTED, Json(MoveRequested { rotation: id, request_id, from: r.stage.to_string(), to: to.to_string(), status: "pending-approval".into() })).into_response())
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(MoveRequested {
+            rotation: id,
+            request_id,
+            from: r.stage.to_string(),
+            to: to.to_string(),
+            status: "pending-approval".into(),
+        }),
+    )
+        .into_response())
 }
 
 // ---- approvals ----------------------------------------------------------------------------
@@ -869,7 +992,12 @@ pub struct AfterCommit {
 }
 
 /// An approved `start-rotation` request: the rotation exists from now on.
-pub async fn approve_start(state: &AppState, tx: &mut Tx, req: &ApprovalRequest, approver: &Operator) -> Result<AfterCommit, ApiError> {
+pub async fn approve_start(
+    state: &AppState,
+    tx: &mut Tx,
+    req: &ApprovalRequest,
+    approver: &Operator,
+) -> Result<AfterCommit, ApiError> {
     let payload: serde_json::Value = serde_json::from_str(&req.payload).map_err(ApiError::internal)?;
     let kind: RotationKind = payload["kind"].as_str().unwrap_or_default().parse().map_err(ApiError::internal)?;
     let target = payload["target"].as_str().unwrap_or_default().to_string();
@@ -878,8 +1006,16 @@ pub async fn approve_start(state: &AppState, tx: &mut Tx, req: &ApprovalRequest,
     let mut spec = spec;
     spec.entered.insert(Stage::Prepared.to_string(), now);
     let candidate = Rotation {
-        rec: RotationRecord { id: req.subject.clone(), kind: kind.to_string(), target: target.clone(), stage: Stage::Prepared.to_string(),
-            spec: serde_json::to_string(&spec).map_err(ApiError::internal)?, created_by: req.requested_by.clone(), created_at: now, updated_at: now },
+        rec: RotationRecord {
+            id: req.subject.clone(),
+            kind: kind.to_string(),
+            target: target.clone(),
+            stage: Stage::Prepared.to_string(),
+            spec: serde_json::to_string(&spec).map_err(ApiError::internal)?,
+            created_by: req.requested_by.clone(),
+            created_at: now,
+            updated_at: now,
+        },
         kind,
         stage: Stage::Prepared,
         spec,
@@ -888,25 +1024,43 @@ pub async fn approve_start(state: &AppState, tx: &mut Tx, req: &ApprovalRequest,
     for other in tx.list_active_rotations().await? {
         let other = Rotation::parse(other)?;
         if candidate.overlaps(&other, &clusters) {
-            return Err(ApiError::conflict("rotation-in-progress", format!("rotation {} started meanwhile and overlaps this one", other.rec.id)).by(approver.actor()));
+            return Err(ApiError::conflict(
+                "rotation-in-progress",
+                format!("rotation {} started meanwhile and overlaps this one", other.rec.id),
+            )
+            .by(approver.actor()));
         }
     }
     tx.insert_rotation(&candidate.rec).await?;
-    tx.audit(AuditEvent::new(approver.actor(), "rotation.started", &candidate.rec.id,
-        json!({"kind": kind, "target": target, "requested_by": req.requested_by})))
+    tx.audit(AuditEvent::new(
+        approver.actor(),
+        "rotation.started",
+        &candidate.rec.id,
+        json!({"kind": kind, "target": target, "requested_by": req.requested_by}),
+    ))
     .await?;
     Ok(AfterCommit { rotation: candidate.rec.id, republish: None })
 }
 
 /// An approved `rotation-stage` request: the gate is checked again, then the stage moves.
-pub async fn approve_stage(state: &AppState, tx: &mut Tx, req: &ApprovalRequest, approver: &Operator) -> Result<AfterCommit, ApiError> {
+pub async fn approve_stage(
+    state: &AppState,
+    tx: &mut Tx,
+    req: &ApprovalRequest,
+    approver: &Operator,
+) -> Result<AfterCommit, ApiError> {
     let payload: serde_json::Value = serde_json::from_str(&req.payload).map_err(ApiError::internal)?;
     let from: Stage = payload["from"].as_str().unwrap_or_default().parse().map_err(ApiError::internal)?;
     let to: Stage = payload["to"].as_str().unwrap_or_default().parse().map_err(ApiError::internal)?;
     let deny = |e: ApiError| e.by(approver.actor());
-    let mut r = Rotation::parse(tx.get_rotation(&req.subject).await?.ok_or_else(|| deny(ApiError::not_found("the rotation is gone")))?)?;
+    let mut r = Rotation::parse(
+        tx.get_rotation(&req.subject).await?.ok_or_else(|| deny(ApiError::not_found("the rotation is gone")))?,
+    )?;
     if r.stage != from {
-        return Err(deny(ApiError::conflict("rotation-stage", format!("the rotation moved to {} since this was requested; reject this request", r.stage))));
+        return Err(deny(ApiError::conflict(
+            "rotation-stage",
+            format!("the rotation moved to {} since this was requested; reject this request", r.stage),
+        )));
     }
     let now = now_secs();
     let (blockers, _) = gate(state, &r, to, now).await?;
@@ -920,14 +1074,23 @@ pub async fn approve_stage(state: &AppState, tx: &mut Tx, req: &ApprovalRequest,
     if rotation::new_chain(from) != rotation::new_chain(to) {
         t.chain_changed_at = now;
     }
-    if to == Stage::Drain {
+    // The drain starts when chains have just moved; coming back from retire, it already ran.
+    if to == Stage::Drain && from == Stage::Reissue {
         let c = &state.config.rotation;
-        t.drain_until = Some(now + c.workload_ttl.duration().whole_seconds() + c.drain_margin.duration().whole_seconds());
+        t.drain_until =
+            Some(now + c.workload_ttl.duration().whole_seconds() + c.drain_margin.duration().whole_seconds());
     }
     t.entered.insert(to.to_string(), now);
-    t.history.push(Transition { from: from.to_string(), to: to.to_string(), at: now, requested_by: req.requested_by.clone(), approved_by: approver.name.clone() });
+    t.history.push(Transition {
+        from: from.to_string(),
+        to: to.to_string(),
+        at: now,
+        requested_by: req.requested_by.clone(),
+        approved_by: approver.name.clone(),
+    });
     let mut republish = None;
-    let mut details = json!({"from": from, "to": to, "kind": r.kind, "target": r.rec.target, "requested_by": req.requested_by});
+    let mut details =
+        json!({"from": from, "to": to, "kind": r.kind, "target": r.rec.target, "requested_by": req.requested_by});
     if r.kind == RotationKind::Cluster {
         let plan = r.spec.cluster.clone().ok_or_else(|| ApiError::internal("cluster rotation without a plan"))?;
         // External-CA: the server's key moves with the chain; the background round (or the
@@ -944,8 +1107,12 @@ pub async fn approve_stage(state: &AppState, tx: &mut Tx, req: &ApprovalRequest,
                     continue;
                 }
                 if tx.revoke_certificate(&c.serial, "superseded", now).await? {
-                    tx.audit(AuditEvent::new(approver.actor(), "certificate.revoked", &c.serial,
-                        json!({"reason": "superseded", "issuer": c.issuer, "cluster": c.cluster, "rotation": r.rec.id})))
+                    tx.audit(AuditEvent::new(
+                        approver.actor(),
+                        "certificate.revoked",
+                        &c.serial,
+                        json!({"reason": "superseded", "issuer": c.issuer, "cluster": c.cluster, "rotation": r.rec.id}),
+                    ))
                     .await?;
                     republish = Some(c.issuer.clone());
                     revoked.push(c.serial);
@@ -955,7 +1122,9 @@ pub async fn approve_stage(state: &AppState, tx: &mut Tx, req: &ApprovalRequest,
         }
     }
     if r.kind == RotationKind::Environment && to == Stage::Retire {
-        details["note"] = json!("the old environment intermediate no longer renews clusters; revoke it on the root's CRL in the next CRL ceremony");
+        details["note"] = json!(
+            "the old environment intermediate no longer renews clusters; revoke it on the root's CRL in the next CRL ceremony"
+        );
     }
     let spec = serde_json::to_string(&r.spec).map_err(ApiError::internal)?;
     if !tx.update_rotation(&r.rec.id, from.as_str(), to.as_str(), &spec, now).await? {
