@@ -410,6 +410,9 @@ async fn a_root_rotation_moves_a_running_mesh_without_a_failed_handshake() {
     assert!(chain.iter().any(|c| c.issuer_raw == new_root.subject_raw), "east's chain goes through the new root");
     m.renew("a").await;
     m.assert_all_connect("reissue, half renewed");
+    // An agent that still has only the old root (its ConfigMap not yet updated) reaches the
+    // CA: the serving certificate keeps a chain to the old root until retire.
+    dev_workload(&srv, "old-root-agent", "").await;
     // The outage a premature retire would cause, seen by the same check: the renewed half
     // trusting only the new root while the other half still presents the old chain.
     let mut retired = m.live.clone();
@@ -592,11 +595,21 @@ async fn intermediate_rotations_keep_the_mesh_connected_and_are_gated() {
     let chain = load_certs(&m.east.join("cert-chain.pem")).unwrap();
     assert!(chain.iter().any(|c| c.der == env2.der), "east's chain goes through the new environment CA");
     m.renew_all("environment reissue").await;
-    // The rotation can go back while nothing was retired; and forward again.
-    let back = json_of(&cli(&srv, "admin", &["rotation", "rollback", &id, "--to", "aborted"]));
-    assert_eq!(back["to"], "aborted");
-    let req = back["request_id"].as_str().unwrap().to_string();
-    json_of(&cli(&srv, "approver", &["request", "reject", &req]));
+    // Going back: the old intermediate signs again, clusters that moved can still renew (under
+    // the new one) and move back; aborting waits until nothing on the new chain is live.
+    let back = json_of(&cli(&srv, "admin", &["rotation", "rollback", &id, "--to", "prepared"]));
+    json_of(&cli(&srv, "approver", &["request", "approve", back["request_id"].as_str().unwrap()]));
+    let r = renew_east(&srv, &m.east);
+    assert_eq!(r["renewed"], true, "{r}");
+    let chain = load_certs(&m.east.join("cert-chain.pem")).unwrap();
+    assert!(!chain.iter().any(|c| c.der == env2.der), "east is back under the old environment CA");
+    m.renew_all("environment rolled back").await;
+    let abort = cli(&srv, "admin", &["rotation", "rollback", &id, "--to", "aborted"]);
+    assert!(stderr(&abort).contains("issued on the abandoned chain may be live"), "{}", stderr(&abort));
+    // And forward again.
+    advance(&srv, &id, "reissue");
+    assert_eq!(renew_east(&srv, &m.east)["renewed"], true);
+    m.renew_all("environment reissue again").await;
     advance(&srv, &id, "drain");
     refused(&srv, &id, &["draining until"]);
     until_open(&mut m, &id).await;

@@ -155,32 +155,49 @@ pub async fn renew(a: &RenewArgs) -> Result<serde_json::Value> {
     // and whether a rotation wants a new intermediate now.
     let refused_credential =
         |e: &anyhow::Error| e.downcast_ref::<Refused>().is_some_and(|r| CREDENTIAL_REFUSALS.contains(&r.code.as_str()));
+    let mut credential_refused = false;
     let advice = match usable {
         Some(_) => match report(a, &state_dir, now).await {
             Ok(adv) => Some(adv),
-            // The renewal below meets the same refusal and falls back to the enrolment token.
-            Err(e) if refused_credential(&e) => None,
-            Err(e) => return Err(e),
+            // The renewal below meets the same refusal and falls back to the enrolment token
+            // (or fails, naming it).
+            Err(e) if refused_credential(&e) => {
+                credential_refused = true;
+                None
+            }
+            // Advisory: a server that cannot take the report still renews on schedule.
+            Err(e) => {
+                eprintln!("warning: {e:#}; renewing on the usual schedule");
+                None
+            }
         },
         None => None,
     };
     let mut reason = None;
-    if let (Some(c), Some(adv)) = (usable, &advice) {
+    if let Some(c) = usable {
         let due = renew_at(c, a.renew_after);
-        let bundle_fits = chain_verifies_under(&state_dir, &adv.trust_bundle)?;
+        let bundle_fits = match &advice {
+            Some(adv) => chain_verifies_under(&state_dir, &adv.trust_bundle)?,
+            None => true,
+        };
         reason = if a.force {
             Some("forced".to_string())
-        } else if let Some(r) = &adv.reason {
+        } else if let Some(r) = advice.as_ref().and_then(|adv| adv.reason.as_ref()) {
             Some(format!("rotation: {r}"))
         } else if !bundle_fits {
             Some("the installed chain does not verify under the server's trust bundle".to_string())
         } else if now >= due {
             Some("due".to_string())
+        } else if credential_refused {
+            Some("the server refused the current intermediate".to_string())
         } else {
             None
         };
         if reason.is_none() {
-            let bundle_updated = sync_bundle(&state_dir, &adv.trust_bundle, now)?;
+            let bundle_updated = match &advice {
+                Some(adv) => sync_bundle(&state_dir, &adv.trust_bundle, now)?,
+                None => false,
+            };
             if bundle_updated {
                 report(a, &state_dir, now)
                     .await
@@ -236,7 +253,9 @@ pub async fn renew(a: &RenewArgs) -> Result<serde_json::Value> {
     };
     swap(&state_dir, &version)?;
     prune(&state_dir)?;
-    report(a, &state_dir, now).await.context("renewed, but reporting the new set to the server failed")?;
+    if let Err(e) = report(a, &state_dir, now).await {
+        eprintln!("warning: renewed, but reporting the new set failed ({e:#}); the next run reports it");
+    }
     Ok(
         json!({"renewed": true, "via": mode, "reason": reason, "serial": resp.serial, "not_after": resp.not_after, "state_dir": state_dir}),
     )
@@ -390,6 +409,17 @@ async fn fetch_into(
     };
     let chain = parse_all(&r.chain)?;
     let roots = parse_all(&r.trust_bundle)?;
+    // istiod (ISTIO_MULTIROOT_MESH) takes a changed root-cert.pem only as a superset or subset.
+    let installed = state_dir.join("root-cert.pem");
+    if installed.exists() {
+        let have: std::collections::BTreeSet<String> = fingerprints(&installed)?.into_iter().collect();
+        let get: std::collections::BTreeSet<String> = roots.iter().map(CertInfo::fingerprint).collect();
+        if !have.is_subset(&get) && !have.is_superset(&get) {
+            bail!(
+                "the server's trust bundle neither contains nor is contained in the installed one; istiod would refuse it"
+            );
+        }
+    }
     ca_core::chain::verify_chain(&cert, &chain, &roots, OffsetDateTime::now_utc())
         .context("the returned chain does not verify")?;
     let mut out = ca_core::outputs::OutputSet::new();

@@ -2,8 +2,8 @@
 //! cluster-intermediate rotation puts in trust bundles and chains, and when a stage may be left.
 //!
 //! Protocol- and storage-free: ca-server feeds it what clusters reported and what its own
-//! inventory shows; `ca-cli rotation simulate` runs the same stage semantics offline. Keeping
-//! one definition is the point: the simulation proves the schedule the server enforces.
+//! inventory shows; `ca-cli rotation simulate` plays the same bundles and chains per stage
+//! offline, so the schedule it shows safe is the one the server hands out.
 //!
 //! A root rotation moves every bundle from {old} to {old, new} (*distribute*), every chain from
 //! the old root to the new (*reissue*), waits until nothing live presents the old chain
@@ -104,15 +104,19 @@ impl RotationKind {
         st.iter().position(|x| *x == s).and_then(|i| st.get(i + 1)).copied().filter(|_| s.is_active())
     }
 
-    /// Where a rollback from `s` goes: the stage before it, or `Aborted` while nothing but the
-    /// bundle has changed (and, for intermediates, before anything was re-issued). A cluster
-    /// rotation cannot leave `Retire` backwards: the old intermediates are revoked by then.
+    /// Where a rollback from `s` goes: the stage before it, or `Aborted` from the first stage.
+    /// An environment rotation goes back through `Prepared`, where the old intermediate signs
+    /// and the new one is still accepted, so that clusters that moved can renew back before
+    /// the abort forgets the new one. A cluster rotation aborts from `Reissue` (its clusters
+    /// stay under the same environment either way) and cannot leave `Retire` backwards: the
+    /// old intermediates are revoked by then.
     pub fn rollback(self, s: Stage) -> Option<Stage> {
         match (self, s) {
             (_, Stage::Prepared) => Some(Stage::Aborted),
             (RotationKind::Root, Stage::Distribute) => Some(Stage::Aborted),
             (RotationKind::Root, Stage::Reissue) => Some(Stage::Distribute),
-            (RotationKind::Environment | RotationKind::Cluster, Stage::Reissue) => Some(Stage::Aborted),
+            (RotationKind::Environment, Stage::Reissue) => Some(Stage::Prepared),
+            (RotationKind::Cluster, Stage::Reissue) => Some(Stage::Aborted),
             (_, Stage::Drain) => Some(Stage::Reissue),
             (RotationKind::Cluster, Stage::Retire) => None,
             (_, Stage::Retire) => Some(Stage::Drain),
@@ -199,6 +203,9 @@ pub struct GateInput<'a> {
     pub bundle_changed_at: i64,
     pub chain_changed_at: i64,
     pub drain_until: Option<i64>,
+    /// Rollbacks that drop a root or forget an intermediate: until when workload certificates
+    /// issued on the chain being abandoned may still be live (none if chains never moved).
+    pub settle_until: Option<i64>,
     pub now: i64,
     pub clusters: &'a [ClusterProgress],
     /// Preconditions not about clusters (e.g. an environment without its re-signed
@@ -216,6 +223,32 @@ impl Blocker {
     fn cluster(name: &str, reason: String) -> Blocker {
         Blocker { cluster: Some(name.to_string()), reason }
     }
+}
+
+/// Whether a cluster holds the chain the current stage hands out (and, external-CA, whether
+/// workload certificates on another chain are still live).
+fn chain_blockers(g: &GateInput<'_>, c: &ClusterProgress) -> Vec<Blocker> {
+    let mut out = Vec::new();
+    let on_chain = c.chain_ok && c.intermediate_issued_at.is_some_and(|t| t >= g.chain_changed_at);
+    if c.external_ca {
+        if !on_chain {
+            out.push(Blocker::cluster(
+                &c.name,
+                "the server has not issued its intermediate on the current chain yet".into(),
+            ));
+        }
+        if c.stale_chain_workloads > 0 {
+            out.push(Blocker::cluster(
+                &c.name,
+                format!("{} live workload certificates still present the other chain", c.stale_chain_workloads),
+            ));
+        }
+    } else if c.reported_at.is_none_or(|r| r < g.chain_changed_at) {
+        out.push(Blocker::cluster(&c.name, "has not reported since the chain changed".into()));
+    } else if !on_chain {
+        out.push(Blocker::cluster(&c.name, "has not renewed onto the current chain".into()));
+    }
+    out
 }
 
 /// Whether a cluster holds what the current stage hands out.
@@ -281,11 +314,27 @@ pub fn blockers(g: &GateInput<'_>) -> Vec<Blocker> {
         });
         return out;
     }
-    let wait_for_clusters =
-        (forward && g.from != Stage::Prepared) || (backward && shrinks_bundle(g.kind, g.from, g.to));
-    if wait_for_clusters {
+    if forward && g.from != Stage::Prepared {
         for c in g.clusters {
             out.extend(cluster_blockers(g, c));
+        }
+    }
+    // Going back is safe while trust only widens. Dropping a root, or aborting once chains
+    // moved, waits until nothing live presents the chain being abandoned: every cluster back
+    // on the current chain, and every workload certificate issued on the other one expired.
+    let abandons_chain = g.to == Stage::Aborted && g.chain_changed_at > 0;
+    if backward && (shrinks_bundle(g.kind, g.from, g.to) || abandons_chain) && g.chain_changed_at > 0 {
+        for c in g.clusters {
+            out.extend(chain_blockers(g, c));
+        }
+        if let Some(t) = g.settle_until.filter(|t| g.now < *t) {
+            out.push(Blocker {
+                cluster: None,
+                reason: format!(
+                    "workload certificates issued on the abandoned chain may be live until {t} ({}s left)",
+                    t - g.now
+                ),
+            });
         }
     }
     if forward && g.from == Stage::Drain {
@@ -369,6 +418,7 @@ mod tests {
             bundle_changed_at: 100,
             chain_changed_at: 200,
             drain_until: Some(1000),
+            settle_until: None,
             now: 500,
             clusters,
             missing: vec![],
@@ -390,8 +440,48 @@ mod tests {
         // Leaving prepared waits for nobody; a rollback that widens trust neither.
         assert!(blockers(&gate(Stage::Prepared, Stage::Distribute, &clusters)).is_empty());
         assert!(blockers(&gate(Stage::Retire, Stage::Drain, &clusters)).is_empty());
-        // A rollback that narrows trust does.
-        assert!(!blockers(&gate(Stage::Distribute, Stage::Aborted, &clusters)).is_empty());
+        // Aborting before any chain moved is always safe, whatever the clusters hold.
+        let mut g = gate(Stage::Distribute, Stage::Aborted, &clusters);
+        g.chain_changed_at = 0;
+        assert!(blockers(&g).is_empty(), "{:?}", blockers(&g));
+        // After chains moved and came back, it waits for every cluster to be back on the old
+        // chain (bundles do not matter) and for certificates on the new one to expire.
+        let back = plugin("a", &["O"], true, 250, 300);
+        let g = GateInput {
+            settle_until: Some(900),
+            ..gate(Stage::Distribute, Stage::Aborted, std::slice::from_ref(&back))
+        };
+        let b = blockers(&g);
+        assert_eq!(b.len(), 1, "{b:?}");
+        assert!(b[0].reason.contains("abandoned chain"), "{b:?}");
+        let g = GateInput { settle_until: Some(400), ..g };
+        assert!(blockers(&g).is_empty());
+        let still_new = plugin("a", &["O", "N"], false, 250, 300);
+        let g = GateInput {
+            settle_until: Some(400),
+            ..gate(Stage::Distribute, Stage::Aborted, std::slice::from_ref(&still_new))
+        };
+        assert!(blockers(&g)[0].reason.contains("has not renewed onto the current chain"));
+        let ext = ClusterProgress {
+            name: "x".into(),
+            external_ca: true,
+            chain_ok: true,
+            intermediate_issued_at: Some(250),
+            stale_chain_workloads: 4,
+            ..Default::default()
+        };
+        let g = GateInput {
+            settle_until: Some(400),
+            ..gate(Stage::Distribute, Stage::Aborted, std::slice::from_ref(&ext))
+        };
+        assert!(blockers(&g)[0].reason.contains("still present the other chain"), "{:?}", blockers(&g));
+        // An environment rotation aborts only from prepared, after clusters renewed back.
+        assert_eq!(RotationKind::Environment.rollback(Stage::Reissue), Some(Stage::Prepared));
+        let env = GateInput {
+            kind: RotationKind::Environment,
+            ..gate(Stage::Prepared, Stage::Aborted, std::slice::from_ref(&still_new))
+        };
+        assert!(!blockers(&env).is_empty());
         // Skipping a stage is never allowed.
         let skip = blockers(&gate(Stage::Reissue, Stage::Retire, &[ok]));
         assert!(skip[0].reason.contains("cannot go from reissue to retire"), "{skip:?}");

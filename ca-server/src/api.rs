@@ -705,6 +705,13 @@ async fn report_installed(
             ApiError::bad_request("invalid-report", "intermediate_serial is not an intermediate of this cluster")
                 .by(actor.clone())
         })?;
+    if req.chain[0] != installed.fingerprint {
+        return Err(ApiError::bad_request(
+            "invalid-report",
+            "chain must start with the installed intermediate named by intermediate_serial",
+        )
+        .by(actor));
+    }
     let issuer = state.issuer(&cluster.environment)?;
     let bundle: std::collections::BTreeSet<&String> = req.bundle.iter().collect();
     let mut tx = state.store.write().await?;
@@ -1143,6 +1150,9 @@ async fn reject_request(
 
 async fn decide(state: AppState, op: Operator, id: String, approve: bool) -> Result<Json<RequestView>, ApiError> {
     op.require(&[Role::Operator, Role::Admin], "deciding requests")?;
+    // Rotation approvals judge against this replica's issuers: bring them up to date before
+    // the write transaction, which must not wait on opening a key.
+    crate::rotation::refresh_quietly(&state).await;
     let mut tx = state.store.write().await?;
     let req =
         tx.get_request(&id).await?.ok_or_else(|| ApiError::not_found(format!("no request {id:?}")).by(op.actor()))?;

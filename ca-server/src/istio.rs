@@ -60,10 +60,13 @@ pub struct ClusterCa {
     pub issuer: Arc<Issuer>,
     pub trust_domain: TrustDomain,
     pub serial: String,
-    /// The intermediate, then its parents below the root.
-    pub chain: Vec<CertInfo>,
-    /// The same, PEM-encoded once for every response.
+    /// The intermediate, then its parents below the root, PEM-encoded once for every response.
     pub chain_pem: Vec<String>,
+    /// The chain the gRPC serving certificate presents: during a root rotation it goes to the
+    /// bundle's first (oldest) root while that is trusted, through the environment's
+    /// certificate under it (same subject and key), so that agents whose configured root is
+    /// still the old one can reach the CA until the retire stage.
+    pub serving_chain: Vec<CertInfo>,
     /// Every root the cluster trusts, concatenated (PEM): the response's last element.
     bundle_pem: String,
 }
@@ -248,12 +251,25 @@ async fn load_cluster_ca(state: &AppState, record: &ClusterRecord) -> Result<Arc
     let below_root: Vec<CertInfo> =
         std::iter::once(cert).chain(chain.into_iter().filter(|c| !c.is_self_issued())).collect();
     let chain_pem: Vec<String> = below_root.iter().map(CertInfo::pem).collect();
+    let oldest = env.roots.first().map(CertInfo::fingerprint);
+    let ends_in_oldest =
+        |chain: &[CertInfo]| chain.iter().any(|c| c.is_self_issued() && Some(c.fingerprint()) == oldest);
+    let serving_chain =
+        match env.accepted.iter().find(|(c, ch)| {
+            c.subject_raw == env.cert.subject_raw && c.spki_der == env.cert.spki_der && ends_in_oldest(ch)
+        }) {
+            Some((c, ch)) if !ends_in_oldest(&env.chain) => std::iter::once(below_root[0].clone())
+                .chain(std::iter::once(c.clone()))
+                .chain(ch.iter().filter(|x| !x.is_self_issued()).cloned())
+                .collect(),
+            _ => below_root,
+        };
     let bundle_pem: String = issuer.roots.iter().map(CertInfo::pem).collect();
     Ok(Arc::new(ClusterCa {
         trust_domain: record.trust_domain.parse().map_err(ApiError::internal)?,
         serial,
-        chain: below_root,
         chain_pem,
+        serving_chain,
         bundle_pem,
         issuer,
     }))
@@ -975,7 +991,7 @@ impl ServingCert {
 
 /// Identifies the chain a certificate from `ca` carries.
 fn chain_id(ca: &ClusterCa) -> String {
-    ca.chain.iter().map(CertInfo::fingerprint).collect::<Vec<_>>().join(",")
+    ca.serving_chain.iter().map(CertInfo::fingerprint).collect::<Vec<_>>().join(",")
 }
 
 /// The configured serving cluster, or else the first configured cluster (by name) that is
@@ -1032,7 +1048,7 @@ pub async fn ensure_serving_cert(state: &AppState) -> Result<(), ApiError> {
     .await?;
     tx.commit().await?;
     let mut chain = vec![rustls_pki_types::CertificateDer::from(cert.der.clone())];
-    chain.extend(ca.chain.iter().map(|c| rustls_pki_types::CertificateDer::from(c.der.clone())));
+    chain.extend(ca.serving_chain.iter().map(|c| rustls_pki_types::CertificateDer::from(c.der.clone())));
     let der = rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
     let signing = rustls::crypto::aws_lc_rs::sign::any_ecdsa_type(&der).map_err(ApiError::internal)?;
     let renew_at = cert.not_before.unix_timestamp() + (cert.not_after - cert.not_before).whole_seconds() / 2;

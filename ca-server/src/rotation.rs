@@ -170,50 +170,70 @@ fn configured(cfg: &IssuerConfig) -> anyhow::Result<(CertInfo, Vec<CertInfo>)> {
     Ok((cert, chain))
 }
 
+/// An environment's issuer: the configuration, carried forward through every rotation that
+/// started from what the environment had then (oldest first). The configuration wins outright
+/// once it names a certificate no rotation knows (an operator moved it on); while it still
+/// names one of them, each finished rotation leads to its result, and an active one decides by
+/// its stage. Aborted rotations left things as they were.
 fn desired_issuer(cfg: &IssuerConfig, rotations: &[Rotation]) -> Result<Desired, ApiError> {
     let (base_cert, base_chain) = configured(cfg).map_err(ApiError::internal)?;
     let roots_of = |chain: &[CertInfo]| chain.iter().filter(|c| c.is_self_issued()).cloned().collect::<Vec<_>>();
-    let base = || Desired {
+    let mut cur = Desired {
         bundle: roots_of(&base_chain),
-        cert: base_cert.clone(),
-        chain: base_chain.clone(),
+        cert: base_cert,
+        chain: base_chain,
         key: cfg.key.clone(),
         accepted: vec![],
     };
-    // Rotations come newest first; an aborted one left things as they were before it.
-    let Some(r) = rotations.iter().find(|r| r.stage != Stage::Aborted && r.covers_env(&cfg.name)) else {
-        return Ok(base());
-    };
-    let plan = &r.spec.environments[&cfg.name];
-    let old = (pem_cert(&plan.old_certificate)?, pem_certs(&plan.old_chain)?, plan.old_key.clone());
-    let new = match &plan.new_certificate {
-        Some(c) => Some((pem_cert(c)?, pem_certs(&plan.new_chain)?, plan.new_key.clone())),
-        None => None,
-    };
-    let fp = base_cert.fingerprint();
-    // Once done, the configuration wins as soon as an operator points it somewhere else.
-    if r.stage == Stage::Done && fp != old.0.fingerprint() && new.as_ref().is_none_or(|n| n.0.fingerprint() != fp) {
-        return Ok(base());
-    }
-    let trust = rotation::trust(r.kind, r.stage);
-    let mut bundle = Vec::new();
-    if trust.old {
-        bundle.extend(roots_of(&old.1));
-    }
-    if trust.new {
-        if let Some(root) = &r.spec.new_root {
-            bundle.push(pem_cert(root)?);
+    // Rotations are listed newest first.
+    let mine: Vec<&Rotation> =
+        rotations.iter().rev().filter(|r| r.stage != Stage::Aborted && r.covers_env(&cfg.name)).collect();
+    let mut known = BTreeSet::new();
+    for r in &mine {
+        let plan = &r.spec.environments[&cfg.name];
+        known.insert(pem_cert(&plan.old_certificate)?.fingerprint());
+        if let Some(c) = &plan.new_certificate {
+            known.insert(pem_cert(c)?.fingerprint());
         }
     }
-    let (current, other) = match new {
-        Some(n) if rotation::new_chain(r.stage) => (n, Some(old)),
-        n => (old, n),
-    };
-    let accepted = match other {
-        Some((c, ch, _)) if r.stage.is_active() && r.stage != Stage::Retire => vec![(c, ch)],
-        _ => vec![],
-    };
-    Ok(Desired { cert: current.0, chain: current.1, key: current.2, bundle, accepted })
+    if !known.contains(&cur.cert.fingerprint()) {
+        return Ok(cur);
+    }
+    for r in mine {
+        let plan = &r.spec.environments[&cfg.name];
+        let old = (pem_cert(&plan.old_certificate)?, pem_certs(&plan.old_chain)?, plan.old_key.clone());
+        if old.0.fingerprint() != cur.cert.fingerprint() {
+            // Started from another certificate: not part of this environment's line.
+            continue;
+        }
+        let new = match &plan.new_certificate {
+            Some(c) => Some((pem_cert(c)?, pem_certs(&plan.new_chain)?, plan.new_key.clone())),
+            None => None,
+        };
+        let trust = rotation::trust(r.kind, r.stage);
+        let mut bundle = Vec::new();
+        if trust.old {
+            bundle.extend(roots_of(&old.1));
+        }
+        if trust.new {
+            if let Some(root) = &r.spec.new_root {
+                bundle.push(pem_cert(root)?);
+            }
+        }
+        let (current, other) = match new {
+            Some(n) if rotation::new_chain(r.stage) => (n, Some(old)),
+            n => (old, n),
+        };
+        let accepted = match other {
+            Some((c, ch, _)) if r.stage.is_active() && r.stage != Stage::Retire => vec![(c, ch)],
+            _ => vec![],
+        };
+        cur = Desired { cert: current.0, chain: current.1, key: current.2, bundle, accepted };
+        if r.stage.is_active() {
+            break;
+        }
+    }
+    Ok(cur)
 }
 
 fn fingerprints(certs: &[CertInfo]) -> Vec<String> {
@@ -236,11 +256,23 @@ async fn all_rotations(state: &AppState) -> Result<Vec<Rotation>, ApiError> {
 /// signs with, the bundle it hands out and the predecessor it still accepts.
 pub async fn refresh(state: &AppState) -> Result<(), ApiError> {
     let rotations = all_rotations(state).await?;
+    let mut first_error = None;
     for cfg in &state.config.issuers {
-        let Some(current) = state.issuers.get(&cfg.name) else { continue };
-        let d = desired_issuer(cfg, &rotations)?;
+        // One environment that cannot be brought in line does not hold the others back.
+        if let Err(e) = refresh_one(state, cfg, &rotations).await {
+            tracing::error!(issuer = %cfg.name, error = %e.detail, "issuer not brought in line with its rotation");
+            first_error.get_or_insert(e);
+        }
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
+async fn refresh_one(state: &AppState, cfg: &IssuerConfig, rotations: &[Rotation]) -> Result<(), ApiError> {
+    {
+        let Some(current) = state.issuers.get(&cfg.name) else { return Ok(()) };
+        let d = desired_issuer(cfg, rotations)?;
         if same(&current, &d) {
-            continue;
+            return Ok(());
         }
         let key: hsm::KeyRef = d.key.parse().map_err(ApiError::internal)?;
         let issuer = Issuer::from_certs(&cfg.name, key, d.cert, d.chain)
@@ -259,6 +291,13 @@ pub async fn refresh(state: &AppState) -> Result<(), ApiError> {
         state.istio.forget_all();
     }
     Ok(())
+}
+
+/// `refresh`, for callers that go on with whatever issuers this replica has.
+pub async fn refresh_quietly(state: &AppState) {
+    if let Err(e) = refresh(state).await {
+        tracing::warn!(error = %e.detail, "issuers not fully brought in line with the rotations");
+    }
 }
 
 /// When the chain a cluster should hold last changed (0: never): an intermediate issued
@@ -292,25 +331,42 @@ pub struct ClusterStatus {
 }
 
 /// Each cluster the rotation covers, as far as the server can tell.
-async fn progress(state: &AppState, r: &Rotation, now: i64) -> Result<Vec<(ClusterRecord, ClusterProgress)>, ApiError> {
+/// Clusters a rotation covers, with their progress; and those left out because their newest
+/// intermediate is revoked or expired (they cannot report or renew until they enrol again,
+/// and then get what the current stage hands out), with why.
+type Progress = (Vec<(ClusterRecord, ClusterProgress)>, Vec<(ClusterRecord, String)>);
+
+async fn progress(state: &AppState, r: &Rotation, now: i64) -> Result<Progress, ApiError> {
     let reports: BTreeMap<String, ca_core::store::ClusterReport> =
         state.store.cluster_reports().await?.into_iter().map(|r| (r.cluster.clone(), r)).collect();
     // A replica learns of a bundle change within one background round; a certificate issued
     // in that window may still carry the old bundle.
     let grace = state.config.jobs.interval.duration().whole_seconds() + 1;
     let mut out = Vec::new();
+    let mut excluded = Vec::new();
     for c in state.store.list_clusters().await? {
         if c.status != "active" || c.current_serial.is_none() || !r.covers_cluster(&c) {
             continue;
+        }
+        let current = state.store.get_certificate(c.current_serial.as_deref().unwrap_or_default()).await?;
+        match &current {
+            Some(rec) if rec.revoked_at.is_some() => {
+                excluded.push((c, format!("excluded: its newest intermediate {} is revoked", rec.serial)));
+                continue;
+            }
+            Some(rec) if rec.not_after <= now => {
+                excluded.push((c, format!("excluded: its newest intermediate {} has expired", rec.serial)));
+                continue;
+            }
+            _ => {}
         }
         let env = state.issuer(&c.environment)?;
         let bundle: BTreeSet<String> = env.roots.iter().map(CertInfo::fingerprint).collect();
         let mut p = ClusterProgress { name: c.name.clone(), external_ca: c.is_external_ca(), ..Default::default() };
         if c.is_external_ca() {
-            let serial = c.current_serial.as_deref().unwrap_or_default();
-            if let Some(rec) = state.store.get_certificate(serial).await? {
+            if let Some(rec) = &current {
                 p.intermediate_issued_at = Some(rec.issued_at);
-                p.chain_ok = rec.revoked_at.is_none() && signed_by(&rec.pem, &env.cert);
+                p.chain_ok = signed_by(&rec.pem, &env.cert);
             }
             p.bundle_ok = true;
             p.stale_bundle_workloads =
@@ -329,12 +385,18 @@ async fn progress(state: &AppState, r: &Rotation, now: i64) -> Result<Vec<(Clust
         }
         out.push((c, p));
     }
-    Ok(out)
+    Ok((out, excluded))
 }
 
 fn signed_by(pem: &str, issuer: &CertInfo) -> bool {
     let Ok(cert) = pem_cert(pem) else { return false };
     cert.issuer_raw == issuer.subject_raw && issuer.public_key().is_ok_and(|k| cert.verify_signed_by(&k).is_ok())
+}
+
+/// The longest a workload certificate lives, plus the margin.
+fn drain_secs(state: &AppState) -> i64 {
+    let c = &state.config.rotation;
+    c.workload_ttl.duration().whole_seconds() + c.drain_margin.duration().whole_seconds()
 }
 
 /// Preconditions that are not about clusters.
@@ -353,13 +415,16 @@ fn missing(r: &Rotation, to: Stage) -> Vec<String> {
     out
 }
 
+/// The gate from `r`'s stage to `to`, and each cluster's status. Judged against the issuers
+/// this replica holds: callers outside a write transaction `refresh` first; approvals are
+/// preceded by one in `decide`, so that no transaction waits on opening a key.
 async fn gate(
     state: &AppState,
     r: &Rotation,
     to: Stage,
     now: i64,
 ) -> Result<(Vec<Blocker>, Vec<ClusterStatus>), ApiError> {
-    let clusters = progress(state, r, now).await?;
+    let (clusters, excluded) = progress(state, r, now).await?;
     let ps: Vec<ClusterProgress> = clusters.iter().map(|(_, p)| p.clone()).collect();
     let input = GateInput {
         kind: r.kind,
@@ -368,6 +433,7 @@ async fn gate(
         bundle_changed_at: r.spec.bundle_changed_at,
         chain_changed_at: r.spec.chain_changed_at,
         drain_until: r.spec.drain_until,
+        settle_until: (r.spec.chain_changed_at > 0).then(|| r.spec.chain_changed_at + drain_secs(state)),
         now,
         clusters: &ps,
         missing: missing(r, to),
@@ -392,6 +458,19 @@ async fn gate(
                 stale_chain_workloads: p.stale_chain_workloads,
             }
         })
+        .chain(excluded.into_iter().map(|(c, why)| ClusterStatus {
+            name: c.name.clone(),
+            environment: c.environment.clone(),
+            mode: c.mode.clone(),
+            state: "excluded".into(),
+            bundle_ok: false,
+            chain_ok: false,
+            intermediate_serial: c.current_serial.clone(),
+            reported_at: None,
+            stale_bundle_workloads: 0,
+            stale_chain_workloads: 0,
+            blockers: vec![why],
+        }))
         .collect();
     Ok((blockers, statuses))
 }
@@ -450,6 +529,7 @@ struct EnvView {
 }
 
 async fn view(state: &AppState, r: &Rotation, now: i64) -> Result<RotationView, ApiError> {
+    refresh_quietly(state).await;
     let next = r.kind.next(r.stage);
     let (blockers, clusters) = match next {
         Some(to) => gate(state, r, to, now).await?,
@@ -587,14 +667,60 @@ async fn open_public(state: &AppState, key: &hsm::KeyRef) -> Result<hsm::PublicK
     }
 }
 
-/// Refuses a key already used for something else here.
-async fn key_unused(state: &AppState, key: &str) -> Result<(), ApiError> {
-    let taken = state.store.list_clusters().await?.iter().any(|c| c.key_ref.as_deref() == Some(key))
-        || state.config.issuers.iter().any(|i| i.key == key)
-        || state.issuers.all().iter().any(|i| i.key_ref.to_string() == key)
-        || state.config.audit.key == key
-        || state.config.tls.key == key;
-    if taken { Err(bad("invalid-key", "that key is already in use here")) } else { Ok(()) }
+/// A key given over the API for a new intermediate: its module (if named) is one this server
+/// already loads, it is no key in use here (by reference, and by public key: another
+/// spelling of the same key is the same key), and it opens. Returns its public key.
+async fn check_new_key(state: &AppState, key: &hsm::KeyRef) -> Result<hsm::PublicKey, ApiError> {
+    let clusters = state.store.list_clusters().await?;
+    let mut refs: Vec<String> = clusters.iter().filter_map(|c| c.key_ref.clone()).collect();
+    refs.extend(state.config.issuers.iter().map(|i| i.key.clone()));
+    refs.extend(state.issuers.all().iter().map(|i| i.key_ref.to_string()));
+    refs.push(state.config.audit.key.clone());
+    refs.push(state.config.tls.key.clone());
+    if let hsm::KeyRef::Pkcs11(p) = key {
+        if let Some(module) = &p.module {
+            let known = refs.iter().filter_map(|r| r.parse::<hsm::KeyRef>().ok()).any(|r| match r {
+                hsm::KeyRef::Pkcs11(q) => q.module.as_ref() == Some(module),
+                hsm::KeyRef::File(_) => false,
+            });
+            if !known {
+                return Err(bad(
+                    "invalid-key",
+                    "module-path must name a PKCS#11 module this server already uses (or be left out for PKCS11_MODULE)",
+                ));
+            }
+        }
+    }
+    let spelled = key.to_string();
+    if refs.iter().any(|r| r.parse::<hsm::KeyRef>().is_ok_and(|r| r.to_string() == spelled)) {
+        return Err(bad("invalid-key", "that key is already in use here"));
+    }
+    let public = open_public(state, key).await?;
+    let mut in_use: Vec<Vec<u8>> = Vec::new();
+    for i in state.issuers.all() {
+        in_use.extend(i.versions().map(|(c, _)| c.spki_der.clone()));
+    }
+    if let Some(a) = state.audit_signer.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
+        in_use.push(a.public_key().spki_der().to_vec());
+    }
+    if let Ok(tls) = ca_core::cert::load_cert(&state.config.tls.cert) {
+        in_use.push(tls.spki_der);
+    }
+    let filter = ca_core::store::CertFilter {
+        status: Some("valid".into()),
+        now: now_secs(),
+        limit: 100_000,
+        ..Default::default()
+    };
+    for c in state.store.list_certificates(&filter).await? {
+        if c.profile == "cluster" {
+            in_use.push(pem_cert(&c.pem)?.spki_der);
+        }
+    }
+    if in_use.iter().any(|k| k.as_slice() == public.spki_der()) {
+        return Err(bad("invalid-key", "that key is already in use here"));
+    }
+    Ok(public)
 }
 
 fn plan_from(issuer: &Issuer) -> EnvPlan {
@@ -617,8 +743,15 @@ fn check_resigned(issuer: &CertInfo, new_root: &CertInfo, cert: &CertInfo) -> Re
             "the certificate must have the environment's subject and key (a cross-signature)",
         ));
     }
-    if !cert.is_ca || !cert.key_cert_sign {
-        return Err(bad("invalid-certificate", "the certificate is not a CA certificate"));
+    if !cert.is_ca || !cert.key_cert_sign || cert.path_len.is_some_and(|p| p < 1) {
+        return Err(bad("invalid-certificate", "the certificate must be a CA that may sign cluster CAs (pathLen ≥ 1)"));
+    }
+    let (had, has) = (issuer.trust_domains(), cert.trust_domains());
+    if let Some(td) = had.iter().find(|t| !has.contains(t)) {
+        return Err(bad(
+            "invalid-certificate",
+            format!("the certificate does not carry the environment's trust domain {td}"),
+        ));
     }
     ca_core::chain::verify_chain(cert, &[], std::slice::from_ref(new_root), time::OffsetDateTime::now_utc())
         .map_err(|e| bad("invalid-certificate", format!("the certificate does not chain to the new root: {e}")))?;
@@ -699,7 +832,6 @@ pub async fn start(
                 .ok_or_else(|| deny(bad("invalid-key", "key (the new intermediate's key reference) is required")))?;
             let key: hsm::KeyRef =
                 key_str.parse().map_err(|e: hsm::HsmError| deny(bad("invalid-key", e.to_string())))?;
-            key_unused(&state, &key.to_string()).await.map_err(deny)?;
             if cert.spki_der == issuer.cert.spki_der {
                 return Err(deny(bad("invalid-certificate", "the new intermediate must have a new key")));
             }
@@ -726,7 +858,7 @@ pub async fn start(
                     format!("the new intermediate does not cover cluster {}'s trust domain {}", c.name, c.trust_domain),
                 )));
             }
-            let public = open_public(&state, &key).await.map_err(deny)?;
+            let public = check_new_key(&state, &key).await.map_err(deny)?;
             if public.spki_der() != cert.spki_der {
                 return Err(deny(bad("invalid-key", "the key does not match the new intermediate")));
             }
@@ -749,8 +881,7 @@ pub async fn start(
                 (true, Some(k)) => {
                     let key: hsm::KeyRef =
                         k.parse().map_err(|e: hsm::HsmError| deny(bad("invalid-key", e.to_string())))?;
-                    key_unused(&state, &key.to_string()).await.map_err(deny)?;
-                    open_public(&state, &key).await.map_err(deny)?;
+                    check_new_key(&state, &key).await.map_err(deny)?;
                     Some(key.to_string())
                 }
                 (true, None) => {
@@ -946,6 +1077,7 @@ async fn request_move(
         }
     }
     let now = now_secs();
+    refresh_quietly(&state).await;
     let (blockers, _) = gate(&state, &r, to, now).await?;
     if !blockers.is_empty() {
         return Err(deny(blocked(&blockers)));
@@ -1020,7 +1152,28 @@ pub async fn approve_start(
         stage: Stage::Prepared,
         spec,
     };
+    // The plan was made when it was asked for; it must still start from what is current.
+    for (env, plan) in &candidate.spec.environments {
+        let issuer = state.issuer(env)?;
+        if pem_cert(&plan.old_certificate)?.der != issuer.cert.der {
+            return Err(ApiError::conflict(
+                "rotation-stale",
+                format!("environment {env} changed since this rotation was asked for; reject it and start again"),
+            )
+            .by(approver.actor()));
+        }
+    }
     let clusters = state.store.list_clusters().await?;
+    if let Some(plan) = &candidate.spec.cluster {
+        let now_key = clusters.iter().find(|c| c.name == target).and_then(|c| c.key_ref.clone());
+        if plan.external_ca && now_key != plan.old_key {
+            return Err(ApiError::conflict(
+                "rotation-stale",
+                format!("cluster {target}'s key changed since this rotation was asked for; reject it and start again"),
+            )
+            .by(approver.actor()));
+        }
+    }
     for other in tx.list_active_rotations().await? {
         let other = Rotation::parse(other)?;
         if candidate.overlaps(&other, &clusters) {
@@ -1063,7 +1216,7 @@ pub async fn approve_stage(
         )));
     }
     let now = now_secs();
-    let (blockers, _) = gate(state, &r, to, now).await?;
+    let (blockers, evidence) = gate(state, &r, to, now).await?;
     if !blockers.is_empty() {
         return Err(deny(blocked(&blockers)));
     }
@@ -1076,9 +1229,7 @@ pub async fn approve_stage(
     }
     // The drain starts when chains have just moved; coming back from retire, it already ran.
     if to == Stage::Drain && from == Stage::Reissue {
-        let c = &state.config.rotation;
-        t.drain_until =
-            Some(now + c.workload_ttl.duration().whole_seconds() + c.drain_margin.duration().whole_seconds());
+        t.drain_until = Some(now + drain_secs(state));
     }
     t.entered.insert(to.to_string(), now);
     t.history.push(Transition {
@@ -1089,8 +1240,16 @@ pub async fn approve_stage(
         approved_by: approver.name.clone(),
     });
     let mut republish = None;
-    let mut details =
-        json!({"from": from, "to": to, "kind": r.kind, "target": r.rec.target, "requested_by": req.requested_by});
+    // What the gate saw, cluster by cluster: the evidence the stage moved on.
+    let seen: Vec<serde_json::Value> = evidence
+        .iter()
+        .map(|c| {
+            json!({"cluster": c.name, "state": c.state, "bundle_ok": c.bundle_ok, "chain_ok": c.chain_ok,
+                        "intermediate": c.intermediate_serial, "reported_at": c.reported_at})
+        })
+        .collect();
+    let mut details = json!({"from": from, "to": to, "kind": r.kind, "target": r.rec.target,
+                             "requested_by": req.requested_by, "clusters": seen});
     if r.kind == RotationKind::Cluster {
         let plan = r.spec.cluster.clone().ok_or_else(|| ApiError::internal("cluster rotation without a plan"))?;
         // External-CA: the server's key moves with the chain; the background round (or the
@@ -1184,7 +1343,7 @@ pub async fn update_gauges(state: &AppState) -> Result<(), ApiError> {
             target: r.rec.target.clone(),
         };
         let lagging = match r.kind.next(r.stage) {
-            Some(to) => gate(state, &r, to, now).await?.1.iter().filter(|c| c.state != "current").count(),
+            Some(to) => gate(state, &r, to, now).await?.1.iter().filter(|c| c.state == "lagging").count(),
             None => 0,
         };
         state.metrics.rotation_stage.get_or_create(&labels).set(stage_index(r.stage));
