@@ -210,6 +210,13 @@ pub fn requests_text(v: &Value) -> String {
                     r["payload"]["from"].as_str().unwrap_or(""),
                     r["payload"]["to"].as_str().unwrap_or("")
                 ),
+                // What the approver is asked to start: kind and target, and the new root's or
+                // certificate's fingerprint (`--output json` shows the whole plan).
+                Some("start-rotation") => format!(
+                    "{} rotation of {}",
+                    r["payload"]["kind"].as_str().unwrap_or(""),
+                    r["payload"]["target"].as_str().unwrap_or("")
+                ),
                 _ => String::new(),
             }
         ));
