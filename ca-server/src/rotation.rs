@@ -1035,7 +1035,8 @@ pub async fn advance(
     request_move(state, op, id, req, true).await
 }
 
-/// Asks to move a rotation one stage back (or abort it before anything was re-issued).
+/// Asks to move a rotation one stage back, or to abort it from its first stage. Moves that
+/// drop a root or abandon a chain wait until nothing on that chain is live.
 #[utoipa::path(post, path = "/v1/rotations/{id}/rollback", request_body = Move,
     responses((status = 202, body = MoveRequested), (status = 409, body = crate::error::Problem)), security(("bearer" = [])))]
 pub async fn rollback(
