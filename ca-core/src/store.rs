@@ -469,6 +469,12 @@ impl Store {
             .bind(i64::from(active_only)).fetch_all(c).await)?)
     }
 
+    pub async fn get_cluster_report(&self, cluster: &str) -> Result<Option<ClusterReport>> {
+        Ok(
+            on_pool!(self, c => sqlx::query_as("SELECT * FROM cluster_reports WHERE cluster = $1").bind(cluster).fetch_optional(c).await)?,
+        )
+    }
+
     pub async fn cluster_reports(&self) -> Result<Vec<ClusterReport>> {
         Ok(on_pool!(self, c => sqlx::query_as("SELECT * FROM cluster_reports ORDER BY cluster").fetch_all(c).await)?)
     }

@@ -254,6 +254,8 @@ async fn rotations_reports_and_lagging_workloads(s: &Store) {
     tx.put_cluster_report(&report("[\"o\",\"n\"]", now)).await.unwrap();
     tx.commit().await.unwrap();
     assert_eq!(s.cluster_reports().await.unwrap(), vec![report("[\"o\",\"n\"]", now)]);
+    assert_eq!(s.get_cluster_report("c1").await.unwrap(), Some(report("[\"o\",\"n\"]", now)));
+    assert_eq!(s.get_cluster_report("c2").await.unwrap(), None);
 
     // Live workload certificates by issue time and by the age of their intermediate.
     let mut tx = s.write().await.unwrap();

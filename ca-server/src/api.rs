@@ -714,17 +714,28 @@ async fn report_installed(
     }
     let issuer = state.issuer(&cluster.environment)?;
     let bundle: std::collections::BTreeSet<&String> = req.bundle.iter().collect();
-    let mut tx = state.store.write().await?;
-    tx.put_cluster_report(&ca_core::store::ClusterReport {
+    let report = ca_core::store::ClusterReport {
         cluster: name.clone(),
         bundle: serde_json::to_string(&bundle).map_err(ApiError::internal)?,
         chain: serde_json::to_string(&req.chain).map_err(ApiError::internal)?,
         intermediate_serial: installed.serial.clone(),
         reported_at: now,
-    })
-    .await?;
-    tx.commit().await?;
-    let reissue_after = crate::rotation::reissue_after(&state, &cluster).await?;
+    };
+    let (bundle_changed, reissue_after) = crate::rotation::changed_at(&state, &cluster).await?;
+    // A report that repeats the stored one, made since the last stage change, tells the gates
+    // nothing new: it is not written, so repeated reports cost no write lock.
+    let stored = state.store.get_cluster_report(&name).await?;
+    let news = stored.is_none_or(|r| {
+        r.bundle != report.bundle
+            || r.chain != report.chain
+            || r.intermediate_serial != report.intermediate_serial
+            || r.reported_at < bundle_changed.max(reissue_after)
+    });
+    if news {
+        let mut tx = state.store.write().await?;
+        tx.put_cluster_report(&report).await?;
+        tx.commit().await?;
+    }
     let reason = if !req.chain.contains(&issuer.cert.fingerprint()) {
         Some(format!("the installed chain does not go through {}'s current certificate", issuer.name))
     } else if installed.issued_at < reissue_after {

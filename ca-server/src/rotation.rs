@@ -303,13 +303,14 @@ pub async fn refresh_quietly(state: &AppState) {
 /// When the chain a cluster should hold last changed (0: never): an intermediate issued
 /// before it is renewed.
 pub async fn reissue_after(state: &AppState, cluster: &ClusterRecord) -> Result<i64, ApiError> {
-    Ok(all_rotations(state)
-        .await?
-        .iter()
-        .filter(|r| r.covers_cluster(cluster))
-        .map(|r| r.spec.chain_changed_at)
-        .max()
-        .unwrap_or(0))
+    Ok(changed_at(state, cluster).await?.1)
+}
+
+/// When the bundle, and when the chain, a cluster should hold last changed (0: never).
+pub async fn changed_at(state: &AppState, cluster: &ClusterRecord) -> Result<(i64, i64), ApiError> {
+    let rotations = all_rotations(state).await?;
+    let mine = rotations.iter().filter(|r| r.covers_cluster(cluster));
+    Ok(mine.fold((0, 0), |(b, c), r| (b.max(r.spec.bundle_changed_at), c.max(r.spec.chain_changed_at))))
 }
 
 // ---- progress and gates -----------------------------------------------------------------------
