@@ -268,7 +268,7 @@ struct Advice {
 }
 
 fn fingerprints(path: &Path) -> Result<Vec<String>> {
-    Ok(load_certs(path)?.iter().map(CertInfo::fingerprint).collect())
+    Ok(ca_core::cert::fingerprints(&load_certs(path)?))
 }
 
 /// Tells the server what `..data` holds (over mTLS with the newest credential) and returns
@@ -299,7 +299,7 @@ async fn report(a: &RenewArgs, state_dir: &Path, now: OffsetDateTime) -> Result<
 }
 
 fn parse_pems(pems: &[String]) -> Result<Vec<CertInfo>> {
-    pems.iter().map(|p| CertInfo::from_der(pem::parse(p)?.into_contents()).map_err(anyhow::Error::msg)).collect()
+    Ok(ca_core::cert::parse_certs(pems.concat().as_bytes(), "the server's answer")?)
 }
 
 /// Whether the installed intermediate and chain verify under `bundle` (istiod refuses a set
@@ -318,7 +318,8 @@ fn chain_verifies_under(state_dir: &Path, bundle: &[String]) -> Result<bool> {
 fn sync_bundle(state_dir: &Path, bundle: &[String], now: OffsetDateTime) -> Result<bool> {
     let installed: std::collections::BTreeSet<String> =
         fingerprints(&state_dir.join("root-cert.pem"))?.into_iter().collect();
-    let wanted: std::collections::BTreeSet<String> = parse_pems(bundle)?.iter().map(CertInfo::fingerprint).collect();
+    let wanted: std::collections::BTreeSet<String> =
+        ca_core::cert::fingerprints(&parse_pems(bundle)?).into_iter().collect();
     if installed == wanted {
         return Ok(false);
     }
@@ -404,16 +405,13 @@ async fn fetch_into(
     if !cert.is_ca {
         bail!("the server returned a certificate that is not a CA");
     }
-    let parse_all = |pems: &[String]| -> Result<Vec<CertInfo>> {
-        pems.iter().map(|p| CertInfo::from_der(pem::parse(p)?.into_contents()).map_err(anyhow::Error::msg)).collect()
-    };
-    let chain = parse_all(&r.chain)?;
-    let roots = parse_all(&r.trust_bundle)?;
+    let chain = parse_pems(&r.chain)?;
+    let roots = parse_pems(&r.trust_bundle)?;
     // istiod (ISTIO_MULTIROOT_MESH) takes a changed root-cert.pem only as a superset or subset.
     let installed = state_dir.join("root-cert.pem");
     if installed.exists() {
         let have: std::collections::BTreeSet<String> = fingerprints(&installed)?.into_iter().collect();
-        let get: std::collections::BTreeSet<String> = roots.iter().map(CertInfo::fingerprint).collect();
+        let get: std::collections::BTreeSet<String> = ca_core::cert::fingerprints(&roots).into_iter().collect();
         if !have.is_subset(&get) && !have.is_superset(&get) {
             bail!(
                 "the server's trust bundle neither contains nor is contained in the installed one; istiod would refuse it"

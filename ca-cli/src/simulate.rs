@@ -11,7 +11,7 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use ca_core::cert::CertInfo;
+use ca_core::cert::{CertInfo, fingerprints};
 use ca_core::issue::{CaIssuer, create_root, issue};
 use ca_core::names::{SpiffeId, TrustDomain};
 use ca_core::profile::{CertRequest, ProfileKind};
@@ -208,7 +208,7 @@ pub fn run(o: &Options, scratch: &Path) -> Result<Vec<Step>> {
             // Draining is waiting: every workload renews on the chain its cluster has.
             renew_workloads(&clusters, &mut workloads, 1.0)?;
             check(stage, "drained", &workloads)?;
-        } else if chain_moves || fps(&bundle) != fps(&bundle_for(previous)) {
+        } else if chain_moves || fingerprints(&bundle) != fingerprints(&bundle_for(previous)) {
             let half = clusters.len().div_ceil(2);
             let parent = env_new.as_ref().unwrap_or(&env_old);
             for c in clusters.iter_mut().take(half) {
@@ -231,10 +231,6 @@ pub fn run(o: &Options, scratch: &Path) -> Result<Vec<Step>> {
         previous = stage;
     }
     Ok(steps)
-}
-
-fn fps(certs: &[CertInfo]) -> Vec<String> {
-    certs.iter().map(CertInfo::fingerprint).collect()
 }
 
 /// A cluster takes the stage's bundle, and a new intermediate when the chain moves.

@@ -26,13 +26,22 @@ pub fn read_file(path: &Path) -> Result<Vec<u8>> {
     std::fs::read(path).map_err(|e| CoreError::io(path, e))
 }
 
+/// Every certificate in PEM (or DER) data; `what` names the data in errors.
+pub fn parse_certs(data: &[u8], what: &str) -> Result<Vec<CertInfo>> {
+    pem_blocks(data, "CERTIFICATE", what)?
+        .into_iter()
+        .map(|der| CertInfo::from_der(der).map_err(|e| CoreError::Parse(format!("{what}: {e}"))))
+        .collect()
+}
+
 /// Reads every certificate in a PEM (or DER) file.
 pub fn load_certs(path: &Path) -> Result<Vec<CertInfo>> {
-    let data = read_file(path)?;
-    pem_blocks(&data, "CERTIFICATE", &path.display().to_string())?
-        .into_iter()
-        .map(|der| CertInfo::from_der(der).map_err(|e| CoreError::Parse(format!("{}: {e}", path.display()))))
-        .collect()
+    parse_certs(&read_file(path)?, &path.display().to_string())
+}
+
+/// The SHA-256 fingerprints of `certs`, in order.
+pub fn fingerprints(certs: &[CertInfo]) -> Vec<String> {
+    certs.iter().map(CertInfo::fingerprint).collect()
 }
 
 /// Reads a file that must hold exactly one certificate.

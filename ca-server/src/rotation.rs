@@ -19,7 +19,7 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use ca_core::cert::{CertInfo, load_cert, load_certs};
+use ca_core::cert::{CertInfo, fingerprints, load_cert, load_certs};
 use ca_core::rotation::{self, Blocker, ClusterProgress, GateInput, RotationKind, Stage};
 use ca_core::store::{ApprovalRequest, AuditEvent, ClusterRecord, RotationRecord, Tx, now_secs};
 use serde::{Deserialize, Serialize};
@@ -139,11 +139,11 @@ impl Rotation {
 }
 
 fn pem_cert(pem: &str) -> Result<CertInfo, ApiError> {
-    let blocks = ca_core::cert::pem_blocks(pem.as_bytes(), "CERTIFICATE", "certificate")
+    let certs = ca_core::cert::parse_certs(pem.as_bytes(), "certificate")
         .map_err(|e| ApiError::bad_request("invalid-certificate", e.to_string()))?;
-    let [der] = <[Vec<u8>; 1]>::try_from(blocks)
+    let [cert] = <[CertInfo; 1]>::try_from(certs)
         .map_err(|_| ApiError::bad_request("invalid-certificate", "expected exactly one PEM certificate"))?;
-    CertInfo::from_der(der).map_err(|e| ApiError::bad_request("invalid-certificate", e))
+    Ok(cert)
 }
 
 fn pem_certs(pems: &[String]) -> Result<Vec<CertInfo>, ApiError> {
@@ -234,10 +234,6 @@ fn desired_issuer(cfg: &IssuerConfig, rotations: &[Rotation]) -> Result<Desired,
         }
     }
     Ok(cur)
-}
-
-fn fingerprints(certs: &[CertInfo]) -> Vec<String> {
-    certs.iter().map(CertInfo::fingerprint).collect()
 }
 
 fn same(i: &Issuer, d: &Desired) -> bool {
