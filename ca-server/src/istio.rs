@@ -850,7 +850,7 @@ pub async fn ensure_intermediate(state: &AppState, name: &str, actor: &str) -> R
     }
     let now = now_secs();
     // A rotation that moved the cluster's chain (or key) wants an intermediate issued since.
-    let reissue_after = crate::rotation::reissue_after(state, &cluster).await?;
+    let (_, reissue_after) = crate::rotation::changed_at(state, &cluster).await?;
     if let Some(serial) = &cluster.current_serial {
         if let Some(c) = state.store.get_certificate(serial).await? {
             let renew_at = c.not_before + (c.not_after - c.not_before) * 2 / 3;

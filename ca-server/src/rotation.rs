@@ -19,7 +19,7 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use ca_core::cert::{CertInfo, fingerprints, load_cert, load_certs};
+use ca_core::cert::{CertInfo, fingerprints};
 use ca_core::rotation::{self, Blocker, ClusterProgress, GateInput, RotationKind, Stage};
 use ca_core::store::{ApprovalRequest, AuditEvent, ClusterRecord, RotationRecord, Tx, now_secs};
 use serde::{Deserialize, Serialize};
@@ -28,7 +28,6 @@ use utoipa::ToSchema;
 
 use crate::api::Body;
 use crate::auth::{Operator, Role};
-use crate::config::IssuerConfig;
 use crate::error::ApiError;
 use crate::state::{AppState, Issuer};
 
@@ -161,36 +160,27 @@ struct Desired {
     accepted: Vec<(CertInfo, Vec<CertInfo>)>,
 }
 
-fn configured(cfg: &IssuerConfig) -> anyhow::Result<(CertInfo, Vec<CertInfo>)> {
-    let cert = load_cert(&cfg.certificate)?;
-    let mut chain = Vec::new();
-    for p in &cfg.chain {
-        chain.extend(load_certs(p)?);
-    }
-    Ok((cert, chain))
-}
-
 /// An environment's issuer: the configuration, carried forward through every rotation that
 /// started from what the environment had then (oldest first). The configuration wins outright
 /// once it names a certificate no rotation knows (an operator moved it on); while it still
 /// names one of them, each finished rotation leads to its result, and an active one decides by
 /// its stage. Aborted rotations left things as they were.
-fn desired_issuer(cfg: &IssuerConfig, rotations: &[Rotation]) -> Result<Desired, ApiError> {
-    let (base_cert, base_chain) = configured(cfg).map_err(ApiError::internal)?;
+fn desired_issuer(configured: &Issuer, rotations: &[Rotation]) -> Result<Desired, ApiError> {
+    let name = &configured.name;
     let roots_of = |chain: &[CertInfo]| chain.iter().filter(|c| c.is_self_issued()).cloned().collect::<Vec<_>>();
     let mut cur = Desired {
-        bundle: roots_of(&base_chain),
-        cert: base_cert,
-        chain: base_chain,
-        key: cfg.key.clone(),
+        bundle: configured.roots.clone(),
+        cert: configured.cert.clone(),
+        chain: configured.chain.clone(),
+        key: configured.key_ref.to_string(),
         accepted: vec![],
     };
     // Rotations are listed newest first.
     let mine: Vec<&Rotation> =
-        rotations.iter().rev().filter(|r| r.stage != Stage::Aborted && r.covers_env(&cfg.name)).collect();
+        rotations.iter().rev().filter(|r| r.stage != Stage::Aborted && r.covers_env(name)).collect();
     let mut known = BTreeSet::new();
     for r in &mine {
-        let plan = &r.spec.environments[&cfg.name];
+        let plan = &r.spec.environments[name];
         known.insert(pem_cert(&plan.old_certificate)?.fingerprint());
         if let Some(c) = &plan.new_certificate {
             known.insert(pem_cert(c)?.fingerprint());
@@ -200,7 +190,7 @@ fn desired_issuer(cfg: &IssuerConfig, rotations: &[Rotation]) -> Result<Desired,
         return Ok(cur);
     }
     for r in mine {
-        let plan = &r.spec.environments[&cfg.name];
+        let plan = &r.spec.environments[name];
         let old = (pem_cert(&plan.old_certificate)?, pem_certs(&plan.old_chain)?, plan.old_key.clone());
         if old.0.fingerprint() != cur.cert.fingerprint() {
             // Started from another certificate: not part of this environment's line.
@@ -253,39 +243,38 @@ async fn all_rotations(state: &AppState) -> Result<Vec<Rotation>, ApiError> {
 pub async fn refresh(state: &AppState) -> Result<(), ApiError> {
     let rotations = all_rotations(state).await?;
     let mut first_error = None;
-    for cfg in &state.config.issuers {
+    for configured in state.issuers.configured() {
         // One environment that cannot be brought in line does not hold the others back.
-        if let Err(e) = refresh_one(state, cfg, &rotations).await {
-            tracing::error!(issuer = %cfg.name, error = %e.detail, "issuer not brought in line with its rotation");
+        if let Err(e) = refresh_one(state, configured, &rotations).await {
+            tracing::error!(issuer = %configured.name, error = %e.detail, "issuer not brought in line with its rotation");
             first_error.get_or_insert(e);
         }
     }
     first_error.map_or(Ok(()), Err)
 }
 
-async fn refresh_one(state: &AppState, cfg: &IssuerConfig, rotations: &[Rotation]) -> Result<(), ApiError> {
-    {
-        let Some(current) = state.issuers.get(&cfg.name) else { return Ok(()) };
-        let d = desired_issuer(cfg, rotations)?;
-        if same(&current, &d) {
-            return Ok(());
-        }
-        let key: hsm::KeyRef = d.key.parse().map_err(ApiError::internal)?;
-        let issuer = Issuer::from_certs(&cfg.name, key, d.cert, d.chain)
-            .map_err(|e| ApiError::internal(format!("{e:#}")))?
-            .with_trust(d.bundle, d.accepted);
-        let issuer = Arc::new(issuer);
-        let i = issuer.clone();
-        match tokio::time::timeout(state.hsm_timeout(), tokio::task::spawn_blocking(move || i.reconnect())).await {
-            Ok(Ok(Ok(()))) => {}
-            _ => tracing::error!(issuer = %cfg.name, "the rotated issuer's key did not open; the probe retries"),
-        }
-        tracing::info!(issuer = %cfg.name, subject = %issuer.cert.subject, serial = %issuer.cert.serial,
-            bundle = ?fingerprints(&issuer.roots), "issuer updated by a rotation");
-        state.issuers.replace(issuer);
-        // Cluster CAs hold the environment's chain and bundle: reload them.
-        state.istio.forget_all();
+async fn refresh_one(state: &AppState, configured: &Issuer, rotations: &[Rotation]) -> Result<(), ApiError> {
+    let name = &configured.name;
+    let Some(current) = state.issuers.get(name) else { return Ok(()) };
+    let d = desired_issuer(configured, rotations)?;
+    if same(&current, &d) {
+        return Ok(());
     }
+    let key: hsm::KeyRef = d.key.parse().map_err(ApiError::internal)?;
+    let issuer = Issuer::from_certs(name, key, d.cert, d.chain)
+        .map_err(|e| ApiError::internal(format!("{e:#}")))?
+        .with_trust(d.bundle, d.accepted);
+    let issuer = Arc::new(issuer);
+    let i = issuer.clone();
+    match tokio::time::timeout(state.hsm_timeout(), tokio::task::spawn_blocking(move || i.reconnect())).await {
+        Ok(Ok(Ok(()))) => {}
+        _ => tracing::error!(issuer = %name, "the rotated issuer's key did not open; the probe retries"),
+    }
+    tracing::info!(issuer = %name, subject = %issuer.cert.subject, serial = %issuer.cert.serial,
+        bundle = ?fingerprints(&issuer.roots), "issuer updated by a rotation");
+    state.issuers.replace(issuer);
+    // Cluster CAs hold the environment's chain and bundle: reload them.
+    state.istio.forget_all();
     Ok(())
 }
 
@@ -296,13 +285,8 @@ pub async fn refresh_quietly(state: &AppState) {
     }
 }
 
-/// When the chain a cluster should hold last changed (0: never): an intermediate issued
-/// before it is renewed.
-pub async fn reissue_after(state: &AppState, cluster: &ClusterRecord) -> Result<i64, ApiError> {
-    Ok(changed_at(state, cluster).await?.1)
-}
-
-/// When the bundle, and when the chain, a cluster should hold last changed (0: never).
+/// When the bundle, and when the chain, a cluster should hold last changed (0: never): an
+/// intermediate issued before the chain changed is renewed.
 pub async fn changed_at(state: &AppState, cluster: &ClusterRecord) -> Result<(i64, i64), ApiError> {
     let rotations = all_rotations(state).await?;
     let mine = rotations.iter().filter(|r| r.covers_cluster(cluster));

@@ -87,30 +87,39 @@ impl AppState {
     }
 }
 
-/// The environment intermediates, by name.
-pub struct Issuers(RwLock<BTreeMap<String, Arc<Issuer>>>);
+/// The environment intermediates, by name: the ones in use, and the ones the configuration
+/// named at start (what rotations are applied to; the files are read once).
+pub struct Issuers {
+    current: RwLock<BTreeMap<String, Arc<Issuer>>>,
+    configured: Vec<Arc<Issuer>>,
+}
 
 impl Issuers {
     pub fn new(map: BTreeMap<String, Arc<Issuer>>) -> Self {
-        Issuers(RwLock::new(map))
+        Issuers { configured: map.values().cloned().collect(), current: RwLock::new(map) }
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<Issuer>> {
-        self.0.read().unwrap_or_else(|p| p.into_inner()).get(name).cloned()
+        self.current.read().unwrap_or_else(|p| p.into_inner()).get(name).cloned()
     }
 
     pub fn contains_key(&self, name: &str) -> bool {
-        self.0.read().unwrap_or_else(|p| p.into_inner()).contains_key(name)
+        self.current.read().unwrap_or_else(|p| p.into_inner()).contains_key(name)
     }
 
     /// Every issuer, in name order.
     pub fn all(&self) -> Vec<Arc<Issuer>> {
-        self.0.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
+        self.current.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
+    }
+
+    /// The issuers as the configuration named them at start.
+    pub fn configured(&self) -> &[Arc<Issuer>] {
+        &self.configured
     }
 
     /// Puts `issuer` in place of the one with its name.
     pub fn replace(&self, issuer: Arc<Issuer>) {
-        self.0.write().unwrap_or_else(|p| p.into_inner()).insert(issuer.name.clone(), issuer);
+        self.current.write().unwrap_or_else(|p| p.into_inner()).insert(issuer.name.clone(), issuer);
     }
 }
 
