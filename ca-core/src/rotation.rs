@@ -225,30 +225,26 @@ impl Blocker {
     }
 }
 
-/// Whether a cluster holds the chain the current stage hands out (and, external-CA, whether
-/// workload certificates on another chain are still live).
-fn chain_blockers(g: &GateInput<'_>, c: &ClusterProgress) -> Vec<Blocker> {
-    let mut out = Vec::new();
+/// Whether the cluster's intermediate was issued on the chain the current stage hands out.
+fn chain_blocker(g: &GateInput<'_>, c: &ClusterProgress) -> Option<Blocker> {
     let on_chain = c.chain_ok && c.intermediate_issued_at.is_some_and(|t| t >= g.chain_changed_at);
-    if c.external_ca {
-        if !on_chain {
-            out.push(Blocker::cluster(
-                &c.name,
-                "the server has not issued its intermediate on the current chain yet".into(),
-            ));
-        }
-        if c.stale_chain_workloads > 0 {
-            out.push(Blocker::cluster(
-                &c.name,
-                format!("{} live workload certificates still present the other chain", c.stale_chain_workloads),
-            ));
-        }
-    } else if c.reported_at.is_none_or(|r| r < g.chain_changed_at) {
-        out.push(Blocker::cluster(&c.name, "has not reported since the chain changed".into()));
-    } else if !on_chain {
-        out.push(Blocker::cluster(&c.name, "has not renewed onto the current chain".into()));
-    }
-    out
+    let why = if c.external_ca {
+        "the server has not issued its intermediate on the current chain yet"
+    } else {
+        "has not renewed onto the current chain"
+    };
+    (!on_chain).then(|| Blocker::cluster(&c.name, why.into()))
+}
+
+/// External-CA: live workload certificates from intermediates issued before the chain last
+/// changed (`which` names that chain for the operator).
+fn stale_chain_blocker(c: &ClusterProgress, which: &str) -> Option<Blocker> {
+    (c.external_ca && c.stale_chain_workloads > 0).then(|| {
+        Blocker::cluster(
+            &c.name,
+            format!("{} live workload certificates still present the {which} chain", c.stale_chain_workloads),
+        )
+    })
 }
 
 /// Whether a cluster holds what the current stage hands out.
@@ -264,12 +260,7 @@ pub fn cluster_blockers(g: &GateInput<'_>, c: &ClusterProgress) -> Vec<Blocker> 
                 ),
             ));
         }
-        if c.intermediate_issued_at.is_none_or(|t| t < g.chain_changed_at) || !c.chain_ok {
-            out.push(Blocker::cluster(
-                &c.name,
-                "the server has not issued its intermediate on the current chain yet".into(),
-            ));
-        }
+        out.extend(chain_blocker(g, c));
         return out;
     }
     let Some(reported) = c.reported_at else {
@@ -291,9 +282,7 @@ pub fn cluster_blockers(g: &GateInput<'_>, c: &ClusterProgress) -> Vec<Blocker> 
     if !c.bundle_ok {
         out.push(Blocker::cluster(&c.name, "its installed trust bundle is not the current one".into()));
     }
-    if !c.chain_ok || c.intermediate_issued_at.is_none_or(|t| t < g.chain_changed_at) {
-        out.push(Blocker::cluster(&c.name, "has not renewed onto the current chain".into()));
-    }
+    out.extend(chain_blocker(g, c));
     out
 }
 
@@ -325,7 +314,12 @@ pub fn blockers(g: &GateInput<'_>) -> Vec<Blocker> {
     let abandons_chain = g.to == Stage::Aborted && g.chain_changed_at > 0;
     if backward && (shrinks_bundle(g.kind, g.from, g.to) || abandons_chain) && g.chain_changed_at > 0 {
         for c in g.clusters {
-            out.extend(chain_blockers(g, c));
+            if !c.external_ca && c.reported_at.is_none_or(|r| r < g.chain_changed_at) {
+                out.push(Blocker::cluster(&c.name, "has not reported since the chain changed".into()));
+                continue;
+            }
+            out.extend(chain_blocker(g, c));
+            out.extend(stale_chain_blocker(c, "other"));
         }
         if let Some(t) = g.settle_until.filter(|t| g.now < *t) {
             out.push(Blocker {
@@ -345,12 +339,7 @@ pub fn blockers(g: &GateInput<'_>) -> Vec<Blocker> {
             }),
             _ => {}
         }
-        for c in g.clusters.iter().filter(|c| c.external_ca && c.stale_chain_workloads > 0) {
-            out.push(Blocker::cluster(
-                &c.name,
-                format!("{} live workload certificates still present the old chain", c.stale_chain_workloads),
-            ));
-        }
+        out.extend(g.clusters.iter().filter_map(|c| stale_chain_blocker(c, "old")));
     }
     out
 }
