@@ -20,32 +20,15 @@ use proto::istio_certificate_service_client::IstioCertificateServiceClient;
 use serde_json::{Value, json};
 use support::*;
 use tonic::Code;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::Channel;
 
 async fn channel(srv: &Server) -> Channel {
-    let root = std::fs::read_to_string(srv.root()).unwrap();
-    let addr = srv.grpc.clone().expect("the dev server listens for gRPC");
-    let port = addr.rsplit_once(':').unwrap().1;
-    // The serving certificate names localhost: verified against the dev root through the
-    // cluster and environment intermediates.
-    Endpoint::from_shared(format!("https://localhost:{port}"))
-        .unwrap()
-        .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(root)).domain_name("localhost"))
-        .unwrap()
-        .timeout(Duration::from_secs(20))
-        .connect()
-        .await
-        .unwrap()
+    grpc_channel(srv, "").await
 }
 
 /// Mints a token with the dev cluster's service-account key; `edit` changes the claims.
 fn sa_token(srv: &Server, ns: &str, sa: &str, edit: impl FnOnce(&mut Value)) -> String {
     sa_token_with(srv, &srv.dir.join("sa-signing.key"), ns, sa, edit)
-}
-
-fn kid_of(key: &Path) -> String {
-    let k = hsm::export_file_key(&hsm::KeyRef::file(key)).unwrap();
-    hex::encode(&k.public_key().fingerprint()[..8])
 }
 
 /// The JWK of a P-256 file key, with the kid the dev setup uses.
@@ -54,18 +37,6 @@ fn jwk_of(key: &Path) -> Value {
     let raw = k.public_key().raw().to_vec();
     let b64 = |b: &[u8]| base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, b);
     json!({"kty": "EC", "crv": "P-256", "x": b64(&raw[1..33]), "y": b64(&raw[33..65]), "kid": kid_of(key), "alg": "ES256", "use": "sig"})
-}
-
-fn sa_token_with(srv: &Server, key: &Path, ns: &str, sa: &str, edit: impl FnOnce(&mut Value)) -> String {
-    let pem_text = std::fs::read_to_string(key).unwrap();
-    let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    let mut claims = json!({"iss": srv.env["CA_SA_ISSUER"], "aud": ["istio-ca"], "sub": format!("system:serviceaccount:{ns}:{sa}"),
-        "kubernetes.io": {"namespace": ns, "serviceaccount": {"name": sa, "uid": "u"}}, "iat": now, "nbf": now - 5, "exp": now + 600});
-    edit(&mut claims);
-    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
-    header.kid = Some(kid_of(key));
-    jsonwebtoken::encode(&header, &claims, &jsonwebtoken::EncodingKey::from_ec_pem(pem_text.as_bytes()).unwrap())
-        .unwrap()
 }
 
 struct Call<'a> {
@@ -1000,18 +971,7 @@ async fn an_hsm_failure_is_unavailable_and_recovers() {
     assert_eq!(r.rows_affected(), 1);
     pool.close().await;
     let fault = tmp.path().join("fault");
-    let srv = Server::start(
-        &tmp.path().join("replica"),
-        &Opts {
-            config_of: Some(dir.clone()),
-            env: vec![
-                ("PKI_FAULT_TARGET".into(), real.display().to_string()),
-                ("PKI_FAULT_FILE".into(), fault.display().to_string()),
-                ("CA_SERVER_POLICY__HSM_TIMEOUT".into(), "2s".into()),
-            ],
-            ..Default::default()
-        },
-    );
+    let srv = start_behind_fault_shim(tmp.path(), &dir, &real);
     srv.wait_ready().await;
     let ch = channel(&srv).await;
     let t = sa_token(&srv, "default", "default", |_| {});

@@ -22,7 +22,6 @@ use proto::IstioCertificateRequest;
 use proto::istio_certificate_service_client::IstioCertificateServiceClient;
 use serde_json::{Value, json};
 use support::*;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 /// Workload certificate lifetime in this test, and the drain it implies.
 const TTL_SECS: i64 = 60;
@@ -37,30 +36,8 @@ fn opts() -> Opts {
     }
 }
 
-async fn channel(srv: &Server, extra_roots: &str) -> Channel {
-    let root = std::fs::read_to_string(srv.root()).unwrap() + extra_roots;
-    let port = srv.grpc.clone().unwrap().rsplit_once(':').unwrap().1.to_string();
-    // The serving certificate moves with the rotation: agents trust the bundle, this client
-    // the old root and whatever `extra_roots` adds.
-    Endpoint::from_shared(format!("https://localhost:{port}"))
-        .unwrap()
-        .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(root)).domain_name("localhost"))
-        .unwrap()
-        .timeout(Duration::from_secs(20))
-        .connect_lazy()
-}
-
 fn sa_token(srv: &Server, sa: &str) -> String {
-    let key = srv.dir.join("sa-signing.key");
-    let k = hsm::export_file_key(&hsm::KeyRef::file(&key)).unwrap();
-    let kid = hex::encode(&k.public_key().fingerprint()[..8]);
-    let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    let claims = json!({"iss": srv.env["CA_SA_ISSUER"], "aud": ["istio-ca"], "sub": format!("system:serviceaccount:default:{sa}"),
-        "kubernetes.io": {"namespace": "default", "serviceaccount": {"name": sa, "uid": "u"}}, "iat": now, "nbf": now - 5, "exp": now + 600});
-    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
-    header.kid = Some(kid);
-    jsonwebtoken::encode(&header, &claims, &jsonwebtoken::EncodingKey::from_ec_pem(k.expose_pem().as_bytes()).unwrap())
-        .unwrap()
+    sa_token_with(srv, &srv.dir.join("sa-signing.key"), "default", sa, |_| {})
 }
 
 /// A live workload: what it presents and what it trusts, as of its last renewal.
@@ -81,7 +58,7 @@ async fn dev_workload(srv: &Server, sa: &str, extra_roots: &str) -> Held {
     let mut req = tonic::Request::new(IstioCertificateRequest { csr, validity_duration: TTL_SECS, metadata: None });
     req.metadata_mut().insert("authorization", format!("Bearer {}", sa_token(srv, sa)).parse().unwrap());
     req.metadata_mut().insert("clusterid", "dev".parse().unwrap());
-    let chain = IstioCertificateServiceClient::new(channel(srv, extra_roots).await)
+    let chain = IstioCertificateServiceClient::new(grpc_channel(srv, extra_roots).await)
         .create_certificate(req)
         .await
         .expect("the dev cluster issues")

@@ -873,18 +873,7 @@ async fn readyz_follows_the_hsm_and_no_request_hangs() {
     assert!(config.contains(real.to_str().unwrap()), "the dev issuer key is in SoftHSM2");
     std::fs::write(dir.join("config.toml"), config.replace(real.to_str().unwrap(), shim.to_str().unwrap())).unwrap();
     let fault = tmp.path().join("fault");
-    let srv = Server::start(
-        &tmp.path().join("replica"),
-        &Opts {
-            config_of: Some(dir.clone()),
-            env: vec![
-                ("PKI_FAULT_TARGET".into(), real.display().to_string()),
-                ("PKI_FAULT_FILE".into(), fault.display().to_string()),
-                ("CA_SERVER_POLICY__HSM_TIMEOUT".into(), "2s".into()),
-            ],
-            ..Default::default()
-        },
-    );
+    let srv = start_behind_fault_shim(tmp.path(), &dir, &real);
     srv.wait_ready().await;
     let token = srv.register_approved("outage").await;
     let enrol = |srv: &Server| {

@@ -8,8 +8,8 @@
 //! approving transaction, when it is approved.
 //!
 //! Issuers are derived, never edited: `refresh` computes each environment's certificate, key,
-//! trust bundle and still-accepted predecessor from the configuration and the newest rotation
-//! that touches it, and swaps the issuer when that differs. Every replica does this on each
+//! trust bundle and still-accepted predecessor from the configuration (as read at start) and
+//! the rotations that started from it, and swaps the issuer when that differs. Every replica does this on each
 //! background round, and the approving replica at once.
 
 use std::collections::{BTreeMap, BTreeSet};

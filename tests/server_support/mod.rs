@@ -335,3 +335,57 @@ pub fn build_fault_shim(dir: &Path) -> PathBuf {
     assert!(cc.status.success(), "{}", String::from_utf8_lossy(&cc.stderr));
     shim
 }
+
+/// A gRPC channel to the dev server's Istio certificate API. The serving certificate names
+/// localhost and is verified against the dev root, plus `extra_roots` (PEM).
+pub async fn grpc_channel(srv: &Server, extra_roots: &str) -> tonic::transport::Channel {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+    let root = std::fs::read_to_string(srv.root()).unwrap() + extra_roots;
+    let addr = srv.grpc.clone().expect("the dev server listens for gRPC");
+    let port = addr.rsplit_once(':').unwrap().1;
+    Endpoint::from_shared(format!("https://localhost:{port}"))
+        .unwrap()
+        .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(root)).domain_name("localhost"))
+        .unwrap()
+        .timeout(Duration::from_secs(20))
+        .connect()
+        .await
+        .unwrap()
+}
+
+/// The kid the dev setup gives a P-256 file key in its JWKS.
+pub fn kid_of(key: &Path) -> String {
+    let k = hsm::export_file_key(&hsm::KeyRef::file(key)).unwrap();
+    hex::encode(&k.public_key().fingerprint()[..8])
+}
+
+/// A projected service-account token for `ns/sa`, signed with `key` the way the cluster's API
+/// server would; `edit` changes the claims.
+pub fn sa_token_with(srv: &Server, key: &Path, ns: &str, sa: &str, edit: impl FnOnce(&mut Value)) -> String {
+    let pem_text = std::fs::read_to_string(key).unwrap();
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let mut claims = json!({"iss": srv.env["CA_SA_ISSUER"], "aud": ["istio-ca"], "sub": format!("system:serviceaccount:{ns}:{sa}"),
+        "kubernetes.io": {"namespace": ns, "serviceaccount": {"name": sa, "uid": "u"}}, "iat": now, "nbf": now - 5, "exp": now + 600});
+    edit(&mut claims);
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+    header.kid = Some(kid_of(key));
+    jsonwebtoken::encode(&header, &claims, &jsonwebtoken::EncodingKey::from_ec_pem(pem_text.as_bytes()).unwrap())
+        .unwrap()
+}
+
+/// A second process on `dev_dir`'s configuration whose PKCS#11 calls go through the
+/// fault-injecting `shim` (to `real`), failing or hanging as `<tmp>/fault` says.
+pub fn start_behind_fault_shim(tmp: &Path, dev_dir: &Path, real: &Path) -> Server {
+    Server::start(
+        &tmp.join("replica"),
+        &Opts {
+            config_of: Some(dev_dir.to_path_buf()),
+            env: vec![
+                ("PKI_FAULT_TARGET".into(), real.display().to_string()),
+                ("PKI_FAULT_FILE".into(), tmp.join("fault").display().to_string()),
+                ("CA_SERVER_POLICY__HSM_TIMEOUT".into(), "2s".into()),
+            ],
+            ..Default::default()
+        },
+    )
+}
