@@ -44,9 +44,12 @@ fn unsafe_code_is_forbidden_outside_hsm() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
     let manifest = std::fs::read_to_string(root.join("Cargo.toml")).unwrap();
     let members = manifest.lines().find(|l| l.trim_start().starts_with("members")).unwrap().to_string();
-    for (member, krate) in
-        [("ca-core", "ca-core/src/lib.rs"), ("ca-cli", "ca-cli/src/main.rs"), ("ca-server", "ca-server/src/main.rs")]
-    {
+    for (member, krate) in [
+        ("ca-core", "ca-core/src/lib.rs"),
+        ("ca-cli", "ca-cli/src/main.rs"),
+        ("ca-server", "ca-server/src/main.rs"),
+        ("ca-server", "ca-server/src/lib.rs"),
+    ] {
         if members.contains(&format!("\"{member}\"")) {
             let text = std::fs::read_to_string(root.join(krate)).unwrap();
             assert!(text.contains("#![forbid(unsafe_code)]"), "{krate} must forbid unsafe code");

@@ -2,25 +2,6 @@
 //! inventory and a tamper-evident audit trail, on SQLite or PostgreSQL.
 #![forbid(unsafe_code)]
 
-mod api;
-mod auth;
-mod checkpoint;
-mod config;
-mod dev;
-mod error;
-mod istio;
-mod jobs;
-mod metrics;
-mod rotation;
-mod state;
-mod tls;
-
-/// Istio's certificate service, generated from proto/istio/v1/auth/ca.proto.
-#[allow(clippy::all, clippy::pedantic, dead_code)]
-mod proto {
-    tonic::include_proto!("istio.v1.auth");
-}
-
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -33,8 +14,9 @@ use clap::Parser;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
-use crate::config::Config;
-use crate::state::{AppState, Inner, Issuer};
+use ca_server::config::{self, Config};
+use ca_server::state::{self, AppState, Inner, Issuer};
+use ca_server::{api, auth, checkpoint, dev, istio, jobs, metrics, rotation, tls};
 
 #[derive(Parser)]
 #[command(
