@@ -334,7 +334,8 @@ struct SignArgs {
     trust_domains: Vec<TrustDomain>,
     #[arg(long)]
     validity: Validity,
-    /// Add critical URI name constraints permitting only the trust domains.
+    /// Add critical URI name constraints permitting only the trust domains. rustls-webpki,
+    /// and so ztunnel (Istio ambient mode), rejects such chains: see docs/name-constraints.md.
     #[arg(long)]
     name_constraints: bool,
     /// CRL distribution point URL; repeatable.
