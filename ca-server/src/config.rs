@@ -147,6 +147,19 @@ pub struct AuthConfig {
     /// Claim naming the operator, recorded in the audit trail.
     #[serde(default = "default_subject_claim")]
     pub subject_claim: String,
+    /// When set, state-changing calls need a token that proves a second factor.
+    pub require_mfa: Option<MfaConfig>,
+}
+
+/// What counts as a second factor: a token passes when its `acr` is one of `acr`, or its
+/// `amr` array holds one of `amr` (RFC 8176 method names, as OIDC providers state them).
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MfaConfig {
+    #[serde(default)]
+    pub acr: Vec<String>,
+    #[serde(default)]
+    pub amr: Vec<String>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -452,6 +465,11 @@ impl Config {
         }
         if self.audit.checkpoint_every < 1 {
             bail!("audit.checkpoint_every must be at least 1");
+        }
+        if let Some(m) = &self.auth.require_mfa {
+            if m.acr.is_empty() && m.amr.is_empty() {
+                bail!("auth.require_mfa must list at least one acr value or amr method");
+            }
         }
         Ok(())
     }
