@@ -732,8 +732,12 @@ async fn report_installed(
             || r.reported_at < bundle_changed.max(reissue_after)
     });
     if news {
+        // The gates read this row, so changing it is a state change like any other: audited in
+        // the same transaction. Repeats are neither written nor recorded.
+        let details = json!({"bundle": bundle, "chain": req.chain, "intermediate_serial": report.intermediate_serial});
         let mut tx = state.store.write().await?;
         tx.put_cluster_report(&report).await?;
+        tx.audit(AuditEvent::new(actor, "cluster.report", &name, details)).await?;
         tx.commit().await?;
     }
     let reason = if !req.chain.contains(&issuer.cert.fingerprint()) {
