@@ -40,7 +40,6 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
         .route("/v1/openapi.json", get(openapi))
         .route("/v1/issuers", get(list_issuers))
         .route("/v1/clusters", post(register_cluster).get(list_clusters))
@@ -207,10 +206,6 @@ async fn readyz(State(state): State<AppState>) -> Response {
     let ready = database && issuers.values().all(|v| *v);
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, Json(Ready { ready, database, issuers })).into_response()
-}
-
-async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], state.metrics.encode())
 }
 
 #[derive(Serialize, ToSchema)]

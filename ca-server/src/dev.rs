@@ -18,6 +18,7 @@ pub const AUDIENCE: &str = "ca-server";
 pub const ENVIRONMENT: &str = "dev";
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8443";
 pub const DEFAULT_GRPC_LISTEN: &str = "127.0.0.1:9443";
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
 /// What the dev OIDC issuer states for its tokens: a password and a one-time code, as a
 /// Keycloak step-up login would.
 pub const DEV_ACR: &str = "mfa";
@@ -156,6 +157,10 @@ interval = "10s"
 format = "text"
 level = "info"
 
+# Prometheus metrics, on loopback only.
+[metrics]
+listen = "{DEFAULT_METRICS_LISTEN}"
+
 # Istio's certificate API (external-CA mode) for the dev cluster.
 [istio]
 listen = "{DEFAULT_GRPC_LISTEN}"
@@ -260,6 +265,7 @@ pub fn write_env(
     url: &str,
     database_url: &str,
     grpc: Option<std::net::SocketAddr>,
+    metrics: Option<&str>,
 ) -> Result<Vec<(String, String)>> {
     let mut vars = vec![
         ("CA_SERVER_URL".to_string(), url.to_string()),
@@ -271,6 +277,9 @@ pub fn write_env(
         ("CA_AUDITOR_TOKEN".to_string(), mint_token(&setup.dir, "dev-auditor", &["auditor"])?),
         ("CA_AUDIT_PUBLIC_KEY".to_string(), setup.dir.join("audit.pub.pem").display().to_string()),
     ];
+    if let Some(m) = metrics {
+        vars.push(("CA_METRICS_URL".to_string(), m.to_string()));
+    }
     if let Some(g) = grpc {
         vars.extend([
             ("CA_GRPC_ADDR".to_string(), g.to_string()),
