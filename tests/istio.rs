@@ -345,8 +345,7 @@ async fn workload_certificates_follow_every_rule() {
     let unknown = Call { cluster: Some("elsewhere\"{x=1}"), ..Call::new(&example, plain_csr()) };
     expect_code(create(&ch, unknown).await, Code::PermissionDenied, "unknown cluster");
     // A claimed cluster name never becomes a metric label.
-    let (_, m) = srv.call("GET", "/metrics", None, None).await;
-    let m = m.as_str().unwrap().to_string();
+    let m = srv.metrics_text().await;
     assert!(!m.contains("elsewhere") && m.contains("issuer=\"unknown\""), "{m}");
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     let cases: Vec<(&str, Box<dyn FnOnce(&mut Value)>)> = vec![
@@ -1073,8 +1072,7 @@ async fn fleet_status_and_alert_rules() {
     // Gauges appear once the background jobs (every second here) have set them.
     let mut missing = names.clone();
     for _ in 0..100 {
-        let (_, m) = srv.call("GET", "/metrics", None, None).await;
-        let exported = m.as_str().unwrap().to_string();
+        let exported = srv.metrics_text().await;
         missing = names.iter().filter(|n| !exported.contains(n.as_str())).cloned().collect();
         if missing.is_empty() {
             break;

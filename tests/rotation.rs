@@ -423,7 +423,7 @@ async fn a_root_rotation_moves_a_running_mesh_without_a_failed_handshake() {
     let wanted = [format!("ca_rotation_stage{labels} 3"), format!("ca_rotation_lagging_clusters{labels} 0")];
     let mut metrics = String::new();
     for _ in 0..50 {
-        metrics = srv.client.get(format!("{}/metrics", srv.url)).send().await.unwrap().text().await.unwrap();
+        metrics = srv.metrics_text().await;
         if wanted.iter().all(|w| metrics.contains(w.as_str())) {
             break;
         }

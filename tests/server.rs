@@ -265,15 +265,13 @@ async fn lifecycle(backend: &str) {
     assert_eq!(next_page[0]["prev_hash"], first_page[2]["hash"], "pages continue the chain");
 
     // Operations.
-    let (s, m) = srv.call("GET", "/metrics", None, None).await;
-    let m = m.as_str().unwrap().to_string();
-    assert_eq!(s, 200);
+    let m = srv.metrics_text().await;
     // Three for prod-1 and one for the external-CA cluster `dev` that --dev sets up.
     assert!(m.contains("ca_issuances_total{issuer=\"dev\",profile=\"cluster\",result=\"ok\"} 4"), "{m}");
     // Expiry gauges come from the background scan (every second in tests).
     let mut gauges = String::new();
     for _ in 0..50 {
-        gauges = srv.call("GET", "/metrics", None, None).await.1.as_str().unwrap().to_string();
+        gauges = srv.metrics_text().await;
         if gauges.contains("ca_cluster_intermediate_expiry_seconds{cluster=\"prod-1\"}")
             && gauges.contains("ca_crl_age_seconds{issuer=\"dev\"}")
         {

@@ -273,6 +273,7 @@ async fn main() {
         .arg(&dir)
         .args(["--listen", "127.0.0.1:0"])
         .env("CA_SERVER_ISTIO__LISTEN", "127.0.0.1:0")
+        .env("CA_SERVER_METRICS__LISTEN", "127.0.0.1:0")
         .env("CA_SERVER_LOG__LEVEL", "warn")
         .env("CA_SERVER_ISTIO__CLUSTERS__BENCH__SA_ISSUER", "https://kubernetes.default.svc.cluster.local")
         .env("CA_SERVER_ISTIO__CLUSTERS__BENCH__JWKS_FILE", "sa-jwks.json")

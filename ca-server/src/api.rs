@@ -40,7 +40,6 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
         .route("/v1/openapi.json", get(openapi))
         .route("/v1/issuers", get(list_issuers))
         .route("/v1/clusters", post(register_cluster).get(list_clusters))
@@ -207,10 +206,6 @@ async fn readyz(State(state): State<AppState>) -> Response {
     let ready = database && issuers.values().all(|v| *v);
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, Json(Ready { ready, database, issuers })).into_response()
-}
-
-async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], state.metrics.encode())
 }
 
 #[derive(Serialize, ToSchema)]
@@ -732,8 +727,12 @@ async fn report_installed(
             || r.reported_at < bundle_changed.max(reissue_after)
     });
     if news {
+        // The gates read this row, so changing it is a state change like any other: audited in
+        // the same transaction. Repeats are neither written nor recorded.
+        let details = json!({"bundle": bundle, "chain": req.chain, "intermediate_serial": report.intermediate_serial});
         let mut tx = state.store.write().await?;
         tx.put_cluster_report(&report).await?;
+        tx.audit(AuditEvent::new(actor, "cluster.report", &name, details)).await?;
         tx.commit().await?;
     }
     let reason = if !req.chain.contains(&issuer.cert.fingerprint()) {

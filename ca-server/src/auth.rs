@@ -36,6 +36,9 @@ impl Role {
 pub struct Operator {
     pub name: String,
     pub roles: Vec<Role>,
+    /// The token proves a second factor as `auth.require_mfa` defines it (always true when
+    /// that is not set).
+    pub second_factor: bool,
 }
 
 impl Operator {
@@ -110,6 +113,7 @@ impl Auth {
             .and_then(|v| v.as_array())
             .map(|a| a.iter().filter_map(|r| r.as_str()).filter_map(Role::parse).collect())
             .unwrap_or_default();
+        let second_factor = self.cfg.require_mfa.as_ref().is_none_or(|m| proves_second_factor(&claims, m));
         if roles.is_empty() {
             return Err(ApiError::forbidden(
                 "forbidden",
@@ -117,8 +121,18 @@ impl Auth {
             )
             .by(format!("operator:{name}")));
         }
-        Ok(Operator { name, roles })
+        Ok(Operator { name, roles, second_factor })
     }
+}
+
+/// `acr` is one of the accepted values, or `amr` lists one of the accepted methods.
+fn proves_second_factor(claims: &serde_json::Value, mfa: &crate::config::MfaConfig) -> bool {
+    let acr = claims.get("acr").and_then(|v| v.as_str()).is_some_and(|a| mfa.acr.iter().any(|x| x == a));
+    let amr = claims
+        .get("amr")
+        .and_then(|v| v.as_array())
+        .is_some_and(|a| a.iter().filter_map(|m| m.as_str()).any(|m| mfa.amr.iter().any(|x| x == m)));
+    acr || amr
 }
 
 /// Why a token was refused, in words for the caller; never the token itself.
@@ -150,6 +164,16 @@ impl FromRequestParts<AppState> for Operator {
         let token = bearer(parts).ok_or_else(|| {
             ApiError::unauthenticated("unauthenticated", "send an operator token as Authorization: Bearer <JWT>")
         })?;
-        state.auth.verify(token.trim())
+        let op = state.auth.verify(token.trim())?;
+        // Every operator call that is not a read changes state or decides a request: all of
+        // them, not a list of handlers, so that a new endpoint cannot forget the check.
+        if !parts.method.is_safe() && !op.second_factor {
+            return Err(ApiError::forbidden(
+                "mfa-required",
+                "this call needs a token that proves a second factor (see auth.require_mfa); sign in again with one",
+            )
+            .by(op.actor()));
+        }
+        Ok(op)
     }
 }

@@ -31,6 +31,33 @@ pub struct Config {
     pub istio: Option<IstioConfig>,
     #[serde(default)]
     pub rotation: RotationConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Plain-HTTP address serving `GET /metrics` only. Off when absent.
+    pub listen: Option<String>,
+    /// The metrics name every cluster and issuer: an address other than loopback must be
+    /// asked for explicitly.
+    #[serde(default)]
+    pub allow_remote: bool,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Time for a client to finish the TLS handshake, and then to send its first request
+    /// (HTTP/1 headers, or an HTTP/2 preface followed by a request).
+    #[serde(default = "default_handshake_timeout", with = "validity")]
+    pub handshake_timeout: Validity,
+    /// A connection with no request in flight for this long is shut down gracefully.
+    #[serde(default = "default_idle_timeout", with = "validity")]
+    pub idle_timeout: Validity,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -66,6 +93,16 @@ pub struct IstioConfig {
     /// Most certificates written in one group commit.
     #[serde(default = "default_batch_max")]
     pub batch_max: usize,
+    /// A `CreateCertificate` taking longer is answered `DEADLINE_EXCEEDED`.
+    #[serde(default = "default_request_timeout", with = "validity")]
+    pub request_timeout: Validity,
+    /// Requests in flight on all connections together; more are refused with
+    /// `RESOURCE_EXHAUSTED` rather than queued.
+    #[serde(default = "default_max_concurrent_requests")]
+    pub max_concurrent_requests: usize,
+    /// Requests in flight on one connection; more are refused likewise.
+    #[serde(default = "default_max_concurrent_requests_per_connection")]
+    pub max_concurrent_requests_per_connection: usize,
     /// Per-cluster token validation and TTL policy, keyed by cluster name (the `ClusterID`
     /// the agents send). The cluster itself is registered through the API in external-ca mode.
     #[serde(default)]
@@ -147,6 +184,19 @@ pub struct AuthConfig {
     /// Claim naming the operator, recorded in the audit trail.
     #[serde(default = "default_subject_claim")]
     pub subject_claim: String,
+    /// When set, state-changing calls need a token that proves a second factor.
+    pub require_mfa: Option<MfaConfig>,
+}
+
+/// What counts as a second factor: a token passes when its `acr` is one of `acr`, or its
+/// `amr` array holds one of `amr` (RFC 8176 method names, as OIDC providers state them).
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MfaConfig {
+    #[serde(default)]
+    pub acr: Vec<String>,
+    #[serde(default)]
+    pub amr: Vec<String>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -290,6 +340,21 @@ fn default_jwks_refresh() -> Validity {
 fn default_drain_margin() -> Validity {
     v("1h")
 }
+fn default_handshake_timeout() -> Validity {
+    v("10s")
+}
+fn default_idle_timeout() -> Validity {
+    v("120s")
+}
+fn default_request_timeout() -> Validity {
+    v("30s")
+}
+fn default_max_concurrent_requests() -> usize {
+    2048
+}
+fn default_max_concurrent_requests_per_connection() -> usize {
+    256
+}
 fn default_log_format() -> String {
     "json".into()
 }
@@ -320,6 +385,11 @@ impl Default for RotationConfig {
 impl Default for JobsConfig {
     fn default() -> Self {
         JobsConfig { interval: default_job_interval() }
+    }
+}
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig { handshake_timeout: default_handshake_timeout(), idle_timeout: default_idle_timeout() }
     }
 }
 impl Default for LogConfig {
@@ -449,11 +519,42 @@ impl Config {
             if istio.batch_max == 0 {
                 bail!("istio.batch_max must be at least 1");
             }
+            if istio.max_concurrent_requests == 0 || istio.max_concurrent_requests_per_connection == 0 {
+                bail!("istio.max_concurrent_requests and max_concurrent_requests_per_connection must be at least 1");
+            }
+            if istio.request_timeout.duration() <= time::Duration::ZERO {
+                bail!("istio.request_timeout must be positive");
+            }
         }
         if self.audit.checkpoint_every < 1 {
             bail!("audit.checkpoint_every must be at least 1");
         }
+        if let Some(m) = &self.auth.require_mfa {
+            if m.acr.is_empty() && m.amr.is_empty() {
+                bail!("auth.require_mfa must list at least one acr value or amr method");
+            }
+        }
+        if let Some(l) = &self.metrics.listen {
+            if !self.metrics.allow_remote && !is_loopback(l) {
+                bail!(
+                    "metrics.listen {l:?} is not a loopback address; set metrics.allow_remote = true to serve metrics beyond this host"
+                );
+            }
+        }
+        if self.limits.handshake_timeout.duration() <= time::Duration::ZERO
+            || self.limits.idle_timeout.duration() <= time::Duration::ZERO
+        {
+            bail!("limits.handshake_timeout and limits.idle_timeout must be positive");
+        }
         Ok(())
+    }
+}
+
+/// `127.0.0.1:9464`, `[::1]:9464` or `localhost:9464`.
+fn is_loopback(addr: &str) -> bool {
+    match addr.parse::<std::net::SocketAddr>() {
+        Ok(a) => a.ip().is_loopback(),
+        Err(_) => addr.rsplit_once(':').is_some_and(|(host, _)| host.eq_ignore_ascii_case("localhost")),
     }
 }
 

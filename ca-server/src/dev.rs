@@ -18,6 +18,11 @@ pub const AUDIENCE: &str = "ca-server";
 pub const ENVIRONMENT: &str = "dev";
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8443";
 pub const DEFAULT_GRPC_LISTEN: &str = "127.0.0.1:9443";
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
+/// What the dev OIDC issuer states for its tokens: a password and a one-time code, as a
+/// Keycloak step-up login would.
+pub const DEV_ACR: &str = "mfa";
+pub const DEV_AMR: &[&str] = &["pwd", "otp"];
 /// The external-CA cluster every dev setup has.
 pub const DEV_CLUSTER: &str = "dev";
 pub const TRUST_DOMAIN: &str = "cluster.local";
@@ -123,6 +128,8 @@ issuer = "{ISSUER}"
 audience = "{AUDIENCE}"
 jwks_file = "jwks.json"
 roles_claim = "roles"
+# State-changing calls need a second factor; the dev tokens state one.
+require_mfa = {{ acr = ["{DEV_ACR}"], amr = ["otp", "hwk", "mfa"] }}
 
 [[issuers]]
 name = "{ENVIRONMENT}"
@@ -149,6 +156,10 @@ interval = "10s"
 [log]
 format = "text"
 level = "info"
+
+# Prometheus metrics, on loopback only.
+[metrics]
+listen = "{DEFAULT_METRICS_LISTEN}"
 
 # Istio's certificate API (external-CA mode) for the dev cluster.
 [istio]
@@ -184,13 +195,13 @@ fn jwks(public: &hsm::PublicKey) -> serde_json::Value {
     json!({"keys": [{"kty": "EC", "crv": "P-256", "x": b64(&raw[1..33]), "y": b64(&raw[33..65]), "kid": kid(public), "alg": "ES256", "use": "sig"}]})
 }
 
-/// Mints a dev operator token valid for 12 hours.
+/// Mints a dev operator token valid for 12 hours, stating a second factor.
 pub fn mint_token(dir: &Path, subject: &str, roles: &[&str]) -> Result<String> {
     let key = hsm::export_file_key(&hsm::KeyRef::file(dir.join("dev-oidc.key")))?;
     let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
     header.kid = Some(kid(key.public_key()));
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    let claims = json!({"iss": ISSUER, "aud": AUDIENCE, "sub": subject, "roles": roles, "iat": now, "nbf": now - 60, "exp": now + 12 * 3600});
+    let claims = json!({"iss": ISSUER, "aud": AUDIENCE, "sub": subject, "roles": roles, "acr": DEV_ACR, "amr": DEV_AMR, "iat": now, "nbf": now - 60, "exp": now + 12 * 3600});
     let enc = jsonwebtoken::EncodingKey::from_ec_pem(key.expose_pem().as_bytes())?;
     Ok(jsonwebtoken::encode(&header, &claims, &enc)?)
 }
@@ -254,6 +265,7 @@ pub fn write_env(
     url: &str,
     database_url: &str,
     grpc: Option<std::net::SocketAddr>,
+    metrics: Option<&str>,
 ) -> Result<Vec<(String, String)>> {
     let mut vars = vec![
         ("CA_SERVER_URL".to_string(), url.to_string()),
@@ -265,6 +277,9 @@ pub fn write_env(
         ("CA_AUDITOR_TOKEN".to_string(), mint_token(&setup.dir, "dev-auditor", &["auditor"])?),
         ("CA_AUDIT_PUBLIC_KEY".to_string(), setup.dir.join("audit.pub.pem").display().to_string()),
     ];
+    if let Some(m) = metrics {
+        vars.push(("CA_METRICS_URL".to_string(), m.to_string()));
+    }
     if let Some(g) = grpc {
         vars.extend([
             ("CA_GRPC_ADDR".to_string(), g.to_string()),

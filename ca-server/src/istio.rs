@@ -1058,51 +1058,85 @@ pub async fn ensure_serving_cert(state: &AppState) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Serves Istio's certificate API over TLS until `shutdown` resolves.
+/// Serves Istio's certificate API over TLS until `shutdown` resolves, then lets the requests
+/// in flight finish. Each request has `istio.request_timeout` (then `DEADLINE_EXCEEDED`);
+/// over `istio.max_concurrent_requests` in all, or `max_concurrent_requests_per_connection`
+/// on one connection, a request is refused with `RESOURCE_EXHAUSTED` at once rather than
+/// queued (istio-agent and ztunnel retry with backoff). Connections follow `limits`.
 pub async fn serve(
     state: AppState,
     listener: tokio::net::TcpListener,
+    limits: crate::tls::ConnLimits,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
+    let cfg = state.config.istio.clone().context("istio is not configured")?;
     let mut config = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
         .with_cert_resolver(state.istio.serving.clone());
     config.alpn_protocols = vec![b"h2".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let (conn_tx, conn_rx) =
-        mpsc::channel::<std::io::Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>>(1024);
-    tokio::spawn(async move {
-        loop {
-            let (tcp, remote) = match listener.accept().await {
+    let service =
+        IstioCertificateServiceServer::new(IstioApi { state: state.clone() }).max_decoding_message_size(64 * 1024);
+    let global = Arc::new(tokio::sync::Semaphore::new(cfg.max_concurrent_requests));
+    let deadline = cfg.request_timeout.duration().unsigned_abs();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(());
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, remote) = tokio::select! {
+            r = listener.accept() => match r {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::warn!(error = %e, "gRPC accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
+            },
+            _ = &mut shutdown => break,
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let stop = stop_rx.clone();
+        let svc = tower::ServiceBuilder::new()
+            .map_result(grpc_refusal)
+            .load_shed()
+            .layer(tower::limit::GlobalConcurrencyLimitLayer::with_semaphore(global.clone()))
+            .concurrency_limit(cfg.max_concurrent_requests_per_connection)
+            .timeout(deadline)
+            .service(service.clone());
+        // Handshakes run in their own tasks: one slow client must not hold up the rest.
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(limits.handshake, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => return tracing::debug!(%remote, error = %e, "gRPC TLS handshake failed"),
+                Err(_) => return tracing::debug!(%remote, "gRPC TLS handshake timed out"),
             };
-            let _ = tcp.set_nodelay(true);
-            let acceptor = acceptor.clone();
-            let conn_tx = conn_tx.clone();
-            // Handshakes run in their own tasks: one slow client must not hold up the rest.
-            tokio::spawn(async move {
-                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                    Ok(Ok(tls)) => {
-                        let _ = conn_tx.send(Ok(tls)).await;
-                    }
-                    Ok(Err(e)) => tracing::debug!(%remote, error = %e, "gRPC TLS handshake failed"),
-                    Err(_) => tracing::debug!(%remote, "gRPC TLS handshake timed out"),
-                }
-            });
+            crate::tls::serve_conn(hyper_util::rt::TokioIo::new(tls), svc, limits, true, Some(stop), remote).await;
+        });
+    }
+    drop(listener);
+    let _ = stop_tx.send(());
+    drop(stop_rx);
+    stop_tx.closed().await;
+    Ok(())
+}
+
+/// The limits' refusals as gRPC statuses, never a failed connection (tonic's own server would answer a timeout with
+/// `CANCELLED`; a deadline is what the caller ran into).
+fn grpc_refusal(
+    r: Result<hyper::Response<tonic::body::Body>, tower::BoxError>,
+) -> Result<hyper::Response<tonic::body::Body>, tower::BoxError> {
+    Ok(match r {
+        Ok(resp) => resp,
+        Err(e) if e.is::<tower::timeout::error::Elapsed>() => {
+            Status::deadline_exceeded("the request took longer than istio.request_timeout").into_http()
         }
-    });
-    let service =
-        IstioCertificateServiceServer::new(IstioApi { state: state.clone() }).max_decoding_message_size(64 * 1024);
-    tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .add_service(service)
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::ReceiverStream::new(conn_rx), shutdown)
-        .await
-        .context("gRPC server")
+        Err(e) if e.is::<tower::load_shed::error::Overloaded>() => {
+            Status::resource_exhausted("too many requests in flight; retry with backoff").into_http()
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "gRPC request failed");
+            Status::internal("internal error; see the server log").into_http()
+        }
+    })
 }

@@ -181,6 +181,7 @@ async fn run(args: Args) -> Result<()> {
         )
         .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid));
 
+    let limits = tls::ConnLimits::from_config(&cfg.limits);
     let listener =
         tokio::net::TcpListener::bind(&cfg.listen).await.with_context(|| format!("listening on {}", cfg.listen))?;
     let addr = listener.local_addr()?;
@@ -203,7 +204,7 @@ async fn run(args: Args) -> Result<()> {
         grpc_addr = Some(gl.local_addr()?);
         let s = state.clone();
         grpc_task = Some(tokio::spawn(async move {
-            if let Err(e) = istio::serve(s, gl, async {
+            if let Err(e) = istio::serve(s, gl, limits, async {
                 let _ = grpc_stopped.await;
             })
             .await
@@ -212,20 +213,35 @@ async fn run(args: Args) -> Result<()> {
             }
         }));
     }
+    let mut metrics_url = None;
+    if let Some(ml) = &cfg.metrics.listen {
+        let l =
+            tokio::net::TcpListener::bind(ml).await.with_context(|| format!("listening on {ml} (metrics.listen)"))?;
+        metrics_url = Some(format!("http://{}", l.local_addr()?));
+        let app = metrics::router(state.metrics.clone());
+        tokio::spawn(async move {
+            if let Err(e) = tls::serve_plain(l, app, limits).await {
+                tracing::error!(error = %format!("{e:#}"), "metrics listener stopped");
+            }
+        });
+    }
     // Machine-readable first lines: tests and scripts wait for them.
     if let Some(g) = grpc_addr {
         println!("ca-server grpc listening on {g}");
     }
+    if let Some(m) = &metrics_url {
+        println!("ca-server metrics listening on {m}");
+    }
     println!("ca-server listening on {url}");
     tracing::info!(%url, database = state.store.backend(), issuers = cfg.issuers.len(), "ca-server started");
     if let Some(d) = &dev {
-        let vars = dev::write_env(d, &url, &cfg.database.url, grpc_addr)?;
+        let vars = dev::write_env(d, &url, &cfg.database.url, grpc_addr, metrics_url.as_deref())?;
         print_dev_help(d, &vars);
     }
     jobs::spawn(state.clone());
 
     tokio::select! {
-        r = tls::serve(listener, tls_config, app) => r,
+        r = tls::serve(listener, tls_config, app, limits) => r,
         _ = shutdown_signal() => {
             tracing::info!("shutting down");
             // Let in-flight workload requests finish (and their records commit) first.
@@ -264,13 +280,16 @@ async fn shutdown_signal() {
 fn print_dev_help(d: &dev::DevSetup, vars: &[(String, String)]) {
     let get = |k: &str| vars.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str()).unwrap_or("");
     println!(
-        "\ndev setup in {dir}{created}\n  environment: {env} (trust domain cluster.local), key custody: {custody}\n  settings and operator tokens: {dir}/dev.env\n  dev admin token (12h): {admin}\n\nTry:\n  set -a; . {dir}/dev.env; set +a\n  curl --cacert \"$CA_ROOT_CERT\" \"$CA_SERVER_URL/readyz\"\n  curl --cacert \"$CA_ROOT_CERT\" -H \"Authorization: Bearer $CA_ADMIN_TOKEN\" -H 'content-type: application/json' \\\n       -d '{{\"name\":\"dev-1\",\"environment\":\"dev\",\"trust_domain\":\"cluster.local\"}}' \"$CA_SERVER_URL/v1/clusters\"\n  # approve it as the second operator (two-person rule), using the request_id printed above:\n  curl --cacert \"$CA_ROOT_CERT\" -H \"Authorization: Bearer $CA_APPROVER_TOKEN\" -X POST \"$CA_SERVER_URL/v1/requests/<request_id>/approve\"\n  # enrol from the cluster with the enrolment_token, then renew over mTLS:\n  CA_ENROLMENT_TOKEN=<enrolment_token> ca-cli cluster renew --server \"$CA_SERVER_URL\" --ca-root \"$CA_ROOT_CERT\" --cluster dev-1 --state-dir ./cacerts-dev-1\n  ca-cli audit verify --database \"$CA_DATABASE_URL\" --audit-key \"$CA_AUDIT_PUBLIC_KEY\"\n",
+        "\ndev setup in {dir}{created}\n  environment: {env} (trust domain cluster.local), key custody: {custody}\n  settings and operator tokens: {dir}/dev.env (the tokens state a second factor: auth.require_mfa is on)\n  dev admin token (12h): {admin}\n\nTry:\n  set -a; . {dir}/dev.env; set +a\n  curl --cacert \"$CA_ROOT_CERT\" \"$CA_SERVER_URL/readyz\"\n  curl --cacert \"$CA_ROOT_CERT\" -H \"Authorization: Bearer $CA_ADMIN_TOKEN\" -H 'content-type: application/json' \\\n       -d '{{\"name\":\"dev-1\",\"environment\":\"dev\",\"trust_domain\":\"cluster.local\"}}' \"$CA_SERVER_URL/v1/clusters\"\n  # approve it as the second operator (two-person rule), using the request_id printed above:\n  curl --cacert \"$CA_ROOT_CERT\" -H \"Authorization: Bearer $CA_APPROVER_TOKEN\" -X POST \"$CA_SERVER_URL/v1/requests/<request_id>/approve\"\n  # enrol from the cluster with the enrolment_token, then renew over mTLS:\n  CA_ENROLMENT_TOKEN=<enrolment_token> ca-cli cluster renew --server \"$CA_SERVER_URL\" --ca-root \"$CA_ROOT_CERT\" --cluster dev-1 --state-dir ./cacerts-dev-1\n  ca-cli audit verify --database \"$CA_DATABASE_URL\" --audit-key \"$CA_AUDIT_PUBLIC_KEY\"\n",
         dir = d.dir.display(),
         created = if d.created { " (created now)" } else { " (reused)" },
         env = get("CA_ENVIRONMENT"),
         admin = get("CA_ADMIN_TOKEN"),
         custody = if d.file_keys { "FILE KEYS (SoftHSM2 not installed)" } else { "SoftHSM2" },
     );
+    if !get("CA_METRICS_URL").is_empty() {
+        println!("Prometheus metrics: curl \"$CA_METRICS_URL/metrics\"");
+    }
     if !get("CA_GRPC_ADDR").is_empty() {
         println!(
             "\nIstio external CA (gRPC istio.v1.auth.IstioCertificateService) on {grpc}, cluster {cluster} (trust domain {td}):\n  a service-account token for default/default is in $CA_EXAMPLE_TOKEN; mint others with the key $CA_SA_SIGNING_KEY\n  openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout wl.key -subj / -out wl.csr\n  grpcurl -cacert \"$CA_ROOT_CERT\" -import-path proto -proto istio/v1/auth/ca.proto \\\n    -H \"authorization: Bearer $CA_EXAMPLE_TOKEN\" -H \"ClusterID: $CA_DEV_CLUSTER\" \\\n    -d \"{{\\\"csr\\\": $(jq -Rs . < wl.csr)}}\" \"$CA_GRPC_ADDR\" istio.v1.auth.IstioCertificateService/CreateCertificate\n  curl --cacert \"$CA_ROOT_CERT\" \"$CA_SERVER_URL/v1/clusters/dev/trust-bundle\"\n",

@@ -160,3 +160,20 @@ impl Metrics {
         out
     }
 }
+
+/// The metrics listener's routes: `GET /metrics` and nothing else. It is a listener of its own
+/// because the metrics name every cluster and issuer, which API callers need not learn.
+pub fn router(metrics: std::sync::Arc<Metrics>) -> axum::Router {
+    use axum::http::{StatusCode, header};
+    axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let m = metrics.clone();
+                async move {
+                    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], m.encode())
+                }
+            }),
+        )
+        .fallback(|| async { (StatusCode::NOT_FOUND, "only /metrics is served here\n") })
+}

@@ -116,9 +116,33 @@ pub fn server_config(cfg: &TlsConfig) -> Result<Arc<ServerConfig>> {
     Ok(Arc::new(config))
 }
 
+/// How long a connection may take before its first request, and stay without one.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnLimits {
+    /// The TLS handshake, and then the first request (protocol detection, HTTP/1 headers,
+    /// an HTTP/2 preface with nothing after it).
+    pub handshake: Duration,
+    /// No request in flight for this long: the connection is shut down gracefully.
+    pub idle: Duration,
+}
+
+impl ConnLimits {
+    pub fn from_config(cfg: &crate::config::LimitsConfig) -> Self {
+        ConnLimits {
+            handshake: cfg.handshake_timeout.duration().unsigned_abs(),
+            idle: cfg.idle_timeout.duration().unsigned_abs(),
+        }
+    }
+}
+
 /// Accepts TLS connections and serves `app` on each, with [`ConnInfo`] in the request
 /// extensions. Runs until the process ends.
-pub async fn serve(listener: TcpListener, config: Arc<ServerConfig>, app: axum::Router) -> Result<()> {
+pub async fn serve(
+    listener: TcpListener,
+    config: Arc<ServerConfig>,
+    app: axum::Router,
+    limits: ConnLimits,
+) -> Result<()> {
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
     loop {
         let (tcp, remote) = match listener.accept().await {
@@ -133,7 +157,7 @@ pub async fn serve(listener: TcpListener, config: Arc<ServerConfig>, app: axum::
         let app = app.clone();
         tokio::spawn(async move {
             // A client that never finishes its handshake must not hold a task forever.
-            let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+            let tls = match tokio::time::timeout(limits.handshake, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
                     tracing::debug!(%remote, error = %e, "TLS handshake failed");
@@ -143,23 +167,150 @@ pub async fn serve(listener: TcpListener, config: Arc<ServerConfig>, app: axum::
             };
             let peer_cert = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| c.to_vec());
             let info = ConnInfo { remote, peer_cert };
-            serve_conn(TokioIo::new(tls), info, app, remote).await;
+            let svc = tower::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(info.clone());
+                app.clone().oneshot(req.map(axum::body::Body::new))
+            });
+            serve_conn(TokioIo::new(tls), svc, limits, false, None, remote).await;
         });
     }
 }
 
-async fn serve_conn<I>(io: I, info: ConnInfo, app: axum::Router, remote: SocketAddr)
-where
+/// Plain HTTP, for the metrics listener (which carries no secrets and sits on loopback unless
+/// asked otherwise). The same connection limits as the API.
+pub async fn serve_plain(listener: TcpListener, app: axum::Router, limits: ConnLimits) -> Result<()> {
+    loop {
+        let (tcp, remote) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let app = app.clone();
+        tokio::spawn(async move {
+            let svc = tower::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                app.clone().oneshot(req.map(axum::body::Body::new))
+            });
+            serve_conn(TokioIo::new(tcp), svc, limits, false, None, remote).await;
+        });
+    }
+}
+
+/// Requests in flight on one connection, and when the last one ended.
+struct Activity {
+    state: std::sync::Mutex<(usize, tokio::time::Instant, bool)>,
+}
+
+impl Activity {
+    fn begin(self: &Arc<Self>) -> InFlight {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.0 += 1;
+        s.2 = true;
+        InFlight(self.clone())
+    }
+
+    /// `(requests in flight, since when none, whether any request came)`.
+    fn get(&self) -> (usize, tokio::time::Instant, bool) {
+        *self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Held until the response body is dropped (sent or abandoned).
+struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut s = self.0.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.0 -= 1;
+        s.1 = tokio::time::Instant::now();
+    }
+}
+
+/// Serves one connection (HTTP/1 or HTTP/2, or HTTP/2 only) until the client closes it, it
+/// sends no request within `limits.handshake`, it has had no request in flight for
+/// `limits.idle`, or `stop` fires; then shuts it down gracefully (HTTP/2: GOAWAY), and closes
+/// it outright if the client does not let go. Only requests count as activity: HTTP/2 pings
+/// or a trickle of bytes do not keep a connection open.
+pub async fn serve_conn<I, S, B>(
+    io: I,
+    svc: S,
+    limits: ConnLimits,
+    http2_only: bool,
+    mut stop: Option<tokio::sync::watch::Receiver<()>>,
+    remote: SocketAddr,
+) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: tower::Service<hyper::Request<hyper::body::Incoming>, Response = hyper::Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: hyper::body::Body<Data = hyper::body::Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-        req.extensions_mut().insert(info.clone());
-        app.clone().oneshot(req.map(axum::body::Body::new))
+    use http_body_util::BodyExt;
+    let activity = Arc::new(Activity { state: std::sync::Mutex::new((0, tokio::time::Instant::now(), false)) });
+    let a = activity.clone();
+    let svc = hyper::service::service_fn(move |req| {
+        let guard = a.begin();
+        let call = svc.clone().oneshot(req);
+        async move {
+            let resp = call.await?;
+            Ok::<_, S::Error>(resp.map(move |body| {
+                body.map_frame(move |f| {
+                    let _held = &guard;
+                    f
+                })
+            }))
+        }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    if http2_only {
+        builder = builder.http2_only();
+    }
     // Without a timer hyper cannot time out a client that never finishes its headers.
-    builder.http1().timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(Duration::from_secs(10));
-    if let Err(e) = builder.serve_connection(io, svc).await {
-        tracing::debug!(%remote, error = %e, "connection ended with an error");
+    builder.http1().timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(limits.handshake);
+    builder.http2().timer(hyper_util::rt::TokioTimer::new()).keep_alive_interval(Some(Duration::from_secs(30)));
+    let conn = builder.serve_connection(io, svc);
+    tokio::pin!(conn);
+    let stopped = async {
+        match stop.as_mut() {
+            Some(s) => {
+                let _ = s.changed().await;
+            }
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(stopped);
+    let mut grace = limits.handshake;
+    loop {
+        let (in_flight, since, any) = activity.get();
+        let window = if any { limits.idle } else { limits.handshake };
+        let now = tokio::time::Instant::now();
+        if in_flight == 0 && now >= since + window {
+            tracing::debug!(%remote, first_request = !any, "closing an idle connection");
+            break;
+        }
+        let wake = if in_flight == 0 { since + window } else { now + window };
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(%remote, error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            _ = tokio::time::sleep_until(wake) => {}
+            _ = &mut stopped => {
+                // Requests in flight get the time the server's shutdown allows them.
+                grace = Duration::from_secs(30);
+                break;
+            }
+        }
+    }
+    conn.as_mut().graceful_shutdown();
+    match tokio::time::timeout(grace, conn).await {
+        Ok(Err(e)) => tracing::debug!(%remote, error = %e, "connection ended with an error"),
+        Ok(Ok(())) => {}
+        Err(_) => tracing::debug!(%remote, "connection did not close after a graceful shutdown; dropped"),
     }
 }

@@ -46,6 +46,8 @@ pub struct Server {
     pub stderr_log: PathBuf,
     /// The gRPC (Istio external-CA) address, when the server listens for it.
     pub grpc: Option<String>,
+    /// The metrics listener's base URL (`http://ADDR`), when the server has one.
+    pub metrics: Option<String>,
 }
 
 #[derive(Default, Clone)]
@@ -78,6 +80,7 @@ impl Server {
         }
         cmd.args(["--listen", "127.0.0.1:0"])
             .env("CA_SERVER_ISTIO__LISTEN", "127.0.0.1:0")
+            .env("CA_SERVER_METRICS__LISTEN", "127.0.0.1:0")
             .env("CA_SERVER_JOBS__INTERVAL", "1s")
             .env("CA_SERVER_LOG__FORMAT", "json");
         if let Some(db) = &opts.database_url {
@@ -90,6 +93,7 @@ impl Server {
         let stdout = child.stdout.take().unwrap();
         let mut lines = BufReader::new(stdout).lines();
         let mut grpc = None;
+        let mut metrics = None;
         let first = loop {
             let line = lines.next().and_then(|l| l.ok()).unwrap_or_else(|| {
                 let _ = child.wait();
@@ -98,9 +102,12 @@ impl Server {
                     std::fs::read_to_string(&stderr_log).unwrap_or_default()
                 )
             });
-            match line.strip_prefix("ca-server grpc listening on ") {
-                Some(g) => grpc = Some(g.to_string()),
-                None => break line,
+            if let Some(g) = line.strip_prefix("ca-server grpc listening on ") {
+                grpc = Some(g.to_string());
+            } else if let Some(m) = line.strip_prefix("ca-server metrics listening on ") {
+                metrics = Some(m.to_string());
+            } else {
+                break line;
             }
         };
         let url = first
@@ -121,11 +128,19 @@ impl Server {
         };
         let root = env_dir.join("hierarchy/root/root.pem");
         let client = client(&root, None);
-        Server { child, url, dir: env_dir, env, client, stderr_log, grpc }
+        Server { child, url, dir: env_dir, env, client, stderr_log, grpc, metrics }
     }
 
     pub fn token(&self, role: &str) -> String {
         self.env.get(&format!("CA_{}_TOKEN", role.to_uppercase())).cloned().unwrap_or_else(|| panic!("no {role} token"))
+    }
+
+    /// The Prometheus metrics, from the metrics listener.
+    pub async fn metrics_text(&self) -> String {
+        let url = self.metrics.as_deref().expect("the dev server has a metrics listener");
+        let resp = reqwest::get(format!("{url}/metrics")).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.text().await.unwrap()
     }
 
     pub fn root(&self) -> PathBuf {
