@@ -319,10 +319,10 @@ impl From<ClusterRecord> for ClusterView {
 /// The view of a cluster, with whether an external-CA cluster stopped on a compromised key.
 async fn cluster_view(state: &AppState, c: ClusterRecord) -> Result<ClusterView, ApiError> {
     let mut compromised = false;
-    if let (true, Some(serial)) = (c.is_external_ca(), &c.current_serial) {
-        if let Some(cert) = state.store.get_certificate(serial).await? {
-            compromised = crate::istio::current_key_blocked(state, &cert).await?.is_some();
-        }
+    if let (true, Some(serial)) = (c.is_external_ca(), &c.current_serial)
+        && let Some(cert) = state.store.get_certificate(serial).await?
+    {
+        compromised = crate::istio::current_key_blocked(state, &cert).await?.is_some();
     }
     Ok(ClusterView { key_compromised: compromised, ..c.into() })
 }
@@ -1738,10 +1738,10 @@ async fn get_crl(
             };
             // Only a key the environment had makes this sign anything: an unknown one is
             // answered without touching the HSM.
-            if let Some(k) = &key {
-                if !earlier_keys(&state, &issuer).await?.iter().any(|(id, ..)| id == k) {
-                    return Err(no_crl(k));
-                }
+            if let Some(k) = &key
+                && !earlier_keys(&state, &issuer).await?.iter().any(|(id, ..)| id == k)
+            {
+                return Err(no_crl(k));
             }
             let current = publish_crl(&state, &issuer, &state.job_actor()).await?;
             match &key {
