@@ -5,17 +5,27 @@ use anyhow::{Context, Result, bail};
 use ca_core::store::Store;
 use serde_json::json;
 
-pub async fn verify(database: &str, audit_key: Option<&std::path::Path>) -> Result<serde_json::Value> {
-    // Never migrate or create here: verification must not change the database it checks.
+/// Opens the server's database without migrating or creating it: reading must not change it.
+async fn open_existing(database: &str) -> Result<Store> {
     if let Some(path) = database.strip_prefix("sqlite://").or_else(|| database.strip_prefix("sqlite:")) {
         let path = path.split('?').next().unwrap_or(path);
         if !std::path::Path::new(path).is_file() {
             bail!("{path}: no such database file");
         }
     }
-    let store = Store::connect(database, false)
-        .await
-        .with_context(|| format!("opening {}", ca_core::store::redact_url(database)))?;
+    Store::connect(database, false).await.with_context(|| format!("opening {}", ca_core::store::redact_url(database)))
+}
+
+/// The block on a key (`ca-cli sign --database`), straight from the server's database.
+pub async fn blocked_key(database: &str, spki_sha256: &str) -> Result<Option<ca_core::store::BlockedKey>> {
+    let store = open_existing(database).await?;
+    let b = store.blocked_key(spki_sha256).await.context("reading blocked keys")?;
+    store.close().await;
+    Ok(b)
+}
+
+pub async fn verify(database: &str, audit_key: Option<&std::path::Path>) -> Result<serde_json::Value> {
+    let store = open_existing(database).await?;
     let mut records = Vec::new();
     let mut after = 0;
     loop {

@@ -347,6 +347,10 @@ struct SignArgs {
     /// SPIFFE ID of a workload certificate (workload profile).
     #[arg(long)]
     spiffe_id: Option<SpiffeId>,
+    /// The CA server's database (sqlite://PATH or postgres://...): refuse a key it has
+    /// blocked (revoked for key or CA compromise). Read only.
+    #[arg(long, env = "CA_DATABASE_URL")]
+    database: Option<String>,
     #[arg(long)]
     out: PathBuf,
 }
@@ -1044,6 +1048,16 @@ fn sign(a: SignArgs, output: Output) -> Result<()> {
         bail!("--spiffe-id is only for the workload profile");
     }
     let csr = ca_core::csr::VerifiedCsr::parse(&read_file(&a.csr)?).with_context(|| a.csr.display().to_string())?;
+    if let Some(url) = &a.database {
+        let hash = ca_core::store::spki_sha256(csr.public_key().spki_der());
+        if let Some(b) = block_on(audit::blocked_key(url, &hash))? {
+            bail!(
+                "key-blocked: the CSR's public key was revoked for {} (certificate {}) and is never certified again; make a new key",
+                b.reason,
+                b.source_serial
+            );
+        }
+    }
     let issuer = ca_core::issue::CaIssuer::new(load_cert(&a.ca_cert)?, hsm::open_signer(&a.ca_key.parse()?)?)?;
     let not_before = ca_core::issue::default_not_before();
     let req = CertRequest {

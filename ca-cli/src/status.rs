@@ -90,7 +90,13 @@ pub async fn collect(server: &str, ca_root: &Path, token: &str) -> Result<Value>
                 let (nb, na) = (cert["not_before"].as_i64().unwrap_or(0), cert["not_after"].as_i64().unwrap_or(0));
                 row["not_after"] = json!(na);
                 row["seconds_left"] = json!((na - now).max(0));
-                if cert["revoked_at"].is_null() { json!(renewal_state(nb, na, now)) } else { json!("revoked") }
+                if c["key_compromised"] == true {
+                    json!("key-compromised")
+                } else if cert["revoked_at"].is_null() {
+                    json!(renewal_state(nb, na, now))
+                } else {
+                    json!("revoked")
+                }
             }
             (Some("active"), None) => json!("no-intermediate"),
             (Some(other), _) => json!(other),

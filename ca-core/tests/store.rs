@@ -4,8 +4,8 @@ mod common;
 
 use ca_core::audit::verify_chain;
 use ca_core::store::{
-    ApprovalRequest, AuditEvent, CertFilter, CertRecord, ClusterRecord, ClusterReport, CrlRecord, RotationRecord,
-    Store, StoreError, WorkloadRecord, now_secs,
+    ApprovalRequest, AuditEvent, BlockedKey, CertFilter, CertRecord, ClusterRecord, ClusterReport, CrlRecord,
+    RotationRecord, Store, StoreError, WorkloadRecord, now_secs, spki_sha256,
 };
 use serde_json::json;
 
@@ -293,6 +293,43 @@ async fn rotations_reports_and_lagging_workloads(s: &Store) {
     tx.commit().await.unwrap();
 }
 
+/// A revocation for compromise blocks the key in the same transaction: a rolled-back one
+/// leaves nothing blocked, a block is seen inside and outside the transaction, and the first
+/// block of a key is the one kept.
+async fn blocked_keys(s: &Store) {
+    let now = now_secs();
+    let hash = spki_sha256(b"spki of a stolen key");
+    assert_eq!(hash.len(), 64);
+    let block = |serial: &str| BlockedKey {
+        spki_sha256: hash.clone(),
+        reason: "key-compromise".into(),
+        source_serial: serial.into(),
+        blocked_by: "operator:alice".into(),
+        blocked_at: now,
+    };
+    let mut tx = s.write().await.unwrap();
+    tx.insert_certificate(&cert("b1", "c1", now + 3600)).await.unwrap();
+    tx.commit().await.unwrap();
+
+    let mut tx = s.write().await.unwrap();
+    assert!(tx.revoke_certificate("b1", "key-compromise", now).await.unwrap());
+    assert!(tx.block_key(&block("b1")).await.unwrap());
+    drop(tx); // rolled back: neither the revocation nor the block happened
+    assert_eq!(s.blocked_key(&hash).await.unwrap(), None);
+    assert!(s.get_certificate("b1").await.unwrap().unwrap().revoked_at.is_none());
+
+    let mut tx = s.write().await.unwrap();
+    assert!(tx.revoke_certificate("b1", "key-compromise", now).await.unwrap());
+    assert!(tx.block_key(&block("b1")).await.unwrap());
+    assert_eq!(tx.blocked_key(&hash).await.unwrap(), Some(block("b1")), "seen under the write lock");
+    assert!(!tx.block_key(&block("b2")).await.unwrap(), "a key is blocked once");
+    tx.audit(AuditEvent::new("t", "certificate.revoked", "b1", json!({}))).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(s.blocked_key(&hash).await.unwrap(), Some(block("b1")), "the first block is kept");
+    assert_eq!(s.blocked_key(&spki_sha256(b"another key")).await.unwrap(), None);
+    assert_eq!(s.list_blocked_keys().await.unwrap(), vec![block("b1")]);
+}
+
 macro_rules! conformance {
     ($($backend:ident),*) => { $(
         mod $backend {
@@ -309,6 +346,8 @@ macro_rules! conformance {
             async fn workloads() { workload_batches_and_pruning(&common::$backend().await.store).await }
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn rotations() { rotations_reports_and_lagging_workloads(&common::$backend().await.store).await }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn blocked() { blocked_keys(&common::$backend().await.store).await }
         }
     )* };
 }
@@ -361,12 +400,26 @@ async fn postgres_server_role_may_only_insert_and_select_audit_rows() {
     let srv = Store::connect(&role_url, false).await.unwrap();
     srv.audit(AuditEvent::new("server", "test", "y", json!({}))).await.expect("the server role may append");
     assert_eq!(srv.audit_after(0, 10).await.unwrap().len(), 2, "and read");
+    let mut tx = srv.write().await.unwrap();
+    let block = BlockedKey {
+        spki_sha256: spki_sha256(b"k"),
+        reason: "key-compromise".into(),
+        source_serial: "01".into(),
+        blocked_by: "t".into(),
+        blocked_at: 0,
+    };
+    assert!(tx.block_key(&block).await.expect("the server role may block keys"));
+    tx.commit().await.unwrap();
+    assert!(srv.blocked_key(&block.spki_sha256).await.unwrap().is_some());
     let pool = sqlx::PgPool::connect(&role_url).await.unwrap();
     for stmt in [
         "UPDATE audit_log SET actor = 'mallory' WHERE seq = 1",
         "DELETE FROM audit_log WHERE seq = 1",
         "TRUNCATE audit_log",
         "UPDATE audit_checkpoints SET hash = 'x'",
+        // A compromised key stays blocked: the server may add blocks, never lift one.
+        "DELETE FROM blocked_keys",
+        "UPDATE blocked_keys SET reason = 'superseded'",
     ] {
         let err = sqlx::query(stmt).execute(&pool).await.unwrap_err();
         assert!(err.to_string().contains("permission denied"), "{stmt}: {err}");

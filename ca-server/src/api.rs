@@ -287,6 +287,9 @@ struct ClusterView {
     enrolled_at: Option<i64>,
     created_by: String,
     created_at: i64,
+    /// external-ca: the key of its newest intermediate was revoked for compromise; it issues
+    /// nothing until a cluster rotation brings a new key.
+    key_compromised: bool,
 }
 
 impl From<ClusterRecord> for ClusterView {
@@ -303,8 +306,20 @@ impl From<ClusterRecord> for ClusterView {
             enrolled_at: c.enrolled_at,
             created_by: c.created_by,
             created_at: c.created_at,
+            key_compromised: false,
         }
     }
+}
+
+/// The view of a cluster, with whether an external-CA cluster stopped on a compromised key.
+async fn cluster_view(state: &AppState, c: ClusterRecord) -> Result<ClusterView, ApiError> {
+    let mut compromised = false;
+    if let (true, Some(serial)) = (c.is_external_ca(), &c.current_serial)
+        && let Some(cert) = state.store.get_certificate(serial).await?
+    {
+        compromised = crate::istio::current_key_blocked(state, &cert).await?.is_some();
+    }
+    Ok(ClusterView { key_compromised: compromised, ..c.into() })
 }
 
 fn valid_cluster_name(n: &str) -> bool {
@@ -369,11 +384,15 @@ async fn register_cluster(
         }
     };
     let key_ref = match (&req.key, external) {
-        (Some(k), true) => Some(
-            k.parse::<hsm::KeyRef>()
-                .map_err(|e| ApiError::bad_request("invalid-key", e.to_string()).by(op.actor()))?
-                .to_string(),
-        ),
+        (Some(k), true) => {
+            let key = k
+                .parse::<hsm::KeyRef>()
+                .map_err(|e| ApiError::bad_request("invalid-key", e.to_string()).by(op.actor()))?;
+            // The same checks as a rotation's new key: a configured module, no key in use
+            // here (by public key), not blocked.
+            crate::keys::check_new_key(&state, &key).await.map_err(|e| e.by(op.actor()))?;
+            Some(key.to_string())
+        }
         (None, true) => {
             return Err(
                 ApiError::bad_request("invalid-key", "external-ca mode needs the server-side key (key)").by(op.actor())
@@ -388,16 +407,6 @@ async fn register_cluster(
         }
         (None, false) => None,
     };
-    // One key, one purpose: never another cluster's, an environment's or the audit key.
-    if let Some(k) = &key_ref {
-        let taken = state.store.list_clusters().await?.iter().any(|c| c.key_ref.as_deref() == Some(k.as_str()))
-            || state.config.issuers.iter().any(|i| i.key == *k)
-            || state.config.audit.key == *k
-            || state.config.tls.key == *k;
-        if taken {
-            return Err(ApiError::bad_request("invalid-key", "that key is already in use here").by(op.actor()));
-        }
-    }
     let now = now_secs();
     // A plug-in cluster enrols with a one-time token; an external-CA cluster has nothing to
     // enrol: the server issues its intermediate on approval.
@@ -451,7 +460,11 @@ async fn register_cluster(
 #[utoipa::path(get, path = "/v1/clusters", responses((status = 200, body = [ClusterView])), security(("bearer" = [])))]
 async fn list_clusters(State(state): State<AppState>, op: Operator) -> Result<Json<Vec<ClusterView>>, ApiError> {
     op.require(&[Role::Operator, Role::Admin, Role::Auditor], "listing clusters")?;
-    Ok(Json(state.store.list_clusters().await?.into_iter().map(Into::into).collect()))
+    let mut out = Vec::new();
+    for c in state.store.list_clusters().await? {
+        out.push(cluster_view(&state, c).await?);
+    }
+    Ok(Json(out))
 }
 
 #[utoipa::path(get, path = "/v1/clusters/{name}", responses((status = 200, body = ClusterView), (status = 404, body = Problem)), security(("bearer" = [])))]
@@ -466,7 +479,7 @@ async fn get_cluster(
         .get_cluster(&name)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no cluster {name:?}")).by(op.actor()))?;
-    Ok(Json(c.into()))
+    Ok(Json(cluster_view(&state, c).await?))
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -552,6 +565,8 @@ async fn issue_intermediate(
     let deny = |e: ApiError| e.by(actor.clone());
 
     let csr = VerifiedCsr::parse(req.csr.as_bytes()).map_err(|e| deny(crate::state::map_core(e.into())))?;
+    let spki = csr.public_key().spki_der().to_vec();
+    crate::keys::refuse_blocked(&state.store, &spki).await.map_err(&deny)?;
     let issuer = state.issuer(&cluster.environment)?.clone();
     let request = cluster_request(&state, &issuer, &cluster, csr.public_key().clone()).map_err(&deny)?;
     let result = issuer.with_key(state.hsm_timeout(), move |ca| ca_core::issue::issue(ca, &request)).await;
@@ -585,9 +600,22 @@ async fn issue_intermediate(
                 _ => false,
             };
             renewal_allowed(&presented, &current, successor_revoked, now).map_err(&deny)?;
+            // Two renewals with the same intermediate, signed at once: the first to commit
+            // wins and the other is refused, so that no answer is silently superseded (and
+            // the second cannot push the first's intermediate out of the two that renew).
+            if current.current_serial != cluster.current_serial {
+                return Err(deny(ApiError::conflict(
+                    "renewal-superseded",
+                    format!(
+                        "a concurrent renewal with intermediate {serial} completed first (the newest is now {}); this one was not recorded",
+                        current.current_serial.as_deref().unwrap_or("none")
+                    ),
+                )));
+            }
             ("renewal", Some(serial.clone()))
         }
     };
+    crate::keys::refuse_blocked_tx(&mut tx, &spki).await.map_err(&deny)?;
     let record = cert_record(&cert, &issuer.name, Some(&name), "cluster", &actor);
     record_issued(&mut tx, &record, &actor, json!({"issuer": issuer.name, "via": via, "renewed_from": renewed_from}))
         .await?;
@@ -1058,6 +1086,8 @@ async fn issue_server_certificate(
     }
     let ca = crate::istio::cluster_ca(&state, &name).await.map_err(deny)?;
     let csr = VerifiedCsr::parse(req.csr.as_bytes()).map_err(|e| deny(crate::state::map_core(e.into())))?;
+    let spki = csr.public_key().spki_der().to_vec();
+    crate::keys::refuse_blocked(&state.store, &spki).await.map_err(deny)?;
     let not_before = ca_core::issue::default_not_before();
     let not_after = (not_before + validity).min(ca.issuer.cert.not_after);
     let mut subject = rcgen::DistinguishedName::new();
@@ -1070,6 +1100,7 @@ async fn issue_server_certificate(
         ca.issuer.with_key(state.hsm_timeout(), move |c| ca_core::issue::issue(c, &request)).await.map_err(deny)?.cert;
     let record = cert_record(&cert, &format!("cluster:{name}"), Some(&name), "server", &op.actor());
     let mut tx = state.store.write().await?;
+    crate::keys::refuse_blocked_tx(&mut tx, &spki).await.map_err(deny)?;
     record_issued(&mut tx, &record, &op.actor(), json!({"issuer": ca.serial, "names": req.dns_names})).await?;
     tx.commit().await?;
     state.metrics.issued(&name, "server", "ok");
@@ -1194,6 +1225,7 @@ async fn decide(state: AppState, op: Operator, id: String, approve: bool) -> Res
     let mut republish = None;
     let mut external_ca = None;
     let mut revoked_cluster: Option<String> = None;
+    let mut key_blocked = false;
     let mut rotation = None;
     match (req.kind.as_str(), approve) {
         ("start-rotation", true) => {
@@ -1236,13 +1268,28 @@ async fn decide(state: AppState, op: Operator, id: String, approve: bool) -> Res
                 .await?
                 .ok_or_else(|| ApiError::not_found(format!("no certificate {serial}")))?;
             if tx.revoke_certificate(&serial, &reason, now).await? {
-                tx.audit(AuditEvent::new(
-                    op.actor(),
-                    "certificate.revoked",
-                    &serial,
-                    json!({"reason": reason, "issuer": cert.issuer, "cluster": cert.cluster}),
-                ))
-                .await?;
+                let mut details = json!({"reason": reason, "issuer": cert.issuer, "cluster": cert.cluster});
+                // A compromised key is never certified again: blocked with the revocation, in
+                // its transaction and under its audit record.
+                if ca_core::store::BLOCKING_REASONS.contains(&reason.as_str()) {
+                    let info = ca_core::cert::parse_certs(cert.pem.as_bytes(), "stored certificate")
+                        .map_err(ApiError::internal)?
+                        .into_iter()
+                        .next()
+                        .ok_or_else(|| ApiError::internal(format!("certificate {serial} has no PEM")))?;
+                    let hash = ca_core::store::spki_sha256(&info.spki_der);
+                    tx.block_key(&ca_core::store::BlockedKey {
+                        spki_sha256: hash.clone(),
+                        reason: reason.clone(),
+                        source_serial: serial.clone(),
+                        blocked_by: op.actor(),
+                        blocked_at: now,
+                    })
+                    .await?;
+                    details["blocked_key"] = json!(hash);
+                    key_blocked = true;
+                }
+                tx.audit(AuditEvent::new(op.actor(), "certificate.revoked", &serial, details)).await?;
                 republish = Some(cert.issuer.clone());
                 revoked_cluster = cert.cluster.clone();
             }
@@ -1257,10 +1304,13 @@ async fn decide(state: AppState, op: Operator, id: String, approve: bool) -> Res
     // the background job, which treats a CRL older than the last revocation as due.
     if let Some(issuer_name) = republish {
         // A revoked external-CA intermediate stops signing on this replica now, and gets a
-        // successor (other replicas drop theirs at their next maintenance round).
+        // successor (other replicas drop theirs at their next maintenance round), unless its
+        // key was compromised: then the cluster waits for a cluster rotation to a new key.
         if let Some(cluster) = revoked_cluster.as_deref() {
             state.istio.forget(cluster);
-            if let Err(e) = crate::istio::ensure_intermediate(&state, cluster, &op.actor()).await {
+            if key_blocked {
+                tracing::warn!(%cluster, "key revoked for compromise: no successor until a cluster rotation brings a new key");
+            } else if let Err(e) = crate::istio::ensure_intermediate(&state, cluster, &op.actor()).await {
                 tracing::warn!(%cluster, error = %e.detail, "successor intermediate not issued yet; the background job will retry");
             }
         }
@@ -1483,19 +1533,124 @@ async fn revoke_certificate(
     Ok((StatusCode::ACCEPTED, Json(RequestView::from(request))).into_response())
 }
 
-/// Signs and stores a new CRL for `issuer` with the next CRL number. The HSM signs outside
-/// the write lock; the CRL is stored only if no other CRL or revocation landed meanwhile
-/// (then it is made again), so numbers stay increasing and every revocation is listed.
+/// Where an environment's CRL for one of its keys is stored: under the environment's name for
+/// the key it signs with now, under `<environment>@<SHA-256 of the SPKI>` for an earlier one.
+pub fn crl_name(environment: &str, key: Option<&str>) -> String {
+    match key {
+        Some(k) => format!("{environment}@{k}"),
+        None => environment.to_string(),
+    }
+}
+
+/// The keys an environment signed with before its current one (environment rotations, both
+/// sides, finished and abandoned ones too), each with its certificate, chain and reference.
+async fn earlier_keys(
+    state: &AppState,
+    issuer: &Issuer,
+) -> Result<Vec<(String, CertInfo, Vec<CertInfo>, hsm::KeyRef)>, ApiError> {
+    let parse = |pem: &str| -> Result<CertInfo, ApiError> {
+        ca_core::cert::parse_certs(pem.as_bytes(), "rotation certificate")
+            .map_err(ApiError::internal)?
+            .into_iter()
+            .next()
+            .ok_or_else(|| ApiError::internal("rotation certificate missing"))
+    };
+    let current = ca_core::store::spki_sha256(&issuer.cert.spki_der);
+    let mut out: Vec<(String, CertInfo, Vec<CertInfo>, hsm::KeyRef)> = Vec::new();
+    for r in state.store.list_rotations(false).await? {
+        let spec: crate::rotation::Spec = serde_json::from_str(&r.spec).map_err(ApiError::internal)?;
+        let Some(plan) = spec.environments.get(&issuer.name) else { continue };
+        let mut sides = vec![(plan.old_certificate.clone(), plan.old_chain.clone(), plan.old_key.clone())];
+        if let Some(c) = &plan.new_certificate {
+            sides.push((c.clone(), plan.new_chain.clone(), plan.new_key.clone()));
+        }
+        for (cert, chain, key) in sides {
+            let cert = parse(&cert)?;
+            let id = ca_core::store::spki_sha256(&cert.spki_der);
+            if id == current || out.iter().any(|(k, ..)| *k == id) {
+                continue;
+            }
+            let chain = chain.iter().map(|c| parse(c)).collect::<Result<Vec<_>, _>>()?;
+            out.push((id, cert, chain, key.parse().map_err(ApiError::internal)?));
+        }
+    }
+    Ok(out)
+}
+
+/// Publishes `issuer`'s CRLs: the one its current key signs, then one per earlier key that
+/// still has an unexpired certificate under it. A revocation is listed in the CRL of the key
+/// that signed the revoked certificate: a relying party checks a certificate against a CRL
+/// from its issuer's key, so a CRL signed by the successor would not be accepted for it.
+/// Returns the current key's CRL. An earlier key that cannot be opened is logged and retried
+/// at the next publication; it does not hold back the current CRL.
 pub async fn publish_crl(
     state: &AppState,
     issuer: &std::sync::Arc<Issuer>,
     actor: &str,
 ) -> Result<CrlRecord, ApiError> {
+    let earlier = earlier_keys(state, issuer).await?;
+    let owner = |pem: &str| -> Option<String> {
+        let cert = ca_core::cert::parse_certs(pem.as_bytes(), "stored certificate").ok()?.into_iter().next()?;
+        earlier
+            .iter()
+            .find(|(_, c, ..)| c.public_key().is_ok_and(|k| cert.verify_signed_by(&k).is_ok()))
+            .map(|(id, ..)| id.clone())
+    };
+    let now = now_secs();
+    let mut live_under: std::collections::BTreeSet<String> = Default::default();
+    if !earlier.is_empty() {
+        let filter = CertFilter { issuer: Some(issuer.name.clone()), now, limit: 1_000_000, ..Default::default() };
+        for c in state.store.list_certificates(&filter).await?.iter().filter(|c| c.not_after > now) {
+            if let Some(id) = owner(&c.pem) {
+                live_under.insert(id);
+            }
+        }
+    }
+    let current = publish_one(state, issuer, &crl_name(&issuer.name, None), actor, |r| owner(&r.pem).is_none()).await?;
+    for (id, cert, chain, key) in earlier.iter().cloned() {
+        if !live_under.contains(&id) || cert.not_after.unix_timestamp() <= now {
+            continue;
+        }
+        let old = match Issuer::from_certs(&issuer.name, key, cert, chain) {
+            Ok(i) => std::sync::Arc::new(i),
+            Err(e) => {
+                tracing::error!(issuer = %issuer.name, key = %id, error = %format!("{e:#}"), "earlier key's CRL not published");
+                continue;
+            }
+        };
+        let o = old.clone();
+        match tokio::time::timeout(state.hsm_timeout(), tokio::task::spawn_blocking(move || o.reconnect())).await {
+            Ok(Ok(Ok(()))) => {}
+            _ => {
+                tracing::error!(issuer = %issuer.name, key = %id, "earlier key did not open; its CRL is retried at the next publication");
+                continue;
+            }
+        }
+        let mine = |r: &CertRecord| owner(&r.pem).as_deref() == Some(id.as_str());
+        if let Err(e) = publish_one(state, &old, &crl_name(&issuer.name, Some(&id)), actor, mine).await {
+            tracing::error!(issuer = %issuer.name, key = %id, error = %e.detail, "earlier key's CRL not published");
+        }
+    }
+    Ok(current)
+}
+
+/// Signs and stores a new CRL under `name` with the next CRL number, listing the issuer's
+/// revocations that `mine` selects. The HSM signs outside the write lock; the CRL is stored
+/// only if no other CRL or revocation landed meanwhile (then it is made again), so numbers
+/// stay increasing and every revocation is listed.
+async fn publish_one(
+    state: &AppState,
+    signer: &std::sync::Arc<Issuer>,
+    name: &str,
+    actor: &str,
+    mine: impl Fn(&CertRecord) -> bool,
+) -> Result<CrlRecord, ApiError> {
     for _ in 0..5 {
-        let revoked = state.store.revoked_by_issuer(&issuer.name).await?;
-        let number = state.store.get_crl(&issuer.name).await?.map_or(1, |c| c.number + 1);
+        let all = state.store.revoked_by_issuer(&signer.name).await?;
+        let revoked: Vec<&CertRecord> = all.iter().filter(|r| mine(r)).collect();
+        let number = state.store.get_crl(name).await?.map_or(1, |c| c.number + 1);
         let now = OffsetDateTime::now_utc().replace_nanosecond(0).expect("0 is valid");
-        let next = (now + state.config.crl.validity.duration()).min(issuer.cert.not_after);
+        let next = (now + state.config.crl.validity.duration()).min(signer.cert.not_after);
         let mut entries = Vec::new();
         for r in &revoked {
             let serial = ca_core::crl::parse_serial(&r.serial)
@@ -1509,17 +1664,17 @@ pub async fn publish_crl(
         }
         let req =
             ca_core::crl::CrlRequest { number: number as u64, this_update: now, next_update: next, revoked: entries };
-        let der = issuer.with_key(state.hsm_timeout(), move |ca| ca_core::crl::create_crl(ca, &req)).await?;
+        let der = signer.with_key(state.hsm_timeout(), move |ca| ca_core::crl::create_crl(ca, &req)).await?;
         let rec = CrlRecord {
-            issuer: issuer.name.clone(),
+            issuer: name.to_string(),
             number,
             this_update: now.unix_timestamp(),
             next_update: next.unix_timestamp(),
             der: base64::engine::general_purpose::STANDARD.encode(&der),
         };
         let mut tx = state.store.write().await?;
-        let still_next = tx.get_crl(&issuer.name).await?.map_or(1, |c| c.number + 1) == number;
-        let same_revocations = tx.revoked_by_issuer(&issuer.name).await?.len() == revoked.len();
+        let still_next = tx.get_crl(name).await?.map_or(1, |c| c.number + 1) == number;
+        let same_revocations = tx.revoked_by_issuer(&signer.name).await?.len() == all.len();
         if !(still_next && same_revocations) {
             continue;
         }
@@ -1527,20 +1682,25 @@ pub async fn publish_crl(
         tx.audit(AuditEvent::new(
             actor,
             "crl.published",
-            &issuer.name,
-            json!({"number": number, "revoked": revoked.len(), "next_update": rec.next_update}),
+            name,
+            json!({"number": number, "revoked": revoked.len(), "next_update": rec.next_update,
+                   "key": ca_core::store::spki_sha256(&signer.cert.spki_der)}),
         ))
         .await?;
         tx.commit().await?;
         return Ok(rec);
     }
-    Err(ApiError::unavailable("busy", format!("the CRL of {} kept changing; try again", issuer.name)))
+    Err(ApiError::unavailable("busy", format!("the CRL of {name} kept changing; try again")))
 }
 
 #[derive(Deserialize, IntoParams)]
 struct CrlQuery {
     /// `pem` for PEM instead of DER.
     format: Option<String>,
+    /// SHA-256 (hex) of the SubjectPublicKeyInfo of the key that issued the certificate being
+    /// checked: the CRL that key signs (an environment's earlier key, after a rotation, until
+    /// the last certificate it issued has expired). Default: the current key.
+    key: Option<String>,
 }
 
 /// The issuer's current CRL: DER (`application/pkix-crl`), or PEM with `?format=pem` or
@@ -1554,10 +1714,40 @@ async fn get_crl(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let issuer = state.issuer(&name)?.clone();
+    let key = q
+        .key
+        .as_deref()
+        .map(|k| k.to_ascii_lowercase().replace(':', ""))
+        .filter(|k| *k != ca_core::store::spki_sha256(&issuer.cert.spki_der));
+    if key.as_ref().is_some_and(|k| k.len() != 64 || !k.bytes().all(|b| b.is_ascii_hexdigit())) {
+        return Err(ApiError::bad_request(
+            "invalid-query",
+            "key is the SHA-256 (hex) of the issuing key's SubjectPublicKeyInfo",
+        ));
+    }
+    let stored = crl_name(&name, key.as_deref());
     // Normally the background job made it at start; until then, make it now.
-    let rec = match state.store.get_crl(&name).await? {
+    let rec = match state.store.get_crl(&stored).await? {
         Some(r) => r,
-        None => publish_crl(&state, &issuer, &state.job_actor()).await?,
+        None => {
+            let no_crl = |k: &str| {
+                ApiError::not_found(format!(
+                    "{name} has no CRL for key {k}: none of its earlier keys with an unexpired certificate has that SPKI"
+                ))
+            };
+            // Only a key the environment had makes this sign anything: an unknown one is
+            // answered without touching the HSM.
+            if let Some(k) = &key
+                && !earlier_keys(&state, &issuer).await?.iter().any(|(id, ..)| id == k)
+            {
+                return Err(no_crl(k));
+            }
+            let current = publish_crl(&state, &issuer, &state.job_actor()).await?;
+            match &key {
+                None => current,
+                Some(k) => state.store.get_crl(&stored).await?.ok_or_else(|| no_crl(k))?,
+            }
+        }
     };
     let der = base64::engine::general_purpose::STANDARD.decode(&rec.der).map_err(ApiError::internal)?;
     let wants_pem = q.format.as_deref() == Some("pem")

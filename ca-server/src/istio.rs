@@ -200,6 +200,31 @@ async fn load_cluster(state: &AppState, name: &str) -> Result<Arc<ClusterCa>, Ap
     Ok(ca)
 }
 
+/// The block on the key of a cluster's intermediate, if its key was revoked for compromise.
+pub async fn current_key_blocked(
+    state: &AppState,
+    cert: &ca_core::store::CertRecord,
+) -> Result<Option<ca_core::store::BlockedKey>, ApiError> {
+    let info = ca_core::cert::parse_certs(cert.pem.as_bytes(), "stored certificate")
+        .map_err(ApiError::internal)?
+        .into_iter()
+        .next()
+        .ok_or_else(|| ApiError::internal(format!("certificate {} has no PEM", cert.serial)))?;
+    Ok(state.store.blocked_key(&ca_core::store::spki_sha256(&info.spki_der)).await?)
+}
+
+/// An external-CA cluster whose key was revoked for compromise: nothing is signed with it, and
+/// nothing certifies it again; a cluster rotation to a new key is the way back.
+fn key_compromised(name: &str, b: &ca_core::store::BlockedKey) -> ApiError {
+    ApiError::unavailable(
+        "key-compromised",
+        format!(
+            "cluster {name}'s key was revoked for {} (certificate {}): it issues nothing until a cluster rotation brings a new key",
+            b.reason, b.source_serial
+        ),
+    )
+}
+
 async fn load_cluster_ca(state: &AppState, record: &ClusterRecord) -> Result<Arc<ClusterCa>, ApiError> {
     let name = &record.name;
     let not_ready = || {
@@ -210,6 +235,9 @@ async fn load_cluster_ca(state: &AppState, record: &ClusterRecord) -> Result<Arc
     };
     let serial = record.current_serial.clone().ok_or_else(not_ready)?;
     let cert_rec = state.store.get_certificate(&serial).await?.ok_or_else(not_ready)?;
+    if let Some(b) = current_key_blocked(state, &cert_rec).await? {
+        return Err(key_compromised(name, &b));
+    }
     if cert_rec.revoked_at.is_some() {
         return Err(ApiError::unavailable(
             "intermediate-revoked",
@@ -878,6 +906,11 @@ pub async fn ensure_intermediate(state: &AppState, name: &str, actor: &str) -> R
         }
         _ => return Err(ApiError::unavailable("hsm-timeout", format!("the key of cluster {name} did not answer"))),
     };
+    // Not for a key revoked for compromise, whatever the revocation's own path did.
+    let spki = public.spki_der().to_vec();
+    if let Some(b) = state.store.blocked_key(&ca_core::store::spki_sha256(&spki)).await? {
+        return Err(key_compromised(name, &b));
+    }
     let issuer = state.issuer(&cluster.environment)?.clone();
     let request = crate::api::cluster_request(state, &issuer, &cluster, public)?;
     let issued = issuer.with_key(state.hsm_timeout(), move |ca| ca_core::issue::issue(ca, &request)).await?;
@@ -887,6 +920,9 @@ pub async fn ensure_intermediate(state: &AppState, name: &str, actor: &str) -> R
     let current = tx.get_cluster(name).await?.ok_or_else(|| ApiError::internal("cluster vanished"))?;
     if current.current_serial != cluster.current_serial || current.status != "active" {
         return Ok(false);
+    }
+    if let Some(b) = tx.blocked_key(&ca_core::store::spki_sha256(&spki)).await? {
+        return Err(key_compromised(name, &b));
     }
     let record = crate::api::cert_record(&cert, &issuer.name, Some(name), "cluster", actor);
     crate::api::record_issued(
@@ -915,6 +951,11 @@ pub async fn maintain(state: &AppState, leader: bool) -> Result<()> {
     if leader {
         for c in clusters.iter().filter(|c| c.is_external_ca() && c.status == "active") {
             if let Err(e) = ensure_intermediate(state, &c.name, &state.job_actor()).await {
+                // Expected until a cluster rotation; said once at revocation, not every round.
+                if e.code == "key-compromised" {
+                    tracing::debug!(cluster = %c.name, error = %e.detail, "external-CA cluster stopped");
+                    continue;
+                }
                 tracing::warn!(cluster = %c.name, error = %e.detail, "external-CA intermediate not issued; will retry");
             }
         }

@@ -10,6 +10,7 @@ pub mod dev;
 pub mod error;
 pub mod istio;
 pub mod jobs;
+pub mod keys;
 pub mod metrics;
 pub mod rotation;
 pub mod state;

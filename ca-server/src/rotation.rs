@@ -634,76 +634,6 @@ fn bad(code: &'static str, detail: impl Into<String>) -> ApiError {
     ApiError::bad_request(code, detail)
 }
 
-async fn open_public(state: &AppState, key: &hsm::KeyRef) -> Result<hsm::PublicKey, ApiError> {
-    let k = key.clone();
-    match tokio::time::timeout(
-        state.hsm_timeout(),
-        tokio::task::spawn_blocking(move || hsm::open_signer(&k).map(|s| s.public_key().clone())),
-    )
-    .await
-    {
-        Ok(Ok(Ok(p))) => Ok(p),
-        Ok(Ok(Err(e))) => Err(ApiError::bad_request("invalid-key", format!("opening the key: {e}"))),
-        _ => Err(ApiError::unavailable("hsm-timeout", "the key did not answer in time")),
-    }
-}
-
-/// A key given over the API for a new intermediate: its module (if named) is one this server
-/// already loads, it is no key in use here (by reference, and by public key: another
-/// spelling of the same key is the same key), and it opens. Returns its public key.
-async fn check_new_key(state: &AppState, key: &hsm::KeyRef) -> Result<hsm::PublicKey, ApiError> {
-    let clusters = state.store.list_clusters().await?;
-    let mut refs: Vec<String> = clusters.iter().filter_map(|c| c.key_ref.clone()).collect();
-    refs.extend(state.config.issuers.iter().map(|i| i.key.clone()));
-    refs.extend(state.issuers.all().iter().map(|i| i.key_ref.to_string()));
-    refs.push(state.config.audit.key.clone());
-    refs.push(state.config.tls.key.clone());
-    if let hsm::KeyRef::Pkcs11(p) = key {
-        if let Some(module) = &p.module {
-            let known = refs.iter().filter_map(|r| r.parse::<hsm::KeyRef>().ok()).any(|r| match r {
-                hsm::KeyRef::Pkcs11(q) => q.module.as_ref() == Some(module),
-                hsm::KeyRef::File(_) => false,
-            });
-            if !known {
-                return Err(bad(
-                    "invalid-key",
-                    "module-path must name a PKCS#11 module this server already uses (or be left out for PKCS11_MODULE)",
-                ));
-            }
-        }
-    }
-    let spelled = key.to_string();
-    if refs.iter().any(|r| r.parse::<hsm::KeyRef>().is_ok_and(|r| r.to_string() == spelled)) {
-        return Err(bad("invalid-key", "that key is already in use here"));
-    }
-    let public = open_public(state, key).await?;
-    let mut in_use: Vec<Vec<u8>> = Vec::new();
-    for i in state.issuers.all() {
-        in_use.extend(i.versions().map(|(c, _)| c.spki_der.clone()));
-    }
-    if let Some(a) = state.audit_signer.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
-        in_use.push(a.public_key().spki_der().to_vec());
-    }
-    if let Ok(tls) = ca_core::cert::load_cert(&state.config.tls.cert) {
-        in_use.push(tls.spki_der);
-    }
-    let filter = ca_core::store::CertFilter {
-        status: Some("valid".into()),
-        now: now_secs(),
-        limit: 100_000,
-        ..Default::default()
-    };
-    for c in state.store.list_certificates(&filter).await? {
-        if c.profile == "cluster" {
-            in_use.push(pem_cert(&c.pem)?.spki_der);
-        }
-    }
-    if in_use.iter().any(|k| k.as_slice() == public.spki_der()) {
-        return Err(bad("invalid-key", "that key is already in use here"));
-    }
-    Ok(public)
-}
-
 fn plan_from(issuer: &Issuer) -> EnvPlan {
     EnvPlan {
         old_certificate: issuer.cert.pem(),
@@ -839,7 +769,7 @@ pub async fn start(
                     format!("the new intermediate does not cover cluster {}'s trust domain {}", c.name, c.trust_domain),
                 )));
             }
-            let public = check_new_key(&state, &key).await.map_err(deny)?;
+            let public = crate::keys::check_new_key(&state, &key).await.map_err(deny)?;
             if public.spki_der() != cert.spki_der {
                 return Err(deny(bad("invalid-key", "the key does not match the new intermediate")));
             }
@@ -862,7 +792,7 @@ pub async fn start(
                 (true, Some(k)) => {
                     let key: hsm::KeyRef =
                         k.parse().map_err(|e: hsm::HsmError| deny(bad("invalid-key", e.to_string())))?;
-                    check_new_key(&state, &key).await.map_err(deny)?;
+                    crate::keys::check_new_key(&state, &key).await.map_err(deny)?;
                     Some(key.to_string())
                 }
                 (true, None) => {
