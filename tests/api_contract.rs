@@ -165,6 +165,11 @@ async fn served_document_declares_parameters_problems_and_enums() {
     assert_eq!(schemas["ClusterView"]["properties"]["status"]["$ref"], "#/components/schemas/ClusterState");
     assert_eq!(schemas["ClusterView"]["properties"]["mode"]["$ref"], "#/components/schemas/ClusterMode");
     assert_eq!(schemas["RequestView"]["properties"]["status"]["$ref"], "#/components/schemas/RequestStatus");
+    // What the configuration decides is in the document as served.
+    let register = &schemas["RegisterCluster"];
+    assert_eq!(register["properties"]["environment"]["enum"], json!(["dev"]));
+    assert_eq!(register["properties"]["trust_domain"]["enum"], json!(["cluster.local"]));
+    assert_eq!(register["oneOf"][1]["required"], json!(["mode", "key"]), "external-ca needs a key: {register}");
 }
 
 /// A TLS connection to the server that writes `request` as given and returns the whole answer.
@@ -284,4 +289,9 @@ async fn unreadable_bodies_and_paths_get_the_right_problem() {
     assert_eq!(resp.json::<Value>().await.unwrap()["code"], "invalid-query");
     let (s, v) = srv.call("GET", "/v1/requests?status=maybe", Some(&srv.token("auditor")), None).await;
     assert_eq!((s, &v["code"]), (400, &json!("invalid-query")), "{v}");
+
+    // A body for something that does not exist is answered for what does not exist.
+    let upload = json!({"environment": "dev", "certificate": "not a certificate"});
+    let (s, v) = srv.call("POST", "/v1/rotations/none/certificates", Some(&admin), Some(upload)).await;
+    assert_eq!((s, &v["code"]), (404, &json!("not-found")), "{v}");
 }

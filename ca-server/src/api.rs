@@ -381,8 +381,29 @@ impl utoipa::Modify for CommonResponses {
     }
 }
 
-async fn openapi() -> impl IntoResponse {
-    Json(ApiDoc::openapi())
+/// The document, with what this server's configuration decides filled in: the environments a
+/// cluster can be registered in, and their trust domains.
+async fn openapi(State(state): State<AppState>) -> Response {
+    let mut doc = match serde_json::to_value(ApiDoc::openapi()) {
+        Ok(d) => d,
+        Err(e) => return ApiError::internal(format!("OpenAPI document: {e}")).into_response(),
+    };
+    let issuers = state.issuers.all();
+    // utoipa derives no rule across fields: a key goes with external-ca mode, and only with it.
+    doc["components"]["schemas"]["RegisterCluster"]["oneOf"] = json!([
+        {"properties": {"mode": {"enum": ["plugin", null]}, "key": {"type": "null"}}},
+        {"required": ["mode", "key"], "properties": {"mode": {"const": "external-ca"}}},
+    ]);
+    let register = &mut doc["components"]["schemas"]["RegisterCluster"]["properties"];
+    register["environment"]["enum"] = json!(issuers.iter().map(|i| i.name.clone()).collect::<Vec<_>>());
+    // An environment that records no trust domain accepts any; then there is no list.
+    if issuers.iter().all(|i| !i.trust_domains().is_empty()) {
+        let mut domains: Vec<String> = issuers.iter().flat_map(|i| i.trust_domains()).collect();
+        domains.sort();
+        domains.dedup();
+        register["trust_domain"]["enum"] = json!(domains);
+    }
+    Json(doc).into_response()
 }
 
 #[utoipa::path(get, path = "/healthz", responses((status = 200, description = "The process is up", body = String, content_type = "text/plain")))]
@@ -462,8 +483,12 @@ struct RegisterCluster {
     #[schema(value_type = Option<ClusterMode>)]
     mode: Option<String>,
     /// external-ca only: the server-side key of the cluster intermediate (`pkcs11:` or `file:`),
-    /// created beforehand with `ca-cli key generate`.
+    /// created beforehand with `ca-cli key generate`, and used by nothing else here. The
+    /// pattern shows the common forms; any `pkcs11:` reference `ca-cli` accepts is accepted.
     #[serde(default)]
+    #[schema(
+        pattern = "^(file:.+|pkcs11:token=[A-Za-z0-9._-]+;object=[A-Za-z0-9._-]+[?]pin-source=env:[A-Za-z_][A-Za-z0-9_]*)$"
+    )]
     key: Option<String>,
 }
 
@@ -1194,9 +1219,12 @@ async fn trust_bundle_configmap(
 struct ServerCertRequest {
     /// PEM CSR. Only its public key is used.
     csr: String,
-    /// DNS names (e.g. `istiod.istio-system.svc`).
+    /// DNS names (e.g. `istiod.istio-system.svc`), among the cluster's
+    /// `server_certificate_names`.
+    #[schema(min_items = 1)]
     dns_names: Vec<String>,
     /// Lifetime, e.g. `30d` (default 30d, at most 90d, never past the intermediate).
+    #[schema(pattern = "^([0-9]{1,10}[smhdwy]){0,4}[1-9][0-9]{0,9}[smhdwy]([0-9]{1,10}[smhdwy]){0,4}$")]
     validity: Option<String>,
 }
 
@@ -1553,7 +1581,9 @@ struct CertQuery {
     cluster: Option<String>,
     issuer: Option<String>,
     status: Option<CertificateStatus>,
-    /// A duration such as `30d`: valid certificates expiring within it.
+    /// A duration such as `30d` or `1y30d` (units s, m, h, d, w, y): valid certificates
+    /// expiring within it.
+    #[param(pattern = "^([0-9]{1,10}[smhdwy]){0,4}[1-9][0-9]{0,9}[smhdwy]([0-9]{1,10}[smhdwy]){0,4}$")]
     expiring_within: Option<String>,
     /// At most 1000; default 100.
     limit: Option<i64>,

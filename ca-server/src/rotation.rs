@@ -965,11 +965,12 @@ pub async fn upload_certificate(
 ) -> Result<Json<RotationView>, ApiError> {
     op.require(&[Role::Operator, Role::Admin], "adding rotation certificates")?;
     let deny = |e: ApiError| e.by(op.actor());
-    let cert = pem_cert(&req.certificate).map_err(deny)?;
     let mut tx = state.store.write().await?;
     let mut r = Rotation::parse(
         tx.get_rotation(&id).await?.ok_or_else(|| deny(ApiError::not_found(format!("no rotation {id:?}"))))?,
     )?;
+    // A certificate for a rotation that does not exist is a 404 whatever the certificate.
+    let cert = pem_cert(&req.certificate).map_err(deny)?;
     if r.kind != RotationKind::Root || !matches!(r.stage, Stage::Prepared | Stage::Distribute) {
         return Err(deny(ApiError::conflict(
             "rotation-stage",
