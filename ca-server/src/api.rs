@@ -290,6 +290,16 @@ impl utoipa::Modify for BearerAuth {
             ),
         );
         components.add_security_scheme(
+            "cluster",
+            SecurityScheme::MutualTls {
+                description: Some(
+                    "The cluster's newest intermediate (or the one it last renewed with) as the TLS client certificate."
+                        .into(),
+                ),
+                extensions: None,
+            },
+        );
+        components.add_security_scheme(
             "enrolment",
             SecurityScheme::Http(
                 HttpBuilder::new()
@@ -315,15 +325,17 @@ impl utoipa::Modify for CommonResponses {
         use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
         let problem = || ContentBuilder::new().schema(Some(Ref::from_schema_name("Problem"))).build();
         for (path, item) in openapi.paths.paths.iter_mut() {
-            let ops = [&mut item.get, &mut item.post, &mut item.put, &mut item.delete, &mut item.patch];
-            for (method_post, op) in ops.into_iter().enumerate().filter_map(|(i, o)| o.as_mut().map(|o| (i == 1, o))) {
+            let ops = [(false, &mut item.get), (true, &mut item.post), (true, &mut item.put), (true, &mut item.delete)];
+            for (changes_state, op) in ops.into_iter().filter_map(|(c, o)| o.as_mut().map(|o| (c, o))) {
                 let has_path = path.contains('{');
                 let has_query = op.parameters.iter().flatten().any(|p| p.parameter_in == ParameterIn::Query);
                 let has_body = op.request_body.is_some();
+                // SecurityRequirement keeps its schemes private; its JSON form names them.
                 let operator = op
                     .security
-                    .as_ref()
-                    .is_some_and(|s| serde_json::to_value(s).is_ok_and(|v| v.to_string().contains("\"bearer\"")));
+                    .iter()
+                    .flatten()
+                    .any(|r| serde_json::to_value(r).is_ok_and(|v| v.get("bearer").is_some()));
                 let mut add = |status: &str, description: String| {
                     op.responses.responses.entry(status.to_string()).or_insert_with(|| {
                         RefOr::T(
@@ -358,7 +370,7 @@ impl utoipa::Modify for CommonResponses {
                 add("408", "request-timeout: the request took longer than 60 s".into());
                 add("429", "rate-limited: too many requests from this caller; retry later".into());
                 add("500", "internal: a failure on the server's side (details in its log)".into());
-                if operator && method_post {
+                if operator && changes_state {
                     if let Some(RefOr::T(r)) = op.responses.responses.get_mut("403") {
                         r.description
                             .push_str("; mfa-required: a state change needs a token from a multi-factor login");
@@ -732,7 +744,7 @@ enum Caller {
 /// Enrols (first time, with the enrolment token as `Authorization: Bearer`) or renews (over
 /// mTLS with the cluster's current, unexpired, unrevoked intermediate) a cluster intermediate.
 #[utoipa::path(post, path = "/v1/clusters/{name}/intermediate", request_body = IntermediateRequest, params(("name" = String, Path, description = "The cluster's name")),
-    security(("enrolment" = []), ()),
+    security(("enrolment" = []), ("cluster" = [])),
     responses((status = 200, body = IntermediateResponse), (status = 400, body = Problem), (status = 401, body = Problem),
         (status = 404, body = Problem), (status = 409, body = Problem), (status = 503, body = Problem)))]
 async fn issue_intermediate(
@@ -896,6 +908,7 @@ struct ReportResponse {
 /// A plug-in cluster reports what it has installed (over mTLS, like a renewal) and learns the
 /// bundle it should hold and whether to renew now. Rotation gates read these reports.
 #[utoipa::path(post, path = "/v1/clusters/{name}/report", request_body = InstalledReport, params(("name" = String, Path, description = "The cluster's name")),
+    security(("cluster" = [])),
     responses((status = 409, body = Problem), (status = 503, body = Problem), (status = 200, body = ReportResponse), (status = 400, body = Problem), (status = 401, body = Problem), (status = 404, body = Problem)))]
 async fn report_installed(
     State(state): State<AppState>,
