@@ -80,6 +80,9 @@ async fn served_document_declares_parameters_problems_and_enums() {
             let responses = op["responses"].as_object().unwrap();
             let mut client_errors = 0;
             for (status, resp) in responses {
+                if resolve(&doc, resp)["description"].as_str().is_none_or(str::is_empty) {
+                    problems.push(format!("{label}: {status} has no description"));
+                }
                 let content = resolve(&doc, resp)["content"].as_object().cloned().unwrap_or_default();
                 if status.starts_with('4') || status.starts_with('5') {
                     let problem_json = content

@@ -378,8 +378,13 @@ impl utoipa::Modify for CommonResponses {
                 }
                 // Handlers' own error responses name the Problem schema; utoipa files them
                 // under application/json.
-                for resp in op.responses.responses.values_mut() {
+                for (status, resp) in op.responses.responses.iter_mut() {
                     let RefOr::T(resp) = resp else { continue };
+                    // OpenAPI requires a description; the reason phrase where a handler gave none.
+                    if resp.description.is_empty() {
+                        let reason = status.parse::<u16>().ok().and_then(|s| StatusCode::from_u16(s).ok());
+                        resp.description = reason.and_then(|s| s.canonical_reason()).unwrap_or("").to_string();
+                    }
                     let is_problem = resp.content.get("application/json").is_some_and(
                         |c| matches!(&c.schema, Some(RefOr::Ref(r)) if r.ref_location.ends_with("/Problem")),
                     );
