@@ -370,11 +370,11 @@ impl utoipa::Modify for CommonResponses {
                 add("408", "request-timeout: the request took longer than 60 s".into());
                 add("429", "rate-limited: too many requests from this caller; retry later".into());
                 add("500", "internal: a failure on the server's side (details in its log)".into());
-                if operator && changes_state {
-                    if let Some(RefOr::T(r)) = op.responses.responses.get_mut("403") {
-                        r.description
-                            .push_str("; mfa-required: a state change needs a token from a multi-factor login");
-                    }
+                if operator
+                    && changes_state
+                    && let Some(RefOr::T(r)) = op.responses.responses.get_mut("403")
+                {
+                    r.description.push_str("; mfa-required: a state change needs a token from a multi-factor login");
                 }
                 // Handlers' own error responses name the Problem schema; utoipa files them
                 // under application/json.
