@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::time::Instant;
 
 use axum::body::Bytes;
-use axum::extract::{FromRequest, MatchedPath, Path, Query, Request, State};
+use axum::extract::{FromRequest, MatchedPath, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -25,6 +25,7 @@ use utoipa::{IntoParams, OpenApi, ToSchema};
 
 use crate::auth::{Operator, Role};
 use crate::error::{ApiError, Denied, Problem};
+use crate::extract::{Path, Query};
 use crate::metrics::RouteLabels;
 use crate::state::{AppState, Issuer};
 
@@ -126,21 +127,46 @@ async fn audit_denials(State(state): State<AppState>, req: Request, next: Next) 
     resp
 }
 
-/// A JSON body, read up to the configured limit. Malformed or oversized bodies are refused
-/// with a problem document (and so audited).
+/// A JSON body, read up to the configured limit. Every refusal is a problem document (and so
+/// audited): a `Content-Type` other than `application/json` is 415, a body over the limit 413,
+/// a body whose framing breaks off or is malformed 400 `malformed-body`, and JSON that does not
+/// fit the request type 400 `malformed-json`.
 pub struct Body<T>(pub T);
+
+/// `application/json`, with any parameters (`; charset=utf-8`); media types are
+/// case-insensitive.
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
+}
 
 impl<T: serde::de::DeserializeOwned> FromRequest<AppState> for Body<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        if !is_json(req.headers()) {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported-media-type",
+                "request bodies are JSON: send Content-Type: application/json",
+            ));
+        }
         let limit = state.config.policy.max_body_bytes;
-        let bytes = axum::body::to_bytes(req.into_body(), limit).await.map_err(|_| {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload-too-large",
-                format!("request bodies are limited to {limit} bytes"),
-            )
+        let bytes = axum::body::to_bytes(req.into_body(), limit).await.map_err(|e| {
+            // Only the limit is the client sending too much; anything else is a body that could
+            // not be read as sent (bad chunked framing, a connection cut short).
+            if e.into_inner().downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload-too-large",
+                    format!("request bodies are limited to {limit} bytes"),
+                )
+            } else {
+                ApiError::bad_request("malformed-body", "the request body could not be read as framed")
+            }
         })?;
         serde_json::from_slice(&bytes)
             .map(Body)
@@ -161,11 +187,88 @@ impl<T: serde::de::DeserializeOwned> FromRequest<AppState> for Body<T> {
     components(schemas(
         Problem, RegisterCluster, RegisterResponse, ClusterView, IntermediateRequest, IntermediateResponse, RequestView,
         CertificateView, RevokeRequest, IssuerView, AuditView, Ready, ServerCertRequest, ServerCertResponse,
-        InstalledReport, ReportResponse
+        InstalledReport, ReportResponse, Role, ClusterMode, ClusterState, RequestStatus, CertificateStatus, RevocationReason, CrlFormat
     )),
-    modifiers(&BearerAuth)
+    modifiers(&BearerAuth, &CommonResponses)
 )]
 pub struct ApiDoc;
+
+/// A certificate's state in the inventory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+enum CertificateStatus {
+    Valid,
+    Revoked,
+    Expired,
+}
+
+impl CertificateStatus {
+    fn as_str(self) -> &'static str {
+        match self {
+            CertificateStatus::Valid => "valid",
+            CertificateStatus::Revoked => "revoked",
+            CertificateStatus::Expired => "expired",
+        }
+    }
+}
+
+/// A two-person-rule request's state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+enum RequestStatus {
+    Pending,
+    Approved,
+    Rejected,
+}
+
+impl RequestStatus {
+    fn as_str(self) -> &'static str {
+        match self {
+            RequestStatus::Pending => "pending",
+            RequestStatus::Approved => "approved",
+            RequestStatus::Rejected => "rejected",
+        }
+    }
+}
+
+// The next two document values the store keeps as strings; they are never built in Rust.
+
+/// A cluster's registration state: `pending` until a second operator decides.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+#[allow(dead_code)]
+enum ClusterState {
+    Pending,
+    Active,
+    Rejected,
+}
+
+/// `plugin`: the cluster holds its intermediate's key (istiod's cacerts); `external-ca`: this
+/// server holds it and answers Istio's certificate API.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "kebab-case")]
+#[allow(dead_code)]
+pub(crate) enum ClusterMode {
+    Plugin,
+    ExternalCa,
+}
+
+/// RFC 5280 revocation reasons, named as ca-core parses them (the list is ca-core's, so the
+/// document cannot drift from what the server accepts).
+struct RevocationReason;
+
+impl utoipa::PartialSchema for RevocationReason {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, Type};
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .enum_values(Some(Reason::NAMES.iter().map(|(n, _)| *n)))
+            .description(Some("RFC 5280 revocation reason"))
+            .into()
+    }
+}
+
+impl ToSchema for RevocationReason {}
 
 struct BearerAuth;
 
@@ -175,16 +278,151 @@ impl utoipa::Modify for BearerAuth {
         let components = openapi.components.get_or_insert_with(Default::default);
         components.add_security_scheme(
             "bearer",
-            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).bearer_format("JWT").build()),
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT")
+                    .description(Some(
+                        "An operator's OIDC token. An operation's scopes are the roles (Role) any one of which it needs.",
+                    ))
+                    .build(),
+            ),
+        );
+        components.add_security_scheme(
+            "cluster",
+            SecurityScheme::MutualTls {
+                description: Some(
+                    "The cluster's newest intermediate (or the one it last renewed with) as the TLS client certificate."
+                        .into(),
+                ),
+                extensions: None,
+            },
+        );
+        components.add_security_scheme(
+            "enrolment",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "A cluster's one-time enrolment token (pet_...). Renewals and reports authenticate with the cluster's intermediate over mTLS instead.",
+                    ))
+                    .build(),
+            ),
         );
     }
 }
 
-async fn openapi() -> impl IntoResponse {
-    Json(ApiDoc::openapi())
+/// Statuses that come from the layers around the handlers (extractors, authentication, the
+/// rate limiter, MFA, the timeout, panics) rather than from a handler, added to every
+/// operation they can reach, so that no handler's attribute has to repeat them. Every error
+/// response is a problem document: `application/problem+json`, never `application/json`.
+struct CommonResponses;
+
+impl utoipa::Modify for CommonResponses {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::path::ParameterIn;
+        use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
+        let problem = || ContentBuilder::new().schema(Some(Ref::from_schema_name("Problem"))).build();
+        for (path, item) in openapi.paths.paths.iter_mut() {
+            let ops = [(false, &mut item.get), (true, &mut item.post), (true, &mut item.put), (true, &mut item.delete)];
+            for (changes_state, op) in ops.into_iter().filter_map(|(c, o)| o.as_mut().map(|o| (c, o))) {
+                let has_path = path.contains('{');
+                let has_query = op.parameters.iter().flatten().any(|p| p.parameter_in == ParameterIn::Query);
+                let has_body = op.request_body.is_some();
+                // SecurityRequirement keeps its schemes private; its JSON form names them.
+                let operator = op
+                    .security
+                    .iter()
+                    .flatten()
+                    .any(|r| serde_json::to_value(r).is_ok_and(|v| v.get("bearer").is_some()));
+                let mut add = |status: &str, description: String| {
+                    op.responses.responses.entry(status.to_string()).or_insert_with(|| {
+                        RefOr::T(
+                            ResponseBuilder::new()
+                                .description(description)
+                                .content("application/problem+json", problem())
+                                .build(),
+                        )
+                    });
+                };
+                let mut bad = vec![];
+                if has_path {
+                    bad.push("invalid-path: a path parameter that is not valid UTF-8 once decoded");
+                }
+                if has_query {
+                    bad.push("invalid-query: a query parameter that does not fit its schema");
+                }
+                if has_body {
+                    bad.push("malformed-body: a body whose framing is malformed or cut short; malformed-json: a body that is not the documented JSON");
+                }
+                if !bad.is_empty() {
+                    add("400", bad.join("; "));
+                }
+                if operator {
+                    add("401", "unauthenticated, invalid-token: no operator token, or one that does not verify".into());
+                    add("403", "forbidden: the token carries none of the roles this operation needs".into());
+                }
+                if has_body {
+                    add("413", "payload-too-large: the body is over policy.max_body_bytes".into());
+                    add("415", "unsupported-media-type: the body is not Content-Type: application/json".into());
+                }
+                add("408", "request-timeout: the request took longer than 60 s".into());
+                add("429", "rate-limited: too many requests from this caller; retry later".into());
+                add("500", "internal: a failure on the server's side (details in its log)".into());
+                if operator
+                    && changes_state
+                    && let Some(RefOr::T(r)) = op.responses.responses.get_mut("403")
+                {
+                    r.description.push_str("; mfa-required: a state change needs a token from a multi-factor login");
+                }
+                // Handlers' own error responses name the Problem schema; utoipa files them
+                // under application/json.
+                for (status, resp) in op.responses.responses.iter_mut() {
+                    let RefOr::T(resp) = resp else { continue };
+                    // OpenAPI requires a description; the reason phrase where a handler gave none.
+                    if resp.description.is_empty() {
+                        let reason = status.parse::<u16>().ok().and_then(|s| StatusCode::from_u16(s).ok());
+                        resp.description = reason.and_then(|s| s.canonical_reason()).unwrap_or("").to_string();
+                    }
+                    let is_problem = resp.content.get("application/json").is_some_and(
+                        |c| matches!(&c.schema, Some(RefOr::Ref(r)) if r.ref_location.ends_with("/Problem")),
+                    );
+                    if is_problem {
+                        let c = resp.content.shift_remove("application/json").expect("checked above");
+                        resp.content.insert("application/problem+json".into(), c);
+                    }
+                }
+            }
+        }
+    }
 }
 
-#[utoipa::path(get, path = "/healthz", responses((status = 200, description = "The process is up")))]
+/// The document, with what this server's configuration decides filled in: the environments a
+/// cluster can be registered in, and their trust domains.
+async fn openapi(State(state): State<AppState>) -> Response {
+    let mut doc = match serde_json::to_value(ApiDoc::openapi()) {
+        Ok(d) => d,
+        Err(e) => return ApiError::internal(format!("OpenAPI document: {e}")).into_response(),
+    };
+    let issuers = state.issuers.all();
+    // utoipa derives no rule across fields: a key goes with external-ca mode, and only with it.
+    doc["components"]["schemas"]["RegisterCluster"]["oneOf"] = json!([
+        {"properties": {"mode": {"enum": ["plugin", null]}, "key": {"type": "null"}}},
+        {"required": ["mode", "key"], "properties": {"mode": {"const": "external-ca"}}},
+    ]);
+    let register = &mut doc["components"]["schemas"]["RegisterCluster"]["properties"];
+    register["environment"]["enum"] = json!(issuers.iter().map(|i| i.name.clone()).collect::<Vec<_>>());
+    // An environment that records no trust domain accepts any; then there is no list.
+    if issuers.iter().all(|i| !i.trust_domains().is_empty()) {
+        let mut domains: Vec<String> = issuers.iter().flat_map(|i| i.trust_domains()).collect();
+        domains.sort();
+        domains.dedup();
+        register["trust_domain"]["enum"] = json!(domains);
+    }
+    Json(doc).into_response()
+}
+
+#[utoipa::path(get, path = "/healthz", responses((status = 200, description = "The process is up", body = String, content_type = "text/plain")))]
 async fn healthz() -> &'static str {
     "ok"
 }
@@ -244,6 +482,7 @@ async fn list_issuers(State(state): State<AppState>) -> Json<Vec<IssuerView>> {
 #[serde(deny_unknown_fields)]
 struct RegisterCluster {
     /// Lowercase letters, digits and '-', at most 63 characters.
+    #[schema(pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")]
     name: String,
     /// The environment (issuer) the cluster belongs to.
     environment: String,
@@ -251,11 +490,17 @@ struct RegisterCluster {
     trust_domain: String,
     /// `plugin` (default: the cluster holds its intermediate's key, for istiod's cacerts) or
     /// `external-ca` (this server holds it and answers Istio's certificate API).
+    // A string rather than `ClusterMode` so that a wrong mode is `invalid-mode`, not a JSON error.
     #[serde(default)]
+    #[schema(value_type = Option<ClusterMode>)]
     mode: Option<String>,
     /// external-ca only: the server-side key of the cluster intermediate (`pkcs11:` or `file:`),
-    /// created beforehand with `ca-cli key generate`.
+    /// created beforehand with `ca-cli key generate`, and used by nothing else here. The
+    /// pattern shows the common forms; any `pkcs11:` reference `ca-cli` accepts is accepted.
     #[serde(default)]
+    #[schema(
+        pattern = "^(file:.+|pkcs11:token=[A-Za-z0-9._-]+;object=[A-Za-z0-9._-]+[?]pin-source=env:[A-Za-z_][A-Za-z0-9_]*)$"
+    )]
     key: Option<String>,
 }
 
@@ -277,8 +522,9 @@ struct ClusterView {
     name: String,
     environment: String,
     trust_domain: String,
-    /// `plugin` or `external-ca`.
+    #[schema(value_type = ClusterMode)]
     mode: String,
+    #[schema(value_type = ClusterState)]
     status: String,
     request_id: String,
     /// Serial of the newest intermediate.
@@ -343,8 +589,8 @@ fn new_token() -> String {
 
 /// Registers a cluster. Takes effect when a different operator approves the request.
 #[utoipa::path(post, path = "/v1/clusters", request_body = RegisterCluster,
-    responses((status = 202, body = RegisterResponse), (status = 400, body = Problem), (status = 401, body = Problem), (status = 409, body = Problem)),
-    security(("bearer" = [])))]
+    responses((status = 202, body = RegisterResponse), (status = 400, body = Problem), (status = 409, body = Problem)),
+    security(("bearer" = ["operator", "admin"])))]
 async fn register_cluster(
     State(state): State<AppState>,
     op: Operator,
@@ -457,7 +703,7 @@ async fn register_cluster(
         .into_response())
 }
 
-#[utoipa::path(get, path = "/v1/clusters", responses((status = 200, body = [ClusterView])), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/v1/clusters", responses((status = 200, body = [ClusterView])), security(("bearer" = ["operator", "admin", "auditor"])))]
 async fn list_clusters(State(state): State<AppState>, op: Operator) -> Result<Json<Vec<ClusterView>>, ApiError> {
     op.require(&[Role::Operator, Role::Admin, Role::Auditor], "listing clusters")?;
     let mut out = Vec::new();
@@ -467,7 +713,8 @@ async fn list_clusters(State(state): State<AppState>, op: Operator) -> Result<Js
     Ok(Json(out))
 }
 
-#[utoipa::path(get, path = "/v1/clusters/{name}", responses((status = 200, body = ClusterView), (status = 404, body = Problem)), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/v1/clusters/{name}", params(("name" = String, Path, description = "The cluster's name")),
+    responses((status = 200, body = ClusterView), (status = 404, body = Problem)), security(("bearer" = ["operator", "admin", "auditor"])))]
 async fn get_cluster(
     State(state): State<AppState>,
     op: Operator,
@@ -509,7 +756,8 @@ enum Caller {
 
 /// Enrols (first time, with the enrolment token as `Authorization: Bearer`) or renews (over
 /// mTLS with the cluster's current, unexpired, unrevoked intermediate) a cluster intermediate.
-#[utoipa::path(post, path = "/v1/clusters/{name}/intermediate", request_body = IntermediateRequest,
+#[utoipa::path(post, path = "/v1/clusters/{name}/intermediate", request_body = IntermediateRequest, params(("name" = String, Path, description = "The cluster's name")),
+    security(("enrolment" = []), ("cluster" = [])),
     responses((status = 200, body = IntermediateResponse), (status = 400, body = Problem), (status = 401, body = Problem),
         (status = 404, body = Problem), (status = 409, body = Problem), (status = 503, body = Problem)))]
 async fn issue_intermediate(
@@ -687,8 +935,9 @@ struct ReportResponse {
 
 /// A plug-in cluster reports what it has installed (over mTLS, like a renewal) and learns the
 /// bundle it should hold and whether to renew now. Rotation gates read these reports.
-#[utoipa::path(post, path = "/v1/clusters/{name}/report", request_body = InstalledReport,
-    responses((status = 200, body = ReportResponse), (status = 400, body = Problem), (status = 401, body = Problem), (status = 404, body = Problem)))]
+#[utoipa::path(post, path = "/v1/clusters/{name}/report", request_body = InstalledReport, params(("name" = String, Path, description = "The cluster's name")),
+    security(("cluster" = [])),
+    responses((status = 409, body = Problem), (status = 503, body = Problem), (status = 200, body = ReportResponse), (status = 400, body = Problem), (status = 401, body = Problem), (status = 404, body = Problem)))]
 async fn report_installed(
     State(state): State<AppState>,
     Path(name): Path<String>,
@@ -903,8 +1152,8 @@ pub(crate) fn cert_record(
 /// Asks for a new one-time enrolment token for an existing cluster: after its newest
 /// intermediate was revoked, or a failed enrolment left it without one. Takes effect when a
 /// different operator approves.
-#[utoipa::path(post, path = "/v1/clusters/{name}/enrolment",
-    responses((status = 202, body = RegisterResponse), (status = 404, body = Problem), (status = 409, body = Problem)), security(("bearer" = [])))]
+#[utoipa::path(post, path = "/v1/clusters/{name}/enrolment", params(("name" = String, Path, description = "The cluster's name")),
+    responses((status = 202, body = RegisterResponse), (status = 404, body = Problem), (status = 409, body = Problem)), security(("bearer" = ["operator", "admin"])))]
 async fn reissue_enrolment(
     State(state): State<AppState>,
     op: Operator,
@@ -974,23 +1223,25 @@ async fn cluster_roots(state: &AppState, name: &str) -> Result<Vec<CertInfo>, Ap
 /// The cluster's trust bundle (PEM): what `root-cert.pem`, the `istio-ca-root-cert` ConfigMap
 /// and the last element of every external-CA response carry. Public, like the CRLs: roots
 /// are not secrets, and a new node needs them before it holds any credential.
-#[utoipa::path(get, path = "/v1/clusters/{name}/trust-bundle",
-    responses((status = 200, description = "PEM roots", content_type = "application/x-pem-file"), (status = 404, body = Problem)))]
+#[utoipa::path(get, path = "/v1/clusters/{name}/trust-bundle", params(("name" = String, Path, description = "The cluster's name")),
+    responses((status = 503, body = Problem), (status = 200, description = "PEM roots", content_type = "application/x-pem-file"), (status = 404, body = Problem)))]
 async fn trust_bundle(State(state): State<AppState>, Path(name): Path<String>) -> Result<Response, ApiError> {
     let pem: String = cluster_roots(&state, &name).await?.iter().map(CertInfo::pem).collect();
     Ok(([(header::CONTENT_TYPE, "application/x-pem-file")], pem).into_response())
 }
 
 #[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct ConfigMapQuery {
     /// Namespace of the rendered ConfigMap (default `istio-system`).
+    #[param(pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")]
     namespace: Option<String>,
 }
 
 /// The trust bundle as the `istio-ca-root-cert` ConfigMap Istio workloads mount. In
 /// external-CA mode istiod does not publish it; apply this to every namespace.
-#[utoipa::path(get, path = "/v1/clusters/{name}/trust-bundle/configmap", params(ConfigMapQuery),
-    responses((status = 200, description = "ConfigMap YAML", content_type = "application/yaml"), (status = 404, body = Problem)))]
+#[utoipa::path(get, path = "/v1/clusters/{name}/trust-bundle/configmap", params(("name" = String, Path, description = "The cluster's name"), ConfigMapQuery),
+    responses((status = 503, body = Problem), (status = 200, description = "ConfigMap YAML", content_type = "application/yaml"), (status = 404, body = Problem)))]
 async fn trust_bundle_configmap(
     State(state): State<AppState>,
     Path(name): Path<String>,
@@ -1013,9 +1264,12 @@ async fn trust_bundle_configmap(
 struct ServerCertRequest {
     /// PEM CSR. Only its public key is used.
     csr: String,
-    /// DNS names (e.g. `istiod.istio-system.svc`).
+    /// DNS names (e.g. `istiod.istio-system.svc`), among the cluster's
+    /// `server_certificate_names`.
+    #[schema(min_items = 1)]
     dns_names: Vec<String>,
     /// Lifetime, e.g. `30d` (default 30d, at most 90d, never past the intermediate).
+    #[schema(pattern = "^([0-9]{1,10}[smhdwy]){0,4}[1-9][0-9]{0,9}[smhdwy]([0-9]{1,10}[smhdwy]){0,4}$")]
     validity: Option<String>,
 }
 
@@ -1031,9 +1285,11 @@ struct ServerCertResponse {
 
 /// Issues a TLS server certificate (e.g. istiod's own, which it needs when its CA is off) from
 /// an external-CA cluster's intermediate.
-#[utoipa::path(post, path = "/v1/clusters/{name}/server-certificates", request_body = ServerCertRequest,
-    responses((status = 200, body = ServerCertResponse), (status = 400, body = Problem), (status = 403, body = Problem), (status = 503, body = Problem)),
-    security(("bearer" = [])))]
+#[utoipa::path(post, path = "/v1/clusters/{name}/server-certificates", request_body = ServerCertRequest, params(("name" = String, Path, description = "The cluster's name")),
+    responses((status = 200, body = ServerCertResponse), (status = 400, body = Problem),
+        (status = 403, body = Problem, description = "forbidden: only admins issue server certificates; name-not-allowed: a name outside the cluster's server_certificate_names"),
+        (status = 404, body = Problem), (status = 409, body = Problem), (status = 503, body = Problem)),
+    security(("bearer" = ["admin"])))]
 async fn issue_server_certificate(
     State(state): State<AppState>,
     op: Operator,
@@ -1123,6 +1379,7 @@ struct RequestView {
     payload: serde_json::Value,
     requested_by: String,
     requested_at: i64,
+    #[schema(value_type = RequestStatus)]
     status: String,
     decided_by: Option<String>,
     decided_at: Option<i64>,
@@ -1152,25 +1409,30 @@ impl From<ApprovalRequest> for RequestView {
 }
 
 #[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct RequestQuery {
-    /// `pending`, `approved` or `rejected`.
-    status: Option<String>,
+    status: Option<RequestStatus>,
 }
 
-#[utoipa::path(get, path = "/v1/requests", params(RequestQuery), responses((status = 200, body = [RequestView])), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/v1/requests", params(RequestQuery), responses((status = 200, body = [RequestView])), security(("bearer" = ["operator", "admin", "auditor"])))]
 async fn list_requests(
     State(state): State<AppState>,
     op: Operator,
     Query(q): Query<RequestQuery>,
 ) -> Result<Json<Vec<RequestView>>, ApiError> {
     op.require(&[Role::Operator, Role::Admin, Role::Auditor], "listing requests")?;
-    Ok(Json(state.store.list_requests(q.status.as_deref()).await?.into_iter().map(Into::into).collect()))
+    Ok(Json(
+        state.store.list_requests(q.status.map(RequestStatus::as_str)).await?.into_iter().map(Into::into).collect(),
+    ))
 }
 
 /// Approves a pending request. The approver must not be the requester.
-#[utoipa::path(post, path = "/v1/requests/{id}/approve",
-    responses((status = 200, body = RequestView), (status = 403, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem)),
-    security(("bearer" = [])))]
+#[utoipa::path(post, path = "/v1/requests/{id}/approve", params(("id" = String, Path, description = "The request's id")),
+    responses((status = 200, body = RequestView),
+        (status = 403, body = Problem, description = "two-person-rule: the requester cannot approve; forbidden: no operator or admin role"),
+        (status = 404, body = Problem), (status = 409, body = Problem),
+        (status = 503, body = Problem)),
+    security(("bearer" = ["operator", "admin"])))]
 async fn approve_request(
     State(state): State<AppState>,
     op: Operator,
@@ -1179,8 +1441,8 @@ async fn approve_request(
     decide(state, op, id, true).await
 }
 
-#[utoipa::path(post, path = "/v1/requests/{id}/reject",
-    responses((status = 200, body = RequestView), (status = 404, body = Problem), (status = 409, body = Problem)), security(("bearer" = [])))]
+#[utoipa::path(post, path = "/v1/requests/{id}/reject", params(("id" = String, Path, description = "The request's id")),
+    responses((status = 200, body = RequestView), (status = 404, body = Problem), (status = 409, body = Problem)), security(("bearer" = ["operator", "admin"])))]
 async fn reject_request(
     State(state): State<AppState>,
     op: Operator,
@@ -1341,12 +1603,12 @@ struct CertificateView {
     sans: Vec<String>,
     not_before: i64,
     not_after: i64,
-    /// `valid`, `revoked` or `expired`.
-    status: String,
+    status: CertificateStatus,
     sha256_fingerprint: String,
     requester: String,
     issued_at: i64,
     revoked_at: Option<i64>,
+    #[schema(value_type = Option<RevocationReason>)]
     revocation_reason: Option<String>,
     pem: String,
 }
@@ -1354,11 +1616,11 @@ struct CertificateView {
 impl From<CertRecord> for CertificateView {
     fn from(r: CertRecord) -> Self {
         let status = if r.revoked_at.is_some() {
-            "revoked"
+            CertificateStatus::Revoked
         } else if r.not_after <= now_secs() {
-            "expired"
+            CertificateStatus::Expired
         } else {
-            "valid"
+            CertificateStatus::Valid
         };
         CertificateView {
             serial: r.serial,
@@ -1369,7 +1631,7 @@ impl From<CertRecord> for CertificateView {
             sans: serde_json::from_str(&r.sans).unwrap_or_default(),
             not_before: r.not_before,
             not_after: r.not_after,
-            status: status.into(),
+            status,
             sha256_fingerprint: r.fingerprint,
             requester: r.requester,
             issued_at: r.issued_at,
@@ -1381,29 +1643,26 @@ impl From<CertRecord> for CertificateView {
 }
 
 #[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct CertQuery {
     cluster: Option<String>,
     issuer: Option<String>,
-    /// `valid`, `revoked` or `expired`.
-    status: Option<String>,
-    /// A duration such as `30d`: valid certificates expiring within it.
+    status: Option<CertificateStatus>,
+    /// A duration such as `30d` or `1y30d` (units s, m, h, d, w, y): valid certificates
+    /// expiring within it.
+    #[param(pattern = "^([0-9]{1,10}[smhdwy]){0,4}[1-9][0-9]{0,9}[smhdwy]([0-9]{1,10}[smhdwy]){0,4}$")]
     expiring_within: Option<String>,
     /// At most 1000; default 100.
     limit: Option<i64>,
 }
 
-#[utoipa::path(get, path = "/v1/certificates", params(CertQuery), responses((status = 200, body = [CertificateView]), (status = 400, body = Problem)), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/v1/certificates", params(CertQuery), responses((status = 200, body = [CertificateView]), (status = 400, body = Problem)), security(("bearer" = ["operator", "admin", "auditor"])))]
 async fn list_certificates(
     State(state): State<AppState>,
     op: Operator,
     Query(q): Query<CertQuery>,
 ) -> Result<Json<Vec<CertificateView>>, ApiError> {
     op.require(&[Role::Operator, Role::Admin, Role::Auditor], "listing certificates")?;
-    if let Some(s) = &q.status {
-        if !matches!(s.as_str(), "valid" | "revoked" | "expired") {
-            return Err(ApiError::bad_request("invalid-query", "status is valid, revoked or expired").by(op.actor()));
-        }
-    }
     let expiring = match &q.expiring_within {
         Some(d) => Some(
             d.parse::<ca_core::duration::Validity>()
@@ -1416,7 +1675,7 @@ async fn list_certificates(
     let filter = CertFilter {
         cluster: q.cluster,
         issuer: q.issuer,
-        status: q.status,
+        status: q.status.map(|s| s.as_str().to_string()),
         expiring_within_secs: expiring,
         now: now_secs(),
         limit: q.limit.unwrap_or(100).clamp(1, 1000),
@@ -1430,7 +1689,8 @@ fn normalise_serial(s: &str) -> String {
     ca_core::crl::parse_serial(s).map(hex::encode).unwrap_or_else(|_| s.to_ascii_lowercase())
 }
 
-#[utoipa::path(get, path = "/v1/certificates/{serial}", responses((status = 200, body = CertificateView), (status = 404, body = Problem)), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/v1/certificates/{serial}", params(("serial" = String, Path, description = "Hex, with or without colons")),
+    responses((status = 200, body = CertificateView), (status = 404, body = Problem)), security(("bearer" = ["operator", "admin", "auditor"])))]
 async fn get_certificate(
     State(state): State<AppState>,
     op: Operator,
@@ -1458,7 +1718,7 @@ async fn get_certificate(
         sans: vec![w.identity],
         not_before: w.not_before,
         not_after: w.not_after,
-        status: if w.not_after <= now { "expired".into() } else { "valid".into() },
+        status: if w.not_after <= now { CertificateStatus::Expired } else { CertificateStatus::Valid },
         sha256_fingerprint: cert.fingerprint(),
         requester: format!("audit record {}", w.audit_seq),
         issued_at: w.issued_at,
@@ -1473,13 +1733,16 @@ async fn get_certificate(
 struct RevokeRequest {
     /// RFC 5280 reason: unspecified, key-compromise, ca-compromise, affiliation-changed,
     /// superseded, cessation-of-operation, certificate-hold or privilege-withdrawn.
+    // A string rather than `RevocationReason` so that a wrong reason is `invalid-reason`.
+    #[schema(value_type = RevocationReason)]
     reason: String,
 }
 
 /// Asks to revoke a certificate. Takes effect when a different operator approves.
 #[utoipa::path(post, path = "/v1/certificates/{serial}/revoke", request_body = RevokeRequest,
+    params(("serial" = String, Path, description = "Hex, with or without colons")),
     responses((status = 202, body = RequestView), (status = 400, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem)),
-    security(("bearer" = [])))]
+    security(("bearer" = ["operator", "admin"])))]
 async fn revoke_certificate(
     State(state): State<AppState>,
     op: Operator,
@@ -1694,19 +1957,30 @@ async fn publish_one(
 }
 
 #[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct CrlQuery {
-    /// `pem` for PEM instead of DER.
-    format: Option<String>,
+    /// `pem` for PEM instead of DER (the default, unless `Accept` asks for
+    /// `application/x-pem-file`).
+    format: Option<CrlFormat>,
     /// SHA-256 (hex) of the SubjectPublicKeyInfo of the key that issued the certificate being
     /// checked: the CRL that key signs (an environment's earlier key, after a rotation, until
     /// the last certificate it issued has expired). Default: the current key.
     key: Option<String>,
 }
 
+/// How a CRL is sent: `der` (`application/pkix-crl`) or `pem` (`application/x-pem-file`).
+#[derive(Clone, Copy, PartialEq, Eq, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+enum CrlFormat {
+    Der,
+    Pem,
+}
+
 /// The issuer's current CRL: DER (`application/pkix-crl`), or PEM with `?format=pem` or
 /// `Accept: application/x-pem-file`.
-#[utoipa::path(get, path = "/v1/crl/{issuer}", params(CrlQuery),
-    responses((status = 200, description = "The CRL", content_type = "application/pkix-crl"), (status = 404, body = Problem), (status = 503, body = Problem)))]
+#[utoipa::path(get, path = "/v1/crl/{issuer}", params(("issuer" = String, Path, description = "The environment (issuer) name"), CrlQuery),
+    responses((status = 200, description = "The CRL: DER, or PEM when asked for", content(
+        (String = "application/pkix-crl"), (String = "application/x-pem-file"))), (status = 404, body = Problem), (status = 503, body = Problem)))]
 async fn get_crl(
     State(state): State<AppState>,
     Path(name): Path<String>,
@@ -1750,7 +2024,7 @@ async fn get_crl(
         }
     };
     let der = base64::engine::general_purpose::STANDARD.decode(&rec.der).map_err(ApiError::internal)?;
-    let wants_pem = q.format.as_deref() == Some("pem")
+    let wants_pem = q.format == Some(CrlFormat::Pem)
         || headers
             .get(header::ACCEPT)
             .and_then(|v| v.to_str().ok())
@@ -1779,6 +2053,7 @@ struct AuditView {
 }
 
 #[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct AuditQuery {
     /// Return records with a sequence number above this.
     after: Option<i64>,
@@ -1786,7 +2061,7 @@ struct AuditQuery {
     limit: Option<i64>,
 }
 
-#[utoipa::path(get, path = "/v1/audit", params(AuditQuery), responses((status = 200, body = [AuditView])), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/v1/audit", params(AuditQuery), responses((status = 200, body = [AuditView])), security(("bearer" = ["auditor", "admin"])))]
 async fn list_audit(
     State(state): State<AppState>,
     op: Operator,

@@ -13,7 +13,9 @@ use crate::config::AuthConfig;
 use crate::error::ApiError;
 use crate::state::AppState;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// An operator's role, from the token's roles claim.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
 pub enum Role {
     Admin,
     Operator,

@@ -8,6 +8,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod dev;
 pub mod error;
+pub mod extract;
 pub mod istio;
 pub mod jobs;
 pub mod keys;

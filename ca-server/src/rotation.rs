@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use ca_core::cert::{CertInfo, fingerprints};
@@ -29,6 +29,7 @@ use utoipa::ToSchema;
 use crate::api::Body;
 use crate::auth::{Operator, Role};
 use crate::error::ApiError;
+use crate::extract::Path;
 use crate::state::{AppState, Issuer};
 
 // ---- the stored plan ------------------------------------------------------------------------
@@ -299,6 +300,7 @@ pub async fn changed_at(state: &AppState, cluster: &ClusterRecord) -> Result<(i6
 pub struct ClusterStatus {
     pub name: String,
     pub environment: String,
+    #[schema(value_type = crate::api::ClusterMode)]
     pub mode: String,
     /// `current` or `lagging`.
     pub state: String,
@@ -571,7 +573,7 @@ pub struct RotationSummary {
 }
 
 /// Every rotation, newest first.
-#[utoipa::path(get, path = "/v1/rotations", responses((status = 200, body = [RotationSummary])), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/v1/rotations", responses((status = 200, body = [RotationSummary])), security(("bearer" = ["operator", "admin", "auditor"])))]
 pub async fn list(State(state): State<AppState>, op: Operator) -> Result<Json<Vec<RotationSummary>>, ApiError> {
     op.require(&[Role::Operator, Role::Admin, Role::Auditor], "listing rotations")?;
     Ok(Json(
@@ -593,7 +595,8 @@ pub async fn list(State(state): State<AppState>, op: Operator) -> Result<Json<Ve
 }
 
 /// A rotation's stage, each cluster's progress and what blocks the next stage.
-#[utoipa::path(get, path = "/v1/rotations/{id}", responses((status = 200, body = RotationView), (status = 404, body = crate::error::Problem)), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/v1/rotations/{id}", params(("id" = String, Path, description = "The rotation's id")),
+    responses((status = 200, body = RotationView), (status = 404, body = crate::error::Problem)), security(("bearer" = ["operator", "admin", "auditor"])))]
 pub async fn get(
     State(state): State<AppState>,
     op: Operator,
@@ -608,6 +611,8 @@ pub async fn get(
 #[serde(deny_unknown_fields)]
 pub struct StartRotation {
     /// `root`, `environment` or `cluster`.
+    // A string so that a wrong kind is `invalid-kind`, not a JSON error.
+    #[schema(value_type = RotationKindName)]
     kind: String,
     /// root: the new root certificate (PEM, made in a ceremony).
     new_root: Option<String>,
@@ -621,6 +626,17 @@ pub struct StartRotation {
     key: Option<String>,
     /// cluster: which one.
     cluster: Option<String>,
+}
+
+/// What a rotation replaces (documents `RotationKind`'s names; never built).
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+#[schema(as = RotationKind)]
+#[allow(dead_code)]
+enum RotationKindName {
+    Root,
+    Environment,
+    Cluster,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -671,8 +687,9 @@ fn check_resigned(issuer: &CertInfo, new_root: &CertInfo, cert: &CertInfo) -> Re
 
 /// Asks to start a rotation. It exists once a second operator approves.
 #[utoipa::path(post, path = "/v1/rotations", request_body = StartRotation,
-    responses((status = 202, body = Started), (status = 400, body = crate::error::Problem), (status = 409, body = crate::error::Problem)),
-    security(("bearer" = [])))]
+    responses((status = 202, body = Started), (status = 400, body = crate::error::Problem), (status = 404, body = crate::error::Problem), (status = 409, body = crate::error::Problem),
+        (status = 503, body = crate::error::Problem)),
+    security(("bearer" = ["operator", "admin"])))]
 pub async fn start(
     State(state): State<AppState>,
     op: Operator,
@@ -867,9 +884,9 @@ pub struct UploadCertificate {
 
 /// Root rotation: records an environment's certificate under the new root (from the
 /// cross-sign ceremony). Checked, not trusted: same subject and key, chains to the new root.
-#[utoipa::path(post, path = "/v1/rotations/{id}/certificates", request_body = UploadCertificate,
-    responses((status = 200, body = RotationView), (status = 400, body = crate::error::Problem), (status = 409, body = crate::error::Problem)),
-    security(("bearer" = [])))]
+#[utoipa::path(post, path = "/v1/rotations/{id}/certificates", request_body = UploadCertificate, params(("id" = String, Path, description = "The rotation's id")),
+    responses((status = 200, body = RotationView), (status = 400, body = crate::error::Problem), (status = 404, body = crate::error::Problem), (status = 409, body = crate::error::Problem)),
+    security(("bearer" = ["operator", "admin"])))]
 pub async fn upload_certificate(
     State(state): State<AppState>,
     op: Operator,
@@ -878,11 +895,12 @@ pub async fn upload_certificate(
 ) -> Result<Json<RotationView>, ApiError> {
     op.require(&[Role::Operator, Role::Admin], "adding rotation certificates")?;
     let deny = |e: ApiError| e.by(op.actor());
-    let cert = pem_cert(&req.certificate).map_err(deny)?;
     let mut tx = state.store.write().await?;
     let mut r = Rotation::parse(
         tx.get_rotation(&id).await?.ok_or_else(|| deny(ApiError::not_found(format!("no rotation {id:?}"))))?,
     )?;
+    // A certificate for a rotation that does not exist is a 404 whatever the certificate.
+    let cert = pem_cert(&req.certificate).map_err(deny)?;
     if r.kind != RotationKind::Root || !matches!(r.stage, Stage::Prepared | Stage::Distribute) {
         return Err(deny(ApiError::conflict(
             "rotation-stage",
@@ -935,8 +953,9 @@ pub struct MoveRequested {
 
 /// Asks to move a rotation to its next stage. Refused with the list of blockers while any
 /// cluster lags; takes effect when a second operator approves (the gate is checked again).
-#[utoipa::path(post, path = "/v1/rotations/{id}/advance", request_body = Move,
-    responses((status = 202, body = MoveRequested), (status = 409, body = crate::error::Problem)), security(("bearer" = [])))]
+#[utoipa::path(post, path = "/v1/rotations/{id}/advance", request_body = Move, params(("id" = String, Path, description = "The rotation's id")),
+    responses((status = 202, body = MoveRequested), (status = 400, body = crate::error::Problem), (status = 404, body = crate::error::Problem), (status = 409, body = crate::error::Problem)),
+    security(("bearer" = ["operator", "admin"])))]
 pub async fn advance(
     State(state): State<AppState>,
     op: Operator,
@@ -948,8 +967,9 @@ pub async fn advance(
 
 /// Asks to move a rotation one stage back, or to abort it from its first stage. Moves that
 /// drop a root or abandon a chain wait until nothing on that chain is live.
-#[utoipa::path(post, path = "/v1/rotations/{id}/rollback", request_body = Move,
-    responses((status = 202, body = MoveRequested), (status = 409, body = crate::error::Problem)), security(("bearer" = [])))]
+#[utoipa::path(post, path = "/v1/rotations/{id}/rollback", request_body = Move, params(("id" = String, Path, description = "The rotation's id")),
+    responses((status = 202, body = MoveRequested), (status = 400, body = crate::error::Problem), (status = 404, body = crate::error::Problem), (status = 409, body = crate::error::Problem)),
+    security(("bearer" = ["operator", "admin"])))]
 pub async fn rollback(
     State(state): State<AppState>,
     op: Operator,

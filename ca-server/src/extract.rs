@@ -1,0 +1,46 @@
+//! axum's `Path` and `Query` with problem-document rejections. axum answers an undecodable
+//! path parameter (`/v1/crl/%ff`) or query string with a plain-text 400 that the middleware
+//! could only guess a code for; these say which part of the request was wrong.
+
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use serde::de::DeserializeOwned;
+
+use crate::error::ApiError;
+
+/// A path parameter; an undecodable one is refused as `invalid-path`.
+pub struct Path<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for Path<T>
+where
+    T: DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(v)) => Ok(Path(v)),
+            Err(e) => Err(ApiError::bad_request("invalid-path", e.body_text())),
+        }
+    }
+}
+
+/// A query string; one that does not fit the documented parameters is refused as
+/// `invalid-query`.
+pub struct Query<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for Query<T>
+where
+    T: DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(v)) => Ok(Query(v)),
+            Err(e) => Err(ApiError::bad_request("invalid-query", e.body_text())),
+        }
+    }
+}
