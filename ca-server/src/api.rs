@@ -1965,6 +1965,7 @@ struct CrlQuery {
     /// SHA-256 (hex) of the SubjectPublicKeyInfo of the key that issued the certificate being
     /// checked: the CRL that key signs (an environment's earlier key, after a rotation, until
     /// the last certificate it issued has expired). Default: the current key.
+    #[param(pattern = "^[0-9a-fA-F]{64}$")]
     key: Option<String>,
 }
 
@@ -1991,7 +1992,7 @@ async fn get_crl(
     let key = q
         .key
         .as_deref()
-        .map(|k| k.to_ascii_lowercase().replace(':', ""))
+        .map(str::to_ascii_lowercase)
         .filter(|k| *k != ca_core::store::spki_sha256(&issuer.cert.spki_der));
     if key.as_ref().is_some_and(|k| k.len() != 64 || !k.bytes().all(|b| b.is_ascii_hexdigit())) {
         return Err(ApiError::bad_request(
