@@ -150,6 +150,10 @@ impl FromRequestParts<AppState> for Operator {
         let token = bearer(parts).ok_or_else(|| {
             ApiError::unauthenticated("unauthenticated", "send an operator token as Authorization: Bearer <JWT>")
         })?;
-        state.auth.verify(token.trim())
+        let op = state.auth.verify(token.trim())?;
+        if let Some(a) = parts.extensions.get::<crate::edge::Authenticated>() {
+            a.set(op.actor());
+        }
+        Ok(op)
     }
 }
