@@ -434,3 +434,34 @@ async fn a_panicking_handler_answers_500_problem_json() {
     let summary = state.edge.take_summary().expect("the anonymous panic is counted");
     assert_eq!(summary.details["by_code"]["internal"], 1, "{:?}", summary.details);
 }
+
+/// A gRPC handler that panics, behind the layer `istio::serve` puts in front of the service:
+/// the caller gets INTERNAL, not a reset stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_grpc_handler_answers_internal() {
+    use ca_server::proto::istio_certificate_service_server::{IstioCertificateService, IstioCertificateServiceServer};
+    struct Panicking;
+    #[tonic::async_trait]
+    impl IstioCertificateService for Panicking {
+        async fn create_certificate(
+            &self,
+            _: tonic::Request<IstioCertificateRequest>,
+        ) -> Result<tonic::Response<ca_server::proto::IstioCertificateResponse>, tonic::Status> {
+            panic!("deliberately")
+        }
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .layer(tower_http::catch_panic::CatchPanicLayer::custom(ca_server::edge::grpc_panic_response))
+            .add_service(IstioCertificateServiceServer::new(Panicking))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+    let req = tonic::Request::new(IstioCertificateRequest { csr: String::new(), validity_duration: 0, metadata: None });
+    let e = IstioCertificateServiceClient::new(ch).create_certificate(req).await.unwrap_err();
+    assert_eq!(e.code(), Code::Internal, "{e:?}");
+    // Our answer, not a stream reset (which tonic would also report as INTERNAL).
+    assert_eq!(e.message(), "internal: internal error; see the server log", "{e:?}");
+}
