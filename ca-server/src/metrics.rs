@@ -120,7 +120,7 @@ impl Metrics {
         );
         // Exported from the start (at 0), so that alerts and dashboards find the metric.
         for api in ["rest", "grpc"] {
-            anonymous_denials.get_or_create(&DenialLabels { api: api.into(), code: "rate-limited".into() });
+            let _ = anonymous_denials.get_or_create(&DenialLabels { api: api.into(), code: "rate-limited".into() });
         }
         let workload_commit = Histogram::new(exponential_buckets(0.0005, 2.0, 14));
         registry.register(
