@@ -38,7 +38,7 @@ pub struct ConnInfo {
 }
 
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    let routes = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/v1/openapi.json", get(openapi))
@@ -64,21 +64,33 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/rotations/{id}/certificates", post(crate::rotation::upload_certificate))
         .route("/v1/rotations/{id}/advance", post(crate::rotation::advance))
         .route("/v1/rotations/{id}/rollback", post(crate::rotation::rollback))
-        .fallback(|| async { ApiError::not_found("no such endpoint") })
+        .fallback(|| async { ApiError::not_found("no such endpoint") });
+    with_layers(routes, state)
+}
+
+/// The middleware every route runs behind (public so that a test can put a route of its own,
+/// e.g. one that panics, behind exactly the same stack).
+pub fn with_layers(routes: Router<AppState>, state: AppState) -> Router {
+    routes
         // No request holds a connection longer than this (HSM calls are bounded well below it).
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             std::time::Duration::from_secs(60),
         ))
+        // A panicking handler answers 500 and is still seen (and audited) by `audit_denials`.
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(crate::edge::panic_response))
         .layer(axum::middleware::from_fn_with_state(state.clone(), audit_denials))
         .layer(axum::middleware::from_fn_with_state(state.clone(), observe))
+        // ... and a panic in the middleware above still gets an answer.
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(crate::edge::panic_response))
         .with_state(state)
 }
 
 /// Records latency per route.
 async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let start = Instant::now();
-    let method = req.method().to_string();
+    // Only known values become labels: a client must not be able to add series.
+    let method = crate::edge::method_label(req.method()).to_string();
     let route = req.extensions().get::<MatchedPath>().map_or("unmatched".to_string(), |m| m.as_str().to_string());
     let resp = next.run(req).await;
     let labels = RouteLabels { method, route, status: resp.status().as_u16().to_string() };
@@ -86,15 +98,71 @@ async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Res
     resp
 }
 
-/// Appends every refused request (any 4xx) to the audit trail. Refusals that did not come
-/// from an `ApiError` (axum's own rejections of a query string or method, the request
-/// timeout) are turned into problem documents here, so that every error has a stable code.
-async fn audit_denials(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let method = req.method().to_string();
-    let mut path = req.uri().path().to_string();
-    path.truncate(256);
-    let remote = req.extensions().get::<ConnInfo>().map(|c| c.remote.to_string());
+/// Audits refusals (any 4xx) and panics. A refusal of an authenticated caller (the error
+/// names an actor) is one audit record; a refusal of an unauthenticated one is only counted, into
+/// the periodic summary of `edge`, because anyone can send those. Unauthenticated callers draw on
+/// a per-address quota: a request with no credential before any work, a credential that fails
+/// when it is refused; an address with none left gets 429. Refusals that did not come from an
+/// `ApiError` (axum's own rejections of a query string or method, the request timeout) are
+/// turned into problem documents here, so that every error has a stable code.
+async fn audit_denials(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    use crate::edge::{MAX_METHOD, MAX_PATH, MAX_TEXT, cap};
+    let method = cap(req.method().as_str(), MAX_METHOD);
+    let path = cap(req.uri().path(), MAX_PATH);
+    let conn = req.extensions().get::<ConnInfo>();
+    let remote = conn.map(|c| c.remote);
+    let has_cert = conn.is_some_and(|c| c.peer_cert.is_some());
+    let credential = has_cert || req.headers().contains_key(header::AUTHORIZATION);
+    let sample = |status: StatusCode, code: &'static str, detail: &str| {
+        let (method, path, detail) = (&method, &path, cap(detail, MAX_TEXT));
+        move || {
+            json!({"api": "rest", "method": method, "path": path, "status": status.as_u16(), "code": code,
+                   "detail": detail, "remote": remote.map(|r| r.to_string())})
+        }
+    };
+    // Probes and scrapes are never refused and write nothing: they do not draw on the quota.
+    let probe = matches!(path.as_str(), "/healthz" | "/readyz" | "/metrics");
+    if !credential && !probe {
+        if let Some(ip) = remote.map(|r| r.ip()) {
+            if let Err(wait) = state.edge.take(ip) {
+                let resp = crate::edge::rate_limited(wait);
+                let detail = resp.extensions().get::<Denied>().map(|d| d.detail.clone()).unwrap_or_default();
+                state.edge.denied(
+                    "rest",
+                    "rate-limited",
+                    Some(ip),
+                    sample(StatusCode::TOO_MANY_REQUESTS, "rate-limited", &detail),
+                );
+                return resp;
+            }
+        }
+    }
+    let authenticated = crate::edge::Authenticated::default();
+    req.extensions_mut().insert(authenticated.clone());
     let mut resp = next.run(req).await;
+    if resp.extensions().get::<crate::edge::Panicked>().is_some() {
+        match authenticated.get() {
+            Some(actor) => {
+                let event = AuditEvent::new(
+                    cap(&actor, MAX_TEXT),
+                    "request.failed",
+                    format!("{method} {path}"),
+                    json!({"status": 500, "code": "internal", "detail": "the handler panicked",
+                           "remote": remote.map(|r| r.to_string())}),
+                );
+                if let Err(e) = state.store.audit(event).await {
+                    tracing::error!(error = %e, "could not audit a failed request");
+                }
+            }
+            None => state.edge.denied(
+                "rest",
+                "internal",
+                remote.map(|r| r.ip()),
+                sample(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the handler panicked"),
+            ),
+        }
+        return resp;
+    }
     if !resp.status().is_client_error() {
         return resp;
     }
@@ -115,11 +183,30 @@ async fn audit_denials(State(state): State<AppState>, req: Request, next: Next) 
         resp = ApiError::new(status, code, detail).into_response();
     }
     let denied = resp.extensions().get::<Denied>().cloned().expect("set above or by ApiError");
+    // A refusal after the credential was checked (e.g. of the body) is the caller's, by name.
+    let Some(actor) = denied.actor.clone().or_else(|| authenticated.get()) else {
+        let ip = remote.map(|r| r.ip());
+        if credential && denied.code != "rate-limited" {
+            if let Some(Err(wait)) = ip.map(|ip| state.edge.take(ip)) {
+                resp = crate::edge::rate_limited(wait);
+                state.edge.denied(
+                    "rest",
+                    "rate-limited",
+                    ip,
+                    sample(StatusCode::TOO_MANY_REQUESTS, "rate-limited", &denied.detail),
+                );
+                return resp;
+            }
+        }
+        state.edge.denied("rest", denied.code, ip, sample(resp.status(), denied.code, &denied.detail));
+        return resp;
+    };
     let event = AuditEvent::new(
-        denied.actor.unwrap_or_else(|| "anonymous".into()),
+        cap(&actor, MAX_TEXT),
         "request.denied",
         format!("{method} {path}"),
-        json!({"status": resp.status().as_u16(), "code": denied.code, "detail": denied.detail, "remote": remote}),
+        json!({"status": resp.status().as_u16(), "code": denied.code, "detail": cap(&denied.detail, MAX_TEXT),
+               "remote": remote.map(|r| r.to_string())}),
     );
     if let Err(e) = state.store.audit(event).await {
         tracing::error!(error = %e, "could not audit a denied request");

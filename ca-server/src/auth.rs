@@ -167,6 +167,9 @@ impl FromRequestParts<AppState> for Operator {
             ApiError::unauthenticated("unauthenticated", "send an operator token as Authorization: Bearer <JWT>")
         })?;
         let op = state.auth.verify(token.trim())?;
+        if let Some(a) = parts.extensions.get::<crate::edge::Authenticated>() {
+            a.set(op.actor());
+        }
         // Every operator call that is not a read changes state or decides a request: all of
         // them, not a list of handlers, so that a new endpoint cannot forget the check.
         if !parts.method.is_safe() && !op.second_factor {

@@ -35,6 +35,8 @@ pub struct Config {
     pub metrics: MetricsConfig,
     #[serde(default)]
     pub limits: LimitsConfig,
+    #[serde(default)]
+    pub rate_limit: RateLimitConfig,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
@@ -247,6 +249,24 @@ pub struct AuditConfig {
     /// ... or when this much time has passed with new records.
     #[serde(default = "default_checkpoint_interval", with = "validity")]
     pub checkpoint_interval: Validity,
+    /// Refusals of unauthenticated callers are counted in memory and written as one
+    /// `request.denied.summary` record per interval (when there were any).
+    #[serde(default = "default_denial_summary_interval", with = "validity")]
+    pub denial_summary_interval: Validity,
+}
+
+/// Per-source-address quota for unauthenticated callers (REST and gRPC). Callers with a valid
+/// credential never draw on it.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// Sustained requests per minute an address may make without a credential (or refusals
+    /// of a credential that fails) ...
+    #[serde(default = "default_anonymous_per_minute")]
+    pub anonymous_per_minute: u32,
+    /// ... and how many it may make at once after a quiet period.
+    #[serde(default = "default_anonymous_burst")]
+    pub anonymous_burst: u32,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -303,6 +323,15 @@ fn default_checkpoint_every() -> i64 {
 }
 fn default_checkpoint_interval() -> Validity {
     v("60s")
+}
+fn default_denial_summary_interval() -> Validity {
+    v("60s")
+}
+fn default_anonymous_per_minute() -> u32 {
+    1200
+}
+fn default_anonymous_burst() -> u32 {
+    200
 }
 fn default_job_interval() -> Validity {
     v("30s")
@@ -390,6 +419,14 @@ impl Default for JobsConfig {
 impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig { handshake_timeout: default_handshake_timeout(), idle_timeout: default_idle_timeout() }
+    }
+}
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        RateLimitConfig {
+            anonymous_per_minute: default_anonymous_per_minute(),
+            anonymous_burst: default_anonymous_burst(),
+        }
     }
 }
 impl Default for LogConfig {
@@ -488,6 +525,12 @@ impl Config {
             bail!("tls.key must be a file: reference");
         }
         self.audit.key.parse::<hsm::KeyRef>().context("audit.key")?;
+        if self.rate_limit.anonymous_per_minute == 0 || self.rate_limit.anonymous_burst == 0 {
+            bail!("rate_limit.anonymous_per_minute and rate_limit.anonymous_burst must be at least 1");
+        }
+        if self.audit.denial_summary_interval.duration() <= time::Duration::ZERO {
+            bail!("audit.denial_summary_interval must be positive");
+        }
         if !matches!(self.log.format.as_str(), "json" | "text") {
             bail!("log.format must be json or text");
         }

@@ -1,6 +1,7 @@
 //! The one place errors become HTTP: `application/problem+json` (RFC 9457) with a stable
-//! `code`. Internal causes are logged, never sent. Every 4xx is also appended to the audit
-//! trail by the `audit_denials` middleware, which reads the [`Denied`] extension set here.
+//! `code`. Internal causes are logged, never sent. Every 4xx is also audited by the
+//! `audit_denials` middleware (one record, or a count in the anonymous summary), which reads
+//! the [`Denied`] extension set here.
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};

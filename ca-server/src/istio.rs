@@ -45,6 +45,9 @@ pub struct Istio {
     /// queueing one by one behind a key that does not answer.
     failed: Mutex<HashMap<String, LoadFailure>>,
     recorder: Recorder,
+    /// Refusals of authenticated callers: their own queue and transactions, so that they never
+    /// delay an issuance's commit (unauthenticated ones are only counted, see `edge`).
+    denials: Recorder,
     /// Issuances running at once. Each is CPU work on a blocking thread; hundreds of them in a
     /// restart storm would crowd out the database writer and the network tasks (every request
     /// then waits on a starved commit), so they queue here instead.
@@ -89,7 +92,8 @@ impl Istio {
             clusters: RwLock::new(HashMap::new()),
             loading: tokio::sync::Mutex::new(()),
             failed: Mutex::new(HashMap::new()),
-            recorder: Recorder::spawn(store, batch_max, batch_metrics),
+            recorder: Recorder::spawn(store.clone(), 65_536, batch_max, batch_metrics.clone()),
+            denials: Recorder::spawn(store, 4096, batch_max, batch_metrics),
             issuing: tokio::sync::Semaphore::new(
                 std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get).max(2),
             ),
@@ -557,17 +561,11 @@ pub struct Recorder {
 }
 
 impl Recorder {
-    fn spawn(store: Store, batch_max: usize, metrics: Arc<crate::metrics::Metrics>) -> Recorder {
+    fn spawn(store: Store, queue: usize, batch_max: usize, metrics: Arc<crate::metrics::Metrics>) -> Recorder {
         // Bounded: under overload requests wait for room rather than growing memory.
-        let (tx, rx) = mpsc::channel(65_536);
+        let (tx, rx) = mpsc::channel(queue);
         tokio::spawn(record_loop(store, rx, batch_max, metrics));
         Recorder { tx }
-    }
-
-    /// Queues a record without waiting for room or for the commit. False when the queue is full.
-    fn offer(&self, entry: Entry) -> bool {
-        let (done, _) = oneshot::channel();
-        self.tx.try_send(Pending { entry, done }).is_ok()
     }
 
     async fn record(&self, entry: Entry) -> Result<(), ApiError> {
@@ -657,6 +655,14 @@ impl IstioCertificateService for IstioApi {
         request: Request<IstioCertificateRequest>,
     ) -> Result<Response<IstioCertificateResponse>, Status> {
         let started = Instant::now();
+        let remote = request.remote_addr().map(|a| a.ip());
+        let credential = request.metadata().contains_key("authorization");
+        // No credential: the address's quota is drawn on before any work.
+        if !credential {
+            if let Some(Err(wait)) = remote.map(|ip| self.state.edge.take(ip)) {
+                return Err(self.rate_limited(remote, None, wait, started));
+            }
+        }
         let result = self.handle(request).await;
         let outcome = match &result {
             Ok(_) => "ok",
@@ -671,6 +677,7 @@ impl IstioCertificateService for IstioApi {
         match result {
             Ok(chain) => Ok(Response::new(IstioCertificateResponse { cert_chain: chain })),
             Err(r) => {
+                use crate::edge::{MAX_TEXT, cap};
                 // The ClusterID header is the caller's say-so: only a configured name becomes a
                 // metric label or goes into the audit trail as is.
                 let claimed = r.cluster.clone().unwrap_or_default();
@@ -678,23 +685,57 @@ impl IstioCertificateService for IstioApi {
                 let cluster = if known { claimed.clone() } else { "unknown".to_string() };
                 self.state.metrics.issued(&cluster, "workload", outcome);
                 if r.error.status.is_client_error() {
-                    tracing::info!(actor = %r.actor, %cluster, code = r.error.code, detail = %r.error.detail, "workload certificate refused");
-                    let shown: String = claimed.chars().take(64).collect();
-                    let denial = json!({"actor": r.actor, "cluster": if known { json!(claimed) } else { json!({"claimed": shown}) },
-                                        "code": r.error.code, "detail": r.error.detail.chars().take(512).collect::<String>()});
+                    let shown = cap(&claimed, 64);
+                    let detail = cap(&r.error.detail, MAX_TEXT);
                     if r.actor == "anonymous" {
-                        // Unauthenticated refusals are recorded when there is room, never awaited:
-                        // a flood of them must not queue ahead of real issuance.
-                        if !self.state.istio.recorder.offer(Entry::Denied(denial)) {
-                            self.state.metrics.workload_denials_dropped.inc();
+                        // A credential that failed draws on the address's quota.
+                        if credential {
+                            if let Some(Err(wait)) = remote.map(|ip| self.state.edge.take(ip)) {
+                                return Err(self.rate_limited(remote, Some(shown), wait, started));
+                            }
                         }
-                    } else if self.state.istio.recorder.record(Entry::Denied(denial)).await.is_err() {
-                        tracing::error!("a workload denial could not be audited");
+                        tracing::debug!(%cluster, code = r.error.code, %detail, "unauthenticated workload request refused");
+                        self.state.edge.denied("grpc", r.error.code, remote, || {
+                            json!({"api": "grpc", "cluster": {"claimed": shown}, "code": r.error.code,
+                                   "detail": detail, "remote": remote.map(|r| r.to_string())})
+                        });
+                    } else {
+                        tracing::info!(actor = %r.actor, %cluster, code = r.error.code, %detail, "workload certificate refused");
+                        let denial = json!({"actor": cap(&r.actor, MAX_TEXT),
+                            "cluster": if known { json!(claimed) } else { json!({"claimed": shown}) },
+                            "code": r.error.code, "detail": detail, "remote": remote.map(|r| r.to_string())});
+                        if self.state.istio.denials.record(Entry::Denied(denial)).await.is_err() {
+                            tracing::error!("a workload denial could not be audited");
+                        }
                     }
                 }
                 Err(r.error.into())
             }
         }
+    }
+}
+
+impl IstioApi {
+    /// `RESOURCE_EXHAUSTED` for an address whose unauthenticated quota is used up (counted, not
+    /// written).
+    fn rate_limited(
+        &self,
+        remote: Option<std::net::IpAddr>,
+        claimed: Option<String>,
+        wait: u64,
+        started: Instant,
+    ) -> Status {
+        self.state
+            .metrics
+            .workload_latency
+            .get_or_create(&crate::metrics::OutcomeLabels { outcome: "denied".into() })
+            .observe(started.elapsed().as_secs_f64());
+        let detail = format!("too many unauthenticated requests from this address; retry in {wait} s");
+        self.state.edge.denied("grpc", "rate-limited", remote, || {
+            json!({"api": "grpc", "cluster": {"claimed": claimed}, "code": "rate-limited", "detail": detail,
+                   "remote": remote.map(|r| r.to_string())})
+        });
+        Status::resource_exhausted(format!("rate-limited: {detail}"))
     }
 }
 
@@ -1144,6 +1185,16 @@ pub async fn serve(
             .layer(tower::limit::GlobalConcurrencyLimitLayer::with_semaphore(global.clone()))
             .concurrency_limit(cfg.max_concurrent_requests_per_connection)
             .timeout(deadline)
+            // tonic's own server records the peer for `Request::remote_addr` (the anonymous
+            // rate limit is keyed by it); this accept loop has to do the same.
+            .map_request(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                req.extensions_mut()
+                    .insert(tonic::transport::server::TcpConnectInfo { local_addr: None, remote_addr: Some(remote) });
+                req
+            })
+            .map_response(tonic_body)
+            // A panicking handler answers INTERNAL instead of resetting the stream.
+            .layer(tower_http::catch_panic::CatchPanicLayer::custom(crate::edge::grpc_panic_response))
             .service(service.clone());
         // Handshakes run in their own tasks: one slow client must not hold up the rest.
         tokio::spawn(async move {
@@ -1160,6 +1211,13 @@ pub async fn serve(
     drop(stop_rx);
     stop_tx.closed().await;
     Ok(())
+}
+
+/// The catch-panic layer's body back into tonic's.
+fn tonic_body(
+    r: hyper::Response<tower_http::body::UnsyncBoxBody<hyper::body::Bytes, tower::BoxError>>,
+) -> hyper::Response<tonic::body::Body> {
+    r.map(tonic::body::Body::new)
 }
 
 /// The limits' refusals as gRPC statuses, never a failed connection (tonic's own server would answer a timeout with

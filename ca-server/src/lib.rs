@@ -7,6 +7,7 @@ pub mod auth;
 pub mod checkpoint;
 pub mod config;
 pub mod dev;
+pub mod edge;
 pub mod error;
 pub mod extract;
 pub mod istio;

@@ -16,7 +16,7 @@ use tower_http::trace::TraceLayer;
 
 use ca_server::config::{self, Config};
 use ca_server::state::{self, AppState, Inner, Issuer};
-use ca_server::{api, auth, checkpoint, dev, istio, jobs, metrics, rotation, tls};
+use ca_server::{api, auth, checkpoint, dev, edge, istio, jobs, metrics, rotation, tls};
 
 #[derive(Parser)]
 #[command(
@@ -137,6 +137,7 @@ async fn run(args: Args) -> Result<()> {
     let metrics = Arc::new(metrics::Metrics::new());
     let istio = istio::Istio::new(cfg.istio.as_ref(), store.clone(), metrics.clone())?;
     let state = AppState::new(Inner {
+        edge: edge::Edge::new(&cfg, metrics.clone()),
         auth: auth::Auth::new(cfg.auth.clone(), jwks),
         config: cfg.clone(),
         store,
@@ -173,8 +174,14 @@ async fn run(args: Args) -> Result<()> {
         .layer(
             TraceLayer::new_for_http()
                 .make_span_with(|req: &axum::http::Request<_>| {
-                    let id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
-                    tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id = %id)
+                    // Client-chosen values: capped before they reach the log.
+                    let id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("");
+                    tracing::info_span!(
+                        "request",
+                        method = %edge::cap(req.method().as_str(), edge::MAX_METHOD),
+                        path = %edge::cap(req.uri().path(), edge::MAX_PATH),
+                        request_id = %edge::cap(id, edge::MAX_REQUEST_ID)
+                    )
                 })
                 .on_request(())
                 .on_response(tower_http::trace::DefaultOnResponse::new().level(tracing::Level::INFO)),
@@ -239,6 +246,7 @@ async fn run(args: Args) -> Result<()> {
         print_dev_help(d, &vars);
     }
     jobs::spawn(state.clone());
+    edge::spawn(state.clone());
 
     tokio::select! {
         r = tls::serve(listener, tls_config, app, limits) => r,
@@ -248,6 +256,9 @@ async fn run(args: Args) -> Result<()> {
             let _ = grpc_stop.send(());
             if let Some(t) = grpc_task {
                 let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+            }
+            if tokio::time::timeout(Duration::from_secs(5), edge::flush(&state)).await.is_err() {
+                tracing::warn!("the last summary of refused unauthenticated requests timed out");
             }
             // Sign the head on the way out, so that the records since the last checkpoint
             // cannot be cut off unnoticed.

@@ -24,6 +24,13 @@ pub struct RouteLabels {
     pub status: String,
 }
 
+/// `api` is `rest` or `grpc`, `code` a problem code (a fixed set in the source).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DenialLabels {
+    pub api: String,
+    pub code: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct IssuerLabels {
     pub issuer: String,
@@ -58,7 +65,7 @@ pub struct Metrics {
     pub hsm_up: Family<IssuerLabels, Gauge>,
     pub workload_latency: Family<OutcomeLabels, Histogram>,
     pub workload_batch: Histogram,
-    pub workload_denials_dropped: Counter,
+    pub anonymous_denials: Family<DenialLabels, Counter>,
     pub workload_commit: Histogram,
     pub rotation_stage: Family<RotationLabels, Gauge>,
     pub rotation_lagging: Family<RotationLabels, Gauge>,
@@ -105,12 +112,16 @@ impl Metrics {
             "Workload records (certificates and denials) per group commit",
             workload_batch.clone(),
         );
-        let workload_denials_dropped = Counter::default();
+        let anonymous_denials = Family::<DenialLabels, Counter>::default();
         registry.register(
-            "workload_denials_unrecorded",
-            "Unauthenticated workload refusals not audited because the record queue was full",
-            workload_denials_dropped.clone(),
+            "anonymous_denials",
+            "Refusals of unauthenticated callers, by API and problem code (audited as periodic summaries)",
+            anonymous_denials.clone(),
         );
+        // Exported from the start (at 0), so that alerts and dashboards find the metric.
+        for api in ["rest", "grpc"] {
+            let _ = anonymous_denials.get_or_create(&DenialLabels { api: api.into(), code: "rate-limited".into() });
+        }
         let workload_commit = Histogram::new(exponential_buckets(0.0005, 2.0, 14));
         registry.register(
             "workload_commit_seconds",
@@ -134,7 +145,7 @@ impl Metrics {
             rotation_lagging,
             rotation_exported: Mutex::new(Vec::new()),
             workload_commit,
-            workload_denials_dropped,
+            anonymous_denials,
             registry: Mutex::new(registry),
             issuances,
             latency,

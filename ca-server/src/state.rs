@@ -35,6 +35,8 @@ pub struct Inner {
     pub client_roots: Vec<CertInfo>,
     /// Istio's certificate API: external-CA clusters, token validation, the batch recorder.
     pub istio: crate::istio::Istio,
+    /// The anonymous rate limiter and the summary of anonymous refusals.
+    pub edge: crate::edge::Edge,
 }
 
 impl std::ops::Deref for AppState {

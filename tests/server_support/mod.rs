@@ -82,6 +82,8 @@ impl Server {
             .env("CA_SERVER_ISTIO__LISTEN", "127.0.0.1:0")
             .env("CA_SERVER_METRICS__LISTEN", "127.0.0.1:0")
             .env("CA_SERVER_JOBS__INTERVAL", "1s")
+            // Summaries of unauthenticated refusals show up quickly enough to be checked.
+            .env("CA_SERVER_AUDIT__DENIAL_SUMMARY_INTERVAL", "1s")
             .env("CA_SERVER_LOG__FORMAT", "json");
         if let Some(db) = &opts.database_url {
             cmd.env("CA_SERVER_DATABASE__URL", db);

@@ -1,0 +1,421 @@
+//! A flood of unauthenticated bad requests against valid traffic. Reproduce with:
+//!
+//!     cargo build --release -p ca-server --bins --examples
+//!     target/release/examples/flood_bench [requests=100000] [idle_seconds=30]
+//!
+//! It starts `target/release/ca-server --dev` in a fresh directory (SQLite WAL, default
+//! `rate_limit` and a 5 s `audit.denial_summary_interval`), enrols four plug-in clusters, and
+//! runs valid traffic open-loop for the whole run: each cluster renews its intermediate over
+//! mTLS twice a second, and workloads of the dev external-CA cluster ask for certificates 20
+//! times a second (valid service-account tokens). First the valid traffic runs alone (idle),
+//! then alongside `requests` anonymous bad requests from 32 concurrent senders on the same
+//! loopback address: half `GET /v1/clusters/<30 KB>/trust-bundle`, half gRPC
+//! `CreateCertificate` with a bogus token. It reports the p50/p99 of each valid kind in both
+//! windows, what the flood was answered, the audit records and bytes its refusals cost, and the
+//! database's growth. In the same run: the raw ECDSA P-256 signing rate.
+
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use ca_server::proto::IstioCertificateRequest;
+use ca_server::proto::istio_certificate_service_client::IstioCertificateServiceClient;
+use serde_json::{Value, json};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+
+fn env(dir: &Path) -> std::collections::HashMap<String, String> {
+    std::fs::read_to_string(dir.join("dev.env"))
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn client(root: &Path, identity: Option<(&[u8], &[u8])>) -> reqwest::Client {
+    let mut roots = rustls::RootCertStore::empty();
+    for p in pem::parse_many(std::fs::read(root).unwrap()).unwrap() {
+        roots.add(rustls::pki_types::CertificateDer::from(p.into_contents())).unwrap();
+    }
+    let b = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let cfg = match identity {
+        None => b.with_no_client_auth(),
+        Some((cert, key)) => b
+            .with_client_auth_cert(
+                vec![cert.to_vec().into()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(key.to_vec().into()),
+            )
+            .unwrap(),
+    };
+    reqwest::Client::builder().use_preconfigured_tls(cfg).build().unwrap()
+}
+
+fn csr() -> (String, rcgen::KeyPair) {
+    let kp = rcgen::KeyPair::generate().unwrap();
+    (rcgen::CertificateParams::default().serialize_request(&kp).unwrap().pem().unwrap(), kp)
+}
+
+fn sa_token(dir: &Path, issuer: &str, ns: &str, sa: &str) -> String {
+    let key = hsm::export_file_key(&hsm::KeyRef::file(dir.join("sa-signing.key"))).unwrap();
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+    header.kid = Some(hex::encode(&key.public_key().fingerprint()[..8]));
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let claims = json!({"iss": issuer, "aud": ["istio-ca"], "sub": format!("system:serviceaccount:{ns}:{sa}"),
+        "kubernetes.io": {"namespace": ns, "serviceaccount": {"name": sa}}, "iat": now, "nbf": now - 60, "exp": now + 7200});
+    jsonwebtoken::encode(
+        &header,
+        &claims,
+        &jsonwebtoken::EncodingKey::from_ec_pem(key.expose_pem().as_bytes()).unwrap(),
+    )
+    .unwrap()
+}
+
+/// CPU seconds (user + system) of a process so far (`self` for this one).
+fn cpu_seconds(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn db_bytes(db: &Path) -> u64 {
+    let name = db.file_name().unwrap().to_str().unwrap().to_string();
+    std::fs::read_dir(db.parent().unwrap())
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_str().is_some_and(|n| n.starts_with(&name)))
+        .map(|e| e.metadata().unwrap().len())
+        .sum()
+}
+
+/// (when sent, latency) of each valid request.
+type Samples = Arc<std::sync::Mutex<Vec<(Instant, Duration)>>>;
+
+fn pct(samples: &Samples, from: Instant, to: Instant, p: f64) -> (usize, f64) {
+    let mut l: Vec<Duration> =
+        samples.lock().unwrap().iter().filter(|(t, _)| *t >= from && *t < to).map(|(_, d)| *d).collect();
+    l.sort();
+    if l.is_empty() {
+        return (0, 0.0);
+    }
+    (l.len(), l[((l.len() as f64 - 1.0) * p).round() as usize].as_secs_f64() * 1000.0)
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let requests: u64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(100_000);
+    let idle: u64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(30);
+    let exe = std::env::current_exe().unwrap();
+    let bin: PathBuf = exe.parent().unwrap().parent().unwrap().join("ca-server");
+    assert!(bin.exists(), "{} missing: cargo build --release -p ca-server --bins --examples", bin.display());
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("dev");
+    let mut child = Command::new(&bin)
+        .args(["--dev", "--dev-dir"])
+        .arg(&dir)
+        .args(["--listen", "127.0.0.1:0"])
+        .env("CA_SERVER_ISTIO__LISTEN", "127.0.0.1:0")
+        .env("CA_SERVER_LOG__LEVEL", "warn")
+        .env("CA_SERVER_AUDIT__DENIAL_SUMMARY_INTERVAL", "5s")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(std::fs::File::create(tmp.path().join("server.log")).unwrap()))
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut grpc = String::new();
+    let url = loop {
+        let l = lines.next().expect("server output").unwrap();
+        if let Some(g) = l.strip_prefix("ca-server grpc listening on ") {
+            grpc = g.to_string();
+        } else if let Some(u) = l.strip_prefix("ca-server listening on ") {
+            break u.to_string();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    std::thread::sleep(Duration::from_secs(1));
+    let e = env(&dir);
+    let root = dir.join("hierarchy/root/root.pem");
+    let db = PathBuf::from(e["CA_DATABASE_URL"].strip_prefix("sqlite://").expect("the dev setup is on SQLite"));
+    let c = client(&root, None);
+    let channel = || {
+        let port = grpc.rsplit_once(':').unwrap().1.to_string();
+        let root_pem = std::fs::read_to_string(&root).unwrap();
+        async move {
+            Endpoint::from_shared(format!("https://localhost:{port}"))
+                .unwrap()
+                .tls_config(
+                    ClientTlsConfig::new().ca_certificate(Certificate::from_pem(root_pem)).domain_name("localhost"),
+                )
+                .unwrap()
+                .timeout(Duration::from_secs(30))
+                .connect()
+                .await
+                .unwrap()
+        }
+    };
+
+    // Raw limit, this machine, this run.
+    let sw = rcgen::KeyPair::generate().unwrap();
+    let start = Instant::now();
+    let mut n = 0u64;
+    while start.elapsed() < Duration::from_secs(2) {
+        drop(rcgen::SigningKey::sign(&sw, b"x"));
+        n += 1;
+    }
+    let sign_rate = n as f64 / start.elapsed().as_secs_f64();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let paused = Arc::new(AtomicBool::new(true));
+    let renewals: Samples = Default::default();
+    let workloads: Samples = Default::default();
+    let failures = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    // Four plug-in clusters, each renewing twice a second over mTLS (a new connection each time).
+    for t in 0..4 {
+        let name = format!("flood-{t}");
+        let reg: Value = c
+            .post(format!("{url}/v1/clusters"))
+            .bearer_auth(&e["CA_ADMIN_TOKEN"])
+            .json(&json!({"name": name, "environment": "dev", "trust_domain": "cluster.local"}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        c.post(format!("{url}/v1/requests/{}/approve", reg["request_id"].as_str().unwrap()))
+            .bearer_auth(&e["CA_APPROVER_TOKEN"])
+            .send()
+            .await
+            .unwrap();
+        let (pem_csr, kp) = csr();
+        let enrolled: Value = c
+            .post(format!("{url}/v1/clusters/{name}/intermediate"))
+            .bearer_auth(reg["enrolment_token"].as_str().unwrap())
+            .json(&json!({"csr": pem_csr}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let mut cert = pem::parse(enrolled["certificate"].as_str().unwrap()).unwrap().into_contents();
+        let mut key = kp.serialize_der();
+        let (url, root, stop, paused, samples, failures) =
+            (url.clone(), root.clone(), stop.clone(), paused.clone(), renewals.clone(), failures.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            while !stop.load(Ordering::Relaxed) {
+                let due = tick.tick().await.into_std();
+                if paused.load(Ordering::Relaxed) {
+                    continue;
+                }
+                let (pem_csr, next) = csr();
+                let r = client(&root, Some((&cert, &key)))
+                    .post(format!("{url}/v1/clusters/{name}/intermediate"))
+                    .json(&json!({"csr": pem_csr}))
+                    .send()
+                    .await;
+                match r {
+                    Ok(r) if r.status().is_success() => {
+                        let body: Value = r.json().await.unwrap();
+                        samples.lock().unwrap().push((due, due.elapsed()));
+                        cert = pem::parse(body["certificate"].as_str().unwrap()).unwrap().into_contents();
+                        key = next.serialize_der();
+                    }
+                    _ => {
+                        failures.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }));
+    }
+    // Workloads of the dev external-CA cluster, 20 a second, each on its own schedule.
+    let ch = channel().await;
+    let work: Arc<Vec<(String, String)>> =
+        Arc::new((0..50).map(|i| (csr().0, sa_token(&dir, &e["CA_SA_ISSUER"], "bench", &format!("sa-{i}")))).collect());
+    {
+        let (ch, stop, paused, samples, failures, work) =
+            (ch.clone(), stop.clone(), paused.clone(), workloads.clone(), failures.clone(), work.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(50));
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let due = tick.tick().await.into_std();
+                if paused.load(Ordering::Relaxed) {
+                    continue;
+                }
+                let (csr, token) = work[i % work.len()].clone();
+                i += 1;
+                let (ch, samples, failures) = (ch.clone(), samples.clone(), failures.clone());
+                tokio::spawn(async move {
+                    let mut req =
+                        tonic::Request::new(IstioCertificateRequest { csr, validity_duration: 0, metadata: None });
+                    req.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+                    req.metadata_mut().insert("clusterid", "dev".parse().unwrap());
+                    match IstioCertificateServiceClient::new(ch).create_certificate(req).await {
+                        Ok(_) => samples.lock().unwrap().push((due, due.elapsed())),
+                        Err(_) => {
+                            failures.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        }));
+    }
+
+    let audit = |after: i64| {
+        let c = c.clone();
+        let (url, token) = (url.clone(), e["CA_AUDITOR_TOKEN"].clone());
+        async move {
+            let mut all: Vec<Value> = Vec::new();
+            let mut after = after;
+            loop {
+                let page: Vec<Value> = c
+                    .get(format!("{url}/v1/audit?after={after}&limit=1000"))
+                    .bearer_auth(&token)
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                if page.is_empty() {
+                    return all;
+                }
+                after = page.last().unwrap()["seq"].as_i64().unwrap();
+                all.extend(page);
+            }
+        }
+    };
+    let long = format!("{url}/v1/clusters/{}/trust-bundle", "a".repeat(30_000));
+    // 32 senders, half REST with 30 KB paths, half gRPC with a bogus token.
+    let flood = |requests: u64| {
+        let (long, root) = (long.clone(), root.clone());
+        let channels: Vec<_> = (0..16).map(|_| channel()).collect();
+        async move {
+            let sent = Arc::new(AtomicU64::new(0));
+            let answers: Arc<std::sync::Mutex<std::collections::BTreeMap<String, u64>>> = Default::default();
+            let mut senders = Vec::new();
+            for ch in channels {
+                let ch = ch.await;
+                for grpc in [false, true] {
+                    let (sent, answers, long, ch) = (sent.clone(), answers.clone(), long.clone(), ch.clone());
+                    let rest = client(&root, None);
+                    senders.push(tokio::spawn(async move {
+                        while sent.fetch_add(1, Ordering::Relaxed) < requests {
+                            let answer = if grpc {
+                                let mut req = tonic::Request::new(IstioCertificateRequest {
+                                    csr: String::new(),
+                                    validity_duration: 0,
+                                    metadata: None,
+                                });
+                                req.metadata_mut().insert("authorization", "Bearer not.a.jwt".parse().unwrap());
+                                req.metadata_mut().insert("clusterid", "dev".parse().unwrap());
+                                match IstioCertificateServiceClient::new(ch.clone()).create_certificate(req).await {
+                                    Ok(_) => "gRPC OK".into(),
+                                    Err(st) => format!("gRPC {:?}", st.code()),
+                                }
+                            } else {
+                                match rest.get(&long).send().await {
+                                    Ok(r) => format!("REST {}", r.status().as_u16()),
+                                    Err(_) => "REST error".into(),
+                                }
+                            };
+                            *answers.lock().unwrap().entry(answer).or_default() += 1;
+                        }
+                    }));
+                }
+            }
+            let started = Instant::now();
+            for f in senders {
+                f.await.unwrap();
+            }
+            (started.elapsed(), answers.lock().unwrap().clone())
+        }
+    };
+
+    // Phase 1, storage: the flood alone (valid traffic paused), then one more summary interval.
+    let bytes_before = db_bytes(&db);
+    let seq_before = audit(0).await.last().map_or(0, |r| r["seq"].as_i64().unwrap());
+    let server_pid = child.id().to_string();
+    let (cpu_server0, cpu_self0) = (cpu_seconds(&server_pid), cpu_seconds("self"));
+    let (alone, answers_alone) = flood(requests).await;
+    let (cpu_server, cpu_self) = (cpu_seconds(&server_pid) - cpu_server0, cpu_seconds("self") - cpu_self0);
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let bytes_after = db_bytes(&db);
+    let records = audit(seq_before).await;
+
+    // Phase 2, latency: valid traffic alone, then with the same flood again.
+    paused.store(false, Ordering::Relaxed);
+    let t0 = Instant::now();
+    tokio::time::sleep(Duration::from_secs(idle)).await;
+    let t1 = Instant::now();
+    let (with_traffic, answers) = flood(requests).await;
+    let t2 = Instant::now();
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        let _ = t.await;
+    }
+    let refusal_records: Vec<&Value> =
+        records.iter().filter(|r| r["action"].as_str().unwrap_or("").contains("denied")).collect();
+    let refusal_bytes: usize = refusal_records.iter().map(|r| r.to_string().len()).sum();
+    let summarised: u64 = refusal_records
+        .iter()
+        .filter(|r| r["action"] == "request.denied.summary")
+        .filter_map(|r| r["details"]["total"].as_u64())
+        .sum();
+    let other_records = records.len() - refusal_records.len();
+    let _ = child.kill();
+    let _ = child.wait();
+
+    println!("| measurement | value |");
+    println!("| --- | --- |");
+    println!("| raw ECDSA P-256 sign, software (aws-lc-rs), 1 thread | {sign_rate:.0}/s |");
+    println!(
+        "| flood alone: {requests} anonymous bad requests | {:.1} s ({:.0}/s); CPU: server {cpu_server:.1} s, load generator {cpu_self:.1} s |",
+        alone.as_secs_f64(),
+        requests as f64 / alone.as_secs_f64()
+    );
+    for (k, v) in &answers_alone {
+        println!("| flood alone: answered {k} | {v} |");
+    }
+    println!(
+        "| flood alone: audit records for the refusals | {} ({refusal_bytes} bytes of JSON), counting {summarised} refusals; {other_records} other records |",
+        refusal_records.len()
+    );
+    println!(
+        "| flood alone: database growth (file + WAL) | {:.3} MB |",
+        (bytes_after as f64 - bytes_before as f64) / 1e6
+    );
+    println!(
+        "| flood with valid traffic: {requests} requests | {:.1} s ({:.0}/s) |",
+        with_traffic.as_secs_f64(),
+        requests as f64 / with_traffic.as_secs_f64()
+    );
+    for (k, v) in &answers {
+        println!("| flood with valid traffic: answered {k} | {v} |");
+    }
+    for (what, s) in
+        [("cluster renewal (mTLS, 4 clusters, 8/s)", &renewals), ("workload certificate (gRPC, 20/s)", &workloads)]
+    {
+        let (n0, p50_0) = pct(s, t0, t1, 0.5);
+        let (_, p99_0) = pct(s, t0, t1, 0.99);
+        let (n1, p50_1) = pct(s, t1, t2, 0.5);
+        let (_, p99_1) = pct(s, t1, t2, 0.99);
+        println!(
+            "| {what}: idle p50 / p99 (n) | {p50_0:.1} / {p99_0:.1} ms ({n0}) |\n| {what}: during the flood p50 / p99 (n) | {p50_1:.1} / {p99_1:.1} ms ({n1}), p99 {:.2}× idle |",
+            if p99_0 > 0.0 { p99_1 / p99_0 } else { 0.0 }
+        );
+    }
+    println!("| valid requests that failed | {} |", failures.load(Ordering::Relaxed));
+}
