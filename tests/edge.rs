@@ -255,8 +255,7 @@ async fn anonymous_refusals_are_summarised_and_rate_limited() {
     let grown = db_bytes(&srv).saturating_sub(bytes_before);
     assert!(grown < 2 * 1024 * 1024, "the database grew by {grown} bytes");
 
-    let (_, m) = srv.call("GET", "/metrics", None, None).await;
-    let m = m.as_str().unwrap().to_string();
+    let m = srv.metrics_text().await;
     assert!(m.contains("ca_anonymous_denials_total{api=\"rest\",code=\"not-found\"}"), "{m}");
     assert!(m.contains("ca_anonymous_denials_total{api=\"grpc\",code=\"invalid-token\"} 20"), "{m}");
     let o = srv.audit_verify(&srv.database_url());
@@ -290,10 +289,7 @@ async fn labels_and_logs_are_bounded_and_shutdown_writes_the_summary() {
         let _ = send(m.into(), "/nowhere".into()).await.unwrap();
         sent += 1;
     }
-    let size = |m: &Value| m.as_str().unwrap().len();
-    // The scrape itself is a series too: scrape once before measuring.
-    let _ = srv.call("GET", "/metrics", None, None).await;
-    let baseline = size(&srv.call("GET", "/metrics", None, None).await.1);
+    let baseline = srv.metrics_text().await.len();
     for i in 0..300 {
         let method = format!("M{i}{}", "X".repeat(2000));
         let path = format!("/r{i}/{}", "p".repeat(2000 + i));
@@ -301,7 +297,7 @@ async fn labels_and_logs_are_bounded_and_shutdown_writes_the_summary() {
         assert!(r.status().is_client_error(), "{}", r.status());
         sent += 1;
     }
-    let after = size(&srv.call("GET", "/metrics", None, None).await.1);
+    let after = srv.metrics_text().await.len();
     // Counts change, background gauges may appear; a new series per method would be 40 KB.
     assert!(after < baseline + 4_000, "/metrics grew from {baseline} to {after} bytes");
 

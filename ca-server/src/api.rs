@@ -120,8 +120,9 @@ async fn audit_denials(State(state): State<AppState>, mut req: Request, next: Ne
                    "detail": detail, "remote": remote.map(|r| r.to_string())})
         }
     };
-    // Probes and scrapes are never refused and write nothing: they do not draw on the quota.
-    let probe = matches!(path.as_str(), "/healthz" | "/readyz" | "/metrics");
+    // Probes are never refused and write nothing: they do not draw on the quota. (Scrapes go to
+    // the metrics listener, which has no quota; `/metrics` here is an ordinary 404.)
+    let probe = matches!(path.as_str(), "/healthz" | "/readyz");
     if !credential && !probe {
         if let Some(ip) = remote.map(|r| r.ip()) {
             if let Err(wait) = state.edge.take(ip) {
