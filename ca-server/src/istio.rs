@@ -1166,14 +1166,7 @@ pub async fn serve(
     tokio::pin!(shutdown);
     loop {
         let (tcp, remote) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "gRPC accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            c = crate::tls::accept(&listener) => c,
             _ = &mut shutdown => break,
         };
         let _ = tcp.set_nodelay(true);

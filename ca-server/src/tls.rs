@@ -135,6 +135,20 @@ impl ConnLimits {
     }
 }
 
+/// The next connection. A failed accept (out of file descriptors, say) is logged and retried
+/// after a pause instead of ending the listener. Cancel-safe, as `TcpListener::accept` is.
+pub async fn accept(listener: &TcpListener) -> (tokio::net::TcpStream, SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok(c) => return c,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
 /// Accepts TLS connections and serves `app` on each, with [`ConnInfo`] in the request
 /// extensions. Runs until the process ends.
 pub async fn serve(
@@ -145,14 +159,7 @@ pub async fn serve(
 ) -> Result<()> {
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
     loop {
-        let (tcp, remote) = match listener.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+        let (tcp, remote) = accept(&listener).await;
         let acceptor = acceptor.clone();
         let app = app.clone();
         tokio::spawn(async move {
@@ -180,14 +187,7 @@ pub async fn serve(
 /// asked otherwise). The same connection limits as the API.
 pub async fn serve_plain(listener: TcpListener, app: axum::Router, limits: ConnLimits) -> Result<()> {
     loop {
-        let (tcp, remote) = match listener.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+        let (tcp, remote) = accept(&listener).await;
         let app = app.clone();
         tokio::spawn(async move {
             let svc = tower::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
