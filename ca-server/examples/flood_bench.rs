@@ -14,7 +14,6 @@
 //! windows, what the flood was answered, the audit records and bytes its refusals cost, and the
 //! database's growth. In the same run: the raw ECDSA P-256 signing rate.
 
-use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -24,66 +23,14 @@ use std::time::{Duration, Instant};
 use ca_server::proto::IstioCertificateRequest;
 use ca_server::proto::istio_certificate_service_client::IstioCertificateServiceClient;
 use serde_json::{Value, json};
+
+mod common;
+use common::{client, cpu_seconds, env, sa_token};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
-
-fn env(dir: &Path) -> std::collections::HashMap<String, String> {
-    std::fs::read_to_string(dir.join("dev.env"))
-        .unwrap()
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
-
-fn client(root: &Path, identity: Option<(&[u8], &[u8])>) -> reqwest::Client {
-    let mut roots = rustls::RootCertStore::empty();
-    for p in pem::parse_many(std::fs::read(root).unwrap()).unwrap() {
-        roots.add(rustls::pki_types::CertificateDer::from(p.into_contents())).unwrap();
-    }
-    let b = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots);
-    let cfg = match identity {
-        None => b.with_no_client_auth(),
-        Some((cert, key)) => b
-            .with_client_auth_cert(
-                vec![cert.to_vec().into()],
-                rustls::pki_types::PrivateKeyDer::Pkcs8(key.to_vec().into()),
-            )
-            .unwrap(),
-    };
-    reqwest::Client::builder().use_preconfigured_tls(cfg).build().unwrap()
-}
 
 fn csr() -> (String, rcgen::KeyPair) {
     let kp = rcgen::KeyPair::generate().unwrap();
     (rcgen::CertificateParams::default().serialize_request(&kp).unwrap().pem().unwrap(), kp)
-}
-
-fn sa_token(dir: &Path, issuer: &str, ns: &str, sa: &str) -> String {
-    let key = hsm::export_file_key(&hsm::KeyRef::file(dir.join("sa-signing.key"))).unwrap();
-    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
-    header.kid = Some(hex::encode(&key.public_key().fingerprint()[..8]));
-    let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    let claims = json!({"iss": issuer, "aud": ["istio-ca"], "sub": format!("system:serviceaccount:{ns}:{sa}"),
-        "kubernetes.io": {"namespace": ns, "serviceaccount": {"name": sa}}, "iat": now, "nbf": now - 60, "exp": now + 7200});
-    jsonwebtoken::encode(
-        &header,
-        &claims,
-        &jsonwebtoken::EncodingKey::from_ec_pem(key.expose_pem().as_bytes()).unwrap(),
-    )
-    .unwrap()
-}
-
-/// CPU seconds (user + system) of a process so far (`self` for this one).
-fn cpu_seconds(pid: &str) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (ticks(11) + ticks(12)) / 100.0
 }
 
 fn db_bytes(db: &Path) -> u64 {
@@ -130,17 +77,7 @@ async fn main() {
         .stderr(Stdio::from(std::fs::File::create(tmp.path().join("server.log")).unwrap()))
         .spawn()
         .unwrap();
-    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut grpc = String::new();
-    let url = loop {
-        let l = lines.next().expect("server output").unwrap();
-        if let Some(g) = l.strip_prefix("ca-server grpc listening on ") {
-            grpc = g.to_string();
-        } else if let Some(u) = l.strip_prefix("ca-server listening on ") {
-            break u.to_string();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
+    let (url, grpc) = common::listeners(&mut child);
     std::thread::sleep(Duration::from_secs(1));
     let e = env(&dir);
     let root = dir.join("hierarchy/root/root.pem");
@@ -182,33 +119,8 @@ async fn main() {
     // Four plug-in clusters, each renewing twice a second over mTLS (a new connection each time).
     for t in 0..4 {
         let name = format!("flood-{t}");
-        let reg: Value = c
-            .post(format!("{url}/v1/clusters"))
-            .bearer_auth(&e["CA_ADMIN_TOKEN"])
-            .json(&json!({"name": name, "environment": "dev", "trust_domain": "cluster.local"}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        c.post(format!("{url}/v1/requests/{}/approve", reg["request_id"].as_str().unwrap()))
-            .bearer_auth(&e["CA_APPROVER_TOKEN"])
-            .send()
-            .await
-            .unwrap();
         let (pem_csr, kp) = csr();
-        let enrolled: Value = c
-            .post(format!("{url}/v1/clusters/{name}/intermediate"))
-            .bearer_auth(reg["enrolment_token"].as_str().unwrap())
-            .json(&json!({"csr": pem_csr}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let mut cert = pem::parse(enrolled["certificate"].as_str().unwrap()).unwrap().into_contents();
+        let mut cert = common::enrol(&c, &url, &e, &name, &pem_csr).await;
         let mut key = kp.serialize_der();
         let (url, root, stop, paused, samples, failures) =
             (url.clone(), root.clone(), stop.clone(), paused.clone(), renewals.clone(), failures.clone());

@@ -18,7 +18,6 @@ mod proto {
     tonic::include_proto!("istio.v1.auth");
 }
 
-use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -28,49 +27,17 @@ use std::time::{Duration, Instant};
 use proto::IstioCertificateRequest;
 use proto::istio_certificate_service_client::IstioCertificateServiceClient;
 use serde_json::{Value, json};
+
+mod common;
+use common::{cpu_seconds, env, rate, sa_token as token};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 const IDENTITIES: usize = 1000;
 const CONNECTIONS: usize = 4;
 
-fn env(dir: &Path) -> std::collections::HashMap<String, String> {
-    std::fs::read_to_string(dir.join("dev.env"))
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
-
-fn rate(seconds: f64, f: impl Fn()) -> f64 {
-    let start = Instant::now();
-    let mut n = 0u64;
-    while start.elapsed().as_secs_f64() < seconds {
-        f();
-        n += 1;
-    }
-    n as f64 / start.elapsed().as_secs_f64()
-}
-
 fn csr() -> String {
     let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
     rcgen::CertificateParams::default().serialize_request(&kp).unwrap().pem().unwrap()
-}
-
-fn token(dir: &Path, issuer: &str, ns: &str, sa: &str) -> String {
-    let key = hsm::export_file_key(&hsm::KeyRef::file(dir.join("sa-signing.key"))).unwrap();
-    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
-    header.kid = Some(hex::encode(&key.public_key().fingerprint()[..8]));
-    let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    let claims = json!({"iss": issuer, "aud": ["istio-ca"], "sub": format!("system:serviceaccount:{ns}:{sa}"),
-        "kubernetes.io": {"namespace": ns, "serviceaccount": {"name": sa}}, "iat": now, "nbf": now - 60, "exp": now + 7200});
-    jsonwebtoken::encode(
-        &header,
-        &claims,
-        &jsonwebtoken::EncodingKey::from_ec_pem(key.expose_pem().as_bytes()).unwrap(),
-    )
-    .unwrap()
 }
 
 #[derive(Clone)]
@@ -217,17 +184,6 @@ async fn burst(load: &Load, n: usize) -> Stats {
     s
 }
 
-/// CPU seconds (user + system) a process has used so far.
-fn cpu_seconds(pid: &str) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which is in parentheses and may hold spaces).
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // utime and stime are fields 14 and 15 of stat, 12 and 13 after the command name.
-    (ticks(11) + ticks(12)) / 100.0
-}
-
 /// The storage's own limit: 4 KiB appended and fsync'd, `n` times, in `dir`. Returns
 /// (p50, p99, max) in milliseconds.
 fn fsync_latency(dir: &Path, n: usize) -> (f64, f64, f64) {
@@ -281,17 +237,7 @@ async fn main() {
         .stderr(Stdio::from(std::fs::File::create(tmp.path().join("server.log")).unwrap()))
         .spawn()
         .unwrap();
-    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut grpc = String::new();
-    let url = loop {
-        let l = lines.next().expect("server output").unwrap();
-        if let Some(g) = l.strip_prefix("ca-server grpc listening on ") {
-            grpc = g.to_string();
-        } else if let Some(u) = l.strip_prefix("ca-server listening on ") {
-            break u.to_string();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
+    let (url, grpc) = common::listeners(&mut child);
     std::thread::sleep(Duration::from_secs(1));
     let e = env(&dir);
     let root = std::fs::read(dir.join("hierarchy/root/root.pem")).unwrap();

@@ -11,59 +11,19 @@
 //! record committed). In the same run it measures the machine's raw limits: ECDSA P-256
 //! signatures per second in software and with the environment key in SoftHSM2.
 
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-fn env(dir: &Path) -> std::collections::HashMap<String, String> {
-    std::fs::read_to_string(dir.join("dev.env"))
-        .expect("dev.env: start ca-server --dev first")
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
-
-fn client(root: &Path, identity: Option<(&[u8], &[u8])>) -> reqwest::Client {
-    let mut roots = rustls::RootCertStore::empty();
-    for p in pem::parse_many(std::fs::read(root).unwrap()).unwrap() {
-        roots.add(rustls::pki_types::CertificateDer::from(p.into_contents())).unwrap();
-    }
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let b = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots);
-    let cfg = match identity {
-        None => b.with_no_client_auth(),
-        Some((cert, key)) => b
-            .with_client_auth_cert(
-                vec![cert.to_vec().into()],
-                rustls::pki_types::PrivateKeyDer::Pkcs8(key.to_vec().into()),
-            )
-            .unwrap(),
-    };
-    reqwest::Client::builder().use_preconfigured_tls(cfg).build().unwrap()
-}
+mod common;
+use common::{client, env, rate};
 
 fn csr() -> (String, rcgen::KeyPair) {
     let kp = rcgen::KeyPair::generate().unwrap();
     let mut p = rcgen::CertificateParams::default();
     p.distinguished_name.push(rcgen::DnType::CommonName, "load");
     (p.serialize_request(&kp).unwrap().pem().unwrap(), kp)
-}
-
-fn rate(seconds: f64, f: impl Fn()) -> f64 {
-    let start = Instant::now();
-    let mut n = 0u64;
-    while start.elapsed().as_secs_f64() < seconds {
-        f();
-        n += 1;
-    }
-    n as f64 / start.elapsed().as_secs_f64()
 }
 
 #[tokio::main]
@@ -73,6 +33,7 @@ async fn main() {
     let seconds: u64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(10);
     let concurrency: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(8);
     let e = env(&dir);
+    assert!(!e.is_empty(), "{}/dev.env: start ca-server --dev first", dir.display());
     let url = e["CA_SERVER_URL"].clone();
     let root = PathBuf::from(&e["CA_ROOT_CERT"]);
     let c = client(&root, None);
@@ -98,33 +59,8 @@ async fn main() {
     let deadline = Instant::now() + Duration::from_secs(seconds) + Duration::from_secs(2);
     for t in 0..concurrency {
         let name = format!("load-{}-{t}", std::process::id());
-        let reg: Value = c
-            .post(format!("{url}/v1/clusters"))
-            .bearer_auth(&e["CA_ADMIN_TOKEN"])
-            .json(&json!({"name": name, "environment": "dev", "trust_domain": "cluster.local"}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        c.post(format!("{url}/v1/requests/{}/approve", reg["request_id"].as_str().unwrap()))
-            .bearer_auth(&e["CA_APPROVER_TOKEN"])
-            .send()
-            .await
-            .unwrap();
         let (pem_csr, kp) = csr();
-        let enrolled: Value = c
-            .post(format!("{url}/v1/clusters/{name}/intermediate"))
-            .bearer_auth(reg["enrolment_token"].as_str().unwrap())
-            .json(&json!({"csr": pem_csr}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let mut cert = pem::parse(enrolled["certificate"].as_str().unwrap()).unwrap().into_contents();
+        let mut cert = common::enrol(&c, &url, &e, &name, &pem_csr).await;
         let mut key = kp.serialize_der();
         // Keys and CSRs are made up front so the client's own work is not measured.
         let pairs: Vec<(String, Vec<u8>)> = (0..512)
