@@ -57,6 +57,9 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(req.spiffe_id.as_ref().map(ToString::to_string).as_deref(), Some(IDENTITY));
     assert!(req.not_after <= issuer_not_after, "outlives the issuer");
     assert!(req.not_after - before >= MIN_TTL - Duration::seconds(1), "shorter than the minimum");
-    assert!(req.not_after - req.not_before <= policy.max.saturating_add(Duration::minutes(2)), "longer than the maximum");
+    assert!(
+        req.not_after - req.not_before <= policy.max.saturating_add(Duration::minutes(2)),
+        "longer than the maximum"
+    );
     assert!(validity >= 0);
 });
