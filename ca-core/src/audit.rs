@@ -109,15 +109,17 @@ pub fn verify_chain(
         }
         if r.computed_hash() != r.hash {
             // A record moved to another position still hashes correctly at its old one.
-            let written_as =
-                (r.seq - 16..=r.seq + 16).filter(|s| *s != r.seq && *s > 0).find(|s| r.computed_hash_at(*s) == r.hash);
+            // Saturating: a tampered row may carry any seq, even i64::MIN.
+            let written_as = (r.seq.saturating_sub(16)..=r.seq.saturating_add(16))
+                .filter(|s| *s != r.seq && *s > 0)
+                .find(|s| r.computed_hash_at(*s) == r.hash);
             return Err(match written_as {
                 Some(written_as) => ChainProblem::Reordered { seq: r.seq, written_as },
                 None => ChainProblem::Altered { seq: r.seq },
             });
         }
         if r.prev_hash != prev {
-            return Err(ChainProblem::Unlinked { seq: r.seq, prev: r.seq - 1 });
+            return Err(ChainProblem::Unlinked { seq: r.seq, prev: r.seq.saturating_sub(1) });
         }
         prev = r.hash.clone();
         hashes.insert(r.seq, r.hash.clone());
@@ -226,5 +228,18 @@ mod tests {
         assert_eq!(verify_chain(short, &[cp.clone()], None), Err(ChainProblem::Truncated { last: 4, checkpoint: 6 }));
         let bad = Checkpoint { hash: GENESIS.into(), ..cp };
         assert!(matches!(verify_chain(c, &[bad], None), Err(ChainProblem::Checkpoint { seq: 6, .. })));
+    }
+
+    /// Found by the `audit_chain` fuzz target: a row whose seq is i64::MIN (a tampered
+    /// database can hold one) overflowed the search for its original position and panicked
+    /// instead of being reported.
+    #[test]
+    fn extreme_sequence_numbers_are_reported_not_panicked_on() {
+        let mut c = chain(1);
+        c[0].seq = i64::MIN;
+        assert_eq!(verify_chain(c.clone(), &[], None), Err(ChainProblem::Altered { seq: i64::MIN }));
+        c[0].prev_hash = "x".into();
+        c[0].hash = c[0].computed_hash();
+        assert!(matches!(verify_chain(c, &[], None), Err(ChainProblem::Unlinked { seq: i64::MIN, .. })));
     }
 }

@@ -735,3 +735,21 @@ fn append_transcript(path: &Path, entry: &TranscriptEntry) -> Result<()> {
 pub fn default_operator() -> String {
     std::env::var("CEREMONY_OPERATOR").or_else(|_| std::env::var("USER")).unwrap_or_else(|_| "unknown".into())
 }
+
+#[cfg(test)]
+mod fuzz_regressions {
+    use super::*;
+
+    /// `validity: 9000y` passed parsing, and `check` (and `run`) then panicked adding it to
+    /// today's date ("resulting value is out of range"). Seen while writing the `ceremony`
+    /// fuzz target, which crashes on this input; its first 10-minute run did not reach it.
+    #[test]
+    fn a_validity_past_year_9999_is_a_field_error() {
+        let yaml = b"ceremony-type: cross-sign\nissuer:\n  certificate: root-2031.pem\n  key: \"file:root.key\"\n\
+                     certificate: env.pem\nvalidity: 9000y\noutputs:\n  certificate: out.pem\n";
+        match parse(Path::new("/nonexistent/cross-sign.yaml"), yaml) {
+            Err(CoreError::Ceremony(CeremonyError::Field { field, .. })) => assert_eq!(field, "validity"),
+            other => panic!("expected a validity field error, got {other:?}"),
+        }
+    }
+}

@@ -7,6 +7,10 @@ use serde::{Deserialize, Deserializer};
 
 use crate::error::PolicyError;
 
+/// The longest validity accepted: 1000 years, far past any certificate's life and far enough
+/// before year 9999 that adding it to a date cannot overflow.
+pub const MAX_SECONDS: i64 = 1000 * 365 * 86_400;
+
 /// A validity period. A year is 365 days: certificate lifetimes are policy numbers, not
 /// calendar arithmetic.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -52,6 +56,10 @@ impl FromStr for Validity {
         if !num.is_empty() || !seen_unit || total <= 0 {
             return Err(bad());
         }
+        // Every validity is added to today's date somewhere; past year 9999 that panics.
+        if total > MAX_SECONDS {
+            return Err(PolicyError::Invalid(format!("duration {s:?} is longer than the maximum 1000y")));
+        }
         Ok(Validity(time::Duration::seconds(total)))
     }
 }
@@ -94,6 +102,16 @@ mod tests {
     #[test]
     fn rejects_garbage() {
         for bad in ["", "5", "y", "5x", "-5d", "0d", "d5", "99999999999999999999y"] {
+            assert!(bad.parse::<Validity>().is_err(), "{bad:?}");
+        }
+    }
+
+    /// A validity long enough to pass year 9999 when added to today made `now + validity`
+    /// panic (ceremony check and run, the server's policy durations, workload TTLs).
+    #[test]
+    fn refuses_a_validity_no_date_can_hold() {
+        assert!("1000y".parse::<Validity>().is_ok());
+        for bad in ["1001y", "9000y", "1000y1s", "292471208677y"] {
             assert!(bad.parse::<Validity>().is_err(), "{bad:?}");
         }
     }

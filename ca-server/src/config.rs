@@ -454,9 +454,16 @@ impl Config {
     /// file's directory and validates.
     pub fn load(path: &Path) -> Result<Config> {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        Self::from_toml_str(&text, path, std::env::vars())
+    }
+
+    /// `load` after the read, with the environment passed in, so that the fuzz target and
+    /// tests exercise exactly what the server runs. `path` names the file in errors and
+    /// anchors relative paths; nothing is read from it.
+    pub fn from_toml_str(text: &str, path: &Path, env: impl Iterator<Item = (String, String)>) -> Result<Config> {
         let mut value: toml::Table =
-            toml::from_str(&text).with_context(|| format!("{}: invalid TOML", path.display()))?;
-        apply_env_overrides(&mut value, std::env::vars())?;
+            toml::from_str(text).with_context(|| format!("{}: invalid TOML", path.display()))?;
+        apply_env_overrides(&mut value, env)?;
         let mut cfg: Config = toml::Value::Table(value)
             .try_into()
             .with_context(|| format!("{}: invalid configuration", path.display()))?;

@@ -389,6 +389,14 @@ impl TokenValidator {
         })
     }
 
+    /// A validator with its keys read now from the configured source, as `Istio::load_keys`
+    /// does at start; for the fuzz target and tests, which have no `Istio`.
+    pub async fn load(cluster: &str, cfg: IstioClusterConfig) -> Result<Self> {
+        let v = Self::new(cluster, cfg)?;
+        v.refresh(true).await?;
+        Ok(v)
+    }
+
     fn due(&self) -> bool {
         let last = *self.last_fetch.lock().unwrap_or_else(|p| p.into_inner());
         last.is_none_or(|t| t.elapsed() >= self.cfg.jwks_refresh.duration().unsigned_abs())
@@ -878,13 +886,14 @@ impl IstioApi {
 }
 
 /// Why a request was refused before signing.
-enum Judged {
+pub enum Judged {
     Csr(ca_core::CoreError),
     Denial(WorkloadDenial),
 }
 
 /// The CSR's signature, key and names, and the lifetime: everything decided before signing.
-fn judge(
+/// Public for the fuzz target.
+pub fn judge(
     csr: &str,
     identity: &SpiffeId,
     validity: i64,
