@@ -19,22 +19,6 @@ use ca_server::proto::istio_certificate_service_client::IstioCertificateServiceC
 use serde_json::{Value, json};
 use support::*;
 
-fn cli(srv: &Server, role: &str, args: &[&str]) -> std::process::Output {
-    Command::new(ca_cli_bin())
-        .args(["--output", "json"])
-        .args(args)
-        .args(["--server", &srv.url, "--ca-root"])
-        .arg(srv.root())
-        .env("CA_TOKEN", srv.token(role))
-        .output()
-        .unwrap()
-}
-
-fn json_of(o: &std::process::Output) -> Value {
-    assert!(o.status.success(), "{}\n{}", stdout(o), stderr(o));
-    serde_json::from_str(&stdout(o)).unwrap()
-}
-
 /// Asks (admin) and approves (approver) a rotation's next stage.
 fn advance(srv: &Server, id: &str, to: &str) {
     let r = json_of(&cli(srv, "admin", &["rotation", "advance", id, "--to", to]));

@@ -156,22 +156,6 @@ impl<'a> Mesh<'a> {
     }
 }
 
-fn cli(srv: &Server, role: &str, args: &[&str]) -> std::process::Output {
-    Command::new(ca_cli_bin())
-        .args(["--output", "json"])
-        .args(args)
-        .args(["--server", &srv.url, "--ca-root"])
-        .arg(srv.root())
-        .env("CA_TOKEN", srv.token(role))
-        .output()
-        .unwrap()
-}
-
-fn json_of(o: &std::process::Output) -> Value {
-    assert!(o.status.success(), "{}\n{}", stdout(o), stderr(o));
-    serde_json::from_str(&stdout(o)).unwrap()
-}
-
 /// Asks (as admin) to move the rotation on and approves it (as the approver).
 fn advance(srv: &Server, id: &str, to: &str) {
     let r = json_of(&cli(srv, "admin", &["rotation", "advance", id, "--to", to]));

@@ -329,6 +329,24 @@ impl Renewer {
     }
 }
 
+/// `ca-cli --output json ARGS` against `srv`, with a token of `role` in `CA_TOKEN`.
+pub fn cli(srv: &Server, role: &str, args: &[&str]) -> std::process::Output {
+    Command::new(ca_cli_bin())
+        .args(["--output", "json"])
+        .args(args)
+        .args(["--server", &srv.url, "--ca-root"])
+        .arg(srv.root())
+        .env("CA_TOKEN", srv.token(role))
+        .output()
+        .unwrap()
+}
+
+/// The JSON a successful `ca-cli` printed (the output is shown when it failed).
+pub fn json_of(o: &std::process::Output) -> Value {
+    assert!(o.status.success(), "{}\n{}", stdout(o), stderr(o));
+    serde_json::from_str(&stdout(o)).unwrap()
+}
+
 pub fn stdout(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stdout).to_string()
 }
