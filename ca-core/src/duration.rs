@@ -26,36 +26,50 @@ impl Validity {
     }
 }
 
+impl Validity {
+    /// A time window rather than a lifetime (a query's "expiring within"): any length the
+    /// syntax allows, capped at [`MAX_SECONDS`], since every certificate ends within that.
+    pub fn parse_window(s: &str) -> Result<Self, PolicyError> {
+        seconds(s).map(|total| Validity(time::Duration::seconds(total.min(MAX_SECONDS))))
+    }
+}
+
+/// The seconds `s` spells; only syntax and overflow are checked.
+fn seconds(s: &str) -> Result<i64, PolicyError> {
+    let bad = || PolicyError::Invalid(format!("invalid duration {s:?}: expected e.g. 24h, 90d, 5y or 1y30d"));
+    let mut total: i64 = 0;
+    let mut num = String::new();
+    let mut seen_unit = false;
+    for c in s.trim().chars() {
+        if c.is_ascii_digit() {
+            num.push(c);
+            continue;
+        }
+        let n: i64 = num.parse().map_err(|_| bad())?;
+        num.clear();
+        let secs = match c {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            'd' => 86_400,
+            'w' => 7 * 86_400,
+            'y' => 365 * 86_400,
+            _ => return Err(bad()),
+        };
+        total = n.checked_mul(secs).and_then(|v| total.checked_add(v)).ok_or_else(bad)?;
+        seen_unit = true;
+    }
+    if !num.is_empty() || !seen_unit || total <= 0 {
+        return Err(bad());
+    }
+    Ok(total)
+}
+
 impl FromStr for Validity {
     type Err = PolicyError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || PolicyError::Invalid(format!("invalid duration {s:?}: expected e.g. 24h, 90d, 5y or 1y30d"));
-        let mut total: i64 = 0;
-        let mut num = String::new();
-        let mut seen_unit = false;
-        for c in s.trim().chars() {
-            if c.is_ascii_digit() {
-                num.push(c);
-                continue;
-            }
-            let n: i64 = num.parse().map_err(|_| bad())?;
-            num.clear();
-            let secs = match c {
-                's' => 1,
-                'm' => 60,
-                'h' => 3600,
-                'd' => 86_400,
-                'w' => 7 * 86_400,
-                'y' => 365 * 86_400,
-                _ => return Err(bad()),
-            };
-            total = n.checked_mul(secs).and_then(|v| total.checked_add(v)).ok_or_else(bad)?;
-            seen_unit = true;
-        }
-        if !num.is_empty() || !seen_unit || total <= 0 {
-            return Err(bad());
-        }
+        let total = seconds(s)?;
         // Every validity is added to today's date somewhere; past year 9999 that panics.
         if total > MAX_SECONDS {
             return Err(PolicyError::Invalid(format!("duration {s:?} is longer than the maximum 1000y")));
@@ -108,6 +122,15 @@ mod tests {
 
     /// A validity long enough to pass year 9999 when added to today made `now + validity`
     /// panic (ceremony check and run, the server's policy durations, workload TTLs).
+    #[test]
+    fn a_window_longer_than_any_validity_is_capped() {
+        let w = Validity::parse_window("5y2426775489h").unwrap();
+        assert_eq!(w.duration().whole_seconds(), MAX_SECONDS);
+        assert_eq!(Validity::parse_window("30d").unwrap().duration().whole_seconds(), 30 * 86_400);
+        assert!(Validity::parse_window("30x").is_err());
+        assert!("5y2426775489h".parse::<Validity>().is_err());
+    }
+
     #[test]
     fn refuses_a_validity_no_date_can_hold() {
         assert!("1000y".parse::<Validity>().is_ok());

@@ -1753,7 +1753,7 @@ async fn list_certificates(
     op.require(&[Role::Operator, Role::Admin, Role::Auditor], "listing certificates")?;
     let expiring = match &q.expiring_within {
         Some(d) => Some(
-            d.parse::<ca_core::duration::Validity>()
+            ca_core::duration::Validity::parse_window(d)
                 .map_err(|e| ApiError::bad_request("invalid-query", format!("expiring_within: {e}")).by(op.actor()))?
                 .duration()
                 .whole_seconds(),
