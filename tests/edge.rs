@@ -16,22 +16,6 @@ use serde_json::{Value, json};
 use support::*;
 use tonic::Code;
 
-async fn audit_all(srv: &Server) -> Vec<Value> {
-    let mut all = Vec::new();
-    let mut after = 0;
-    loop {
-        let (s, v) =
-            srv.call("GET", &format!("/v1/audit?after={after}&limit=1000"), Some(&srv.token("auditor")), None).await;
-        assert_eq!(s, 200, "{v}");
-        let page = v.as_array().unwrap().clone();
-        if page.is_empty() {
-            return all;
-        }
-        after = page.last().unwrap()["seq"].as_i64().unwrap();
-        all.extend(page);
-    }
-}
-
 fn summaries(records: &[Value]) -> Vec<&Value> {
     records.iter().filter(|r| r["action"] == "request.denied.summary").collect()
 }

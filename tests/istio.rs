@@ -201,22 +201,6 @@ fn openssl_verify(chain: &[String]) {
     assert!(o.status.success(), "openssl verify: {}{}", stdout(&o), stderr(&o));
 }
 
-async fn audit(srv: &Server) -> Vec<Value> {
-    let mut all = Vec::new();
-    let mut after = 0;
-    loop {
-        let (s, v) =
-            srv.call("GET", &format!("/v1/audit?after={after}&limit=1000"), Some(&srv.token("auditor")), None).await;
-        assert_eq!(s, 200, "{v}");
-        let page = v.as_array().unwrap().clone();
-        if page.is_empty() {
-            return all;
-        }
-        after = page.last().unwrap()["seq"].as_i64().unwrap();
-        all.extend(page);
-    }
-}
-
 fn listed_serials(records: &[Value]) -> Vec<String> {
     records
         .iter()
@@ -293,7 +277,7 @@ async fn workload_certificates_follow_every_rule() {
     assert_eq!(s, 200, "{found}");
     assert_eq!(found["profile"], "workload");
     assert_eq!(found["sans"][0], "spiffe://cluster.local/ns/default/sa/default");
-    assert!(listed_serials(&audit(&srv).await).contains(&leaf.serial));
+    assert!(listed_serials(&audit_all(&srv).await).contains(&leaf.serial));
 
     // The CSR may repeat the caller's own identity...
     let me = "spiffe://cluster.local/ns/default/sa/default";
@@ -451,7 +435,7 @@ async fn workload_certificates_follow_every_rule() {
     // Every refusal above was audited, with its code (unauthenticated ones in the summary,
     // written every second in tests).
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    let records = audit(&srv).await;
+    let records = audit_all(&srv).await;
     let denied = denials(&records);
     for code in [
         "identity-mismatch",
@@ -669,7 +653,7 @@ async fn storm(backend: &str) {
     for t in tasks {
         serials.push(parse_leaf(&t.await.unwrap().expect("no request fails in a storm")[0]).serial);
     }
-    let records = audit(&srv).await;
+    let records = audit_all(&srv).await;
     let listed = listed_serials(&records);
     for s in &serials {
         assert!(listed.contains(s), "serial {s} is not in the audit trail");

@@ -329,6 +329,23 @@ impl Renewer {
     }
 }
 
+/// The whole audit trail, oldest first, read page by page as the auditor.
+pub async fn audit_all(srv: &Server) -> Vec<Value> {
+    let mut all = Vec::new();
+    let mut after = 0;
+    loop {
+        let (s, v) =
+            srv.call("GET", &format!("/v1/audit?after={after}&limit=1000"), Some(&srv.token("auditor")), None).await;
+        assert_eq!(s, 200, "{v}");
+        let page = v.as_array().unwrap().clone();
+        if page.is_empty() {
+            return all;
+        }
+        after = page.last().unwrap()["seq"].as_i64().unwrap();
+        all.extend(page);
+    }
+}
+
 /// `ca-cli --output json ARGS` against `srv`, with a token of `role` in `CA_TOKEN`.
 pub fn cli(srv: &Server, role: &str, args: &[&str]) -> std::process::Output {
     Command::new(ca_cli_bin())
