@@ -311,7 +311,7 @@ async fn labels_and_logs_are_bounded_and_shutdown_writes_the_summary() {
     let records = audit_all(&srv).await;
     assert_eq!(summaries(&records).len(), 0);
     terminate(&mut srv);
-    let store = ca_core::store::Store::connect(&db, false).await.unwrap();
+    let store = ca_store::Store::connect(&db, false).await.unwrap();
     let records = store.audit_after(0, 100_000).await.unwrap();
     store.close().await;
     let last = records.iter().rev().find(|r| r.action == "request.denied.summary").expect("written at shutdown");
@@ -351,7 +351,7 @@ key = "file:unused.key"
     let jwks: jsonwebtoken::jwk::JwkSet = serde_json::from_value(json!({"keys": [{"kty": "EC", "crv": "P-256",
         "x": b64(&raw[1..33]), "y": b64(&raw[33..65]), "kid": "k1", "alg": "ES256", "use": "sig"}]}))
     .unwrap();
-    let store = ca_core::store::Store::connect(&cfg.database.url, true).await.unwrap();
+    let store = ca_store::Store::connect(&cfg.database.url, true).await.unwrap();
     let metrics = Arc::new(ca_server::metrics::Metrics::new());
     AppState::new(Inner {
         edge: ca_server::edge::Edge::new(&cfg, metrics.clone()),
@@ -391,7 +391,7 @@ async fn a_panicking_handler_answers_500_problem_json() {
         &jsonwebtoken::EncodingKey::from_ec_pem(oidc.serialize_pem().as_bytes()).unwrap(),
     )
     .unwrap();
-    let conn = ca_server::api::ConnInfo { remote: "192.0.2.7:4242".parse().unwrap(), peer_cert: None };
+    let conn = ca_server::tls::ConnInfo { remote: "192.0.2.7:4242".parse().unwrap(), peer_cert: None };
     for bearer in [Some(token.as_str()), None] {
         let mut req = axum::http::Request::get("/boom");
         if let Some(t) = bearer {

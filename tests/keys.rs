@@ -64,7 +64,7 @@ fn csr_of(key_pem: &str) -> String {
 
 fn spki_sha256_of_key(key_pem: &str) -> String {
     let kp = rcgen::KeyPair::from_pem(key_pem).unwrap();
-    ca_core::store::spki_sha256(&rcgen::PublicKeyData::subject_public_key_info(&kp))
+    ca_store::spki_sha256(&rcgen::PublicKeyData::subject_public_key_info(&kp))
 }
 
 /// One Istio CreateCertificate for the dev cluster.
@@ -497,7 +497,7 @@ async fn revocations_under_an_old_environment_key_are_in_a_crl_it_signs() {
         stdout(&o).to_uppercase()
     };
     let old_crl = tmp.path().join("old.crl.pem");
-    std::fs::write(&old_crl, fetch(Some(ca_core::store::spki_sha256(&old_env.spki_der))).await).unwrap();
+    std::fs::write(&old_crl, fetch(Some(ca_store::spki_sha256(&old_env.spki_der))).await).unwrap();
     let new_crl = tmp.path().join("new.crl.pem");
     std::fs::write(&new_crl, fetch(None).await).unwrap();
 

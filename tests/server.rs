@@ -754,7 +754,7 @@ async fn tampering_with_the_audit_trail_is_named() {
 }
 
 async fn audit_records(url: &str) -> Vec<ca_core::audit::AuditRecord> {
-    let store = ca_core::store::Store::connect(url, false).await.unwrap();
+    let store = ca_store::Store::connect(url, false).await.unwrap();
     let r = store.audit_after(0, 100_000).await.unwrap();
     store.close().await;
     r

@@ -2,7 +2,7 @@
 //! altered, reordered or missing record; checks every signed checkpoint.
 
 use anyhow::{Context, Result, bail};
-use ca_core::store::Store;
+use ca_store::Store;
 use serde_json::json;
 
 /// Opens the server's database without migrating or creating it: reading must not change it.
@@ -13,11 +13,11 @@ async fn open_existing(database: &str) -> Result<Store> {
             bail!("{path}: no such database file");
         }
     }
-    Store::connect(database, false).await.with_context(|| format!("opening {}", ca_core::store::redact_url(database)))
+    Store::connect(database, false).await.with_context(|| format!("opening {}", ca_store::redact_url(database)))
 }
 
 /// The block on a key (`ca-cli sign --database`), straight from the server's database.
-pub async fn blocked_key(database: &str, spki_sha256: &str) -> Result<Option<ca_core::store::BlockedKey>> {
+pub async fn blocked_key(database: &str, spki_sha256: &str) -> Result<Option<ca_store::BlockedKey>> {
     let store = open_existing(database).await?;
     let b = store.blocked_key(spki_sha256).await.context("reading blocked keys")?;
     store.close().await;

@@ -1049,7 +1049,7 @@ fn sign(a: SignArgs, output: Output) -> Result<()> {
     }
     let csr = ca_core::csr::VerifiedCsr::parse(&read_file(&a.csr)?).with_context(|| a.csr.display().to_string())?;
     if let Some(url) = &a.database {
-        let hash = ca_core::store::spki_sha256(csr.public_key().spki_der());
+        let hash = ca_store::spki_sha256(csr.public_key().spki_der());
         if let Some(b) = block_on(audit::blocked_key(url, &hash))? {
             bail!(
                 "key-blocked: the CSR's public key was revoked for {} (certificate {}) and is never certified again; make a new key",

@@ -19,7 +19,6 @@ pub mod outputs;
 pub mod profile;
 pub mod quickstart;
 pub mod rotation;
-pub mod store;
 pub mod workload;
 
 pub use error::{CoreError, CsrError, PolicyError, Result};

@@ -378,7 +378,7 @@ async fn main() {
 
     // Every certificate answered is stored and listed in an audit record.
     let answered = sustained.ok + paced.ok + b.ok + 1;
-    let store = ca_core::store::Store::connect(&e["CA_DATABASE_URL"], false).await.unwrap();
+    let store = ca_store::Store::connect(&e["CA_DATABASE_URL"], false).await.unwrap();
     let stored = store.count_workload_certificates().await.unwrap();
     let mut audited = 0usize;
     let mut after = 0;

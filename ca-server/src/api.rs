@@ -1,11 +1,10 @@
 //! The REST API. Handlers translate HTTP to ca-core and storage calls; every state change
 //! commits together with its audit record, and every refusal is audited by `audit_denials`.
 
-use std::net::SocketAddr;
 use std::time::Instant;
 
 use axum::body::Bytes;
-use axum::extract::{FromRequest, MatchedPath, Request, State};
+use axum::extract::{MatchedPath, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -16,26 +15,21 @@ use ca_core::cert::CertInfo;
 use ca_core::crl::Reason;
 use ca_core::csr::VerifiedCsr;
 use ca_core::profile::{CertRequest, ProfileKind};
-use ca_core::store::{ApprovalRequest, AuditEvent, CertFilter, CertRecord, ClusterRecord, CrlRecord, now_secs};
+use ca_store::{ApprovalRequest, AuditEvent, CertFilter, CertRecord, ClusterRecord, now_secs};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sha2::Digest;
-use time::OffsetDateTime;
 use utoipa::{IntoParams, OpenApi, ToSchema};
 
 use crate::auth::{Operator, Role};
 use crate::error::{ApiError, Denied, Problem};
 use crate::extract::{Path, Query};
+use crate::http::body::Body;
 use crate::metrics::RouteLabels;
-use crate::state::{AppState, Issuer};
-
-/// What the TLS layer learned about the connection.
-#[derive(Clone, Debug)]
-pub struct ConnInfo {
-    pub remote: SocketAddr,
-    /// DER of the client certificate, when one was presented (and proved possession of).
-    pub peer_cert: Option<Vec<u8>>,
-}
+use crate::service::crl::{crl_name, earlier_keys, publish_crl};
+use crate::service::issuance::{cert_record, cluster_request, issuer_chain, record_issued};
+use crate::state::AppState;
+use crate::tls::ConnInfo;
 
 pub fn router(state: AppState) -> Router {
     let routes = Router::new()
@@ -213,53 +207,6 @@ async fn audit_denials(State(state): State<AppState>, mut req: Request, next: Ne
         tracing::error!(error = %e, "could not audit a denied request");
     }
     resp
-}
-
-/// A JSON body, read up to the configured limit. Every refusal is a problem document (and so
-/// audited): a `Content-Type` other than `application/json` is 415, a body over the limit 413,
-/// a body whose framing breaks off or is malformed 400 `malformed-body`, and JSON that does not
-/// fit the request type 400 `malformed-json`.
-pub struct Body<T>(pub T);
-
-/// `application/json`, with any parameters (`; charset=utf-8`); media types are
-/// case-insensitive.
-fn is_json(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
-}
-
-impl<T: serde::de::DeserializeOwned> FromRequest<AppState> for Body<T> {
-    type Rejection = ApiError;
-
-    async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
-        if !is_json(req.headers()) {
-            return Err(ApiError::new(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "unsupported-media-type",
-                "request bodies are JSON: send Content-Type: application/json",
-            ));
-        }
-        let limit = state.config.policy.max_body_bytes;
-        let bytes = axum::body::to_bytes(req.into_body(), limit).await.map_err(|e| {
-            // Only the limit is the client sending too much; anything else is a body that could
-            // not be read as sent (bad chunked framing, a connection cut short).
-            if e.into_inner().downcast_ref::<http_body_util::LengthLimitError>().is_some() {
-                ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "payload-too-large",
-                    format!("request bodies are limited to {limit} bytes"),
-                )
-            } else {
-                ApiError::bad_request("malformed-body", "the request body could not be read as framed")
-            }
-        })?;
-        serde_json::from_slice(&bytes)
-            .map(Body)
-            .map_err(|e| ApiError::bad_request("malformed-json", format!("request body: {e}")))
-    }
 }
 
 #[derive(OpenApi)]
@@ -708,10 +655,10 @@ async fn register_cluster(
         )
         .by(op.actor()));
     }
-    let mode = req.mode.clone().unwrap_or_else(|| ca_core::store::MODE_PLUGIN.into());
+    let mode = req.mode.clone().unwrap_or_else(|| ca_store::MODE_PLUGIN.into());
     let external = match mode.as_str() {
-        ca_core::store::MODE_PLUGIN => false,
-        ca_core::store::MODE_EXTERNAL_CA => true,
+        ca_store::MODE_PLUGIN => false,
+        ca_store::MODE_EXTERNAL_CA => true,
         other => {
             return Err(ApiError::bad_request("invalid-mode", format!("mode {other:?} is not plugin or external-ca"))
                 .by(op.actor()));
@@ -1074,7 +1021,7 @@ async fn report_installed(
     }
     let issuer = state.issuer(&cluster.environment)?;
     let bundle: std::collections::BTreeSet<&String> = req.bundle.iter().collect();
-    let report = ca_core::store::ClusterReport {
+    let report = ca_store::ClusterReport {
         cluster: name.clone(),
         bundle: serde_json::to_string(&bundle).map_err(ApiError::internal)?,
         chain: serde_json::to_string(&req.chain).map_err(ApiError::internal)?,
@@ -1158,83 +1105,6 @@ fn renewal_allowed(
         return Ok(());
     }
     Err(superseded(&rec.serial))
-}
-
-/// The issuer followed by its parents (the chain a cluster certificate needs above it).
-fn issuer_chain(issuer: &Issuer) -> Vec<CertInfo> {
-    std::iter::once(issuer.cert.clone()).chain(issuer.chain.iter().cloned()).collect()
-}
-
-pub(crate) fn cluster_request(
-    state: &AppState,
-    issuer: &Issuer,
-    cluster: &ClusterRecord,
-    key: hsm::PublicKey,
-) -> Result<CertRequest, ApiError> {
-    let mut subject = rcgen::DistinguishedName::new();
-    subject.push(rcgen::DnType::CommonName, format!("{} Cluster CA", cluster.name));
-    subject.push(rcgen::DnType::OrganizationalUnitName, cluster.environment.clone());
-    let not_before = ca_core::issue::default_not_before();
-    // Online issuance clamps to the issuer's lifetime instead of refusing: the environment's
-    // own rotation is what extends it.
-    let wanted = not_before + state.config.policy.cluster_validity.duration();
-    let not_after = wanted.min(issuer.cert.not_after);
-    if wanted > issuer.cert.not_after && not_after <= OffsetDateTime::now_utc() + time::Duration::hours(1) {
-        return Err(ApiError::unavailable(
-            "issuer-expiring",
-            format!("issuer {} expires at {}", issuer.name, ca_core::error::fmt_time(issuer.cert.not_after)),
-        ));
-    }
-    Ok(CertRequest {
-        trust_domains: vec![
-            cluster.trust_domain.parse().map_err(|e| ApiError::internal(format!("stored trust domain: {e}")))?,
-        ],
-        ..CertRequest::new(ProfileKind::Cluster, subject, key, not_before, not_after)
-    })
-}
-
-/// Records a new certificate in the inventory together with its `certificate.issued` audit
-/// record: the common fields (cluster, profile, notAfter, fingerprint) plus `extra`.
-pub(crate) async fn record_issued(
-    tx: &mut ca_core::store::Tx,
-    record: &CertRecord,
-    actor: &str,
-    extra: serde_json::Value,
-) -> Result<(), ApiError> {
-    tx.insert_certificate(record).await?;
-    let mut details = json!({"cluster": record.cluster, "profile": record.profile,
-                             "not_after": record.not_after, "sha256_fingerprint": record.fingerprint});
-    if let (Some(d), serde_json::Value::Object(e)) = (details.as_object_mut(), extra) {
-        d.extend(e);
-    }
-    tx.audit(AuditEvent::new(actor, "certificate.issued", &record.serial, details)).await?;
-    Ok(())
-}
-
-pub(crate) fn cert_record(
-    cert: &CertInfo,
-    issuer: &str,
-    cluster: Option<&str>,
-    profile: &str,
-    requester: &str,
-) -> CertRecord {
-    let sans: Vec<String> = cert.uris.iter().chain(&cert.dns_names).cloned().collect();
-    CertRecord {
-        serial: cert.serial.clone(),
-        issuer: issuer.into(),
-        cluster: cluster.map(Into::into),
-        profile: profile.into(),
-        subject: cert.subject.clone(),
-        sans: serde_json::to_string(&sans).expect("strings serialise"),
-        not_before: cert.not_before.unix_timestamp(),
-        not_after: cert.not_after.unix_timestamp(),
-        fingerprint: cert.fingerprint(),
-        requester: requester.into(),
-        pem: cert.pem(),
-        issued_at: now_secs(),
-        revoked_at: None,
-        revocation_reason: None,
-    }
 }
 
 /// Asks for a new one-time enrolment token for an existing cluster: after its newest
@@ -1586,7 +1456,7 @@ async fn decide(state: AppState, op: Operator, id: String, approve: bool) -> Res
         }
         ("register-cluster", true) => {
             tx.set_cluster_status(&req.subject, "active").await?;
-            if payload["mode"].as_str() == Some(ca_core::store::MODE_EXTERNAL_CA) {
+            if payload["mode"].as_str() == Some(ca_store::MODE_EXTERNAL_CA) {
                 external_ca = Some(req.subject.clone());
             }
             tx.audit(AuditEvent::new(op.actor(), "cluster.registered", &req.subject, payload)).await?;
@@ -1621,14 +1491,14 @@ async fn decide(state: AppState, op: Operator, id: String, approve: bool) -> Res
                 let mut details = json!({"reason": reason, "issuer": cert.issuer, "cluster": cert.cluster});
                 // A compromised key is never certified again: blocked with the revocation, in
                 // its transaction and under its audit record.
-                if ca_core::store::BLOCKING_REASONS.contains(&reason.as_str()) {
+                if ca_store::BLOCKING_REASONS.contains(&reason.as_str()) {
                     let info = ca_core::cert::parse_certs(cert.pem.as_bytes(), "stored certificate")
                         .map_err(ApiError::internal)?
                         .into_iter()
                         .next()
                         .ok_or_else(|| ApiError::internal(format!("certificate {serial} has no PEM")))?;
-                    let hash = ca_core::store::spki_sha256(&info.spki_der);
-                    tx.block_key(&ca_core::store::BlockedKey {
+                    let hash = ca_store::spki_sha256(&info.spki_der);
+                    tx.block_key(&ca_store::BlockedKey {
                         spki_sha256: hash.clone(),
                         reason: reason.clone(),
                         source_serial: serial.clone(),
@@ -1884,166 +1754,6 @@ async fn revoke_certificate(
     Ok((StatusCode::ACCEPTED, Json(RequestView::from(request))).into_response())
 }
 
-/// Where an environment's CRL for one of its keys is stored: under the environment's name for
-/// the key it signs with now, under `<environment>@<SHA-256 of the SPKI>` for an earlier one.
-pub fn crl_name(environment: &str, key: Option<&str>) -> String {
-    match key {
-        Some(k) => format!("{environment}@{k}"),
-        None => environment.to_string(),
-    }
-}
-
-/// The keys an environment signed with before its current one (environment rotations, both
-/// sides, finished and abandoned ones too), each with its certificate, chain and reference.
-async fn earlier_keys(
-    state: &AppState,
-    issuer: &Issuer,
-) -> Result<Vec<(String, CertInfo, Vec<CertInfo>, hsm::KeyRef)>, ApiError> {
-    let parse = |pem: &str| -> Result<CertInfo, ApiError> {
-        ca_core::cert::parse_certs(pem.as_bytes(), "rotation certificate")
-            .map_err(ApiError::internal)?
-            .into_iter()
-            .next()
-            .ok_or_else(|| ApiError::internal("rotation certificate missing"))
-    };
-    let current = ca_core::store::spki_sha256(&issuer.cert.spki_der);
-    let mut out: Vec<(String, CertInfo, Vec<CertInfo>, hsm::KeyRef)> = Vec::new();
-    for r in state.store.list_rotations(false).await? {
-        let spec: crate::rotation::Spec = serde_json::from_str(&r.spec).map_err(ApiError::internal)?;
-        let Some(plan) = spec.environments.get(&issuer.name) else { continue };
-        let mut sides = vec![(plan.old_certificate.clone(), plan.old_chain.clone(), plan.old_key.clone())];
-        if let Some(c) = &plan.new_certificate {
-            sides.push((c.clone(), plan.new_chain.clone(), plan.new_key.clone()));
-        }
-        for (cert, chain, key) in sides {
-            let cert = parse(&cert)?;
-            let id = ca_core::store::spki_sha256(&cert.spki_der);
-            if id == current || out.iter().any(|(k, ..)| *k == id) {
-                continue;
-            }
-            let chain = chain.iter().map(|c| parse(c)).collect::<Result<Vec<_>, _>>()?;
-            out.push((id, cert, chain, key.parse().map_err(ApiError::internal)?));
-        }
-    }
-    Ok(out)
-}
-
-/// Publishes `issuer`'s CRLs: the one its current key signs, then one per earlier key that
-/// still has an unexpired certificate under it. A revocation is listed in the CRL of the key
-/// that signed the revoked certificate: a relying party checks a certificate against a CRL
-/// from its issuer's key, so a CRL signed by the successor would not be accepted for it.
-/// Returns the current key's CRL. An earlier key that cannot be opened is logged and retried
-/// at the next publication; it does not hold back the current CRL.
-pub async fn publish_crl(
-    state: &AppState,
-    issuer: &std::sync::Arc<Issuer>,
-    actor: &str,
-) -> Result<CrlRecord, ApiError> {
-    let earlier = earlier_keys(state, issuer).await?;
-    let owner = |pem: &str| -> Option<String> {
-        let cert = ca_core::cert::parse_certs(pem.as_bytes(), "stored certificate").ok()?.into_iter().next()?;
-        earlier
-            .iter()
-            .find(|(_, c, ..)| c.public_key().is_ok_and(|k| cert.verify_signed_by(&k).is_ok()))
-            .map(|(id, ..)| id.clone())
-    };
-    let now = now_secs();
-    let mut live_under: std::collections::BTreeSet<String> = Default::default();
-    if !earlier.is_empty() {
-        let filter = CertFilter { issuer: Some(issuer.name.clone()), now, limit: 1_000_000, ..Default::default() };
-        for c in state.store.list_certificates(&filter).await?.iter().filter(|c| c.not_after > now) {
-            if let Some(id) = owner(&c.pem) {
-                live_under.insert(id);
-            }
-        }
-    }
-    let current = publish_one(state, issuer, &crl_name(&issuer.name, None), actor, |r| owner(&r.pem).is_none()).await?;
-    for (id, cert, chain, key) in earlier.iter().cloned() {
-        if !live_under.contains(&id) || cert.not_after.unix_timestamp() <= now {
-            continue;
-        }
-        let old = match Issuer::from_certs(&issuer.name, key, cert, chain) {
-            Ok(i) => std::sync::Arc::new(i),
-            Err(e) => {
-                tracing::error!(issuer = %issuer.name, key = %id, error = %format!("{e:#}"), "earlier key's CRL not published");
-                continue;
-            }
-        };
-        let o = old.clone();
-        match tokio::time::timeout(state.hsm_timeout(), tokio::task::spawn_blocking(move || o.reconnect())).await {
-            Ok(Ok(Ok(()))) => {}
-            _ => {
-                tracing::error!(issuer = %issuer.name, key = %id, "earlier key did not open; its CRL is retried at the next publication");
-                continue;
-            }
-        }
-        let mine = |r: &CertRecord| owner(&r.pem).as_deref() == Some(id.as_str());
-        if let Err(e) = publish_one(state, &old, &crl_name(&issuer.name, Some(&id)), actor, mine).await {
-            tracing::error!(issuer = %issuer.name, key = %id, error = %e.detail, "earlier key's CRL not published");
-        }
-    }
-    Ok(current)
-}
-
-/// Signs and stores a new CRL under `name` with the next CRL number, listing the issuer's
-/// revocations that `mine` selects. The HSM signs outside the write lock; the CRL is stored
-/// only if no other CRL or revocation landed meanwhile (then it is made again), so numbers
-/// stay increasing and every revocation is listed.
-async fn publish_one(
-    state: &AppState,
-    signer: &std::sync::Arc<Issuer>,
-    name: &str,
-    actor: &str,
-    mine: impl Fn(&CertRecord) -> bool,
-) -> Result<CrlRecord, ApiError> {
-    for _ in 0..5 {
-        let all = state.store.revoked_by_issuer(&signer.name).await?;
-        let revoked: Vec<&CertRecord> = all.iter().filter(|r| mine(r)).collect();
-        let number = state.store.get_crl(name).await?.map_or(1, |c| c.number + 1);
-        let now = OffsetDateTime::now_utc().replace_nanosecond(0).expect("0 is valid");
-        let next = (now + state.config.crl.validity.duration()).min(signer.cert.not_after);
-        let mut entries = Vec::new();
-        for r in &revoked {
-            let serial = ca_core::crl::parse_serial(&r.serial)
-                .map_err(|e| ApiError::internal(format!("stored serial {}: {e}", r.serial)))?;
-            entries.push(ca_core::crl::Revocation {
-                serial,
-                reason: r.revocation_reason.as_deref().and_then(|x| x.parse().ok()),
-                revoked_at: OffsetDateTime::from_unix_timestamp(r.revoked_at.unwrap_or(0))
-                    .map_err(ApiError::internal)?,
-            });
-        }
-        let req =
-            ca_core::crl::CrlRequest { number: number as u64, this_update: now, next_update: next, revoked: entries };
-        let der = signer.with_key(state.hsm_timeout(), move |ca| ca_core::crl::create_crl(ca, &req)).await?;
-        let rec = CrlRecord {
-            issuer: name.to_string(),
-            number,
-            this_update: now.unix_timestamp(),
-            next_update: next.unix_timestamp(),
-            der: base64::engine::general_purpose::STANDARD.encode(&der),
-        };
-        let mut tx = state.store.write().await?;
-        let still_next = tx.get_crl(name).await?.map_or(1, |c| c.number + 1) == number;
-        let same_revocations = tx.revoked_by_issuer(&signer.name).await?.len() == all.len();
-        if !(still_next && same_revocations) {
-            continue;
-        }
-        tx.put_crl(&rec).await?;
-        tx.audit(AuditEvent::new(
-            actor,
-            "crl.published",
-            name,
-            json!({"number": number, "revoked": revoked.len(), "next_update": rec.next_update,
-                   "key": ca_core::store::spki_sha256(&signer.cert.spki_der)}),
-        ))
-        .await?;
-        tx.commit().await?;
-        return Ok(rec);
-    }
-    Err(ApiError::unavailable("busy", format!("the CRL of {name} kept changing; try again")))
-}
-
 #[derive(Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 struct CrlQuery {
@@ -2077,11 +1787,8 @@ async fn get_crl(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let issuer = state.issuer(&name)?.clone();
-    let key = q
-        .key
-        .as_deref()
-        .map(str::to_ascii_lowercase)
-        .filter(|k| *k != ca_core::store::spki_sha256(&issuer.cert.spki_der));
+    let key =
+        q.key.as_deref().map(str::to_ascii_lowercase).filter(|k| *k != ca_store::spki_sha256(&issuer.cert.spki_der));
     if key.as_ref().is_some_and(|k| k.len() != 64 || !k.bytes().all(|b| b.is_ascii_hexdigit())) {
         return Err(ApiError::bad_request(
             "invalid-query",

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use ca_core::audit::{Checkpoint, checkpoint_message};
-use ca_core::store::now_millis;
+use ca_store::now_millis;
 
 use crate::state::AppState;
 

@@ -228,9 +228,9 @@ pub async fn register_dev_cluster(setup: &DevSetup, state: &crate::state::AppSta
         return Ok(());
     }
     let key_ref = std::fs::read_to_string(&keyref_path)?.trim().to_string();
-    let now = ca_core::store::now_secs();
+    let now = ca_store::now_secs();
     let mut tx = state.store.write().await?;
-    tx.insert_cluster(&ca_core::store::ClusterRecord {
+    tx.insert_cluster(&ca_store::ClusterRecord {
         name: DEV_CLUSTER.into(),
         environment: ENVIRONMENT.into(),
         trust_domain: TRUST_DOMAIN.into(),
@@ -243,11 +243,11 @@ pub async fn register_dev_cluster(setup: &DevSetup, state: &crate::state::AppSta
         created_at: now,
         current_serial: None,
         previous_serial: None,
-        mode: ca_core::store::MODE_EXTERNAL_CA.into(),
+        mode: ca_store::MODE_EXTERNAL_CA.into(),
         key_ref: Some(key_ref.clone()),
     })
     .await?;
-    tx.audit(ca_core::store::AuditEvent::new(
+    tx.audit(ca_store::AuditEvent::new(
         "dev-setup",
         "cluster.registered",
         DEV_CLUSTER,

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 
 use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use ca_core::store::AuditEvent;
+use ca_store::AuditEvent;
 use governor::clock::Clock;
 use governor::{DefaultKeyedRateLimiter, Quota};
 use serde_json::{Value, json};

@@ -72,12 +72,10 @@ impl ApiError {
     }
 }
 
-impl From<ca_core::store::StoreError> for ApiError {
-    fn from(e: ca_core::store::StoreError) -> Self {
+impl From<ca_store::StoreError> for ApiError {
+    fn from(e: ca_store::StoreError) -> Self {
         match e {
-            ca_core::store::StoreError::Conflict(what) => {
-                ApiError::conflict("conflict", format!("{what} already exists"))
-            }
+            ca_store::StoreError::Conflict(what) => ApiError::conflict("conflict", format!("{what} already exists")),
             other => ApiError::internal(other),
         }
     }

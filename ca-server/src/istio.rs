@@ -17,8 +17,8 @@ use ca_core::cert::CertInfo;
 use ca_core::csr::VerifiedCsr;
 use ca_core::names::{SpiffeId, TrustDomain};
 use ca_core::profile::{CertRequest, ProfileKind};
-use ca_core::store::{AuditEvent, ClusterRecord, Store, WorkloadRecord, now_secs};
 use ca_core::workload::{TtlPolicy, WorkloadDenial};
+use ca_store::{AuditEvent, ClusterRecord, Store, WorkloadRecord, now_secs};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
@@ -207,19 +207,19 @@ async fn load_cluster(state: &AppState, name: &str) -> Result<Arc<ClusterCa>, Ap
 /// The block on the key of a cluster's intermediate, if its key was revoked for compromise.
 pub async fn current_key_blocked(
     state: &AppState,
-    cert: &ca_core::store::CertRecord,
-) -> Result<Option<ca_core::store::BlockedKey>, ApiError> {
+    cert: &ca_store::CertRecord,
+) -> Result<Option<ca_store::BlockedKey>, ApiError> {
     let info = ca_core::cert::parse_certs(cert.pem.as_bytes(), "stored certificate")
         .map_err(ApiError::internal)?
         .into_iter()
         .next()
         .ok_or_else(|| ApiError::internal(format!("certificate {} has no PEM", cert.serial)))?;
-    Ok(state.store.blocked_key(&ca_core::store::spki_sha256(&info.spki_der)).await?)
+    Ok(state.store.blocked_key(&ca_store::spki_sha256(&info.spki_der)).await?)
 }
 
 /// An external-CA cluster whose key was revoked for compromise: nothing is signed with it, and
 /// nothing certifies it again; a cluster rotation to a new key is the way back.
-fn key_compromised(name: &str, b: &ca_core::store::BlockedKey) -> ApiError {
+fn key_compromised(name: &str, b: &ca_store::BlockedKey) -> ApiError {
     ApiError::unavailable(
         "key-compromised",
         format!(
@@ -610,7 +610,7 @@ async fn record_loop(
     }
 }
 
-async fn write_batch(store: &Store, batch: &[Pending]) -> Result<(), ca_core::store::StoreError> {
+async fn write_batch(store: &Store, batch: &[Pending]) -> Result<(), ca_store::StoreError> {
     let mut issued = Vec::new();
     let mut listed = Vec::new();
     let mut denied = Vec::new();
@@ -958,11 +958,11 @@ pub async fn ensure_intermediate(state: &AppState, name: &str, actor: &str) -> R
     };
     // Not for a key revoked for compromise, whatever the revocation's own path did.
     let spki = public.spki_der().to_vec();
-    if let Some(b) = state.store.blocked_key(&ca_core::store::spki_sha256(&spki)).await? {
+    if let Some(b) = state.store.blocked_key(&ca_store::spki_sha256(&spki)).await? {
         return Err(key_compromised(name, &b));
     }
     let issuer = state.issuer(&cluster.environment)?.clone();
-    let request = crate::api::cluster_request(state, &issuer, &cluster, public)?;
+    let request = crate::service::issuance::cluster_request(state, &issuer, &cluster, public)?;
     let issued = issuer.with_key(state.hsm_timeout(), move |ca| ca_core::issue::issue(ca, &request)).await?;
     let cert = issued.cert;
     let mut tx = state.store.write().await?;
@@ -971,11 +971,11 @@ pub async fn ensure_intermediate(state: &AppState, name: &str, actor: &str) -> R
     if current.current_serial != cluster.current_serial || current.status != "active" {
         return Ok(false);
     }
-    if let Some(b) = tx.blocked_key(&ca_core::store::spki_sha256(&spki)).await? {
+    if let Some(b) = tx.blocked_key(&ca_store::spki_sha256(&spki)).await? {
         return Err(key_compromised(name, &b));
     }
-    let record = crate::api::cert_record(&cert, &issuer.name, Some(name), "cluster", actor);
-    crate::api::record_issued(
+    let record = crate::service::issuance::cert_record(&cert, &issuer.name, Some(name), "cluster", actor);
+    crate::service::issuance::record_issued(
         &mut tx,
         &record,
         actor,
@@ -1128,9 +1128,10 @@ pub async fn ensure_serving_cert(state: &AppState) -> Result<(), ApiError> {
     let cert = issued.cert;
     let actor = state.job_actor();
     // Issued by a cluster intermediate, not an environment: no environment CRL covers it.
-    let record = crate::api::cert_record(&cert, &format!("cluster:{name}"), Some(&name), "server", &actor);
+    let record =
+        crate::service::issuance::cert_record(&cert, &format!("cluster:{name}"), Some(&name), "server", &actor);
     let mut tx = state.store.write().await?;
-    crate::api::record_issued(
+    crate::service::issuance::record_issued(
         &mut tx,
         &record,
         &actor,

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ca_core::store::now_secs;
+use ca_store::now_secs;
 
 use crate::metrics::{ClusterLabels, IssuerLabels};
 use crate::state::{AppState, Issuer};
@@ -119,7 +119,7 @@ async fn tick(state: &AppState) -> anyhow::Result<()> {
             Some(c) => c.next_update - now <= refresh_before || last_revocation.is_some_and(|r| r >= c.this_update),
         };
         if due {
-            crate::api::publish_crl(state, issuer, &state.job_actor())
+            crate::service::crl::publish_crl(state, issuer, &state.job_actor())
                 .await
                 .map_err(|e| anyhow::anyhow!("CRL for {}: {}", issuer.name, e.detail))?;
             tracing::info!(issuer = %issuer.name, "CRL refreshed");

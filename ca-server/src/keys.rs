@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 
 use ca_core::cert::CertInfo;
-use ca_core::store::{BlockedKey, Store, Tx, spki_sha256};
+use ca_store::{BlockedKey, Store, Tx, spki_sha256};
 
 use crate::error::ApiError;
 use crate::state::AppState;
@@ -164,7 +164,7 @@ pub async fn check_new_key(state: &AppState, key: &hsm::KeyRef) -> Result<hsm::P
         in_use.push(tls.spki_der);
     }
     // Every cluster intermediate ever issued, whatever its state: one key, one cluster.
-    let filter = ca_core::store::CertFilter { now: ca_core::store::now_secs(), limit: 1_000_000, ..Default::default() };
+    let filter = ca_store::CertFilter { now: ca_store::now_secs(), limit: 1_000_000, ..Default::default() };
     for c in state.store.list_certificates(&filter).await?.into_iter().filter(|c| c.profile == "cluster") {
         let certs = ca_core::cert::parse_certs(c.pem.as_bytes(), "stored certificate").map_err(ApiError::internal)?;
         in_use.extend(certs.into_iter().map(|c: CertInfo| c.spki_der));

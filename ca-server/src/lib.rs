@@ -10,11 +10,13 @@ pub mod dev;
 pub mod edge;
 pub mod error;
 pub mod extract;
+pub mod http;
 pub mod istio;
 pub mod jobs;
 pub mod keys;
 pub mod metrics;
 pub mod rotation;
+pub mod service;
 pub mod state;
 pub mod tls;
 

@@ -116,7 +116,7 @@ async fn run(args: Args) -> Result<()> {
         }
     }
 
-    let store = ca_core::store::Store::connect(&cfg.database.url, cfg.database.migrate).await.context("database")?;
+    let store = ca_store::Store::connect(&cfg.database.url, cfg.database.migrate).await.context("database")?;
     let mut issuers = BTreeMap::new();
     for ic in &cfg.issuers {
         let issuer = Arc::new(Issuer::load(ic)?);

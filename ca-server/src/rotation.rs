@@ -21,15 +21,15 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use ca_core::cert::{CertInfo, fingerprints};
 use ca_core::rotation::{self, Blocker, ClusterProgress, GateInput, RotationKind, Stage};
-use ca_core::store::{ApprovalRequest, AuditEvent, ClusterRecord, RotationRecord, Tx, now_secs};
+use ca_store::{ApprovalRequest, AuditEvent, ClusterRecord, RotationRecord, Tx, now_secs};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use utoipa::ToSchema;
 
-use crate::api::Body;
 use crate::auth::{Operator, Role};
 use crate::error::ApiError;
 use crate::extract::Path;
+use crate::http::body::Body;
 use crate::state::{AppState, Issuer};
 
 // ---- the stored plan ------------------------------------------------------------------------
@@ -320,7 +320,7 @@ pub struct ClusterStatus {
 type Progress = (Vec<(ClusterRecord, ClusterProgress)>, Vec<(ClusterRecord, String)>);
 
 async fn progress(state: &AppState, r: &Rotation, now: i64) -> Result<Progress, ApiError> {
-    let reports: BTreeMap<String, ca_core::store::ClusterReport> =
+    let reports: BTreeMap<String, ca_store::ClusterReport> =
         state.store.cluster_reports().await?.into_iter().map(|r| (r.cluster.clone(), r)).collect();
     // A replica learns of a bundle change within one background round; a certificate issued
     // in that window may still carry the old bundle.
@@ -1244,7 +1244,7 @@ pub async fn after_commit(state: &AppState, a: AfterCommit, actor: &str) {
     }
     if let Some(name) = a.republish {
         if let Ok(issuer) = state.issuer(&name) {
-            if let Err(e) = crate::api::publish_crl(state, &issuer, actor).await {
+            if let Err(e) = crate::service::crl::publish_crl(state, &issuer, actor).await {
                 tracing::warn!(issuer = %name, error = %e.detail, "CRL not regenerated yet; the background job will retry");
             }
         }

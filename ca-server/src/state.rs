@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use ca_core::cert::{CertInfo, load_cert, load_certs};
 use ca_core::issue::CaIssuer;
-use ca_core::store::Store;
+use ca_store::Store;
 use time::OffsetDateTime;
 
 use crate::auth::Auth;

@@ -21,8 +21,15 @@ use rustls::{DigitallySignedStruct, DistinguishedName, ServerConfig, SignatureSc
 use tokio::net::TcpListener;
 use tower::ServiceExt;
 
-use crate::api::ConnInfo;
 use crate::config::TlsConfig;
+
+/// What the TLS layer learned about the connection.
+#[derive(Clone, Debug)]
+pub struct ConnInfo {
+    pub remote: SocketAddr,
+    /// DER of the client certificate, when one was presented (and proved possession of).
+    pub peer_cert: Option<Vec<u8>>,
+}
 
 #[derive(Debug)]
 struct ProofOfPossession {

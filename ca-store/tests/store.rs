@@ -3,7 +3,7 @@
 mod common;
 
 use ca_core::audit::verify_chain;
-use ca_core::store::{
+use ca_store::{
     ApprovalRequest, AuditEvent, BlockedKey, CertFilter, CertRecord, ClusterRecord, ClusterReport, CrlRecord,
     RotationRecord, Store, StoreError, WorkloadRecord, now_secs, spki_sha256,
 };
@@ -386,7 +386,7 @@ async fn postgres_server_role_may_only_insert_and_select_audit_rows() {
     let admin = sqlx::PgPool::connect(&url).await.unwrap();
     sqlx::query(sqlx::AssertSqlSafe(format!("CREATE ROLE {role} LOGIN"))).execute(&admin).await.unwrap();
     let grants =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../migrations/postgres/roles.sql")).unwrap();
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations/postgres/roles.sql")).unwrap();
     for stmt in grants
         .split(';')
         .map(|s| s.lines().filter(|l| !l.trim_start().starts_with("--")).collect::<Vec<_>>().join("\n"))

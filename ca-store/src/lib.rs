@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 
-use crate::audit::{AuditRecord, Checkpoint, GENESIS, record_hash};
+use ca_core::audit::{AuditRecord, Checkpoint, GENESIS, record_hash};
 
 /// Key of the PostgreSQL advisory lock that serialises writers.
 const WRITE_LOCK: i64 = 0x706b_692d_6d65_7368; // "pki-mesh"
@@ -343,14 +343,14 @@ impl Store {
             let write = SqlitePoolOptions::new().max_connections(1).connect_with(opts.clone()).await?;
             let read = SqlitePoolOptions::new().max_connections(8).connect_with(opts.read_only(false)).await?;
             if migrate {
-                sqlx::migrate!("../migrations/sqlite").run(&write).await?;
+                sqlx::migrate!("./migrations/sqlite").run(&write).await?;
             }
             Store::Sqlite { read, write }
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
             let pool =
                 PgPoolOptions::new().max_connections(16).acquire_timeout(Duration::from_secs(10)).connect(url).await?;
             if migrate {
-                sqlx::migrate!("../migrations/postgres").run(&pool).await?;
+                sqlx::migrate!("./migrations/postgres").run(&pool).await?;
             }
             Store::Postgres(pool)
         } else {

@@ -3,7 +3,7 @@
 //! PostgreSQL is a failure, never a skip.
 #![allow(dead_code)]
 
-use ca_core::store::Store;
+use ca_store::Store;
 
 pub const DEFAULT_PG: &str = "postgres://postgres@127.0.0.1:5432/test";
 

@@ -1,0 +1,5 @@
+//! The domain layer: what the server does, whichever protocol asked. Nothing here imports
+//! `crate::http` or `crate::grpc` (checked by `ca-core/tests/architecture.rs`).
+
+pub mod crl;
+pub mod issuance;
