@@ -324,8 +324,8 @@ async fn labels_and_logs_are_bounded_and_shutdown_writes_the_summary() {
 
 /// The server's state in process, on a fresh SQLite database, with operator tokens signed by
 /// `oidc` (no issuers: the routes under test need none).
-async fn in_process_state(dir: &Path, oidc: &rcgen::KeyPair) -> ca_server::state::AppState {
-    use ca_server::state::{AppState, Inner, Issuers};
+async fn in_process_state(dir: &Path, oidc: &rcgen::KeyPair) -> ca_server::service::state::AppState {
+    use ca_server::service::state::{AppState, Inner, Issuers};
     let cfg: ca_server::config::Config = toml::from_str(&format!(
         r#"
 listen = "127.0.0.1:0"

@@ -28,7 +28,7 @@ use crate::http::body::Body;
 use crate::metrics::RouteLabels;
 use crate::service::crl::{crl_name, earlier_keys, publish_crl};
 use crate::service::issuance::{cert_record, cluster_request, issuer_chain, record_issued};
-use crate::state::AppState;
+use crate::service::state::AppState;
 use crate::tls::ConnInfo;
 
 pub fn router(state: AppState) -> Router {
@@ -671,7 +671,7 @@ async fn register_cluster(
                 .map_err(|e| ApiError::bad_request("invalid-key", e.to_string()).by(op.actor()))?;
             // The same checks as a rotation's new key: a configured module, no key in use
             // here (by public key), not blocked.
-            crate::keys::check_new_key(&state, &key).await.map_err(|e| e.by(op.actor()))?;
+            crate::service::keys::check_new_key(&state, &key).await.map_err(|e| e.by(op.actor()))?;
             Some(key.to_string())
         }
         (None, true) => {
@@ -847,9 +847,9 @@ async fn issue_intermediate(
     let actor = format!("cluster:{name}");
     let deny = |e: ApiError| e.by(actor.clone());
 
-    let csr = VerifiedCsr::parse(req.csr.as_bytes()).map_err(|e| deny(crate::state::map_core(e.into())))?;
+    let csr = VerifiedCsr::parse(req.csr.as_bytes()).map_err(|e| deny(crate::service::state::map_core(e.into())))?;
     let spki = csr.public_key().spki_der().to_vec();
-    crate::keys::refuse_blocked(&state.store, &spki).await.map_err(&deny)?;
+    crate::service::keys::refuse_blocked(&state.store, &spki).await.map_err(&deny)?;
     let issuer = state.issuer(&cluster.environment)?.clone();
     let request = cluster_request(&state, &issuer, &cluster, csr.public_key().clone()).map_err(&deny)?;
     let result = issuer.with_key(state.hsm_timeout(), move |ca| ca_core::issue::issue(ca, &request)).await;
@@ -898,7 +898,7 @@ async fn issue_intermediate(
             ("renewal", Some(serial.clone()))
         }
     };
-    crate::keys::refuse_blocked_tx(&mut tx, &spki).await.map_err(&deny)?;
+    crate::service::keys::refuse_blocked_tx(&mut tx, &spki).await.map_err(&deny)?;
     let record = cert_record(&cert, &issuer.name, Some(&name), "cluster", &actor);
     record_issued(&mut tx, &record, &actor, json!({"issuer": issuer.name, "via": via, "renewed_from": renewed_from}))
         .await?;
@@ -1299,9 +1299,9 @@ async fn issue_server_certificate(
         )));
     }
     let ca = crate::istio::cluster_ca(&state, &name).await.map_err(deny)?;
-    let csr = VerifiedCsr::parse(req.csr.as_bytes()).map_err(|e| deny(crate::state::map_core(e.into())))?;
+    let csr = VerifiedCsr::parse(req.csr.as_bytes()).map_err(|e| deny(crate::service::state::map_core(e.into())))?;
     let spki = csr.public_key().spki_der().to_vec();
-    crate::keys::refuse_blocked(&state.store, &spki).await.map_err(deny)?;
+    crate::service::keys::refuse_blocked(&state.store, &spki).await.map_err(deny)?;
     let not_before = ca_core::issue::default_not_before();
     let not_after = (not_before + validity).min(ca.issuer.cert.not_after);
     let mut subject = rcgen::DistinguishedName::new();
@@ -1314,7 +1314,7 @@ async fn issue_server_certificate(
         ca.issuer.with_key(state.hsm_timeout(), move |c| ca_core::issue::issue(c, &request)).await.map_err(deny)?.cert;
     let record = cert_record(&cert, &format!("cluster:{name}"), Some(&name), "server", &op.actor());
     let mut tx = state.store.write().await?;
-    crate::keys::refuse_blocked_tx(&mut tx, &spki).await.map_err(deny)?;
+    crate::service::keys::refuse_blocked_tx(&mut tx, &spki).await.map_err(deny)?;
     record_issued(&mut tx, &record, &op.actor(), json!({"issuer": ca.serial, "names": req.dns_names})).await?;
     tx.commit().await?;
     state.metrics.issued(&name, "server", "ok");

@@ -11,7 +11,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 
 use crate::config::AuthConfig;
 use crate::error::ApiError;
-use crate::state::AppState;
+use crate::service::state::AppState;
 
 /// An operator's role, from the token's roles claim.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]

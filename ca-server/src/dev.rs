@@ -222,7 +222,7 @@ pub fn mint_sa_token(dir: &Path, namespace: &str, service_account: &str) -> Resu
 
 /// Registers the dev cluster in external-CA mode on first start. The two-person rule is
 /// skipped here only (there is one person in a dev setup); the audit record says so.
-pub async fn register_dev_cluster(setup: &DevSetup, state: &crate::state::AppState) -> Result<()> {
+pub async fn register_dev_cluster(setup: &DevSetup, state: &crate::service::state::AppState) -> Result<()> {
     let keyref_path = setup.dir.join("cluster-dev.keyref");
     if state.store.get_cluster(DEV_CLUSTER).await?.is_some() || !keyref_path.exists() {
         return Ok(());

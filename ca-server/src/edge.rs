@@ -22,7 +22,7 @@ use serde_json::{Value, json};
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::metrics::{DenialLabels, Metrics};
-use crate::state::AppState;
+use crate::service::state::AppState;
 
 /// Longest method kept (every standard method fits).
 pub const MAX_METHOD: usize = 16;

@@ -33,7 +33,7 @@ use crate::config::{IstioClusterConfig, IstioConfig};
 use crate::error::ApiError;
 use crate::proto::istio_certificate_service_server::{IstioCertificateService, IstioCertificateServiceServer};
 use crate::proto::{IstioCertificateRequest, IstioCertificateResponse};
-use crate::state::{AppState, Issuer};
+use crate::service::state::{AppState, Issuer};
 
 /// Everything external-CA mode keeps in memory.
 pub struct Istio {
@@ -831,7 +831,7 @@ impl IstioApi {
             TtlPolicy { default: ccfg.default_ttl.duration(), max: ccfg.max_ttl.duration(), over_max: ccfg.over_max };
         let to_refusal = |j: Judged| {
             refuse(match j {
-                Judged::Csr(e) => crate::state::map_core(e),
+                Judged::Csr(e) => crate::service::state::map_core(e),
                 Judged::Denial(WorkloadDenial::Forbidden(m)) => ApiError::forbidden("identity-mismatch", m),
                 Judged::Denial(WorkloadDenial::Invalid(m)) => ApiError::bad_request("invalid-request", m),
                 Judged::Denial(WorkloadDenial::IssuerExpiring(m)) => ApiError::unavailable("issuer-expiring", m),

@@ -7,7 +7,7 @@ use std::time::Duration;
 use ca_store::now_secs;
 
 use crate::metrics::{ClusterLabels, IssuerLabels};
-use crate::state::{AppState, Issuer};
+use crate::service::state::{AppState, Issuer};
 
 const PROBE_EVERY: Duration = Duration::from_secs(2);
 
@@ -125,7 +125,7 @@ async fn tick(state: &AppState) -> anyhow::Result<()> {
             tracing::info!(issuer = %issuer.name, "CRL refreshed");
         }
     }
-    crate::checkpoint::maybe_checkpoint(state, false).await?;
+    crate::service::checkpoint::maybe_checkpoint(state, false).await?;
     expiry_scan(state, &expiries, now);
     Ok(())
 }

@@ -4,7 +4,6 @@
 
 pub mod api;
 pub mod auth;
-pub mod checkpoint;
 pub mod config;
 pub mod dev;
 pub mod edge;
@@ -13,11 +12,9 @@ pub mod extract;
 pub mod http;
 pub mod istio;
 pub mod jobs;
-pub mod keys;
 pub mod metrics;
 pub mod rotation;
 pub mod service;
-pub mod state;
 pub mod tls;
 
 /// Istio's certificate service, generated from proto/istio/v1/auth/ca.proto.

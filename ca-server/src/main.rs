@@ -15,8 +15,9 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::trace::TraceLayer;
 
 use ca_server::config::{self, Config};
-use ca_server::state::{self, AppState, Inner, Issuer};
-use ca_server::{api, auth, checkpoint, dev, edge, istio, jobs, metrics, rotation, tls};
+use ca_server::service::checkpoint;
+use ca_server::service::state::{self, AppState, Inner, Issuer};
+use ca_server::{api, auth, dev, edge, istio, jobs, metrics, rotation, tls};
 
 #[derive(Parser)]
 #[command(

@@ -30,7 +30,7 @@ use crate::auth::{Operator, Role};
 use crate::error::ApiError;
 use crate::extract::Path;
 use crate::http::body::Body;
-use crate::state::{AppState, Issuer};
+use crate::service::state::{AppState, Issuer};
 
 // ---- the stored plan ------------------------------------------------------------------------
 
@@ -786,7 +786,7 @@ pub async fn start(
                     format!("the new intermediate does not cover cluster {}'s trust domain {}", c.name, c.trust_domain),
                 )));
             }
-            let public = crate::keys::check_new_key(&state, &key).await.map_err(deny)?;
+            let public = crate::service::keys::check_new_key(&state, &key).await.map_err(deny)?;
             if public.spki_der() != cert.spki_der {
                 return Err(deny(bad("invalid-key", "the key does not match the new intermediate")));
             }
@@ -809,7 +809,7 @@ pub async fn start(
                 (true, Some(k)) => {
                     let key: hsm::KeyRef =
                         k.parse().map_err(|e: hsm::HsmError| deny(bad("invalid-key", e.to_string())))?;
-                    crate::keys::check_new_key(&state, &key).await.map_err(deny)?;
+                    crate::service::keys::check_new_key(&state, &key).await.map_err(deny)?;
                     Some(key.to_string())
                 }
                 (true, None) => {

@@ -4,7 +4,7 @@ use axum::extract::{FromRequest, Request};
 use axum::http::{HeaderMap, StatusCode, header};
 
 use crate::error::ApiError;
-use crate::state::AppState;
+use crate::service::state::AppState;
 
 /// A JSON body, read up to the configured limit. Every refusal is a problem document (and so
 /// audited): a `Content-Type` other than `application/json` is 415, a body over the limit 413,

@@ -7,7 +7,7 @@ use serde_json::json;
 use time::OffsetDateTime;
 
 use crate::error::ApiError;
-use crate::state::{AppState, Issuer};
+use crate::service::state::{AppState, Issuer};
 
 /// Where an environment's CRL for one of its keys is stored: under the environment's name for
 /// the key it signs with now, under `<environment>@<SHA-256 of the SPKI>` for an earlier one.

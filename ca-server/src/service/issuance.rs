@@ -8,7 +8,7 @@ use serde_json::json;
 use time::OffsetDateTime;
 
 use crate::error::ApiError;
-use crate::state::{AppState, Issuer};
+use crate::service::state::{AppState, Issuer};
 
 /// The issuer followed by its parents (the chain a cluster certificate needs above it).
 pub(crate) fn issuer_chain(issuer: &Issuer) -> Vec<CertInfo> {

@@ -13,7 +13,7 @@ use ca_core::cert::CertInfo;
 use ca_store::{BlockedKey, Store, Tx, spki_sha256};
 
 use crate::error::ApiError;
-use crate::state::AppState;
+use crate::service::state::AppState;
 
 /// What the client is told when a new key is refused for anything but a block. One message
 /// for every cause, so that the answer tells nothing about the server's files or tokens; the

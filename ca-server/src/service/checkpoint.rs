@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use ca_core::audit::{Checkpoint, checkpoint_message};
 use ca_store::now_millis;
 
-use crate::state::AppState;
+use crate::service::state::AppState;
 
 /// Signs a checkpoint over the current head when enough records or time have passed since
 /// the last one (or when `force` is set and there is anything new). Returns the new
