@@ -12,6 +12,7 @@ pub mod extract;
 pub mod http;
 pub mod istio;
 pub mod jobs;
+pub mod jwt;
 pub mod metrics;
 pub mod rotation;
 pub mod service;
