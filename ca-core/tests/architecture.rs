@@ -23,7 +23,8 @@ fn rust_sources(dir: &Path, out: &mut Vec<PathBuf>) {
 /// own key self-test.
 #[test]
 fn raw_signing_happens_only_where_allowed() {
-    const ALLOWED: &[&str] = &["hsm/src/", "ca-core/src/issue.rs", "ca-core/src/csr.rs", "ca-server/src/checkpoint.rs"];
+    const ALLOWED: &[&str] =
+        &["hsm/src/", "ca-core/src/issue.rs", "ca-core/src/csr.rs", "ca-server/src/service/checkpoint.rs"];
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
     let mut files = Vec::new();
     rust_sources(root, &mut files);
@@ -55,4 +56,231 @@ fn unsafe_code_is_forbidden_outside_hsm() {
             assert!(text.contains("#![forbid(unsafe_code)]"), "{krate} must forbid unsafe code");
         }
     }
+}
+
+/// The text with `//` comments (docs included) cut off each line, unless the `//` follows a
+/// quote (a URL in a string).
+fn without_comments(text: &str) -> String {
+    text.lines()
+        .map(|l| match l.find("//") {
+            Some(i) if !l[..i].contains('"') => &l[..i],
+            _ => l,
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The module path of a source file under `src` (`service/rotation/gate.rs` →
+/// `["service", "rotation", "gate"]`; `lib.rs`, `main.rs` and `mod.rs` name their directory).
+fn module_of(src: &Path, file: &Path) -> Vec<String> {
+    let rel = file.strip_prefix(src).unwrap().with_extension("");
+    let mut parts: Vec<String> = rel.iter().map(|p| p.to_string_lossy().to_string()).collect();
+    if matches!(parts.last().map(String::as_str), Some("mod" | "lib" | "main")) {
+        parts.pop();
+    }
+    parts
+}
+
+/// Every module path a file names: `crate::a::b`, `super::c`, `self::d`, and the members of
+/// `use crate::{a::x, b}` groups, resolved to absolute paths. Comments are ignored.
+fn references(module: &[String], is_dir_module: bool, text: &str) -> Vec<Vec<String>> {
+    let code = without_comments(text);
+    // `super` of a file module is its parent; of a `mod.rs`, the directory's parent.
+    // A file's module path is the same whether it is `x.rs` or `x/mod.rs`; `super` is its
+    // parent either way.
+    let _ = is_dir_module;
+    let here: Vec<String> = module.to_vec();
+    let parent = |levels: usize| -> Vec<String> { here[..here.len().saturating_sub(levels)].to_vec() };
+    let mut out = Vec::new();
+    let bytes = code.as_bytes();
+    let ident = |c: u8| c.is_ascii_alphanumeric() || c == b'_';
+    let mut i = 0;
+    while i < bytes.len() {
+        if !code.is_char_boundary(i) {
+            i += 1;
+            continue;
+        }
+        let rest = &code[i..];
+        let start_ok = i == 0 || !ident(bytes[i - 1]) && bytes[i - 1] != b':';
+        let (base, skip) = if start_ok && rest.starts_with("crate::") {
+            (Vec::new(), "crate::".len())
+        } else if start_ok && rest.starts_with("super::") {
+            let mut n = 0;
+            let mut r = rest;
+            while let Some(x) = r.strip_prefix("super::") {
+                n += 1;
+                r = x;
+            }
+            (parent(n), rest.len() - r.len())
+        } else if start_ok && rest.starts_with("self::") {
+            (here.clone(), "self::".len())
+        } else {
+            i += 1;
+            continue;
+        };
+        i += skip;
+        // Either a path `a::b::c` or a group `{a::x, b}` (one level of braces).
+        let tail = &code[i..];
+        if let Some(group) = tail.strip_prefix('{') {
+            let end = group.find('}').unwrap_or(group.len());
+            for member in group[..end].split(',') {
+                let segs: Vec<String> = member
+                    .trim()
+                    .split("::")
+                    .map(|s| s.trim().to_string())
+                    .take_while(|s| !s.is_empty() && s.bytes().all(ident))
+                    .collect();
+                if !segs.is_empty() {
+                    out.push(base.iter().cloned().chain(segs).collect());
+                }
+            }
+            i += end + 1;
+        } else {
+            let segs: Vec<String> = tail
+                .split("::")
+                .map(|s| s.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect::<String>())
+                .scan(true, |go, s| {
+                    let keep = *go && !s.is_empty();
+                    *go = keep;
+                    keep.then_some(s)
+                })
+                .collect();
+            i += segs.iter().map(String::len).sum::<usize>();
+            if !segs.is_empty() {
+                out.push(base.iter().cloned().chain(segs).collect());
+            }
+        }
+    }
+    out
+}
+
+/// Edges between the children of `package` (a module path, empty for the crate root): child
+/// `a` → child `b` when a file inside `a` names something inside `b`.
+fn edges(src: &Path, package: &[String]) -> std::collections::BTreeMap<String, std::collections::BTreeSet<String>> {
+    let mut files = Vec::new();
+    rust_sources(src, &mut files);
+    let mut graph: std::collections::BTreeMap<String, std::collections::BTreeSet<String>> = Default::default();
+    for f in files {
+        let module = module_of(src, &f);
+        if module.len() <= package.len() || !module.starts_with(package) {
+            continue;
+        }
+        let from = module[package.len()].clone();
+        let is_dir = matches!(f.file_stem().and_then(|s| s.to_str()), Some("mod"));
+        for r in references(&module, is_dir, &std::fs::read_to_string(&f).unwrap()) {
+            if r.len() > package.len() && r.starts_with(package) && r[package.len()] != from {
+                graph.entry(from.clone()).or_default().insert(r[package.len()].clone());
+            }
+        }
+    }
+    graph
+}
+
+/// A cycle in `graph`, if there is one, as the list of its nodes.
+fn find_cycle(graph: &std::collections::BTreeMap<String, std::collections::BTreeSet<String>>) -> Option<Vec<String>> {
+    fn visit(
+        n: &str,
+        graph: &std::collections::BTreeMap<String, std::collections::BTreeSet<String>>,
+        stack: &mut Vec<String>,
+        done: &mut std::collections::BTreeSet<String>,
+    ) -> Option<Vec<String>> {
+        if let Some(at) = stack.iter().position(|s| s == n) {
+            let mut cycle = stack[at..].to_vec();
+            cycle.push(n.to_string());
+            return Some(cycle);
+        }
+        if done.contains(n) {
+            return None;
+        }
+        stack.push(n.to_string());
+        for m in graph.get(n).into_iter().flatten() {
+            if let Some(c) = visit(m, graph, stack, done) {
+                return Some(c);
+            }
+        }
+        stack.pop();
+        done.insert(n.to_string());
+        None
+    }
+    let mut done = Default::default();
+    graph.keys().find_map(|n| visit(n, graph, &mut Vec::new(), &mut done))
+}
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// The packages whose children must not form a cycle: each crate's root, and every directory
+/// module below it.
+fn packages(src: &Path) -> Vec<Vec<String>> {
+    let mut files = Vec::new();
+    rust_sources(src, &mut files);
+    let mut out: Vec<Vec<String>> = vec![Vec::new()];
+    for f in files {
+        if f.file_name().is_some_and(|n| n == "mod.rs") {
+            out.push(module_of(src, &f));
+        }
+    }
+    out
+}
+
+/// Modules form layers: within ca-server, ca-core and ca-store, at every level of nesting, no
+/// module reaches (through any chain of `use`s) back into itself.
+#[test]
+fn modules_form_no_cycle() {
+    let mut found = Vec::new();
+    for krate in ["ca-server/src", "ca-core/src", "ca-store/src", "ca-cli/src"] {
+        let src = workspace().join(krate);
+        if !src.exists() {
+            continue;
+        }
+        for package in packages(&src) {
+            if let Some(cycle) = find_cycle(&edges(&src, &package)) {
+                let prefix = if package.is_empty() { String::new() } else { format!("{}::", package.join("::")) };
+                found.push(format!(
+                    "{krate}: {}",
+                    cycle.iter().map(|c| format!("{prefix}{c}")).collect::<Vec<_>>().join(" → ")
+                ));
+            }
+        }
+    }
+    assert!(found.is_empty(), "module cycles:\n{}", found.join("\n"));
+}
+
+/// The checker itself: a cycle through `super::` and a `use crate::{..}` group is found, and
+/// a layered graph is not reported.
+#[test]
+fn the_cycle_checker_sees_cycles() {
+    let a = references(&["service".into(), "a".into()], false, "use super::b::X;\nuse crate::{http::y, error::E};");
+    assert_eq!(a, vec![vec!["service", "b", "X"], vec!["http", "y"], vec!["error", "E"]]);
+    let g: std::collections::BTreeMap<String, std::collections::BTreeSet<String>> = [
+        ("a".to_string(), ["b".to_string()].into()),
+        ("b".to_string(), ["c".to_string()].into()),
+        ("c".to_string(), ["a".to_string()].into()),
+    ]
+    .into();
+    assert_eq!(find_cycle(&g), Some(vec!["a".into(), "b".into(), "c".into(), "a".into()]));
+    let layered: std::collections::BTreeMap<String, std::collections::BTreeSet<String>> =
+        [("a".to_string(), ["b".to_string(), "c".to_string()].into()), ("b".to_string(), ["c".to_string()].into())]
+            .into();
+    assert_eq!(find_cycle(&layered), None);
+}
+
+/// Services are the domain: they never name a protocol module or a protocol crate, so that
+/// REST and gRPC (and whatever comes next) call the same code.
+#[test]
+fn services_import_no_protocol() {
+    let src = workspace().join("ca-server/src/service");
+    let mut files = Vec::new();
+    rust_sources(&src, &mut files);
+    let mut offenders = Vec::new();
+    for f in files {
+        let text = without_comments(&std::fs::read_to_string(&f).unwrap());
+        for needle in ["crate::http", "crate::grpc", "axum::", "tonic::", "hyper::", "utoipa::", "crate::proto"] {
+            if text.contains(needle) {
+                offenders.push(format!("{}: {needle}", f.strip_prefix(workspace()).unwrap().display()));
+            }
+        }
+    }
+    assert!(offenders.is_empty(), "protocol names in services: {offenders:?}");
 }
