@@ -15,7 +15,7 @@ use anyhow::{Context, Result, bail};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime};
+use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, ServerConfig, SignatureScheme};
 use tokio::net::TcpListener;
@@ -110,16 +110,14 @@ pub fn server_config(cfg: &TlsConfig) -> Result<Arc<ServerConfig>> {
         bail!("tls.cert {}: no certificate", cfg.cert.display());
     }
     let key_ref: hsm::KeyRef = cfg.key.parse().context("tls.key")?;
-    let exported = hsm::export_file_key(&key_ref).context("tls.key")?;
-    let der = pem::parse(exported.expose_pem()).context("tls.key")?.into_contents();
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(der));
+    let certified =
+        hsm::tls::certified_key(&key_ref, chain).context("tls.cert and tls.key do not form a usable pair")?;
     let provider = provider();
     let verifier = Arc::new(ProofOfPossession { algs: provider.signature_verification_algorithms });
     let config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, key)
-        .context("tls.cert and tls.key do not form a usable pair")?;
+        .with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(certified)));
     Ok(Arc::new(config))
 }
 

@@ -10,6 +10,7 @@ mod keyref;
 mod pkcs11;
 mod public;
 pub mod softhsm;
+pub mod tls;
 
 use std::fmt;
 
