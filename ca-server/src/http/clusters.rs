@@ -18,6 +18,8 @@ use crate::service::intermediates::{Credential, Installed};
 use crate::service::state::AppState;
 use crate::tls::ConnInfo;
 
+// The next two document values the store keeps as strings; they are never built in Rust.
+
 /// A cluster's registration state: `pending` until a second operator decides.
 #[derive(Serialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
