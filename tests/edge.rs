@@ -381,7 +381,7 @@ async fn a_panicking_handler_answers_500_problem_json() {
         panic!("deliberately")
     }
     let routes = axum::Router::new().route("/boom", get(boom));
-    let app = ca_server::api::with_layers(routes, state.clone());
+    let app = ca_server::http::with_layers(routes, state.clone());
     let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
     h.kid = Some("k1".into());
     let now = time::OffsetDateTime::now_utc().unix_timestamp();

@@ -4,14 +4,11 @@
 
 use std::sync::RwLock;
 
-use axum::extract::FromRequestParts;
-use axum::http::request::Parts;
 use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 
 use crate::config::AuthConfig;
 use crate::error::ApiError;
-use crate::service::state::AppState;
 
 /// An operator's role, from the token's roles claim.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
@@ -153,32 +150,4 @@ pub fn describe_jwt_error(e: &jsonwebtoken::errors::Error, issuer: &str, audienc
 /// Follows a dotted path (`realm_access.roles`) into the claims.
 fn lookup<'a>(claims: &'a serde_json::Value, path: &str) -> Option<&'a serde_json::Value> {
     path.split('.').try_fold(claims, |v, k| v.get(k))
-}
-
-pub fn bearer(parts: &Parts) -> Option<&str> {
-    parts.headers.get(axum::http::header::AUTHORIZATION)?.to_str().ok()?.strip_prefix("Bearer ")
-}
-
-impl FromRequestParts<AppState> for Operator {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
-        let token = bearer(parts).ok_or_else(|| {
-            ApiError::unauthenticated("unauthenticated", "send an operator token as Authorization: Bearer <JWT>")
-        })?;
-        let op = state.auth.verify(token.trim())?;
-        if let Some(a) = parts.extensions.get::<crate::edge::Authenticated>() {
-            a.set(op.actor());
-        }
-        // Every operator call that is not a read changes state or decides a request: all of
-        // them, not a list of handlers, so that a new endpoint cannot forget the check.
-        if !parts.method.is_safe() && !op.second_factor {
-            return Err(ApiError::forbidden(
-                "mfa-required",
-                "this call needs a token that proves a second factor (see auth.require_mfa); sign in again with one",
-            )
-            .by(op.actor()));
-        }
-        Ok(op)
-    }
 }

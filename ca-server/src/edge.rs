@@ -22,7 +22,6 @@ use serde_json::{Value, json};
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::metrics::{DenialLabels, Metrics};
-use crate::service::state::AppState;
 
 /// Longest method kept (every standard method fits).
 pub const MAX_METHOD: usize = 16;
@@ -139,35 +138,10 @@ impl Edge {
     }
 
     /// Forgets the quota state of addresses that have been quiet long enough to be full again.
-    fn prune(&self) {
+    pub fn prune(&self) {
         self.limiter.retain_recent();
         self.limiter.shrink_to_fit();
     }
-}
-
-/// Writes the summary of the refusals counted so far, if any.
-pub async fn flush(state: &AppState) {
-    if let Some(event) = state.edge.take_summary() {
-        if let Err(e) = state.store.audit(event).await {
-            tracing::error!(error = %e, "could not audit the summary of refused unauthenticated requests");
-        }
-    }
-}
-
-/// Flushes the summary every `audit.denial_summary_interval` (each replica its own).
-pub fn spawn(state: AppState) {
-    let every = std::time::Duration::try_from(state.config.audit.denial_summary_interval.duration())
-        .unwrap_or(std::time::Duration::from_secs(60));
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tick.tick().await;
-        loop {
-            tick.tick().await;
-            flush(&state).await;
-            state.edge.prune();
-        }
-    });
 }
 
 /// The 429 answer for an address whose quota is used up.

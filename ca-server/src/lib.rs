@@ -2,13 +2,11 @@
 //! targets and benchmarks reach the parsers and policy through the same modules.
 #![forbid(unsafe_code)]
 
-pub mod api;
 pub mod auth;
 pub mod config;
 pub mod dev;
 pub mod edge;
 pub mod error;
-pub mod extract;
 pub mod http;
 pub mod istio;
 pub mod jobs;

@@ -17,7 +17,7 @@ use tower_http::trace::TraceLayer;
 use ca_server::config::{self, Config};
 use ca_server::service::checkpoint;
 use ca_server::service::state::{self, AppState, Inner, Issuer};
-use ca_server::{api, auth, dev, edge, istio, jobs, metrics, rotation, tls};
+use ca_server::{auth, dev, edge, http, istio, jobs, metrics, rotation, service, tls};
 
 #[derive(Parser)]
 #[command(
@@ -170,7 +170,7 @@ async fn run(args: Args) -> Result<()> {
     }
 
     let request_id = HeaderName::from_static("x-request-id");
-    let app = api::router(state.clone())
+    let app = http::router(state.clone())
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
         .layer(
             TraceLayer::new_for_http()
@@ -247,7 +247,7 @@ async fn run(args: Args) -> Result<()> {
         print_dev_help(d, &vars);
     }
     jobs::spawn(state.clone());
-    edge::spawn(state.clone());
+    service::denials::spawn(state.clone());
 
     tokio::select! {
         r = tls::serve(listener, tls_config, app, limits) => r,
@@ -258,7 +258,7 @@ async fn run(args: Args) -> Result<()> {
             if let Some(t) = grpc_task {
                 let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
             }
-            if tokio::time::timeout(Duration::from_secs(5), edge::flush(&state)).await.is_err() {
+            if tokio::time::timeout(Duration::from_secs(5), service::denials::flush(&state)).await.is_err() {
                 tracing::warn!("the last summary of refused unauthenticated requests timed out");
             }
             // Sign the head on the way out, so that the records since the last checkpoint

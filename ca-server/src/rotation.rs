@@ -28,8 +28,8 @@ use utoipa::ToSchema;
 
 use crate::auth::{Operator, Role};
 use crate::error::ApiError;
-use crate::extract::Path;
 use crate::http::body::Body;
+use crate::http::extract::Path;
 use crate::service::state::{AppState, Issuer};
 
 // ---- the stored plan ------------------------------------------------------------------------
@@ -300,7 +300,7 @@ pub async fn changed_at(state: &AppState, cluster: &ClusterRecord) -> Result<(i6
 pub struct ClusterStatus {
     pub name: String,
     pub environment: String,
-    #[schema(value_type = crate::api::ClusterMode)]
+    #[schema(value_type = crate::http::clusters::ClusterMode)]
     pub mode: String,
     /// `current` or `lagging`.
     pub state: String,

@@ -165,3 +165,42 @@ async fn publish_one(
     }
     Err(ApiError::unavailable("busy", format!("the CRL of {name} kept changing; try again")))
 }
+
+/// The CRL (DER) that `environment`'s current key signs, or with `key` (the SHA-256 of an
+/// issuing key's SPKI, hex) the one an earlier key signs. Normally the background job made it
+/// at start; until then, it is made here.
+pub async fn current_crl(state: &AppState, environment: &str, key: Option<&str>) -> Result<Vec<u8>, ApiError> {
+    let name = environment;
+    let issuer = state.issuer(name)?.clone();
+    let key = key.map(str::to_ascii_lowercase).filter(|k| *k != ca_store::spki_sha256(&issuer.cert.spki_der));
+    if key.as_ref().is_some_and(|k| k.len() != 64 || !k.bytes().all(|b| b.is_ascii_hexdigit())) {
+        return Err(ApiError::bad_request(
+            "invalid-query",
+            "key is the SHA-256 (hex) of the issuing key's SubjectPublicKeyInfo",
+        ));
+    }
+    let stored = crl_name(name, key.as_deref());
+    let rec = match state.store.get_crl(&stored).await? {
+        Some(r) => r,
+        None => {
+            let no_crl = |k: &str| {
+                ApiError::not_found(format!(
+                    "{name} has no CRL for key {k}: none of its earlier keys with an unexpired certificate has that SPKI"
+                ))
+            };
+            // Only a key the environment had makes this sign anything: an unknown one is
+            // answered without touching the HSM.
+            if let Some(k) = &key
+                && !earlier_keys(state, &issuer).await?.iter().any(|(id, ..)| id == k)
+            {
+                return Err(no_crl(k));
+            }
+            let current = publish_crl(state, &issuer, &state.job_actor()).await?;
+            match &key {
+                None => current,
+                Some(k) => state.store.get_crl(&stored).await?.ok_or_else(|| no_crl(k))?,
+            }
+        }
+    };
+    base64::engine::general_purpose::STANDARD.decode(&rec.der).map_err(ApiError::internal)
+}

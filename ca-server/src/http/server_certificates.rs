@@ -1,0 +1,63 @@
+//! TLS server certificates from an external-CA cluster's intermediate.
+
+use axum::Json;
+use axum::extract::State;
+use ca_core::cert::CertInfo;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::auth::{Operator, Role};
+use crate::error::{ApiError, Problem};
+use crate::http::body::Body;
+use crate::http::extract::Path;
+use crate::service::certificates::ServerCertificate;
+use crate::service::state::AppState;
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ServerCertRequest {
+    /// PEM CSR. Only its public key is used.
+    csr: String,
+    /// DNS names (e.g. `istiod.istio-system.svc`), among the cluster's
+    /// `server_certificate_names`.
+    #[schema(min_items = 1)]
+    dns_names: Vec<String>,
+    /// Lifetime, e.g. `30d` (default 30d, at most 90d, never past the intermediate).
+    #[schema(pattern = "^([0-9]{1,10}[smhdwy]){0,4}[1-9][0-9]{0,9}[smhdwy]([0-9]{1,10}[smhdwy]){0,4}$")]
+    validity: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub(crate) struct ServerCertResponse {
+    serial: String,
+    not_after: String,
+    certificate: String,
+    /// The cluster intermediate and its parents below the root (PEM).
+    chain: Vec<String>,
+    trust_bundle: Vec<String>,
+}
+
+/// Issues a TLS server certificate (e.g. istiod's own, which it needs when its CA is off) from
+/// an external-CA cluster's intermediate.
+#[utoipa::path(post, path = "/v1/clusters/{name}/server-certificates", request_body = ServerCertRequest, params(("name" = String, Path, description = "The cluster's name")),
+    responses((status = 200, body = ServerCertResponse), (status = 400, body = Problem),
+        (status = 403, body = Problem, description = "forbidden: only admins issue server certificates; name-not-allowed: a name outside the cluster's server_certificate_names"),
+        (status = 404, body = Problem), (status = 409, body = Problem), (status = 503, body = Problem)),
+    security(("bearer" = ["admin"])))]
+pub(crate) async fn issue_server_certificate(
+    State(state): State<AppState>,
+    op: Operator,
+    Path(name): Path<String>,
+    Body(req): Body<ServerCertRequest>,
+) -> Result<Json<ServerCertResponse>, ApiError> {
+    op.require(&[Role::Admin], "issuing server certificates")?;
+    let req = ServerCertificate { csr: req.csr, dns_names: req.dns_names, validity: req.validity };
+    let issued = crate::service::certificates::issue_server_certificate(&state, &op, &name, req).await?;
+    Ok(Json(ServerCertResponse {
+        serial: issued.cert.serial.clone(),
+        not_after: ca_core::error::fmt_time(issued.cert.not_after),
+        certificate: issued.cert.pem(),
+        chain: issued.chain_pem,
+        trust_bundle: issued.roots.iter().map(CertInfo::pem).collect(),
+    }))
+}
