@@ -53,11 +53,11 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/crl/{issuer}", get(get_crl))
         .route("/v1/audit", get(list_audit))
         .route("/v1/clusters/{name}/report", post(report_installed))
-        .route("/v1/rotations", post(crate::rotation::start).get(crate::rotation::list))
-        .route("/v1/rotations/{id}", get(crate::rotation::get))
-        .route("/v1/rotations/{id}/certificates", post(crate::rotation::upload_certificate))
-        .route("/v1/rotations/{id}/advance", post(crate::rotation::advance))
-        .route("/v1/rotations/{id}/rollback", post(crate::rotation::rollback))
+        .route("/v1/rotations", post(crate::http::rotations::start).get(crate::http::rotations::list))
+        .route("/v1/rotations/{id}", get(crate::http::rotations::get))
+        .route("/v1/rotations/{id}/certificates", post(crate::http::rotations::upload_certificate))
+        .route("/v1/rotations/{id}/advance", post(crate::http::rotations::advance))
+        .route("/v1/rotations/{id}/rollback", post(crate::http::rotations::rollback))
         .fallback(|| async { ApiError::not_found("no such endpoint") });
     with_layers(routes, state)
 }
@@ -216,8 +216,8 @@ async fn audit_denials(State(state): State<AppState>, mut req: Request, next: Ne
         healthz, readyz, list_issuers, register_cluster, list_clusters, get_cluster, issue_intermediate, reissue_enrolment, list_requests,
         approve_request, reject_request, list_certificates, get_certificate, revoke_certificate, get_crl, list_audit,
         trust_bundle, trust_bundle_configmap, issue_server_certificate, report_installed,
-        crate::rotation::list, crate::rotation::get, crate::rotation::start, crate::rotation::upload_certificate,
-        crate::rotation::advance, crate::rotation::rollback
+        crate::http::rotations::list, crate::http::rotations::get, crate::http::rotations::start, crate::http::rotations::upload_certificate,
+        crate::http::rotations::advance, crate::http::rotations::rollback
     ),
     components(schemas(
         Problem, RegisterCluster, RegisterResponse, ClusterView, IntermediateRequest, IntermediateResponse, RequestView,
@@ -598,7 +598,7 @@ async fn cluster_view(state: &AppState, c: ClusterRecord) -> Result<ClusterView,
     if let (true, Some(serial)) = (c.is_external_ca(), &c.current_serial)
         && let Some(cert) = state.store.get_certificate(serial).await?
     {
-        compromised = crate::istio::current_key_blocked(state, &cert).await?.is_some();
+        compromised = crate::service::external_ca::current_key_blocked(state, &cert).await?.is_some();
     }
     Ok(ClusterView { key_compromised: compromised, ..c.into() })
 }
@@ -1028,7 +1028,7 @@ async fn report_installed(
         intermediate_serial: installed.serial.clone(),
         reported_at: now,
     };
-    let (bundle_changed, reissue_after) = crate::rotation::changed_at(&state, &cluster).await?;
+    let (bundle_changed, reissue_after) = crate::service::rotation::changed_at(&state, &cluster).await?;
     // A report that repeats the stored one, made since the last stage change, tells the gates
     // nothing new: it is not written, so repeated reports cost no write lock.
     let stored = state.store.get_cluster_report(&name).await?;
@@ -1298,7 +1298,7 @@ async fn issue_server_certificate(
             format!("{n} is not among istio.clusters.{name}.server_certificate_names ({})", allowed.join(", ")),
         )));
     }
-    let ca = crate::istio::cluster_ca(&state, &name).await.map_err(deny)?;
+    let ca = crate::service::external_ca::cluster_ca(&state, &name).await.map_err(deny)?;
     let csr = VerifiedCsr::parse(req.csr.as_bytes()).map_err(|e| deny(crate::service::state::map_core(e.into())))?;
     let spki = csr.public_key().spki_der().to_vec();
     crate::service::keys::refuse_blocked(&state.store, &spki).await.map_err(deny)?;
@@ -1413,7 +1413,7 @@ async fn decide(state: AppState, op: Operator, id: String, approve: bool) -> Res
     op.require(&[Role::Operator, Role::Admin], "deciding requests")?;
     // Rotation approvals judge against this replica's issuers: bring them up to date before
     // the write transaction, which must not wait on opening a key.
-    crate::rotation::refresh_quietly(&state).await;
+    crate::service::rotation::refresh_quietly(&state).await;
     let mut tx = state.store.write().await?;
     let req =
         tx.get_request(&id).await?.ok_or_else(|| ApiError::not_found(format!("no request {id:?}")).by(op.actor()))?;
@@ -1449,10 +1449,10 @@ async fn decide(state: AppState, op: Operator, id: String, approve: bool) -> Res
     let mut rotation = None;
     match (req.kind.as_str(), approve) {
         ("start-rotation", true) => {
-            rotation = Some(crate::rotation::approve_start(&state, &mut tx, &req, &op).await?);
+            rotation = Some(crate::service::rotation::approve_start(&state, &mut tx, &req, &op).await?);
         }
         ("rotation-stage", true) => {
-            rotation = Some(crate::rotation::approve_stage(&state, &mut tx, &req, &op).await?);
+            rotation = Some(crate::service::rotation::approve_stage(&state, &mut tx, &req, &op).await?);
         }
         ("register-cluster", true) => {
             tx.set_cluster_status(&req.subject, "active").await?;
@@ -1518,7 +1518,7 @@ async fn decide(state: AppState, op: Operator, id: String, approve: bool) -> Res
     }
     tx.commit().await?;
     if let Some(a) = rotation {
-        crate::rotation::after_commit(&state, a, &op.actor()).await;
+        crate::service::rotation::after_commit(&state, a, &op.actor()).await;
     }
     // The revocation stands even if the HSM is away right now: the CRL follows here, or from
     // the background job, which treats a CRL older than the last revocation as due.
@@ -1530,7 +1530,8 @@ async fn decide(state: AppState, op: Operator, id: String, approve: bool) -> Res
             state.istio.forget(cluster);
             if key_blocked {
                 tracing::warn!(%cluster, "key revoked for compromise: no successor until a cluster rotation brings a new key");
-            } else if let Err(e) = crate::istio::ensure_intermediate(&state, cluster, &op.actor()).await {
+            } else if let Err(e) = crate::service::external_ca::ensure_intermediate(&state, cluster, &op.actor()).await
+            {
                 tracing::warn!(%cluster, error = %e.detail, "successor intermediate not issued yet; the background job will retry");
             }
         }
@@ -1541,7 +1542,7 @@ async fn decide(state: AppState, op: Operator, id: String, approve: bool) -> Res
     }
     // The approval stands even if the key is away right now; the background job retries.
     if let Some(name) = external_ca {
-        if let Err(e) = crate::istio::ensure_intermediate(&state, &name, &op.actor()).await {
+        if let Err(e) = crate::service::external_ca::ensure_intermediate(&state, &name, &op.actor()).await {
             tracing::warn!(cluster = %name, error = %e.detail, "external-CA intermediate not issued yet; the background job will retry");
         }
     }

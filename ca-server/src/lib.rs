@@ -9,11 +9,9 @@ pub mod dev;
 pub mod edge;
 pub mod error;
 pub mod extract;
+pub mod grpc;
 pub mod http;
-pub mod istio;
-pub mod jobs;
 pub mod metrics;
-pub mod rotation;
 pub mod service;
 pub mod tls;
 

@@ -2,3 +2,4 @@
 //! translate HTTP into calls of `crate::service` and its results back into HTTP.
 
 pub mod body;
+pub mod rotations;

@@ -3,6 +3,12 @@
 
 pub mod checkpoint;
 pub mod crl;
+pub mod external_ca;
 pub mod issuance;
+pub mod jobs;
 pub mod keys;
+pub mod recorder;
+pub mod rotation;
+pub mod serving_cert;
 pub mod state;
+pub mod workload;
