@@ -356,7 +356,7 @@ key = "file:unused.key"
     AppState::new(Inner {
         edge: ca_server::edge::Edge::new(&cfg, metrics.clone()),
         auth: ca_server::auth::Auth::new(cfg.auth.clone(), jwks),
-        istio: ca_server::istio::Istio::new(None, store.clone(), metrics.clone()).unwrap(),
+        istio: ca_server::service::external_ca::Istio::new(None, store.clone(), metrics.clone()).unwrap(),
         config: cfg,
         store,
         issuers: Issuers::new(Default::default()),
@@ -415,7 +415,7 @@ async fn a_panicking_handler_answers_500_problem_json() {
     assert_eq!(summary.details["by_code"]["internal"], 1, "{:?}", summary.details);
 }
 
-/// A gRPC handler that panics, behind the layer `istio::serve` puts in front of the service:
+/// A gRPC handler that panics, behind the layer `grpc::serve` puts in front of the service:
 /// the caller gets INTERNAL, not a reset stream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_grpc_handler_answers_internal() {

@@ -2,6 +2,8 @@
 //! signature is checked against a JWKS, then `iss`, `aud`, `exp` and `nbf`; roles come from a
 //! configurable claim.
 
+pub mod service_account;
+
 use std::sync::RwLock;
 
 use jsonwebtoken::jwk::JwkSet;

@@ -7,12 +7,10 @@ pub mod config;
 pub mod dev;
 pub mod edge;
 pub mod error;
+pub mod grpc;
 pub mod http;
-pub mod istio;
-pub mod jobs;
 pub mod jwt;
 pub mod metrics;
-pub mod rotation;
 pub mod service;
 pub mod tls;
 

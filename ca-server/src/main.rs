@@ -17,7 +17,8 @@ use tower_http::trace::TraceLayer;
 use ca_server::config::{self, Config};
 use ca_server::service::checkpoint;
 use ca_server::service::state::{self, AppState, Inner, Issuer};
-use ca_server::{auth, dev, edge, http, istio, jobs, metrics, rotation, service, tls};
+use ca_server::service::{external_ca, jobs, rotation};
+use ca_server::{auth, dev, edge, grpc, http, metrics, service, tls};
 
 #[derive(Parser)]
 #[command(
@@ -136,7 +137,7 @@ async fn run(args: Args) -> Result<()> {
     let tls_config = tls::server_config(&cfg.tls)?;
     let client_roots = tls::client_roots(&cfg.tls)?;
     let metrics = Arc::new(metrics::Metrics::new());
-    let istio = istio::Istio::new(cfg.istio.as_ref(), store.clone(), metrics.clone())?;
+    let istio = external_ca::Istio::new(cfg.istio.as_ref(), store.clone(), metrics.clone())?;
     let state = AppState::new(Inner {
         edge: edge::Edge::new(&cfg, metrics.clone()),
         auth: auth::Auth::new(cfg.auth.clone(), jwks),
@@ -203,7 +204,7 @@ async fn run(args: Args) -> Result<()> {
         }
         state.istio.load_keys().await;
         // Clusters approved while no replica was up get their intermediates now.
-        if let Err(e) = istio::maintain(&state, true).await {
+        if let Err(e) = external_ca::maintain(&state, true).await {
             tracing::warn!(error = %format!("{e:#}"), "external-CA start-up maintenance failed; will retry");
         }
         let gl = tokio::net::TcpListener::bind(&ic.listen)
@@ -212,7 +213,7 @@ async fn run(args: Args) -> Result<()> {
         grpc_addr = Some(gl.local_addr()?);
         let s = state.clone();
         grpc_task = Some(tokio::spawn(async move {
-            if let Err(e) = istio::serve(s, gl, limits, async {
+            if let Err(e) = grpc::serve(s, gl, limits, async {
                 let _ = grpc_stopped.await;
             })
             .await

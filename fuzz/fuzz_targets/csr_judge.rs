@@ -1,4 +1,4 @@
-//! The CSR parser (`VerifiedCsr`) and the Istio workload judge (`ca_server::istio::judge`:
+//! The CSR parser (`VerifiedCsr`) and the Istio workload judge (`ca_server::service::workload::judge`:
 //! signature, key policy, requested names, lifetime), as a `CreateCertificate` request
 //! reaches them.
 //!
@@ -47,7 +47,9 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let before = OffsetDateTime::now_utc();
-    let Ok(req) = ca_server::istio::judge(text, &identity, validity, &policy, issuer_not_after) else { return };
+    let Ok(req) = ca_server::service::workload::judge(text, &identity, validity, &policy, issuer_not_after) else {
+        return;
+    };
 
     // What was let through is what the policy promises.
     let parsed = ca_core::csr::VerifiedCsr::parse(csr).expect("judge accepted it");

@@ -1,4 +1,4 @@
-//! Istio service-account tokens (`ca_server::istio::TokenValidator::verify`): JWT header and
+//! Istio service-account tokens (`ca_server::auth::service_account::TokenValidator::verify`): JWT header and
 //! algorithm, key lookup by `kid` (with the refresh an unknown `kid` triggers), signature,
 //! `iss`/`aud`/`exp`/`nbf`, and the service-account claims. The seeds are real tokens signed
 //! by the keys in fixtures/jwks.json, so mutations of their claims reach the claim checks
@@ -8,8 +8,8 @@
 
 use std::sync::OnceLock;
 
+use ca_server::auth::service_account::TokenValidator;
 use ca_server::config::IstioClusterConfig;
-use ca_server::istio::TokenValidator;
 use libfuzzer_sys::fuzz_target;
 
 const JWKS: &str = include_str!("../fixtures/jwks.json");

@@ -19,6 +19,7 @@ mod middleware;
 pub mod openapi;
 pub mod operator;
 pub mod requests;
+pub mod rotations;
 pub mod server_certificates;
 pub mod trust;
 
@@ -44,11 +45,11 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/crl/{issuer}", get(crl::get_crl))
         .route("/v1/audit", get(audit::list_audit))
         .route("/v1/clusters/{name}/report", post(clusters::report_installed))
-        .route("/v1/rotations", post(crate::rotation::start).get(crate::rotation::list))
-        .route("/v1/rotations/{id}", get(crate::rotation::get))
-        .route("/v1/rotations/{id}/certificates", post(crate::rotation::upload_certificate))
-        .route("/v1/rotations/{id}/advance", post(crate::rotation::advance))
-        .route("/v1/rotations/{id}/rollback", post(crate::rotation::rollback))
+        .route("/v1/rotations", post(crate::http::rotations::start).get(crate::http::rotations::list))
+        .route("/v1/rotations/{id}", get(crate::http::rotations::get))
+        .route("/v1/rotations/{id}/certificates", post(crate::http::rotations::upload_certificate))
+        .route("/v1/rotations/{id}/advance", post(crate::http::rotations::advance))
+        .route("/v1/rotations/{id}/rollback", post(crate::http::rotations::rollback))
         .fallback(|| async { ApiError::not_found("no such endpoint") });
     with_layers(routes, state)
 }

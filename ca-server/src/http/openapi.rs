@@ -24,8 +24,8 @@ use crate::service::state::AppState;
         certificates::get_certificate, certificates::revoke_certificate, crl::get_crl, audit::list_audit,
         trust::trust_bundle, trust::trust_bundle_configmap, server_certificates::issue_server_certificate,
         clusters::report_installed,
-        crate::rotation::list, crate::rotation::get, crate::rotation::start, crate::rotation::upload_certificate,
-        crate::rotation::advance, crate::rotation::rollback
+        crate::http::rotations::list, crate::http::rotations::get, crate::http::rotations::start, crate::http::rotations::upload_certificate,
+        crate::http::rotations::advance, crate::http::rotations::rollback
     ),
     components(schemas(
         Problem, clusters::RegisterCluster, clusters::RegisterResponse, clusters::ClusterView,

@@ -16,7 +16,7 @@ pub async fn list(state: &AppState, status: Option<&str>) -> Result<Vec<Approval
 pub async fn decide(state: &AppState, op: &Operator, id: &str, approve: bool) -> Result<ApprovalRequest, ApiError> {
     // Rotation approvals judge against this replica's issuers: bring them up to date before
     // the write transaction, which must not wait on opening a key.
-    crate::rotation::refresh_quietly(state).await;
+    crate::service::rotation::refresh_quietly(state).await;
     let mut tx = state.store.write().await?;
     let req =
         tx.get_request(id).await?.ok_or_else(|| ApiError::not_found(format!("no request {id:?}")).by(op.actor()))?;
@@ -50,10 +50,10 @@ pub async fn decide(state: &AppState, op: &Operator, id: &str, approve: bool) ->
     let mut rotation = None;
     match (req.kind.as_str(), approve) {
         ("start-rotation", true) => {
-            rotation = Some(crate::rotation::approve_start(state, &mut tx, &req, op).await?);
+            rotation = Some(crate::service::rotation::approve_start(state, &mut tx, &req, op).await?);
         }
         ("rotation-stage", true) => {
-            rotation = Some(crate::rotation::approve_stage(state, &mut tx, &req, op).await?);
+            rotation = Some(crate::service::rotation::approve_stage(state, &mut tx, &req, op).await?);
         }
         ("register-cluster", true) => {
             tx.set_cluster_status(&req.subject, "active").await?;
@@ -88,14 +88,14 @@ pub async fn decide(state: &AppState, op: &Operator, id: &str, approve: bool) ->
     }
     tx.commit().await?;
     if let Some(a) = rotation {
-        crate::rotation::after_commit(state, a, &op.actor()).await;
+        crate::service::rotation::after_commit(state, a, &op.actor()).await;
     }
     if let Some(r) = revoked {
         crate::service::revocation::after_commit(state, op, r).await?;
     }
     // The approval stands even if the key is away right now; the background job retries.
     if let Some(name) = external_ca {
-        if let Err(e) = crate::istio::ensure_intermediate(state, &name, &op.actor()).await {
+        if let Err(e) = crate::service::external_ca::ensure_intermediate(state, &name, &op.actor()).await {
             tracing::warn!(cluster = %name, error = %e.detail, "external-CA intermediate not issued yet; the background job will retry");
         }
     }

@@ -140,7 +140,7 @@ pub async fn issue_server_certificate(
             format!("{n} is not among istio.clusters.{name}.server_certificate_names ({})", allowed.join(", ")),
         )));
     }
-    let ca = crate::istio::cluster_ca(state, name).await.map_err(deny)?;
+    let ca = crate::service::external_ca::cluster_ca(state, name).await.map_err(deny)?;
     let csr = VerifiedCsr::parse(req.csr.as_bytes()).map_err(|e| deny(crate::service::state::map_core(e.into())))?;
     let spki = csr.public_key().spki_der().to_vec();
     crate::service::keys::refuse_blocked(&state.store, &spki).await.map_err(deny)?;

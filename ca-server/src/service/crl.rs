@@ -33,7 +33,7 @@ pub(crate) async fn earlier_keys(
     let current = ca_store::spki_sha256(&issuer.cert.spki_der);
     let mut out: Vec<(String, CertInfo, Vec<CertInfo>, hsm::KeyRef)> = Vec::new();
     for r in state.store.list_rotations(false).await? {
-        let spec: crate::rotation::Spec = serde_json::from_str(&r.spec).map_err(ApiError::internal)?;
+        let spec: crate::service::rotation::Spec = serde_json::from_str(&r.spec).map_err(ApiError::internal)?;
         let Some(plan) = spec.environments.get(&issuer.name) else { continue };
         let mut sides = vec![(plan.old_certificate.clone(), plan.old_chain.clone(), plan.old_key.clone())];
         if let Some(c) = &plan.new_certificate {

@@ -248,7 +248,7 @@ pub async fn report(state: &AppState, name: &str, peer: Option<&[u8]>, req: Inst
         intermediate_serial: installed.serial.clone(),
         reported_at: now,
     };
-    let (bundle_changed, reissue_after) = crate::rotation::changed_at(state, &cluster).await?;
+    let (bundle_changed, reissue_after) = crate::service::rotation::changed_at(state, &cluster).await?;
     // A report that repeats the stored one, made since the last stage change, tells the gates
     // nothing new: it is not written, so repeated reports cost no write lock.
     let stored = state.store.get_cluster_report(name).await?;

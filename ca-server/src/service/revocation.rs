@@ -122,7 +122,7 @@ pub async fn after_commit(state: &AppState, op: &Operator, revoked: Revoked) -> 
         state.istio.forget(cluster);
         if revoked.key_blocked {
             tracing::warn!(%cluster, "key revoked for compromise: no successor until a cluster rotation brings a new key");
-        } else if let Err(e) = crate::istio::ensure_intermediate(state, cluster, &op.actor()).await {
+        } else if let Err(e) = crate::service::external_ca::ensure_intermediate(state, cluster, &op.actor()).await {
             tracing::warn!(%cluster, error = %e.detail, "successor intermediate not issued yet; the background job will retry");
         }
     }

@@ -34,7 +34,7 @@ pub struct Inner {
     /// `tls.client_ca`: roots that renewal client certificates chain to.
     pub client_roots: Vec<CertInfo>,
     /// Istio's certificate API: external-CA clusters, token validation, the batch recorder.
-    pub istio: crate::istio::Istio,
+    pub istio: crate::service::external_ca::Istio,
     /// The anonymous rate limiter and the summary of anonymous refusals.
     pub edge: crate::edge::Edge,
 }

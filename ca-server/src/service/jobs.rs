@@ -97,10 +97,10 @@ async fn tick(state: &AppState) -> anyhow::Result<()> {
     let leader = tx.try_lease("jobs", &state.instance, now, now + lease_for).await?;
     tx.commit().await?;
     // Before maintenance: a stage approved on another replica changes the issuers here.
-    if let Err(e) = crate::rotation::refresh(state).await {
+    if let Err(e) = crate::service::rotation::refresh(state).await {
         tracing::warn!(error = %e.detail, "rotation state not applied; retrying next round");
     }
-    if let Err(e) = crate::istio::maintain(state, leader).await {
+    if let Err(e) = crate::service::external_ca::maintain(state, leader).await {
         tracing::warn!(error = %format!("{e:#}"), "external-CA maintenance failed; retrying next round");
     }
     if !leader {
@@ -151,7 +151,7 @@ async fn update_gauges(state: &AppState) -> anyhow::Result<Vec<(String, i64)>> {
             state.metrics.crl_age.get_or_create(&labels).set((now - crl.this_update) as f64);
         }
     }
-    if let Err(e) = crate::rotation::update_gauges(state).await {
+    if let Err(e) = crate::service::rotation::update_gauges(state).await {
         tracing::warn!(error = %e.detail, "rotation gauges not updated");
     }
     let expiries = state.store.cluster_expiries(now).await?;
