@@ -16,6 +16,7 @@ use crate::crl::{CrlRequest, Reason, Revocation, parse_serial};
 use crate::csr::{VerifiedCsr, create_csr};
 use crate::dn::parse_subject;
 use crate::duration::Validity;
+pub use crate::error::CeremonyError;
 use crate::error::{CoreError, Result, fmt_time};
 use crate::issue::{CaIssuer, check_issuer_policy, create_root, default_not_before, issue};
 use crate::names::TrustDomain;
@@ -23,15 +24,6 @@ use crate::outputs::{OutputSet, preflight};
 use crate::profile::{CertRequest, ProfileKind};
 
 pub const TRANSCRIPT_FILE: &str = "ceremony-transcript.jsonl";
-
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum CeremonyError {
-    #[error("{file}: {msg}")]
-    Syntax { file: PathBuf, msg: String },
-    #[error("{file}: field `{field}`: {msg}")]
-    Field { file: PathBuf, field: String, msg: String },
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
