@@ -23,7 +23,8 @@ fn rust_sources(dir: &Path, out: &mut Vec<PathBuf>) {
 /// own key self-test.
 #[test]
 fn raw_signing_happens_only_where_allowed() {
-    const ALLOWED: &[&str] = &["hsm/src/", "ca-core/src/issue.rs", "ca-core/src/csr.rs", "ca-server/src/service/checkpoint.rs"];
+    const ALLOWED: &[&str] =
+        &["hsm/src/", "ca-core/src/issue.rs", "ca-core/src/csr.rs", "ca-server/src/service/checkpoint.rs"];
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
     let mut files = Vec::new();
     rust_sources(root, &mut files);
