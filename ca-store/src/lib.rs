@@ -110,8 +110,8 @@ pub(crate) enum Reader {
 impl Reader {
     pub(crate) fn conn(&mut self) -> Conn<'_> {
         match self {
-            Reader::Sqlite(c) => Conn::Sqlite(&mut **c),
-            Reader::Postgres(c) => Conn::Postgres(&mut **c),
+            Reader::Sqlite(c) => Conn::Sqlite(c),
+            Reader::Postgres(c) => Conn::Postgres(c),
         }
     }
 }
@@ -236,8 +236,8 @@ impl Tx {
 
     pub(crate) fn conn(&mut self) -> Conn<'_> {
         match self {
-            Tx::Sqlite(tx) => Conn::Sqlite(&mut **tx),
-            Tx::Postgres(tx) => Conn::Postgres(&mut **tx),
+            Tx::Sqlite(tx) => Conn::Sqlite(tx),
+            Tx::Postgres(tx) => Conn::Postgres(tx),
         }
     }
 }
