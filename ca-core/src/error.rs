@@ -2,8 +2,6 @@ use std::path::PathBuf;
 
 use time::OffsetDateTime;
 
-use crate::lint::LintFailure;
-
 /// Everything `ca-core` can refuse. Each variant's message is one line an operator can act on.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -31,7 +29,7 @@ pub enum CoreError {
     #[error("chain does not verify: {0}")]
     Chain(String),
     #[error(transparent)]
-    Ceremony(#[from] crate::ceremony::CeremonyError),
+    Ceremony(#[from] CeremonyError),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +62,27 @@ pub enum PolicyError {
     IssuerExpired(String),
     #[error("{0}")]
     Invalid(String),
+}
+
+/// A ceremony file that cannot be run as written. Lives here, beside `CoreError`, so that this
+/// module depends on no other (re-exported as `ceremony::CeremonyError`).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CeremonyError {
+    #[error("{file}: {msg}")]
+    Syntax { file: PathBuf, msg: String },
+    #[error("{file}: field `{field}`: {msg}")]
+    Field { file: PathBuf, field: String, msg: String },
+}
+
+/// The rules that failed, each as `id: detail` (re-exported as `lint::LintFailure`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LintFailure(pub Vec<String>);
+
+impl std::fmt::Display for LintFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0.join("; "))
+    }
 }
 
 pub type Result<T, E = CoreError> = std::result::Result<T, E>;

@@ -9,6 +9,7 @@ use crate::cert::CertInfo;
 use crate::error::{CoreError, PolicyError, Result, fmt_time};
 use crate::lint::{self, LintContext, LintedTbs};
 use crate::profile::{CertRequest, ProfileKind};
+use crate::validity::{Fit, fit_validity};
 
 /// A CA certificate together with the key that signs for it.
 pub struct CaIssuer {
@@ -231,13 +232,7 @@ pub fn check_issuer_policy(issuer: &CertInfo, req: &CertRequest) -> Result<()> {
     if issuer.not_after <= now {
         return Err(PolicyError::IssuerExpired(fmt_time(issuer.not_after)).into());
     }
-    if req.not_after > issuer.not_after {
-        return Err(PolicyError::OutlivesIssuer {
-            requested: fmt_time(req.not_after),
-            issuer: fmt_time(issuer.not_after),
-        }
-        .into());
-    }
+    fit_validity(issuer.not_after, req.not_before, req.not_after - req.not_before, Fit::Refuse)?;
     // Trust domains narrow going down: a CA serves a subset of its issuer's, a workload
     // belongs to one its issuer serves. A root records none and so constrains nothing.
     let requested: Vec<String> = match &req.spiffe_id {

@@ -19,6 +19,7 @@ pub mod outputs;
 pub mod profile;
 pub mod quickstart;
 pub mod rotation;
+pub mod validity;
 pub mod workload;
 
 pub use error::{CoreError, CsrError, PolicyError, Result};

@@ -92,15 +92,7 @@ impl fmt::Debug for LintedTbs {
     }
 }
 
-/// The rules that failed, each as `id: detail`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LintFailure(pub Vec<String>);
-
-impl fmt::Display for LintFailure {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0.join("; "))
-    }
-}
+pub use crate::error::LintFailure;
 
 /// What the certificate is meant to be.
 pub struct LintContext<'a> {

@@ -1,4 +1,5 @@
-//! Parse, don't validate: SPIFFE trust domains and IDs.
+//! Names: SPIFFE trust domains and IDs (parse, don't validate), and the checks for the plain
+//! names the API takes (clusters, Kubernetes namespaces and service accounts, DNS names).
 
 use std::fmt;
 use std::str::FromStr;
@@ -93,6 +94,43 @@ impl fmt::Display for SpiffeId {
     }
 }
 
+/// A DNS-1123 label: 1 to 63 lowercase letters, digits and `-`, neither first nor last. What
+/// Kubernetes allows for a namespace, and what a cluster name is here.
+pub fn is_dns1123_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// A cluster name: a DNS-1123 label, so that it can name Kubernetes objects and DNS labels.
+pub fn is_cluster_name(s: &str) -> bool {
+    is_dns1123_label(s)
+}
+
+/// A Kubernetes object name as it may appear in a SPIFFE path (namespace, service account):
+/// up to 253 lowercase letters, digits, `-` and `.`, neither first nor last.
+pub fn is_k8s_object_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && !s.starts_with(['-', '.'])
+        && !s.ends_with(['-', '.'])
+}
+
+/// A lowercase DNS name without wildcards: at most 253 bytes of dot-separated labels, each 1
+/// to 63 lowercase letters, digits and `-`.
+pub fn is_dns_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -116,5 +154,39 @@ mod tests {
         {
             assert!(bad.parse::<SpiffeId>().is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn cluster_names_and_namespaces_are_dns1123_labels() {
+        for ok in ["a", "prod-eu-1", "0", &"a".repeat(63)] {
+            assert!(is_dns1123_label(ok) && is_cluster_name(ok), "{ok:?}");
+        }
+        for bad in ["", "-a", "a-", "A", "a.b", "a_b", "a b", "é", &"a".repeat(64)] {
+            assert!(!is_dns1123_label(bad) && !is_cluster_name(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn kubernetes_object_names() {
+        for ok in ["default", "istio-system", "my.sa", "a", &"a".repeat(253)] {
+            assert!(is_k8s_object_name(ok), "{ok:?}");
+        }
+        for bad in ["", "-a", "a-", ".a", "a.", "A", "a_b", "a/b", "a b", &"a".repeat(254)] {
+            assert!(!is_k8s_object_name(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn dns_names() {
+        for ok in ["istiod.istio-system.svc", "a", "ca-server.example.com", &"a".repeat(63)] {
+            assert!(is_dns_name(ok), "{ok:?}");
+        }
+        for bad in ["", "*.example.com", "a..b", ".a", "a.", "A.example.com", "a_b.com", &"a".repeat(64)] {
+            assert!(!is_dns_name(bad), "{bad:?}");
+        }
+        let long = ["a".repeat(63), "b".repeat(63), "c".repeat(63), "d".repeat(62)].join(".");
+        assert_eq!(long.len(), 254);
+        assert!(!is_dns_name(&long));
+        assert!(is_dns_name(&long[1..]));
     }
 }

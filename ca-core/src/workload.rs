@@ -5,6 +5,7 @@ use time::{Duration, OffsetDateTime};
 
 use crate::csr::{RequestedName, VerifiedCsr};
 use crate::names::SpiffeId;
+use crate::validity::{Fit, fit_validity};
 
 /// Why a workload request is refused. `Forbidden` is the caller asking for someone else's
 /// identity (PERMISSION_DENIED); `Invalid` is a request no caller may make (INVALID_ARGUMENT).
@@ -108,8 +109,8 @@ pub fn lifetime(
     let now = now.replace_nanosecond(0).expect("0 is valid");
     // A little backdating absorbs clock skew between this server and the workloads' nodes.
     let not_before = (now - Duration::minutes(1)).max(OffsetDateTime::UNIX_EPOCH);
-    // `checked_add`: past year 9999 is past any issuer too.
-    let not_after = now.checked_add(ttl).map_or(issuer_not_after, |t| t.min(issuer_not_after));
+    // Clamping never refuses.
+    let not_after = fit_validity(issuer_not_after, now, ttl, Fit::Clamp).map_or(issuer_not_after, |f| f.not_after);
     if not_after - now < MIN_TTL {
         return Err(WorkloadDenial::IssuerExpiring(format!(
             "the cluster intermediate expires at {}: no workload certificate fits under it",
