@@ -377,7 +377,7 @@ async fn a_panicking_handler_answers_500_problem_json() {
     let oidc = rcgen::KeyPair::generate().unwrap();
     let state = in_process_state(tmp.path(), &oidc).await;
     // Authenticated when a valid token is sent, anonymous otherwise; panics either way.
-    async fn boom(_op: Result<ca_server::auth::Operator, ca_server::error::ApiError>) -> &'static str {
+    async fn boom(_op: Result<ca_server::auth::Operator, ca_server::error::ServiceError>) -> &'static str {
         panic!("deliberately")
     }
     let routes = axum::Router::new().route("/boom", get(boom));

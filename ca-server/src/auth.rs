@@ -10,7 +10,7 @@ use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 
 use crate::config::AuthConfig;
-use crate::error::ApiError;
+use crate::error::{ErrorCode, ServiceError};
 
 /// An operator's role, from the token's roles claim.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
@@ -49,11 +49,12 @@ impl Operator {
     }
 
     /// Requires one of `roles`.
-    pub fn require(&self, roles: &[Role], what: &str) -> Result<(), ApiError> {
+    pub fn require(&self, roles: &[Role], what: &str) -> Result<(), ServiceError> {
         if self.roles.iter().any(|r| roles.contains(r)) {
             Ok(())
         } else {
-            Err(ApiError::forbidden("forbidden", format!("{what} needs one of the roles {roles:?}")).by(self.actor()))
+            Err(ServiceError::new(ErrorCode::Forbidden, format!("{what} needs one of the roles {roles:?}"))
+                .by(self.actor()))
         }
     }
 }
@@ -84,8 +85,8 @@ impl Auth {
     }
 
     /// Verifies a bearer token. Errors say what was wrong with it, never echo it.
-    pub fn verify(&self, token: &str) -> Result<Operator, ApiError> {
-        let invalid = |why: String| ApiError::unauthenticated("invalid-token", why);
+    pub fn verify(&self, token: &str) -> Result<Operator, ServiceError> {
+        let invalid = |why: String| ServiceError::new(ErrorCode::InvalidToken, why);
         let header = jsonwebtoken::decode_header(token).map_err(|e| invalid(format!("malformed token: {e}")))?;
         if !ALLOWED.contains(&header.alg) {
             return Err(invalid(format!("token algorithm {:?} is not accepted", header.alg)));
@@ -116,8 +117,8 @@ impl Auth {
             .unwrap_or_default();
         let second_factor = self.cfg.require_mfa.as_ref().is_none_or(|m| proves_second_factor(&claims, m));
         if roles.is_empty() {
-            return Err(ApiError::forbidden(
-                "forbidden",
+            return Err(ServiceError::new(
+                ErrorCode::Forbidden,
                 format!("token carries no known role in claim {}", self.cfg.roles_claim),
             )
             .by(format!("operator:{name}")));

@@ -12,7 +12,7 @@ use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
 
-use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::http::{HeaderValue, Method, header};
 use axum::response::{IntoResponse, Response};
 use ca_store::AuditEvent;
 use governor::clock::Clock;
@@ -20,7 +20,7 @@ use governor::{DefaultKeyedRateLimiter, Quota};
 use serde_json::{Value, json};
 
 use crate::config::Config;
-use crate::error::ApiError;
+use crate::error::{ErrorCode, ServiceError};
 use crate::metrics::{DenialLabels, Metrics};
 
 /// Longest method kept (every standard method fits).
@@ -94,17 +94,14 @@ impl Edge {
 
     /// Counts one refusal of an unauthenticated caller. `sample` is called only while the
     /// summary still has room for one; its strings must already be capped.
-    pub fn denied(
-        &self,
-        api: &'static str,
-        code: &'static str,
-        remote: Option<IpAddr>,
-        sample: impl FnOnce() -> Value,
-    ) {
-        self.metrics.anonymous_denials.get_or_create(&DenialLabels { api: api.into(), code: code.into() }).inc();
+    pub fn denied(&self, api: &'static str, code: ErrorCode, remote: Option<IpAddr>, sample: impl FnOnce() -> Value) {
+        self.metrics
+            .anonymous_denials
+            .get_or_create(&DenialLabels { api: api.into(), code: code.as_str().into() })
+            .inc();
         let mut w = self.window.lock().unwrap_or_else(|p| p.into_inner());
         w.total += 1;
-        *w.by_code.entry(code).or_default() += 1;
+        *w.by_code.entry(code.as_str()).or_default() += 1;
         *w.by_api.entry(api).or_default() += 1;
         match remote {
             Some(ip) if w.sources.contains_key(&ip) || w.sources.len() < TRACKED_SOURCES => {
@@ -146,9 +143,8 @@ impl Edge {
 
 /// The 429 answer for an address whose quota is used up.
 pub fn rate_limited(retry_after: u64) -> Response {
-    let mut resp = ApiError::new(
-        StatusCode::TOO_MANY_REQUESTS,
-        "rate-limited",
+    let mut resp = ServiceError::new(
+        ErrorCode::RateLimited,
         format!("too many unauthenticated requests from this address; retry in {retry_after} s"),
     )
     .into_response();
@@ -184,8 +180,7 @@ pub fn panic_response(panic: Box<dyn std::any::Any + Send + 'static>) -> Respons
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_default();
     tracing::error!(panic = %cap(&what, MAX_TEXT), "a request handler panicked");
-    let mut resp = ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error; see the server log")
-        .into_response();
+    let mut resp = ServiceError::new(ErrorCode::Internal, "internal error; see the server log").into_response();
     resp.extensions_mut().insert(Panicked);
     resp
 }

@@ -12,7 +12,7 @@ use serde::Deserialize;
 use sha2::Digest;
 
 use crate::config::IstioClusterConfig;
-use crate::error::ApiError;
+use crate::error::{ErrorCode, ServiceError};
 
 /// Algorithms a Kubernetes API server signs service-account tokens with; never HMAC or none.
 const TOKEN_ALGS: &[Algorithm] =
@@ -173,7 +173,7 @@ impl TokenValidator {
 
     /// Verifies the token and names its service account. Errors say what was wrong, never
     /// echo the token.
-    pub async fn verify(&self, token: &str) -> Result<Caller, ApiError> {
+    pub async fn verify(&self, token: &str) -> Result<Caller, ServiceError> {
         let digest: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
         let now = now_secs();
         if let Some((caller, until)) = self.verified.lock().unwrap_or_else(|p| p.into_inner()).get(&digest) {
@@ -199,8 +199,8 @@ impl TokenValidator {
         Ok(caller)
     }
 
-    async fn verify_uncached(&self, token: &str) -> Result<(Caller, i64), ApiError> {
-        let invalid = |why: String| ApiError::unauthenticated("invalid-token", why);
+    async fn verify_uncached(&self, token: &str) -> Result<(Caller, i64), ServiceError> {
+        let invalid = |why: String| ServiceError::new(ErrorCode::InvalidToken, why);
         let header = jsonwebtoken::decode_header(token).map_err(|e| invalid(format!("malformed token: {e}")))?;
         if !TOKEN_ALGS.contains(&header.alg) {
             return Err(invalid(format!("token algorithm {:?} is not accepted", header.alg)));

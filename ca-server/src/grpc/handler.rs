@@ -7,7 +7,7 @@ use std::time::Instant;
 use serde_json::json;
 use tonic::{Request, Response, Status};
 
-use crate::error::ApiError;
+use crate::error::{ErrorCode, ServiceError};
 use crate::proto::istio_certificate_service_server::IstioCertificateService;
 use crate::proto::{IstioCertificateRequest, IstioCertificateResponse};
 use crate::service::state::AppState;
@@ -26,13 +26,13 @@ impl IstioApi {
 
 /// A refusal with what is known of who was refused.
 struct Refusal {
-    error: ApiError,
+    error: ServiceError,
     actor: String,
     cluster: Option<String>,
 }
 
-impl From<ApiError> for Refusal {
-    fn from(error: ApiError) -> Self {
+impl From<ServiceError> for Refusal {
+    fn from(error: ServiceError) -> Self {
         Refusal { error, actor: "anonymous".into(), cluster: None }
     }
 }
@@ -55,7 +55,7 @@ impl IstioCertificateService for IstioApi {
         let result = self.handle(request).await;
         let outcome = match &result {
             Ok(_) => "ok",
-            Err(r) if r.error.status.is_client_error() => "denied",
+            Err(r) if r.error.status().is_client_error() => "denied",
             Err(_) => "error",
         };
         self.state
@@ -73,7 +73,7 @@ impl IstioCertificateService for IstioApi {
                 let known = self.state.istio.serves(&claimed);
                 let cluster = if known { claimed.clone() } else { "unknown".to_string() };
                 self.state.metrics.issued(&cluster, "workload", outcome);
-                if r.error.status.is_client_error() {
+                if r.error.status().is_client_error() {
                     let shown = cap(&claimed, 64);
                     let detail = cap(&r.error.detail, MAX_TEXT);
                     if r.actor == "anonymous" {
@@ -83,13 +83,13 @@ impl IstioCertificateService for IstioApi {
                                 return Err(self.rate_limited(remote, Some(shown), wait, started));
                             }
                         }
-                        tracing::debug!(%cluster, code = r.error.code, %detail, "unauthenticated workload request refused");
+                        tracing::debug!(%cluster, code = r.error.code.as_str(), %detail, "unauthenticated workload request refused");
                         self.state.edge.denied("grpc", r.error.code, remote, || {
                             json!({"api": "grpc", "cluster": {"claimed": shown}, "code": r.error.code,
                                    "detail": detail, "remote": remote.map(|r| r.to_string())})
                         });
                     } else {
-                        tracing::info!(actor = %r.actor, %cluster, code = r.error.code, %detail, "workload certificate refused");
+                        tracing::info!(actor = %r.actor, %cluster, code = r.error.code.as_str(), %detail, "workload certificate refused");
                         let denial = json!({"actor": cap(&r.actor, MAX_TEXT),
                             "cluster": if known { json!(claimed) } else { json!({"claimed": shown}) },
                             "code": r.error.code, "detail": detail, "remote": remote.map(|r| r.to_string())});
@@ -120,7 +120,7 @@ impl IstioApi {
             .get_or_create(&crate::metrics::OutcomeLabels { outcome: "denied".into() })
             .observe(started.elapsed().as_secs_f64());
         let detail = format!("too many unauthenticated requests from this address; retry in {wait} s");
-        self.state.edge.denied("grpc", "rate-limited", remote, || {
+        self.state.edge.denied("grpc", ErrorCode::RateLimited, remote, || {
             json!({"api": "grpc", "cluster": {"claimed": claimed}, "code": "rate-limited", "detail": detail,
                    "remote": remote.map(|r| r.to_string())})
         });
@@ -136,17 +136,17 @@ impl IstioApi {
     async fn handle(&self, request: Request<IstioCertificateRequest>) -> Result<Vec<String>, Refusal> {
         let state = &self.state;
         if state.config.istio.is_none() {
-            return Err(ApiError::unavailable("disabled", "external-CA mode is off").into());
+            return Err(ServiceError::new(ErrorCode::Disabled, "external-CA mode is off").into());
         }
         let md = request.metadata();
         let cluster = metadata_str(md, "clusterid")
-            .ok_or_else(|| ApiError::unauthenticated("no-cluster-id", "send the ClusterID metadata header"))?
+            .ok_or_else(|| ServiceError::new(ErrorCode::NoClusterId, "send the ClusterID metadata header"))?
             .to_string();
-        let claimed = |e: ApiError| Refusal { error: e, actor: "anonymous".into(), cluster: Some(cluster.clone()) };
+        let claimed = |e: ServiceError| Refusal { error: e, actor: "anonymous".into(), cluster: Some(cluster.clone()) };
         let token = metadata_str(md, "authorization").and_then(|v| v.strip_prefix("Bearer ")).map(str::trim);
         let caller = workload::authenticate(state, &cluster, token).await.map_err(claimed)?;
         let actor = format!("serviceaccount:{cluster}/{}", caller.account());
-        let refuse = |e: ApiError| Refusal { error: e, actor: actor.clone(), cluster: Some(cluster.clone()) };
+        let refuse = |e: ServiceError| Refusal { error: e, actor: actor.clone(), cluster: Some(cluster.clone()) };
         let request = request.into_inner();
         let impersonated = request
             .metadata

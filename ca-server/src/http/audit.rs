@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use crate::auth::{Operator, Role};
-use crate::error::ApiError;
+use crate::error::ServiceError;
 use crate::http::extract::Query;
 use crate::service::state::AppState;
 
@@ -37,7 +37,7 @@ pub(crate) async fn list_audit(
     State(state): State<AppState>,
     op: Operator,
     Query(q): Query<AuditQuery>,
-) -> Result<Json<Vec<AuditView>>, ApiError> {
+) -> Result<Json<Vec<AuditView>>, ServiceError> {
     op.require(&[Role::Auditor, Role::Admin], "reading the audit trail")?;
     let records = crate::service::audit::list(&state, q.after, q.limit).await?;
     Ok(Json(

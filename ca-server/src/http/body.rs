@@ -1,9 +1,9 @@
 //! The REST layer's extractors of request bodies.
 
 use axum::extract::{FromRequest, Request};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, header};
 
-use crate::error::ApiError;
+use crate::error::{ErrorCode, ServiceError};
 use crate::service::state::AppState;
 
 /// A JSON body, read up to the configured limit. Every refusal is a problem document (and so
@@ -21,13 +21,12 @@ fn is_json(headers: &HeaderMap) -> bool {
         .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
 }
 impl<T: serde::de::DeserializeOwned> FromRequest<AppState> for Body<T> {
-    type Rejection = ApiError;
+    type Rejection = ServiceError;
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
         if !is_json(req.headers()) {
-            return Err(ApiError::new(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "unsupported-media-type",
+            return Err(ServiceError::new(
+                ErrorCode::UnsupportedMediaType,
                 "request bodies are JSON: send Content-Type: application/json",
             ));
         }
@@ -36,17 +35,13 @@ impl<T: serde::de::DeserializeOwned> FromRequest<AppState> for Body<T> {
             // Only the limit is the client sending too much; anything else is a body that could
             // not be read as sent (bad chunked framing, a connection cut short).
             if e.into_inner().downcast_ref::<http_body_util::LengthLimitError>().is_some() {
-                ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "payload-too-large",
-                    format!("request bodies are limited to {limit} bytes"),
-                )
+                ServiceError::new(ErrorCode::PayloadTooLarge, format!("request bodies are limited to {limit} bytes"))
             } else {
-                ApiError::bad_request("malformed-body", "the request body could not be read as framed")
+                ServiceError::new(ErrorCode::MalformedBody, "the request body could not be read as framed")
             }
         })?;
         serde_json::from_slice(&bytes)
             .map(Body)
-            .map_err(|e| ApiError::bad_request("malformed-json", format!("request body: {e}")))
+            .map_err(|e| ServiceError::new(ErrorCode::MalformedJson, format!("request body: {e}")))
     }
 }

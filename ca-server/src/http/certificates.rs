@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use crate::auth::{Operator, Role};
-use crate::error::{ApiError, Problem};
+use crate::error::{Problem, ServiceError};
 use crate::http::body::Body;
 use crate::http::extract::{Path, Query};
 use crate::http::requests::RequestView;
@@ -121,7 +121,7 @@ pub(crate) async fn list_certificates(
     State(state): State<AppState>,
     op: Operator,
     Query(q): Query<CertQuery>,
-) -> Result<Json<Vec<CertificateView>>, ApiError> {
+) -> Result<Json<Vec<CertificateView>>, ServiceError> {
     op.require(&[Role::Operator, Role::Admin, Role::Auditor], "listing certificates")?;
     let q = ListQuery {
         cluster: q.cluster,
@@ -139,7 +139,7 @@ pub(crate) async fn get_certificate(
     State(state): State<AppState>,
     op: Operator,
     Path(serial): Path<String>,
-) -> Result<Json<CertificateView>, ApiError> {
+) -> Result<Json<CertificateView>, ServiceError> {
     op.require(&[Role::Operator, Role::Admin, Role::Auditor], "reading certificates")?;
     let (w, cert) = match crate::service::certificates::get(&state, &op, &serial).await? {
         Found::Issued(r) => return Ok(Json(r.into())),
@@ -185,7 +185,7 @@ pub(crate) async fn revoke_certificate(
     op: Operator,
     Path(serial): Path<String>,
     Body(req): Body<RevokeRequest>,
-) -> Result<Response, ApiError> {
+) -> Result<Response, ServiceError> {
     op.require(&[Role::Operator, Role::Admin], "revoking certificates")?;
     let request = crate::service::revocation::request(&state, &op, &serial, &req.reason).await?;
     Ok((StatusCode::ACCEPTED, Json(RequestView::from(request))).into_response())

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::auth::{Operator, Role};
-use crate::error::{ApiError, Problem};
+use crate::error::{Problem, ServiceError};
 use crate::http::body::Body;
 use crate::http::extract::Path;
 use crate::service::clusters::{ClusterInfo, Registration, Requested};
@@ -139,7 +139,7 @@ pub(crate) async fn register_cluster(
     State(state): State<AppState>,
     op: Operator,
     Body(req): Body<RegisterCluster>,
-) -> Result<Response, ApiError> {
+) -> Result<Response, ServiceError> {
     op.require(&[Role::Operator, Role::Admin], "registering a cluster")?;
     let req = Registration {
         name: req.name,
@@ -156,7 +156,7 @@ pub(crate) async fn register_cluster(
 pub(crate) async fn list_clusters(
     State(state): State<AppState>,
     op: Operator,
-) -> Result<Json<Vec<ClusterView>>, ApiError> {
+) -> Result<Json<Vec<ClusterView>>, ServiceError> {
     op.require(&[Role::Operator, Role::Admin, Role::Auditor], "listing clusters")?;
     Ok(Json(crate::service::clusters::list(&state).await?.into_iter().map(Into::into).collect()))
 }
@@ -167,7 +167,7 @@ pub(crate) async fn get_cluster(
     State(state): State<AppState>,
     op: Operator,
     Path(name): Path<String>,
-) -> Result<Json<ClusterView>, ApiError> {
+) -> Result<Json<ClusterView>, ServiceError> {
     op.require(&[Role::Operator, Role::Admin, Role::Auditor], "reading clusters")?;
     Ok(Json(crate::service::clusters::get(&state, &op, &name).await?.into()))
 }
@@ -181,7 +181,7 @@ pub(crate) async fn reissue_enrolment(
     State(state): State<AppState>,
     op: Operator,
     Path(name): Path<String>,
-) -> Result<Response, ApiError> {
+) -> Result<Response, ServiceError> {
     op.require(&[Role::Operator, Role::Admin], "re-issuing an enrolment token")?;
     let requested = crate::service::clusters::reissue_enrolment(&state, &op, &name).await?;
     Ok((StatusCode::ACCEPTED, Json(RegisterResponse::from(requested))).into_response())
@@ -219,7 +219,7 @@ pub(crate) async fn issue_intermediate(
     conn: Option<Extension<ConnInfo>>,
     headers: HeaderMap,
     Body(req): Body<IntermediateRequest>,
-) -> Result<Json<IntermediateResponse>, ApiError> {
+) -> Result<Json<IntermediateResponse>, ServiceError> {
     let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -272,7 +272,7 @@ pub(crate) async fn report_installed(
     Path(name): Path<String>,
     conn: Option<Extension<ConnInfo>>,
     Body(req): Body<InstalledReport>,
-) -> Result<Json<ReportResponse>, ApiError> {
+) -> Result<Json<ReportResponse>, ServiceError> {
     let peer = conn.as_ref().and_then(|c| c.peer_cert.as_deref());
     let installed = Installed { bundle: req.bundle, chain: req.chain, intermediate_serial: req.intermediate_serial };
     let advice = crate::service::intermediates::report(&state, &name, peer, installed).await?;

@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use utoipa::{IntoParams, ToSchema};
 
-use crate::error::{ApiError, Problem};
+use crate::error::{Problem, ServiceError};
 use crate::http::extract::{Path, Query};
 use crate::service::state::AppState;
 
@@ -42,7 +42,7 @@ pub(crate) async fn get_crl(
     Path(name): Path<String>,
     Query(q): Query<CrlQuery>,
     headers: HeaderMap,
-) -> Result<Response, ApiError> {
+) -> Result<Response, ServiceError> {
     let der = crate::service::crl::current_crl(&state, &name, q.key.as_deref()).await?;
     let wants_pem = q.format == Some(CrlFormat::Pem)
         || headers

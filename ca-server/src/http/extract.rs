@@ -6,7 +6,7 @@ use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use serde::de::DeserializeOwned;
 
-use crate::error::ApiError;
+use crate::error::{ErrorCode, ServiceError};
 
 /// A path parameter; an undecodable one is refused as `invalid-path`.
 pub struct Path<T>(pub T);
@@ -16,12 +16,12 @@ where
     T: DeserializeOwned + Send,
     S: Send + Sync,
 {
-    type Rejection = ApiError;
+    type Rejection = ServiceError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
         match axum::extract::Path::<T>::from_request_parts(parts, state).await {
             Ok(axum::extract::Path(v)) => Ok(Path(v)),
-            Err(e) => Err(ApiError::bad_request("invalid-path", e.body_text())),
+            Err(e) => Err(ServiceError::new(ErrorCode::InvalidPath, e.body_text())),
         }
     }
 }
@@ -35,12 +35,12 @@ where
     T: DeserializeOwned + Send,
     S: Send + Sync,
 {
-    type Rejection = ApiError;
+    type Rejection = ServiceError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
         match axum::extract::Query::<T>::from_request_parts(parts, state).await {
             Ok(axum::extract::Query(v)) => Ok(Query(v)),
-            Err(e) => Err(ApiError::bad_request("invalid-query", e.body_text())),
+            Err(e) => Err(ServiceError::new(ErrorCode::InvalidQuery, e.body_text())),
         }
     }
 }

@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use ca_store::AuditEvent;
 use serde_json::json;
 
-use crate::error::{ApiError, Denied};
+use crate::error::{Denied, ErrorCode, ServiceError};
 use crate::metrics::RouteLabels;
 use crate::service::state::AppState;
 use crate::tls::ConnInfo;
@@ -32,7 +32,7 @@ pub(super) async fn observe(State(state): State<AppState>, req: Request, next: N
 /// the periodic summary of `edge`, because anyone can send those. Unauthenticated callers draw on
 /// a per-address quota: a request with no credential before any work, a credential that fails
 /// when it is refused; an address with none left gets 429. Refusals that did not come from an
-/// `ApiError` (axum's own rejections of a query string or method, the request timeout) are
+/// `ServiceError` (axum's own rejections of a query string or method, the request timeout) are
 /// turned into problem documents here, so that every error has a stable code.
 pub(super) async fn audit_denials(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     use crate::edge::{MAX_METHOD, MAX_PATH, MAX_TEXT, cap};
@@ -42,10 +42,10 @@ pub(super) async fn audit_denials(State(state): State<AppState>, mut req: Reques
     let remote = conn.map(|c| c.remote);
     let has_cert = conn.is_some_and(|c| c.peer_cert.is_some());
     let credential = has_cert || req.headers().contains_key(header::AUTHORIZATION);
-    let sample = |status: StatusCode, code: &'static str, detail: &str| {
+    let sample = |status: StatusCode, code: ErrorCode, detail: &str| {
         let (method, path, detail) = (&method, &path, cap(detail, MAX_TEXT));
         move || {
-            json!({"api": "rest", "method": method, "path": path, "status": status.as_u16(), "code": code,
+            json!({"api": "rest", "method": method, "path": path, "status": status.as_u16(), "code": code.as_str(),
                    "detail": detail, "remote": remote.map(|r| r.to_string())})
         }
     };
@@ -59,9 +59,9 @@ pub(super) async fn audit_denials(State(state): State<AppState>, mut req: Reques
                 let detail = resp.extensions().get::<Denied>().map(|d| d.detail.clone()).unwrap_or_default();
                 state.edge.denied(
                     "rest",
-                    "rate-limited",
+                    ErrorCode::RateLimited,
                     Some(ip),
-                    sample(StatusCode::TOO_MANY_REQUESTS, "rate-limited", &detail),
+                    sample(StatusCode::TOO_MANY_REQUESTS, ErrorCode::RateLimited, &detail),
                 );
                 return resp;
             }
@@ -86,9 +86,9 @@ pub(super) async fn audit_denials(State(state): State<AppState>, mut req: Reques
             }
             None => state.edge.denied(
                 "rest",
-                "internal",
+                ErrorCode::Internal,
                 remote.map(|r| r.ip()),
-                sample(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the handler panicked"),
+                sample(StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal, "the handler panicked"),
             ),
         }
         return resp;
@@ -101,29 +101,32 @@ pub(super) async fn audit_denials(State(state): State<AppState>, mut req: Reques
         let body = axum::body::to_bytes(std::mem::take(resp.body_mut()), 4096).await.unwrap_or_default();
         let detail = String::from_utf8_lossy(&body).trim().to_string();
         let code = match status {
-            StatusCode::METHOD_NOT_ALLOWED => "method-not-allowed",
-            StatusCode::REQUEST_TIMEOUT => "request-timeout",
-            StatusCode::PAYLOAD_TOO_LARGE => "payload-too-large",
-            StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported-media-type",
-            StatusCode::BAD_REQUEST if path.contains('?') || !detail.is_empty() => "invalid-query",
-            _ => "rejected",
+            StatusCode::METHOD_NOT_ALLOWED => ErrorCode::MethodNotAllowed,
+            StatusCode::REQUEST_TIMEOUT => ErrorCode::RequestTimeout,
+            StatusCode::PAYLOAD_TOO_LARGE => ErrorCode::PayloadTooLarge,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => ErrorCode::UnsupportedMediaType,
+            StatusCode::BAD_REQUEST if path.contains('?') || !detail.is_empty() => ErrorCode::InvalidQuery,
+            _ => ErrorCode::Rejected,
         };
         let detail =
             if detail.is_empty() { status.canonical_reason().unwrap_or("rejected").to_string() } else { detail };
-        resp = ApiError::new(status, code, detail).into_response();
+        // The status stays axum's (a 404 or 405 of the router is not a 400 `rejected`).
+        let mut problem = ServiceError::new(code, detail).into_response();
+        *problem.status_mut() = status;
+        resp = problem;
     }
-    let denied = resp.extensions().get::<Denied>().cloned().expect("set above or by ApiError");
+    let denied = resp.extensions().get::<Denied>().cloned().expect("set above or by ServiceError");
     // A refusal after the credential was checked (e.g. of the body) is the caller's, by name.
     let Some(actor) = denied.actor.clone().or_else(|| authenticated.get()) else {
         let ip = remote.map(|r| r.ip());
-        if credential && denied.code != "rate-limited" {
+        if credential && denied.code != ErrorCode::RateLimited {
             if let Some(Err(wait)) = ip.map(|ip| state.edge.take(ip)) {
                 resp = crate::edge::rate_limited(wait);
                 state.edge.denied(
                     "rest",
-                    "rate-limited",
+                    ErrorCode::RateLimited,
                     ip,
-                    sample(StatusCode::TOO_MANY_REQUESTS, "rate-limited", &denied.detail),
+                    sample(StatusCode::TOO_MANY_REQUESTS, ErrorCode::RateLimited, &denied.detail),
                 );
                 return resp;
             }
@@ -135,7 +138,7 @@ pub(super) async fn audit_denials(State(state): State<AppState>, mut req: Reques
         cap(&actor, MAX_TEXT),
         "request.denied",
         format!("{method} {path}"),
-        json!({"status": resp.status().as_u16(), "code": denied.code, "detail": cap(&denied.detail, MAX_TEXT),
+        json!({"status": resp.status().as_u16(), "code": denied.code.as_str(), "detail": cap(&denied.detail, MAX_TEXT),
                "remote": remote.map(|r| r.to_string())}),
     );
     if let Err(e) = state.store.audit(event).await {

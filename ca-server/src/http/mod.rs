@@ -5,7 +5,7 @@ use axum::Router;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 
-use crate::error::ApiError;
+use crate::error::ServiceError;
 use crate::service::state::AppState;
 
 pub mod audit;
@@ -50,7 +50,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/rotations/{id}/certificates", post(crate::http::rotations::upload_certificate))
         .route("/v1/rotations/{id}/advance", post(crate::http::rotations::advance))
         .route("/v1/rotations/{id}/rollback", post(crate::http::rotations::rollback))
-        .fallback(|| async { ApiError::not_found("no such endpoint") });
+        .fallback(|| async { ServiceError::not_found("no such endpoint") });
     with_layers(routes, state)
 }
 

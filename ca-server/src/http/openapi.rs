@@ -11,7 +11,7 @@ use utoipa::OpenApi;
 
 use super::{audit, certificates, clusters, crl, health, requests, server_certificates, trust};
 use crate::auth::Role;
-use crate::error::{ApiError, Problem};
+use crate::error::{Problem, ServiceError};
 use crate::service::state::AppState;
 
 #[derive(OpenApi)]
@@ -171,7 +171,7 @@ impl utoipa::Modify for CommonResponses {
 pub(super) async fn openapi(State(state): State<AppState>) -> Response {
     let mut doc = match serde_json::to_value(ApiDoc::openapi()) {
         Ok(d) => d,
-        Err(e) => return ApiError::internal(format!("OpenAPI document: {e}")).into_response(),
+        Err(e) => return ServiceError::internal(format!("OpenAPI document: {e}")).into_response(),
     };
     let issuers = state.issuers.all();
     // utoipa derives no rule across fields: a key goes with external-ca mode, and only with it.

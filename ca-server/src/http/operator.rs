@@ -5,7 +5,7 @@ use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 
 use crate::auth::Operator;
-use crate::error::ApiError;
+use crate::error::{ErrorCode, ServiceError};
 use crate::service::state::AppState;
 
 pub fn bearer(parts: &Parts) -> Option<&str> {
@@ -13,11 +13,11 @@ pub fn bearer(parts: &Parts) -> Option<&str> {
 }
 
 impl FromRequestParts<AppState> for Operator {
-    type Rejection = ApiError;
+    type Rejection = ServiceError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
         let token = bearer(parts).ok_or_else(|| {
-            ApiError::unauthenticated("unauthenticated", "send an operator token as Authorization: Bearer <JWT>")
+            ServiceError::new(ErrorCode::Unauthenticated, "send an operator token as Authorization: Bearer <JWT>")
         })?;
         let op = state.auth.verify(token.trim())?;
         if let Some(a) = parts.extensions.get::<crate::edge::Authenticated>() {
@@ -26,8 +26,8 @@ impl FromRequestParts<AppState> for Operator {
         // Every operator call that is not a read changes state or decides a request: all of
         // them, not a list of handlers, so that a new endpoint cannot forget the check.
         if !parts.method.is_safe() && !op.second_factor {
-            return Err(ApiError::forbidden(
-                "mfa-required",
+            return Err(ServiceError::new(
+                ErrorCode::MfaRequired,
                 "this call needs a token that proves a second factor (see auth.require_mfa); sign in again with one",
             )
             .by(op.actor()));

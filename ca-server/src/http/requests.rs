@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use crate::auth::{Operator, Role};
-use crate::error::{ApiError, Problem};
+use crate::error::{Problem, ServiceError};
 use crate::http::extract::{Path, Query};
 use crate::service::state::AppState;
 
@@ -78,7 +78,7 @@ pub(crate) async fn list_requests(
     State(state): State<AppState>,
     op: Operator,
     Query(q): Query<RequestQuery>,
-) -> Result<Json<Vec<RequestView>>, ApiError> {
+) -> Result<Json<Vec<RequestView>>, ServiceError> {
     op.require(&[Role::Operator, Role::Admin, Role::Auditor], "listing requests")?;
     let requests = crate::service::approvals::list(&state, q.status.map(RequestStatus::as_str)).await?;
     Ok(Json(requests.into_iter().map(Into::into).collect()))
@@ -95,7 +95,7 @@ pub(crate) async fn approve_request(
     State(state): State<AppState>,
     op: Operator,
     Path(id): Path<String>,
-) -> Result<Json<RequestView>, ApiError> {
+) -> Result<Json<RequestView>, ServiceError> {
     decide(state, op, id, true).await
 }
 
@@ -105,11 +105,11 @@ pub(crate) async fn reject_request(
     State(state): State<AppState>,
     op: Operator,
     Path(id): Path<String>,
-) -> Result<Json<RequestView>, ApiError> {
+) -> Result<Json<RequestView>, ServiceError> {
     decide(state, op, id, false).await
 }
 
-async fn decide(state: AppState, op: Operator, id: String, approve: bool) -> Result<Json<RequestView>, ApiError> {
+async fn decide(state: AppState, op: Operator, id: String, approve: bool) -> Result<Json<RequestView>, ServiceError> {
     op.require(&[Role::Operator, Role::Admin], "deciding requests")?;
     Ok(Json(crate::service::approvals::decide(&state, &op, &id, approve).await?.into()))
 }

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::auth::{Operator, Role};
-use crate::error::ApiError;
+use crate::error::ServiceError;
 use crate::http::body::Body;
 use crate::http::extract::Path;
 use crate::service::rotation::{self, Rotation, Transition, pem_cert};
@@ -91,14 +91,14 @@ struct EnvView {
     new_certificate: Option<String>,
 }
 
-async fn view(state: &AppState, r: &Rotation, now: i64) -> Result<RotationView, ApiError> {
+async fn view(state: &AppState, r: &Rotation, now: i64) -> Result<RotationView, ServiceError> {
     rotation::refresh_quietly(state).await;
     let next = r.kind.next(r.stage);
     let (blockers, clusters) = match next {
         Some(to) => rotation::gate(state, r, to, now).await?,
         None => (vec![], vec![]),
     };
-    let fp = |p: &Option<String>| -> Result<Option<String>, ApiError> {
+    let fp = |p: &Option<String>| -> Result<Option<String>, ServiceError> {
         p.as_deref().map(|p| pem_cert(p).map(|c| c.fingerprint())).transpose()
     };
     let environments = r
@@ -112,7 +112,7 @@ async fn view(state: &AppState, r: &Rotation, now: i64) -> Result<RotationView, 
                 new_certificate: p.new_certificate.as_deref().map(pem_cert).transpose()?.map(|c| c.serial),
             })
         })
-        .collect::<Result<_, ApiError>>()?;
+        .collect::<Result<_, ServiceError>>()?;
     Ok(RotationView {
         id: r.rec.id.clone(),
         kind: r.kind.to_string(),
@@ -148,7 +148,7 @@ pub struct RotationSummary {
 
 /// Every rotation, newest first.
 #[utoipa::path(get, path = "/v1/rotations", responses((status = 200, body = [RotationSummary])), security(("bearer" = ["operator", "admin", "auditor"])))]
-pub async fn list(State(state): State<AppState>, op: Operator) -> Result<Json<Vec<RotationSummary>>, ApiError> {
+pub async fn list(State(state): State<AppState>, op: Operator) -> Result<Json<Vec<RotationSummary>>, ServiceError> {
     op.require(&[Role::Operator, Role::Admin, Role::Auditor], "listing rotations")?;
     Ok(Json(
         rotation::list(&state)
@@ -173,7 +173,7 @@ pub async fn get(
     State(state): State<AppState>,
     op: Operator,
     Path(id): Path<String>,
-) -> Result<Json<RotationView>, ApiError> {
+) -> Result<Json<RotationView>, ServiceError> {
     op.require(&[Role::Operator, Role::Admin, Role::Auditor], "reading rotations")?;
     let r = rotation::load(&state, &id).await.map_err(|e| e.by(op.actor()))?;
     Ok(Json(view(&state, &r, now_secs()).await?))
@@ -227,7 +227,7 @@ pub async fn start(
     State(state): State<AppState>,
     op: Operator,
     Body(req): Body<StartRotation>,
-) -> Result<Response, ApiError> {
+) -> Result<Response, ServiceError> {
     op.require(&[Role::Operator, Role::Admin], "starting a rotation")?;
     let input = rotation::StartInput {
         kind: req.kind,
@@ -264,7 +264,7 @@ pub async fn upload_certificate(
     op: Operator,
     Path(id): Path<String>,
     Body(req): Body<UploadCertificate>,
-) -> Result<Json<RotationView>, ApiError> {
+) -> Result<Json<RotationView>, ServiceError> {
     op.require(&[Role::Operator, Role::Admin], "adding rotation certificates")?;
     let (r, now) = rotation::add_certificate(&state, &op, &id, &req.environment, &req.certificate).await?;
     Ok(Json(view(&state, &r, now).await?))
@@ -296,7 +296,7 @@ pub async fn advance(
     op: Operator,
     Path(id): Path<String>,
     Body(req): Body<Move>,
-) -> Result<Response, ApiError> {
+) -> Result<Response, ServiceError> {
     request_move(state, op, id, req, true).await
 }
 
@@ -310,7 +310,7 @@ pub async fn rollback(
     op: Operator,
     Path(id): Path<String>,
     Body(req): Body<Move>,
-) -> Result<Response, ApiError> {
+) -> Result<Response, ServiceError> {
     request_move(state, op, id, req, false).await
 }
 
@@ -320,7 +320,7 @@ async fn request_move(
     id: String,
     req: Move,
     forward: bool,
-) -> Result<Response, ApiError> {
+) -> Result<Response, ServiceError> {
     op.require(&[Role::Operator, Role::Admin], "changing a rotation's stage")?;
     let r = rotation::request_move(&state, &op, &id, req.to.as_deref(), forward).await?;
     Ok((

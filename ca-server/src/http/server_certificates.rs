@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::auth::{Operator, Role};
-use crate::error::{ApiError, Problem};
+use crate::error::{Problem, ServiceError};
 use crate::http::body::Body;
 use crate::http::extract::Path;
 use crate::service::certificates::ServerCertificate;
@@ -49,7 +49,7 @@ pub(crate) async fn issue_server_certificate(
     op: Operator,
     Path(name): Path<String>,
     Body(req): Body<ServerCertRequest>,
-) -> Result<Json<ServerCertResponse>, ApiError> {
+) -> Result<Json<ServerCertResponse>, ServiceError> {
     op.require(&[Role::Admin], "issuing server certificates")?;
     let req = ServerCertificate { csr: req.csr, dns_names: req.dns_names, validity: req.validity };
     let issued = crate::service::certificates::issue_server_certificate(&state, &op, &name, req).await?;

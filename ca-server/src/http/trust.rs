@@ -8,7 +8,7 @@ use ca_core::cert::CertInfo;
 use serde::Deserialize;
 use utoipa::IntoParams;
 
-use crate::error::{ApiError, Problem};
+use crate::error::{ErrorCode, Problem, ServiceError};
 use crate::http::extract::{Path, Query};
 use crate::service::clusters::valid_cluster_name;
 use crate::service::state::AppState;
@@ -21,7 +21,7 @@ use crate::service::state::AppState;
 pub(crate) async fn trust_bundle(
     State(state): State<AppState>,
     Path(name): Path<String>,
-) -> Result<Response, ApiError> {
+) -> Result<Response, ServiceError> {
     let pem: String = crate::service::trust::cluster_roots(&state, &name).await?.iter().map(CertInfo::pem).collect();
     Ok(([(header::CONTENT_TYPE, "application/x-pem-file")], pem).into_response())
 }
@@ -42,10 +42,10 @@ pub(crate) async fn trust_bundle_configmap(
     State(state): State<AppState>,
     Path(name): Path<String>,
     Query(q): Query<ConfigMapQuery>,
-) -> Result<Response, ApiError> {
+) -> Result<Response, ServiceError> {
     let namespace = q.namespace.unwrap_or_else(|| "istio-system".into());
     if !valid_cluster_name(&namespace) {
-        return Err(ApiError::bad_request("invalid-namespace", "namespace must be a Kubernetes name"));
+        return Err(ServiceError::new(ErrorCode::InvalidNamespace, "namespace must be a Kubernetes name"));
     }
     let pem: String = crate::service::trust::cluster_roots(&state, &name).await?.iter().map(CertInfo::pem).collect();
     let body: String = pem.lines().map(|l| format!("    {l}\n")).collect();

@@ -5,37 +5,36 @@ use ca_store::{ApprovalRequest, AuditEvent, now_secs};
 use serde_json::json;
 
 use crate::auth::Operator;
-use crate::error::ApiError;
+use crate::error::{ErrorCode, ServiceError};
 use crate::service::state::AppState;
 
-pub async fn list(state: &AppState, status: Option<&str>) -> Result<Vec<ApprovalRequest>, ApiError> {
+pub async fn list(state: &AppState, status: Option<&str>) -> Result<Vec<ApprovalRequest>, ServiceError> {
     Ok(state.store.list_requests(status).await?)
 }
 
 /// Approves (`approve`) or rejects a pending request, and returns it as decided.
-pub async fn decide(state: &AppState, op: &Operator, id: &str, approve: bool) -> Result<ApprovalRequest, ApiError> {
+pub async fn decide(state: &AppState, op: &Operator, id: &str, approve: bool) -> Result<ApprovalRequest, ServiceError> {
     // Rotation approvals judge against this replica's issuers: bring them up to date before
     // the write transaction, which must not wait on opening a key.
     crate::service::rotation::refresh_quietly(state).await;
     let mut tx = state.store.write().await?;
-    let req =
-        tx.get_request(id).await?.ok_or_else(|| ApiError::not_found(format!("no request {id:?}")).by(op.actor()))?;
+    let req = tx
+        .get_request(id)
+        .await?
+        .ok_or_else(|| ServiceError::not_found(format!("no request {id:?}")).by(op.actor()))?;
     if req.status != "pending" {
-        return Err(
-            ApiError::conflict("already-decided", format!("request {id} is already {}", req.status)).by(op.actor())
-        );
+        return Err(ServiceError::new(ErrorCode::AlreadyDecided, format!("request {id} is already {}", req.status))
+            .by(op.actor()));
     }
     if approve && req.requested_by == op.name {
-        return Err(
-            ApiError::forbidden("two-person-rule", "a different operator must approve this request").by(op.actor())
-        );
+        return Err(ServiceError::new(ErrorCode::TwoPersonRule, "a different operator must approve this request")
+            .by(op.actor()));
     }
     let now = now_secs();
     let status = if approve { "approved" } else { "rejected" };
     if !tx.decide_request(id, status, &op.name, now).await? {
-        return Err(
-            ApiError::conflict("already-decided", format!("request {id} was decided concurrently")).by(op.actor())
-        );
+        return Err(ServiceError::new(ErrorCode::AlreadyDecided, format!("request {id} was decided concurrently"))
+            .by(op.actor()));
     }
     tx.audit(AuditEvent::new(
         op.actor(),
@@ -44,7 +43,7 @@ pub async fn decide(state: &AppState, op: &Operator, id: &str, approve: bool) ->
         json!({"kind": req.kind, "subject": req.subject, "requested_by": req.requested_by}),
     ))
     .await?;
-    let payload: serde_json::Value = serde_json::from_str(&req.payload).map_err(ApiError::internal)?;
+    let payload: serde_json::Value = serde_json::from_str(&req.payload).map_err(ServiceError::internal)?;
     let mut revoked = None;
     let mut external_ca = None;
     let mut rotation = None;
@@ -67,11 +66,14 @@ pub async fn decide(state: &AppState, op: &Operator, id: &str, approve: bool) ->
         }
         ("reissue-enrolment", true) => {
             let (Some(hash), Some(expires)) = (payload["token_hash"].as_str(), payload["expires_at"].as_i64()) else {
-                return Err(ApiError::internal("reissue request without a token"));
+                return Err(ServiceError::internal("reissue request without a token"));
             };
             if !tx.rearm_enrolment(&req.subject, hash, expires).await? {
-                return Err(ApiError::conflict("cluster-not-active", format!("cluster {} is not active", req.subject))
-                    .by(op.actor()));
+                return Err(ServiceError::new(
+                    ErrorCode::ClusterNotActive,
+                    format!("cluster {} is not active", req.subject),
+                )
+                .by(op.actor()));
             }
             tx.audit(AuditEvent::new(
                 op.actor(),
@@ -99,6 +101,6 @@ pub async fn decide(state: &AppState, op: &Operator, id: &str, approve: bool) ->
             tracing::warn!(cluster = %name, error = %e.detail, "external-CA intermediate not issued yet; the background job will retry");
         }
     }
-    let decided = state.store.get_request(id).await?.ok_or_else(|| ApiError::internal("request vanished"))?;
+    let decided = state.store.get_request(id).await?.ok_or_else(|| ServiceError::internal("request vanished"))?;
     Ok(decided)
 }

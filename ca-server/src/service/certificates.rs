@@ -8,7 +8,7 @@ use ca_store::{CertFilter, CertRecord, WorkloadRecord, now_secs};
 use serde_json::json;
 
 use crate::auth::Operator;
-use crate::error::ApiError;
+use crate::error::{ErrorCode, ServiceError};
 use crate::service::issuance::{cert_record, record_issued};
 use crate::service::state::AppState;
 
@@ -30,11 +30,13 @@ pub struct ListQuery {
     pub limit: Option<i64>,
 }
 
-pub async fn list(state: &AppState, op: &Operator, q: ListQuery) -> Result<Vec<CertRecord>, ApiError> {
+pub async fn list(state: &AppState, op: &Operator, q: ListQuery) -> Result<Vec<CertRecord>, ServiceError> {
     let expiring = match &q.expiring_within {
         Some(d) => Some(
             ca_core::duration::Validity::parse_window(d)
-                .map_err(|e| ApiError::bad_request("invalid-query", format!("expiring_within: {e}")).by(op.actor()))?
+                .map_err(|e| {
+                    ServiceError::new(ErrorCode::InvalidQuery, format!("expiring_within: {e}")).by(op.actor())
+                })?
                 .duration()
                 .whole_seconds(),
         ),
@@ -58,7 +60,7 @@ pub enum Found {
     Workload(WorkloadRecord, CertInfo),
 }
 
-pub async fn get(state: &AppState, op: &Operator, serial: &str) -> Result<Found, ApiError> {
+pub async fn get(state: &AppState, op: &Operator, serial: &str) -> Result<Found, ServiceError> {
     let serial = normalise_serial(serial);
     if let Some(r) = state.store.get_certificate(&serial).await? {
         return Ok(Found::Issued(r));
@@ -68,8 +70,8 @@ pub async fn get(state: &AppState, op: &Operator, serial: &str) -> Result<Found,
         .store
         .get_workload_certificate(&serial)
         .await?
-        .ok_or_else(|| ApiError::not_found(format!("no certificate {serial}")).by(op.actor()))?;
-    let cert = CertInfo::from_der(w.der.clone()).map_err(ApiError::internal)?;
+        .ok_or_else(|| ServiceError::not_found(format!("no certificate {serial}")).by(op.actor()))?;
+    let cert = CertInfo::from_der(w.der.clone()).map_err(ServiceError::internal)?;
     Ok(Found::Workload(w, cert))
 }
 
@@ -96,17 +98,17 @@ pub async fn issue_server_certificate(
     op: &Operator,
     name: &str,
     req: ServerCertificate,
-) -> Result<IssuedServerCertificate, ApiError> {
-    let deny = |e: ApiError| e.by(op.actor());
+) -> Result<IssuedServerCertificate, ServiceError> {
+    let deny = |e: ServiceError| e.by(op.actor());
     let validity: time::Duration = match &req.validity {
         None => time::Duration::days(30),
         Some(v) => v
             .parse::<ca_core::duration::Validity>()
-            .map_err(|e| deny(ApiError::bad_request("invalid-validity", e.to_string())))?
+            .map_err(|e| deny(ServiceError::new(ErrorCode::InvalidValidity, e.to_string())))?
             .duration(),
     };
     if validity <= time::Duration::ZERO || validity > time::Duration::days(90) {
-        return Err(deny(ApiError::bad_request("invalid-validity", "validity must be positive and at most 90d")));
+        return Err(deny(ServiceError::new(ErrorCode::InvalidValidity, "validity must be positive and at most 90d")));
     }
     if req.dns_names.is_empty()
         || req.dns_names.iter().any(|n| {
@@ -119,8 +121,8 @@ pub async fn issue_server_certificate(
                 })
         })
     {
-        return Err(deny(ApiError::bad_request(
-            "invalid-names",
+        return Err(deny(ServiceError::new(
+            ErrorCode::InvalidNames,
             "dns_names must be one or more lowercase DNS names without wildcards",
         )));
     }
@@ -135,8 +137,8 @@ pub async fn issue_server_certificate(
         .unwrap_or_else(crate::config::default_server_certificate_names);
     let own = state.config.istio.as_ref().map(|c| c.server_names.clone()).unwrap_or_default();
     if let Some(n) = req.dns_names.iter().find(|n| !allowed.contains(n) || own.contains(n)) {
-        return Err(deny(ApiError::forbidden(
-            "name-not-allowed",
+        return Err(deny(ServiceError::new(
+            ErrorCode::NameNotAllowed,
             format!("{n} is not among istio.clusters.{name}.server_certificate_names ({})", allowed.join(", ")),
         )));
     }

@@ -8,7 +8,7 @@ use serde_json::json;
 use sha2::Digest;
 
 use crate::auth::Operator;
-use crate::error::ApiError;
+use crate::error::{ErrorCode, ServiceError};
 use crate::service::state::AppState;
 
 /// What an operator asks to register.
@@ -60,7 +60,7 @@ fn new_token() -> String {
 }
 
 /// Whether an external-CA cluster stopped on a compromised key.
-async fn info(state: &AppState, c: ClusterRecord) -> Result<ClusterInfo, ApiError> {
+async fn info(state: &AppState, c: ClusterRecord) -> Result<ClusterInfo, ServiceError> {
     let mut compromised = false;
     if let (true, Some(serial)) = (c.is_external_ca(), &c.current_serial)
         && let Some(cert) = state.store.get_certificate(serial).await?
@@ -70,7 +70,7 @@ async fn info(state: &AppState, c: ClusterRecord) -> Result<ClusterInfo, ApiErro
     Ok(ClusterInfo { record: c, key_compromised: compromised })
 }
 
-pub async fn list(state: &AppState) -> Result<Vec<ClusterInfo>, ApiError> {
+pub async fn list(state: &AppState) -> Result<Vec<ClusterInfo>, ServiceError> {
     let mut out = Vec::new();
     for c in state.store.list_clusters().await? {
         out.push(info(state, c).await?);
@@ -78,36 +78,36 @@ pub async fn list(state: &AppState) -> Result<Vec<ClusterInfo>, ApiError> {
     Ok(out)
 }
 
-pub async fn get(state: &AppState, op: &Operator, name: &str) -> Result<ClusterInfo, ApiError> {
+pub async fn get(state: &AppState, op: &Operator, name: &str) -> Result<ClusterInfo, ServiceError> {
     let c = state
         .store
         .get_cluster(name)
         .await?
-        .ok_or_else(|| ApiError::not_found(format!("no cluster {name:?}")).by(op.actor()))?;
+        .ok_or_else(|| ServiceError::not_found(format!("no cluster {name:?}")).by(op.actor()))?;
     info(state, c).await
 }
 
 /// Registers a cluster. Takes effect when a different operator approves the request.
-pub async fn register(state: &AppState, op: &Operator, req: Registration) -> Result<Requested, ApiError> {
+pub async fn register(state: &AppState, op: &Operator, req: Registration) -> Result<Requested, ServiceError> {
     if !valid_cluster_name(&req.name) {
-        return Err(ApiError::bad_request(
-            "invalid-name",
+        return Err(ServiceError::new(
+            ErrorCode::InvalidName,
             "cluster names use lowercase letters, digits and '-' (at most 63)",
         )
         .by(op.actor()));
     }
     let issuer = state.issuers.get(&req.environment).ok_or_else(|| {
-        ApiError::bad_request("unknown-environment", format!("no environment {:?} is served here", req.environment))
+        ServiceError::new(ErrorCode::UnknownEnvironment, format!("no environment {:?} is served here", req.environment))
             .by(op.actor())
     })?;
     let td: ca_core::names::TrustDomain = req
         .trust_domain
         .parse()
-        .map_err(|e| ApiError::bad_request("invalid-trust-domain", format!("{e}")).by(op.actor()))?;
+        .map_err(|e| ServiceError::new(ErrorCode::InvalidTrustDomain, format!("{e}")).by(op.actor()))?;
     let served = issuer.trust_domains();
     if !served.is_empty() && !served.contains(&td.to_string()) {
-        return Err(ApiError::bad_request(
-            "invalid-trust-domain",
+        return Err(ServiceError::new(
+            ErrorCode::InvalidTrustDomain,
             format!("environment {} serves {}, not {td}", issuer.name, served.join(", ")),
         )
         .by(op.actor()));
@@ -117,28 +117,30 @@ pub async fn register(state: &AppState, op: &Operator, req: Registration) -> Res
         ca_store::MODE_PLUGIN => false,
         ca_store::MODE_EXTERNAL_CA => true,
         other => {
-            return Err(ApiError::bad_request("invalid-mode", format!("mode {other:?} is not plugin or external-ca"))
-                .by(op.actor()));
+            return Err(ServiceError::new(
+                ErrorCode::InvalidMode,
+                format!("mode {other:?} is not plugin or external-ca"),
+            )
+            .by(op.actor()));
         }
     };
     let key_ref = match (&req.key, external) {
         (Some(k), true) => {
             let key = k
                 .parse::<hsm::KeyRef>()
-                .map_err(|e| ApiError::bad_request("invalid-key", e.to_string()).by(op.actor()))?;
+                .map_err(|e| ServiceError::new(ErrorCode::InvalidKey, e.to_string()).by(op.actor()))?;
             // The same checks as a rotation's new key: a configured module, no key in use
             // here (by public key), not blocked.
             crate::service::keys::check_new_key(state, &key).await.map_err(|e| e.by(op.actor()))?;
             Some(key.to_string())
         }
         (None, true) => {
-            return Err(
-                ApiError::bad_request("invalid-key", "external-ca mode needs the server-side key (key)").by(op.actor())
-            );
+            return Err(ServiceError::new(ErrorCode::InvalidKey, "external-ca mode needs the server-side key (key)")
+                .by(op.actor()));
         }
         (Some(_), false) => {
-            return Err(ApiError::bad_request(
-                "invalid-key",
+            return Err(ServiceError::new(
+                ErrorCode::InvalidKey,
                 "a plug-in cluster holds its own key; key is for external-ca mode only",
             )
             .by(op.actor()));
@@ -171,7 +173,7 @@ pub async fn register(state: &AppState, op: &Operator, req: Registration) -> Res
         key_ref,
     })
     .await
-    .map_err(|e| ApiError::from(e).by(op.actor()))?;
+    .map_err(|e| ServiceError::from(e).by(op.actor()))?;
     tx.insert_request(&ApprovalRequest::pending(&request_id, "register-cluster", &req.name, &payload, &op.name, now))
         .await?;
     tx.audit(AuditEvent::new(
@@ -187,20 +189,19 @@ pub async fn register(state: &AppState, op: &Operator, req: Registration) -> Res
 
 /// Asks for a new one-time enrolment token for an existing plug-in cluster. Takes effect when
 /// a different operator approves.
-pub async fn reissue_enrolment(state: &AppState, op: &Operator, name: &str) -> Result<Requested, ApiError> {
+pub async fn reissue_enrolment(state: &AppState, op: &Operator, name: &str) -> Result<Requested, ServiceError> {
     let cluster = state
         .store
         .get_cluster(name)
         .await?
-        .ok_or_else(|| ApiError::not_found(format!("no cluster {name:?}")).by(op.actor()))?;
+        .ok_or_else(|| ServiceError::not_found(format!("no cluster {name:?}")).by(op.actor()))?;
     if cluster.status != "active" {
-        return Err(
-            ApiError::conflict("cluster-not-active", format!("cluster {name} is {}", cluster.status)).by(op.actor())
-        );
+        return Err(ServiceError::new(ErrorCode::ClusterNotActive, format!("cluster {name} is {}", cluster.status))
+            .by(op.actor()));
     }
     if cluster.is_external_ca() {
-        return Err(ApiError::conflict(
-            "external-ca-cluster",
+        return Err(ServiceError::new(
+            ErrorCode::ExternalCaCluster,
             format!("cluster {name} is in external-ca mode: the server holds its key, nothing enrols"),
         )
         .by(op.actor()));

@@ -6,7 +6,7 @@ use ca_store::{AuditEvent, CertFilter, CertRecord, CrlRecord, now_secs};
 use serde_json::json;
 use time::OffsetDateTime;
 
-use crate::error::ApiError;
+use crate::error::{ErrorCode, ServiceError};
 use crate::service::state::{AppState, Issuer};
 
 /// Where an environment's CRL for one of its keys is stored: under the environment's name for
@@ -22,18 +22,18 @@ pub fn crl_name(environment: &str, key: Option<&str>) -> String {
 pub(crate) async fn earlier_keys(
     state: &AppState,
     issuer: &Issuer,
-) -> Result<Vec<(String, CertInfo, Vec<CertInfo>, hsm::KeyRef)>, ApiError> {
-    let parse = |pem: &str| -> Result<CertInfo, ApiError> {
+) -> Result<Vec<(String, CertInfo, Vec<CertInfo>, hsm::KeyRef)>, ServiceError> {
+    let parse = |pem: &str| -> Result<CertInfo, ServiceError> {
         ca_core::cert::parse_certs(pem.as_bytes(), "rotation certificate")
-            .map_err(ApiError::internal)?
+            .map_err(ServiceError::internal)?
             .into_iter()
             .next()
-            .ok_or_else(|| ApiError::internal("rotation certificate missing"))
+            .ok_or_else(|| ServiceError::internal("rotation certificate missing"))
     };
     let current = ca_store::spki_sha256(&issuer.cert.spki_der);
     let mut out: Vec<(String, CertInfo, Vec<CertInfo>, hsm::KeyRef)> = Vec::new();
     for r in state.store.list_rotations(false).await? {
-        let spec: crate::service::rotation::Spec = serde_json::from_str(&r.spec).map_err(ApiError::internal)?;
+        let spec: crate::service::rotation::Spec = serde_json::from_str(&r.spec).map_err(ServiceError::internal)?;
         let Some(plan) = spec.environments.get(&issuer.name) else { continue };
         let mut sides = vec![(plan.old_certificate.clone(), plan.old_chain.clone(), plan.old_key.clone())];
         if let Some(c) = &plan.new_certificate {
@@ -46,7 +46,7 @@ pub(crate) async fn earlier_keys(
                 continue;
             }
             let chain = chain.iter().map(|c| parse(c)).collect::<Result<Vec<_>, _>>()?;
-            out.push((id, cert, chain, key.parse().map_err(ApiError::internal)?));
+            out.push((id, cert, chain, key.parse().map_err(ServiceError::internal)?));
         }
     }
     Ok(out)
@@ -61,7 +61,7 @@ pub async fn publish_crl(
     state: &AppState,
     issuer: &std::sync::Arc<Issuer>,
     actor: &str,
-) -> Result<CrlRecord, ApiError> {
+) -> Result<CrlRecord, ServiceError> {
     let earlier = earlier_keys(state, issuer).await?;
     let owner = |pem: &str| -> Option<String> {
         let cert = ca_core::cert::parse_certs(pem.as_bytes(), "stored certificate").ok()?.into_iter().next()?;
@@ -117,7 +117,7 @@ async fn publish_one(
     name: &str,
     actor: &str,
     mine: impl Fn(&CertRecord) -> bool,
-) -> Result<CrlRecord, ApiError> {
+) -> Result<CrlRecord, ServiceError> {
     for _ in 0..5 {
         let all = state.store.revoked_by_issuer(&signer.name).await?;
         let revoked: Vec<&CertRecord> = all.iter().filter(|r| mine(r)).collect();
@@ -127,12 +127,12 @@ async fn publish_one(
         let mut entries = Vec::new();
         for r in &revoked {
             let serial = ca_core::crl::parse_serial(&r.serial)
-                .map_err(|e| ApiError::internal(format!("stored serial {}: {e}", r.serial)))?;
+                .map_err(|e| ServiceError::internal(format!("stored serial {}: {e}", r.serial)))?;
             entries.push(ca_core::crl::Revocation {
                 serial,
                 reason: r.revocation_reason.as_deref().and_then(|x| x.parse().ok()),
                 revoked_at: OffsetDateTime::from_unix_timestamp(r.revoked_at.unwrap_or(0))
-                    .map_err(ApiError::internal)?,
+                    .map_err(ServiceError::internal)?,
             });
         }
         let req =
@@ -163,19 +163,19 @@ async fn publish_one(
         tx.commit().await?;
         return Ok(rec);
     }
-    Err(ApiError::unavailable("busy", format!("the CRL of {name} kept changing; try again")))
+    Err(ServiceError::new(ErrorCode::Busy, format!("the CRL of {name} kept changing; try again")))
 }
 
 /// The CRL (DER) that `environment`'s current key signs, or with `key` (the SHA-256 of an
 /// issuing key's SPKI, hex) the one an earlier key signs. Normally the background job made it
 /// at start; until then, it is made here.
-pub async fn current_crl(state: &AppState, environment: &str, key: Option<&str>) -> Result<Vec<u8>, ApiError> {
+pub async fn current_crl(state: &AppState, environment: &str, key: Option<&str>) -> Result<Vec<u8>, ServiceError> {
     let name = environment;
     let issuer = state.issuer(name)?.clone();
     let key = key.map(str::to_ascii_lowercase).filter(|k| *k != ca_store::spki_sha256(&issuer.cert.spki_der));
     if key.as_ref().is_some_and(|k| k.len() != 64 || !k.bytes().all(|b| b.is_ascii_hexdigit())) {
-        return Err(ApiError::bad_request(
-            "invalid-query",
+        return Err(ServiceError::new(
+            ErrorCode::InvalidQuery,
             "key is the SHA-256 (hex) of the issuing key's SubjectPublicKeyInfo",
         ));
     }
@@ -184,7 +184,7 @@ pub async fn current_crl(state: &AppState, environment: &str, key: Option<&str>)
         Some(r) => r,
         None => {
             let no_crl = |k: &str| {
-                ApiError::not_found(format!(
+                ServiceError::not_found(format!(
                     "{name} has no CRL for key {k}: none of its earlier keys with an unexpired certificate has that SPKI"
                 ))
             };
@@ -202,5 +202,5 @@ pub async fn current_crl(state: &AppState, environment: &str, key: Option<&str>)
             }
         }
     };
-    base64::engine::general_purpose::STANDARD.decode(&rec.der).map_err(ApiError::internal)
+    base64::engine::general_purpose::STANDARD.decode(&rec.der).map_err(ServiceError::internal)
 }

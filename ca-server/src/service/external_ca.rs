@@ -15,7 +15,7 @@ use serde_json::json;
 
 use crate::auth::service_account::TokenValidator;
 use crate::config::IstioConfig;
-use crate::error::ApiError;
+use crate::error::{ErrorCode, ServiceError};
 use crate::service::recorder::Recorder;
 use crate::service::serving_cert::{ServingCert, ensure_serving_cert};
 use crate::service::state::{AppState, Issuer};
@@ -41,7 +41,7 @@ pub struct Istio {
 }
 
 /// When a cluster's CA last failed to load, and the error to repeat.
-type LoadFailure = (Instant, ApiError);
+type LoadFailure = (Instant, ServiceError);
 
 /// A cluster intermediate held by this server, ready to sign.
 pub struct ClusterCa {
@@ -139,14 +139,14 @@ impl Istio {
 /// How long a failed load is remembered.
 const LOAD_RETRY: Duration = Duration::from_secs(2);
 
-fn recent_failure(state: &AppState, name: &str) -> Option<ApiError> {
+fn recent_failure(state: &AppState, name: &str) -> Option<ServiceError> {
     let failed = state.istio.failed.lock().unwrap_or_else(|p| p.into_inner());
     let (at, e) = failed.get(name)?;
-    (at.elapsed() < LOAD_RETRY).then(|| ApiError::new(e.status, e.code, e.detail.clone()))
+    (at.elapsed() < LOAD_RETRY).then(|| e.clone())
 }
 
 /// The cluster's CA, from the cache or loaded from storage (and its key opened).
-pub async fn cluster_ca(state: &AppState, name: &str) -> Result<Arc<ClusterCa>, ApiError> {
+pub async fn cluster_ca(state: &AppState, name: &str) -> Result<Arc<ClusterCa>, ServiceError> {
     if let Some(c) = state.istio.cached(name) {
         return Ok(c);
     }
@@ -171,18 +171,18 @@ pub async fn cluster_ca(state: &AppState, name: &str) -> Result<Arc<ClusterCa>, 
                 .failed
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .insert(name.to_string(), (Instant::now(), ApiError::new(e.status, e.code, e.detail.clone())));
+                .insert(name.to_string(), (Instant::now(), e.clone()));
             Err(e)
         }
     }
 }
 
-async fn load_cluster(state: &AppState, name: &str) -> Result<Arc<ClusterCa>, ApiError> {
+async fn load_cluster(state: &AppState, name: &str) -> Result<Arc<ClusterCa>, ServiceError> {
     let record =
         state.store.get_cluster(name).await?.filter(|c| c.is_external_ca() && c.status == "active").ok_or_else(
             || {
-                ApiError::forbidden(
-                    "cluster-not-served",
+                ServiceError::new(
+                    ErrorCode::ClusterNotServed,
                     format!("cluster {name:?} is not an active external-CA cluster here"),
                 )
             },
@@ -196,20 +196,20 @@ async fn load_cluster(state: &AppState, name: &str) -> Result<Arc<ClusterCa>, Ap
 pub async fn current_key_blocked(
     state: &AppState,
     cert: &ca_store::CertRecord,
-) -> Result<Option<ca_store::BlockedKey>, ApiError> {
+) -> Result<Option<ca_store::BlockedKey>, ServiceError> {
     let info = ca_core::cert::parse_certs(cert.pem.as_bytes(), "stored certificate")
-        .map_err(ApiError::internal)?
+        .map_err(ServiceError::internal)?
         .into_iter()
         .next()
-        .ok_or_else(|| ApiError::internal(format!("certificate {} has no PEM", cert.serial)))?;
+        .ok_or_else(|| ServiceError::internal(format!("certificate {} has no PEM", cert.serial)))?;
     Ok(state.store.blocked_key(&ca_store::spki_sha256(&info.spki_der)).await?)
 }
 
 /// An external-CA cluster whose key was revoked for compromise: nothing is signed with it, and
 /// nothing certifies it again; a cluster rotation to a new key is the way back.
-fn key_compromised(name: &str, b: &ca_store::BlockedKey) -> ApiError {
-    ApiError::unavailable(
-        "key-compromised",
+fn key_compromised(name: &str, b: &ca_store::BlockedKey) -> ServiceError {
+    ServiceError::new(
+        ErrorCode::KeyCompromised,
         format!(
             "cluster {name}'s key was revoked for {} (certificate {}): it issues nothing until a cluster rotation brings a new key",
             b.reason, b.source_serial
@@ -217,11 +217,11 @@ fn key_compromised(name: &str, b: &ca_store::BlockedKey) -> ApiError {
     )
 }
 
-async fn load_cluster_ca(state: &AppState, record: &ClusterRecord) -> Result<Arc<ClusterCa>, ApiError> {
+async fn load_cluster_ca(state: &AppState, record: &ClusterRecord) -> Result<Arc<ClusterCa>, ServiceError> {
     let name = &record.name;
     let not_ready = || {
-        ApiError::unavailable(
-            "intermediate-not-ready",
+        ServiceError::new(
+            ErrorCode::IntermediateNotReady,
             format!("cluster {name} has no intermediate yet; try again shortly"),
         )
     };
@@ -231,27 +231,27 @@ async fn load_cluster_ca(state: &AppState, record: &ClusterRecord) -> Result<Arc
         return Err(key_compromised(name, &b));
     }
     if cert_rec.revoked_at.is_some() {
-        return Err(ApiError::unavailable(
-            "intermediate-revoked",
+        return Err(ServiceError::new(
+            ErrorCode::IntermediateRevoked,
             format!("cluster {name}'s intermediate {serial} is revoked; a new one is being issued"),
         ));
     }
     let cert = pem::parse(cert_rec.pem.as_bytes())
-        .map_err(ApiError::internal)
-        .and_then(|p| CertInfo::from_der(p.into_contents()).map_err(ApiError::internal))?;
+        .map_err(ServiceError::internal)
+        .and_then(|p| CertInfo::from_der(p.into_contents()).map_err(ServiceError::internal))?;
     let env = state.issuer(&record.environment)?.clone();
     let chain: Vec<CertInfo> = std::iter::once(env.cert.clone()).chain(env.chain.iter().cloned()).collect();
     let key_ref: hsm::KeyRef = record
         .key_ref
         .as_deref()
-        .ok_or_else(|| ApiError::internal(format!("external-CA cluster {name} has no key reference")))?
+        .ok_or_else(|| ServiceError::internal(format!("external-CA cluster {name} has no key reference")))?
         .parse()
-        .map_err(ApiError::internal)?;
+        .map_err(ServiceError::internal)?;
     // The cluster trusts what its environment hands out (both roots during a rotation), not
     // just the root its own chain ends in.
     let issuer = Arc::new(
         Issuer::from_certs(name, key_ref, cert.clone(), chain.clone())
-            .map_err(ApiError::internal)?
+            .map_err(ServiceError::internal)?
             .with_trust(env.roots.clone(), vec![]),
     );
     let i = issuer.clone();
@@ -259,11 +259,14 @@ async fn load_cluster_ca(state: &AppState, record: &ClusterRecord) -> Result<Arc
         Ok(Ok(Ok(()))) => {}
         Ok(Ok(Err(e))) => {
             tracing::error!(cluster = %name, error = %format!("{e:#}"), "cluster intermediate key unavailable");
-            return Err(ApiError::unavailable("hsm-unavailable", format!("the key of cluster {name} is unavailable")));
+            return Err(ServiceError::new(
+                ErrorCode::HsmUnavailable,
+                format!("the key of cluster {name} is unavailable"),
+            ));
         }
         _ => {
-            return Err(ApiError::unavailable(
-                "hsm-timeout",
+            return Err(ServiceError::new(
+                ErrorCode::HsmTimeout,
                 format!("the key of cluster {name} did not answer in time"),
             ));
         }
@@ -286,7 +289,7 @@ async fn load_cluster_ca(state: &AppState, record: &ClusterRecord) -> Result<Arc
         };
     let bundle_pem: String = issuer.roots.iter().map(CertInfo::pem).collect();
     Ok(Arc::new(ClusterCa {
-        trust_domain: record.trust_domain.parse().map_err(ApiError::internal)?,
+        trust_domain: record.trust_domain.parse().map_err(ServiceError::internal)?,
         serial,
         chain_pem,
         serving_chain,
@@ -297,7 +300,7 @@ async fn load_cluster_ca(state: &AppState, record: &ClusterRecord) -> Result<Arc
 
 /// Issues (or renews) the intermediate of an external-CA cluster for the key the server holds.
 /// Due when the cluster has none, its newest is revoked, or two thirds of its life have passed.
-pub async fn ensure_intermediate(state: &AppState, name: &str, actor: &str) -> Result<bool, ApiError> {
+pub async fn ensure_intermediate(state: &AppState, name: &str, actor: &str) -> Result<bool, ServiceError> {
     let Some(cluster) = state.store.get_cluster(name).await? else { return Ok(false) };
     if !cluster.is_external_ca() || cluster.status != "active" {
         return Ok(false);
@@ -316,9 +319,9 @@ pub async fn ensure_intermediate(state: &AppState, name: &str, actor: &str) -> R
     let key_ref: hsm::KeyRef = cluster
         .key_ref
         .as_deref()
-        .ok_or_else(|| ApiError::internal(format!("cluster {name} has no key reference")))?
+        .ok_or_else(|| ServiceError::internal(format!("cluster {name} has no key reference")))?
         .parse()
-        .map_err(ApiError::internal)?;
+        .map_err(ServiceError::internal)?;
     let kr = key_ref.clone();
     let public = match tokio::time::timeout(
         state.hsm_timeout(),
@@ -328,9 +331,12 @@ pub async fn ensure_intermediate(state: &AppState, name: &str, actor: &str) -> R
     {
         Ok(Ok(Ok(p))) => p,
         Ok(Ok(Err(e))) => {
-            return Err(ApiError::unavailable("hsm-unavailable", format!("opening the key of cluster {name}: {e}")));
+            return Err(ServiceError::new(
+                ErrorCode::HsmUnavailable,
+                format!("opening the key of cluster {name}: {e}"),
+            ));
         }
-        _ => return Err(ApiError::unavailable("hsm-timeout", format!("the key of cluster {name} did not answer"))),
+        _ => return Err(ServiceError::new(ErrorCode::HsmTimeout, format!("the key of cluster {name} did not answer"))),
     };
     // Not for a key revoked for compromise, whatever the revocation's own path did.
     let spki = public.spki_der().to_vec();
@@ -343,7 +349,7 @@ pub async fn ensure_intermediate(state: &AppState, name: &str, actor: &str) -> R
     let cert = issued.cert;
     let mut tx = state.store.write().await?;
     // Someone else (another replica, an approval) may have got there first.
-    let current = tx.get_cluster(name).await?.ok_or_else(|| ApiError::internal("cluster vanished"))?;
+    let current = tx.get_cluster(name).await?.ok_or_else(|| ServiceError::internal("cluster vanished"))?;
     if current.current_serial != cluster.current_serial || current.status != "active" {
         return Ok(false);
     }
@@ -378,7 +384,7 @@ pub async fn maintain(state: &AppState, leader: bool) -> Result<()> {
         for c in clusters.iter().filter(|c| c.is_external_ca() && c.status == "active") {
             if let Err(e) = ensure_intermediate(state, &c.name, &state.job_actor()).await {
                 // Expected until a cluster rotation; said once at revocation, not every round.
-                if e.code == "key-compromised" {
+                if e.code == ErrorCode::KeyCompromised {
                     tracing::debug!(cluster = %c.name, error = %e.detail, "external-CA cluster stopped");
                     continue;
                 }

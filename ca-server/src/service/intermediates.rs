@@ -8,7 +8,7 @@ use ca_store::{AuditEvent, CertRecord, ClusterRecord, now_secs};
 use serde_json::json;
 use sha2::Digest;
 
-use crate::error::ApiError;
+use crate::error::{ErrorCode, ServiceError};
 use crate::service::certificates::normalise_serial;
 use crate::service::clusters::token_hash;
 use crate::service::issuance::{cert_record, cluster_request, issuer_chain, record_issued};
@@ -39,15 +39,20 @@ enum Caller {
 
 /// Enrols (first time, with the enrolment token) or renews (with the cluster's current,
 /// unexpired, unrevoked intermediate) a cluster intermediate for the public key of `csr`.
-pub async fn issue(state: &AppState, name: &str, credential: Credential<'_>, csr: &str) -> Result<Issued, ApiError> {
+pub async fn issue(
+    state: &AppState,
+    name: &str,
+    credential: Credential<'_>,
+    csr: &str,
+) -> Result<Issued, ServiceError> {
     // Until the caller has proved who it is, refusals are recorded as anonymous: the name in
     // the URL is only a claim.
-    let claimed = |e: ApiError| ApiError { detail: format!("{} (claimed cluster {name:?})", e.detail), ..e };
+    let claimed = |e: ServiceError| ServiceError { detail: format!("{} (claimed cluster {name:?})", e.detail), ..e };
     let cluster =
-        state.store.get_cluster(name).await?.ok_or_else(|| claimed(ApiError::not_found("no such cluster")))?;
+        state.store.get_cluster(name).await?.ok_or_else(|| claimed(ServiceError::not_found("no such cluster")))?;
     let now = now_secs();
     let token_invalid = || {
-        ApiError::unauthenticated("enrolment-token-invalid", "the enrolment token is invalid, expired or already used")
+        ServiceError::new(ErrorCode::EnrolmentTokenInvalid, "the enrolment token is invalid, expired or already used")
     };
     let caller = match credential {
         Credential::Token(token) => {
@@ -58,8 +63,8 @@ pub async fn issue(state: &AppState, name: &str, credential: Credential<'_>, csr
                 && cluster.enrolment_expires_at.is_some_and(|e| e > now);
             if !usable {
                 if cluster.status == "pending" && cluster.enrolment_token_hash.as_deref() == Some(h.as_str()) {
-                    return Err(ApiError::conflict(
-                        "cluster-not-active",
+                    return Err(ServiceError::new(
+                        ErrorCode::ClusterNotActive,
                         "the cluster's registration awaits approval by a second operator",
                     )
                     .by(format!("cluster:{name}")));
@@ -74,14 +79,14 @@ pub async fn issue(state: &AppState, name: &str, credential: Credential<'_>, csr
             Caller::Renewal { serial: rec.serial }
         }
         Credential::None => {
-            return Err(claimed(ApiError::unauthenticated(
-                "unauthenticated",
+            return Err(claimed(ServiceError::new(
+                ErrorCode::Unauthenticated,
                 "enrol with the enrolment token (Authorization: Bearer) or renew over mTLS with the current intermediate",
             )));
         }
     };
     let actor = format!("cluster:{name}");
-    let deny = |e: ApiError| e.by(actor.clone());
+    let deny = |e: ServiceError| e.by(actor.clone());
 
     let csr = VerifiedCsr::parse(csr.as_bytes()).map_err(|e| deny(crate::service::state::map_core(e.into())))?;
     let spki = csr.public_key().spki_der().to_vec();
@@ -109,11 +114,12 @@ pub async fn issue(state: &AppState, name: &str, credential: Credential<'_>, csr
             ("enrolment", None)
         }
         Caller::Renewal { serial } => {
-            let current = tx.get_cluster(name).await?.ok_or_else(|| deny(ApiError::not_found("no such cluster")))?;
+            let current =
+                tx.get_cluster(name).await?.ok_or_else(|| deny(ServiceError::not_found("no such cluster")))?;
             let presented = tx
                 .get_certificate(serial)
                 .await?
-                .ok_or_else(|| ApiError::internal("presented certificate vanished"))?;
+                .ok_or_else(|| ServiceError::internal("presented certificate vanished"))?;
             let successor_revoked = match &current.current_serial {
                 Some(c) if c != serial => tx.get_certificate(c).await?.is_some_and(|c| c.revoked_at.is_some()),
                 _ => false,
@@ -123,8 +129,8 @@ pub async fn issue(state: &AppState, name: &str, credential: Credential<'_>, csr
             // wins and the other is refused, so that no answer is silently superseded (and
             // the second cannot push the first's intermediate out of the two that renew).
             if current.current_serial != cluster.current_serial {
-                return Err(deny(ApiError::conflict(
-                    "renewal-superseded",
+                return Err(deny(ServiceError::new(
+                    ErrorCode::RenewalSuperseded,
                     format!(
                         "a concurrent renewal with intermediate {serial} completed first (the newest is now {}); this one was not recorded",
                         current.current_serial.as_deref().unwrap_or("none")
@@ -154,12 +160,12 @@ async fn presented_intermediate(
     cluster: &ClusterRecord,
     der: &[u8],
     now: i64,
-) -> Result<CertRecord, ApiError> {
+) -> Result<CertRecord, ServiceError> {
     let name = &cluster.name;
     let fp = hex::encode(sha2::Sha256::digest(der));
     let rejected = || {
-        ApiError::unauthenticated(
-            "client-certificate-rejected",
+        ServiceError::new(
+            ErrorCode::ClientCertificateRejected,
             format!("certificate sha256:{fp} is not an intermediate of this cluster (claimed cluster {name:?})"),
         )
     };
@@ -198,14 +204,14 @@ pub struct Advice {
 
 /// A plug-in cluster reports what it has installed (authenticated by the intermediate it
 /// presented over mTLS, `peer`) and learns the bundle it should hold and whether to renew now.
-pub async fn report(state: &AppState, name: &str, peer: Option<&[u8]>, req: Installed) -> Result<Advice, ApiError> {
+pub async fn report(state: &AppState, name: &str, peer: Option<&[u8]>, req: Installed) -> Result<Advice, ServiceError> {
     let cluster = state
         .store
         .get_cluster(name)
         .await?
-        .ok_or_else(|| ApiError::not_found(format!("no such cluster (claimed cluster {name:?})")))?;
+        .ok_or_else(|| ServiceError::not_found(format!("no such cluster (claimed cluster {name:?})")))?;
     let der = peer.ok_or_else(|| {
-        ApiError::unauthenticated("unauthenticated", "report over mTLS with the cluster's current intermediate")
+        ServiceError::new(ErrorCode::Unauthenticated, "report over mTLS with the cluster's current intermediate")
     })?;
     let now = now_secs();
     presented_intermediate(state, &cluster, der, now).await?;
@@ -217,8 +223,8 @@ pub async fn report(state: &AppState, name: &str, peer: Option<&[u8]>, req: Inst
         || req.chain.len() > 16
         || !req.bundle.iter().chain(&req.chain).all(valid_fp)
     {
-        return Err(ApiError::bad_request(
-            "invalid-report",
+        return Err(ServiceError::new(
+            ErrorCode::InvalidReport,
             "bundle and chain are 1 to 16 lowercase hex SHA-256 fingerprints each",
         )
         .by(actor));
@@ -229,12 +235,12 @@ pub async fn report(state: &AppState, name: &str, peer: Option<&[u8]>, req: Inst
         .await?
         .filter(|c| c.cluster.as_deref() == Some(name))
         .ok_or_else(|| {
-            ApiError::bad_request("invalid-report", "intermediate_serial is not an intermediate of this cluster")
+            ServiceError::new(ErrorCode::InvalidReport, "intermediate_serial is not an intermediate of this cluster")
                 .by(actor.clone())
         })?;
     if req.chain[0] != installed.fingerprint {
-        return Err(ApiError::bad_request(
-            "invalid-report",
+        return Err(ServiceError::new(
+            ErrorCode::InvalidReport,
             "chain must start with the installed intermediate named by intermediate_serial",
         )
         .by(actor));
@@ -243,8 +249,8 @@ pub async fn report(state: &AppState, name: &str, peer: Option<&[u8]>, req: Inst
     let bundle: std::collections::BTreeSet<&String> = req.bundle.iter().collect();
     let report = ca_store::ClusterReport {
         cluster: name.to_string(),
-        bundle: serde_json::to_string(&bundle).map_err(ApiError::internal)?,
-        chain: serde_json::to_string(&req.chain).map_err(ApiError::internal)?,
+        bundle: serde_json::to_string(&bundle).map_err(ServiceError::internal)?,
+        chain: serde_json::to_string(&req.chain).map_err(ServiceError::internal)?,
         intermediate_serial: installed.serial.clone(),
         reported_at: now,
     };
@@ -277,9 +283,9 @@ pub async fn report(state: &AppState, name: &str, peer: Option<&[u8]>, req: Inst
     Ok(Advice { roots: issuer.roots.clone(), renew_because })
 }
 
-fn superseded(serial: &str) -> ApiError {
-    ApiError::unauthenticated(
-        "client-certificate-superseded",
+fn superseded(serial: &str) -> ServiceError {
+    ServiceError::new(
+        ErrorCode::ClientCertificateSuperseded,
         format!("intermediate {serial} has been superseded; renew with the cluster's newest intermediate"),
     )
 }
@@ -292,22 +298,22 @@ fn renewal_allowed(
     cluster: &ClusterRecord,
     successor_revoked: bool,
     now: i64,
-) -> Result<(), ApiError> {
+) -> Result<(), ServiceError> {
     if rec.revoked_at.is_some() {
-        return Err(ApiError::unauthenticated(
-            "client-certificate-revoked",
+        return Err(ServiceError::new(
+            ErrorCode::ClientCertificateRevoked,
             format!("intermediate {} is revoked; enrol again", rec.serial),
         ));
     }
     if rec.not_after <= now {
-        return Err(ApiError::unauthenticated(
-            "client-certificate-expired",
+        return Err(ServiceError::new(
+            ErrorCode::ClientCertificateExpired,
             format!("intermediate {} has expired; enrol again", rec.serial),
         ));
     }
     if cluster.status != "active" {
-        return Err(ApiError::conflict(
-            "cluster-not-active",
+        return Err(ServiceError::new(
+            ErrorCode::ClusterNotActive,
             format!("cluster {} is {}", cluster.name, cluster.status),
         ));
     }

@@ -7,7 +7,7 @@ use ca_store::{AuditEvent, CertRecord, ClusterRecord, now_secs};
 use serde_json::json;
 use time::OffsetDateTime;
 
-use crate::error::ApiError;
+use crate::error::{ErrorCode, ServiceError};
 use crate::service::state::{AppState, Issuer};
 
 /// The issuer followed by its parents (the chain a cluster certificate needs above it).
@@ -19,7 +19,7 @@ pub(crate) fn cluster_request(
     issuer: &Issuer,
     cluster: &ClusterRecord,
     key: hsm::PublicKey,
-) -> Result<CertRequest, ApiError> {
+) -> Result<CertRequest, ServiceError> {
     let mut subject = rcgen::DistinguishedName::new();
     subject.push(rcgen::DnType::CommonName, format!("{} Cluster CA", cluster.name));
     subject.push(rcgen::DnType::OrganizationalUnitName, cluster.environment.clone());
@@ -29,14 +29,14 @@ pub(crate) fn cluster_request(
     let wanted = not_before + state.config.policy.cluster_validity.duration();
     let not_after = wanted.min(issuer.cert.not_after);
     if wanted > issuer.cert.not_after && not_after <= OffsetDateTime::now_utc() + time::Duration::hours(1) {
-        return Err(ApiError::unavailable(
-            "issuer-expiring",
+        return Err(ServiceError::new(
+            ErrorCode::IssuerExpiring,
             format!("issuer {} expires at {}", issuer.name, ca_core::error::fmt_time(issuer.cert.not_after)),
         ));
     }
     Ok(CertRequest {
         trust_domains: vec![
-            cluster.trust_domain.parse().map_err(|e| ApiError::internal(format!("stored trust domain: {e}")))?,
+            cluster.trust_domain.parse().map_err(|e| ServiceError::internal(format!("stored trust domain: {e}")))?,
         ],
         ..CertRequest::new(ProfileKind::Cluster, subject, key, not_before, not_after)
     })
@@ -48,7 +48,7 @@ pub(crate) async fn record_issued(
     record: &CertRecord,
     actor: &str,
     extra: serde_json::Value,
-) -> Result<(), ApiError> {
+) -> Result<(), ServiceError> {
     tx.insert_certificate(record).await?;
     let mut details = json!({"cluster": record.cluster, "profile": record.profile,
                              "not_after": record.not_after, "sha256_fingerprint": record.fingerprint});

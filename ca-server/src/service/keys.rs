@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use ca_core::cert::CertInfo;
 use ca_store::{BlockedKey, Store, Tx, spki_sha256};
 
-use crate::error::ApiError;
+use crate::error::{ErrorCode, ServiceError};
 use crate::service::state::AppState;
 
 /// What the client is told when a new key is refused for anything but a block. One message
@@ -22,16 +22,16 @@ const REFUSED: &str = "the key cannot be used for a new intermediate here: it mu
                        PKCS#11 module this server is configured with, open, and be in use nowhere else here \
                        (the server log names the cause)";
 
-fn refused(key: &hsm::KeyRef, cause: &str) -> ApiError {
+fn refused(key: &hsm::KeyRef, cause: &str) -> ServiceError {
     // The reference names the PIN's source, never the PIN; the HSM's errors never carry it.
     tracing::warn!(%key, %cause, "key refused for a new intermediate");
-    ApiError::bad_request("invalid-key", REFUSED)
+    ServiceError::new(ErrorCode::InvalidKey, REFUSED)
 }
 
 /// Refused because the key is blocked.
-pub fn blocked(b: &BlockedKey) -> ApiError {
-    ApiError::bad_request(
-        "key-blocked",
+pub fn blocked(b: &BlockedKey) -> ServiceError {
+    ServiceError::new(
+        ErrorCode::KeyBlocked,
         format!(
             "this public key was revoked for {} (certificate {}) and is never certified again: make a new key",
             b.reason, b.source_serial
@@ -40,7 +40,7 @@ pub fn blocked(b: &BlockedKey) -> ApiError {
 }
 
 /// Refuses a key revoked for compromise.
-pub async fn refuse_blocked(store: &Store, spki_der: &[u8]) -> Result<(), ApiError> {
+pub async fn refuse_blocked(store: &Store, spki_der: &[u8]) -> Result<(), ServiceError> {
     match store.blocked_key(&spki_sha256(spki_der)).await? {
         Some(b) => Err(blocked(&b)),
         None => Ok(()),
@@ -49,7 +49,7 @@ pub async fn refuse_blocked(store: &Store, spki_der: &[u8]) -> Result<(), ApiErr
 
 /// As [`refuse_blocked`], under the write lock that records the certificate: a block that
 /// committed while the key was being signed for is seen.
-pub async fn refuse_blocked_tx(tx: &mut Tx, spki_der: &[u8]) -> Result<(), ApiError> {
+pub async fn refuse_blocked_tx(tx: &mut Tx, spki_der: &[u8]) -> Result<(), ServiceError> {
     match tx.blocked_key(&spki_sha256(spki_der)).await? {
         Some(b) => Err(blocked(&b)),
         None => Ok(()),
@@ -99,17 +99,17 @@ async fn open_public(state: &AppState, key: &hsm::KeyRef) -> Result<hsm::PublicK
 /// The public keys of every environment certificate this server has signed with or will
 /// (the configured ones, the current and still-accepted ones, and both sides of every
 /// rotation, finished ones included).
-async fn environment_spkis(state: &AppState) -> Result<Vec<Vec<u8>>, ApiError> {
+async fn environment_spkis(state: &AppState) -> Result<Vec<Vec<u8>>, ServiceError> {
     let mut out = Vec::new();
     for i in state.issuers.all().iter().chain(state.issuers.configured()) {
         out.extend(i.versions().map(|(c, _)| c.spki_der.clone()));
     }
     for r in state.store.list_rotations(false).await? {
-        let spec: crate::service::rotation::Spec = serde_json::from_str(&r.spec).map_err(ApiError::internal)?;
+        let spec: crate::service::rotation::Spec = serde_json::from_str(&r.spec).map_err(ServiceError::internal)?;
         for plan in spec.environments.values() {
             for pem in std::iter::once(&plan.old_certificate).chain(&plan.new_certificate) {
                 let certs = ca_core::cert::parse_certs(pem.as_bytes(), "rotation certificate")
-                    .map_err(|e| ApiError::internal(format!("rotation {}: {e}", r.id)))?;
+                    .map_err(|e| ServiceError::internal(format!("rotation {}: {e}", r.id)))?;
                 out.extend(certs.into_iter().map(|c| c.spki_der));
             }
         }
@@ -124,7 +124,7 @@ async fn environment_spkis(state: &AppState) -> Result<Vec<Vec<u8>>, ApiError> {
 /// blocked. Returns the public key.
 ///
 /// Refusals other than a block give the client one message ([`REFUSED`]) and log the cause.
-pub async fn check_new_key(state: &AppState, key: &hsm::KeyRef) -> Result<hsm::PublicKey, ApiError> {
+pub async fn check_new_key(state: &AppState, key: &hsm::KeyRef) -> Result<hsm::PublicKey, ServiceError> {
     let configured = configured_refs(state);
     let allowed: BTreeSet<PathBuf> = configured
         .iter()
@@ -166,7 +166,8 @@ pub async fn check_new_key(state: &AppState, key: &hsm::KeyRef) -> Result<hsm::P
     // Every cluster intermediate ever issued, whatever its state: one key, one cluster.
     let filter = ca_store::CertFilter { now: ca_store::now_secs(), limit: 1_000_000, ..Default::default() };
     for c in state.store.list_certificates(&filter).await?.into_iter().filter(|c| c.profile == "cluster") {
-        let certs = ca_core::cert::parse_certs(c.pem.as_bytes(), "stored certificate").map_err(ApiError::internal)?;
+        let certs =
+            ca_core::cert::parse_certs(c.pem.as_bytes(), "stored certificate").map_err(ServiceError::internal)?;
         in_use.extend(certs.into_iter().map(|c: CertInfo| c.spki_der));
     }
     if in_use.iter().any(|k| k.as_slice() == public.spki_der()) {

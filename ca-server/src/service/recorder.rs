@@ -9,7 +9,7 @@ use ca_store::{AuditEvent, Store, WorkloadRecord};
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::error::ApiError;
+use crate::error::{ErrorCode, ServiceError};
 
 pub(crate) enum Entry {
     Issued { record: WorkloadRecord, sha256: String },
@@ -40,9 +40,9 @@ impl Recorder {
         Recorder { tx }
     }
 
-    pub(crate) async fn record(&self, entry: Entry) -> Result<(), ApiError> {
+    pub(crate) async fn record(&self, entry: Entry) -> Result<(), ServiceError> {
         let (done, wait) = oneshot::channel();
-        let failed = || ApiError::unavailable("not-recorded", "the certificate could not be recorded; try again");
+        let failed = || ServiceError::new(ErrorCode::NotRecorded, "the certificate could not be recorded; try again");
         self.tx.send(Pending { entry, done }).await.map_err(|_| failed())?;
         wait.await.map_err(|_| failed())?.map_err(|_| failed())
     }

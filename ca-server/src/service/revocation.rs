@@ -7,30 +7,33 @@ use ca_store::{ApprovalRequest, AuditEvent, Tx, now_secs};
 use serde_json::json;
 
 use crate::auth::Operator;
-use crate::error::ApiError;
+use crate::error::{ErrorCode, ServiceError};
 use crate::service::certificates::normalise_serial;
 use crate::service::crl::publish_crl;
 use crate::service::state::AppState;
 
 /// Asks to revoke a certificate. Takes effect when a different operator approves.
-pub async fn request(state: &AppState, op: &Operator, serial: &str, reason: &str) -> Result<ApprovalRequest, ApiError> {
+pub async fn request(
+    state: &AppState,
+    op: &Operator,
+    serial: &str,
+    reason: &str,
+) -> Result<ApprovalRequest, ServiceError> {
     let reason: Reason =
-        reason.parse().map_err(|e| ApiError::bad_request("invalid-reason", format!("{e}")).by(op.actor()))?;
+        reason.parse().map_err(|e| ServiceError::new(ErrorCode::InvalidReason, format!("{e}")).by(op.actor()))?;
     let reason_name = serde_json::to_value(reason).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
     let serial = normalise_serial(serial);
     let cert = state
         .store
         .get_certificate(&serial)
         .await?
-        .ok_or_else(|| ApiError::not_found(format!("no certificate {serial}")).by(op.actor()))?;
+        .ok_or_else(|| ServiceError::not_found(format!("no certificate {serial}")).by(op.actor()))?;
     if cert.revoked_at.is_some() {
-        return Err(
-            ApiError::conflict("already-revoked", format!("certificate {serial} is already revoked")).by(op.actor())
-        );
+        return Err(ServiceError::new(ErrorCode::AlreadyRevoked, format!("certificate {serial} is already revoked"))
+            .by(op.actor()));
     }
     if !state.issuers.contains_key(&cert.issuer) {
-        return Err(ApiError::conflict(
-            "no-crl",
+        return Err(ServiceError::new(ErrorCode::NoCrl,
             format!(
                 "certificate {serial} was issued by {}, which publishes no CRL: let it expire (keep server certificates short) or rotate that intermediate",
                 cert.issuer
@@ -77,11 +80,13 @@ pub async fn revoke(
     req: &ApprovalRequest,
     payload: &serde_json::Value,
     now: i64,
-) -> Result<Option<Revoked>, ApiError> {
+) -> Result<Option<Revoked>, ServiceError> {
     let reason = payload["reason"].as_str().unwrap_or("unspecified").to_string();
     let serial = req.subject.clone();
-    let cert =
-        tx.get_certificate(&serial).await?.ok_or_else(|| ApiError::not_found(format!("no certificate {serial}")))?;
+    let cert = tx
+        .get_certificate(&serial)
+        .await?
+        .ok_or_else(|| ServiceError::not_found(format!("no certificate {serial}")))?;
     if !tx.revoke_certificate(&serial, &reason, now).await? {
         return Ok(None);
     }
@@ -91,10 +96,10 @@ pub async fn revoke(
     // transaction and under its audit record.
     if ca_store::BLOCKING_REASONS.contains(&reason.as_str()) {
         let info = ca_core::cert::parse_certs(cert.pem.as_bytes(), "stored certificate")
-            .map_err(ApiError::internal)?
+            .map_err(ServiceError::internal)?
             .into_iter()
             .next()
-            .ok_or_else(|| ApiError::internal(format!("certificate {serial} has no PEM")))?;
+            .ok_or_else(|| ServiceError::internal(format!("certificate {serial} has no PEM")))?;
         let hash = ca_store::spki_sha256(&info.spki_der);
         tx.block_key(&ca_store::BlockedKey {
             spki_sha256: hash.clone(),
@@ -114,7 +119,7 @@ pub async fn revoke(
 /// After the revocation committed. It stands even if the HSM is away right now: the CRL
 /// follows here, or from the background job, which treats a CRL older than the last revocation
 /// as due.
-pub async fn after_commit(state: &AppState, op: &Operator, revoked: Revoked) -> Result<(), ApiError> {
+pub async fn after_commit(state: &AppState, op: &Operator, revoked: Revoked) -> Result<(), ServiceError> {
     // A revoked external-CA intermediate stops signing on this replica now, and gets a
     // successor (other replicas drop theirs at their next maintenance round), unless its
     // key was compromised: then the cluster waits for a cluster rotation to a new key.

@@ -12,7 +12,7 @@ use rustls::sign::CertifiedKey;
 use serde_json::json;
 
 use crate::config::IstioConfig;
-use crate::error::ApiError;
+use crate::error::{ErrorCode, ServiceError};
 use crate::service::external_ca::{ClusterCa, cluster_ca};
 use crate::service::state::AppState;
 
@@ -55,11 +55,11 @@ fn chain_id(ca: &ClusterCa) -> String {
 
 /// The configured serving cluster, or else the first configured cluster (by name) that is
 /// active here: a configured but not yet approved cluster must not keep the listener dark.
-async fn serving_ca(state: &AppState, cfg: &IstioConfig) -> Result<(String, Arc<ClusterCa>), ApiError> {
+async fn serving_ca(state: &AppState, cfg: &IstioConfig) -> Result<(String, Arc<ClusterCa>), ServiceError> {
     if let Some(name) = &cfg.serving_cluster {
         return Ok((name.clone(), cluster_ca(state, name).await?));
     }
-    let mut last = ApiError::unavailable("intermediate-not-ready", "no external-CA cluster is active yet");
+    let mut last = ServiceError::new(ErrorCode::IntermediateNotReady, "no external-CA cluster is active yet");
     for name in cfg.clusters.keys() {
         match cluster_ca(state, name).await {
             Ok(ca) => return Ok((name.clone(), ca)),
@@ -69,7 +69,7 @@ async fn serving_ca(state: &AppState, cfg: &IstioConfig) -> Result<(String, Arc<
     Err(last)
 }
 
-pub async fn ensure_serving_cert(state: &AppState) -> Result<(), ApiError> {
+pub async fn ensure_serving_cert(state: &AppState) -> Result<(), ServiceError> {
     let Some(cfg) = &state.config.istio else { return Ok(()) };
     let now = now_secs();
     let (name, ca) = match serving_ca(state, cfg).await {
@@ -81,9 +81,9 @@ pub async fn ensure_serving_cert(state: &AppState) -> Result<(), ApiError> {
     if !state.istio.serving.renew_due(now, Some(&chain_id(&ca))) {
         return Ok(());
     }
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(ApiError::internal)?;
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(ServiceError::internal)?;
     let public = hsm::PublicKey::from_spki_der(&rcgen::PublicKeyData::subject_public_key_info(&key))
-        .map_err(ApiError::internal)?;
+        .map_err(ServiceError::internal)?;
     let not_before = ca_core::issue::default_not_before();
     let not_after = (not_before + cfg.serving_cert_validity.duration()).min(ca.issuer.cert.not_after);
     let mut subject = rcgen::DistinguishedName::new();
@@ -110,7 +110,7 @@ pub async fn ensure_serving_cert(state: &AppState) -> Result<(), ApiError> {
     let mut chain = vec![rustls_pki_types::CertificateDer::from(cert.der.clone())];
     chain.extend(ca.serving_chain.iter().map(|c| rustls_pki_types::CertificateDer::from(c.der.clone())));
     let der = rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
-    let signing = rustls::crypto::aws_lc_rs::sign::any_ecdsa_type(&der).map_err(ApiError::internal)?;
+    let signing = rustls::crypto::aws_lc_rs::sign::any_ecdsa_type(&der).map_err(ServiceError::internal)?;
     let renew_at = cert.not_before.unix_timestamp() + (cert.not_after - cert.not_before).whole_seconds() / 2;
     *state.istio.serving.current.write().unwrap_or_else(|p| p.into_inner()) =
         Some((Arc::new(CertifiedKey::new(chain, signing)), renew_at, chain_id(&ca)));

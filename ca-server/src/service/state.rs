@@ -14,7 +14,7 @@ use time::OffsetDateTime;
 
 use crate::auth::Auth;
 use crate::config::{Config, IssuerConfig};
-use crate::error::ApiError;
+use crate::error::{ErrorCode, ServiceError};
 use crate::metrics::Metrics;
 
 #[derive(Clone)]
@@ -51,8 +51,8 @@ impl AppState {
         AppState(Arc::new(inner))
     }
 
-    pub fn issuer(&self, name: &str) -> Result<Arc<Issuer>, ApiError> {
-        self.issuers.get(name).ok_or_else(|| ApiError::not_found(format!("no issuer {name:?}")))
+    pub fn issuer(&self, name: &str) -> Result<Arc<Issuer>, ServiceError> {
+        self.issuers.get(name).ok_or_else(|| ServiceError::not_found(format!("no issuer {name:?}")))
     }
 
     /// The audit actor for work this replica does on its own (CRLs, checkpoints).
@@ -222,16 +222,16 @@ impl Issuer {
         self: &Arc<Self>,
         timeout: Duration,
         f: impl FnOnce(&CaIssuer) -> ca_core::Result<T> + Send + 'static,
-    ) -> Result<T, ApiError> {
+    ) -> Result<T, ServiceError> {
         if !self.is_healthy() {
-            return Err(ApiError::unavailable(
-                "hsm-unavailable",
+            return Err(ServiceError::new(
+                ErrorCode::HsmUnavailable,
                 format!("the key of issuer {} is unavailable; try again shortly", self.name),
             ));
         }
         let Some(signer) = self.signer() else {
-            return Err(ApiError::unavailable(
-                "hsm-unavailable",
+            return Err(ServiceError::new(
+                ErrorCode::HsmUnavailable,
                 format!("the key of issuer {} is not loaded", self.name),
             ));
         };
@@ -239,17 +239,17 @@ impl Issuer {
         match tokio::time::timeout(timeout, task).await {
             Err(_) => {
                 self.set_healthy(false);
-                Err(ApiError::unavailable(
-                    "hsm-timeout",
+                Err(ServiceError::new(
+                    ErrorCode::HsmTimeout,
                     format!("the HSM of issuer {} did not answer in time", self.name),
                 ))
             }
-            Ok(Err(join)) => Err(ApiError::internal(join)),
+            Ok(Err(join)) => Err(ServiceError::internal(join)),
             Ok(Ok(Err(ca_core::CoreError::Hsm(e)))) => {
                 self.set_healthy(false);
                 tracing::error!(issuer = %self.name, error = %e, "HSM failure");
-                Err(ApiError::unavailable(
-                    "hsm-unavailable",
+                Err(ServiceError::new(
+                    ErrorCode::HsmUnavailable,
                     format!("the key of issuer {} failed; try again shortly", self.name),
                 ))
             }
@@ -264,13 +264,13 @@ impl Issuer {
 }
 
 /// Policy and input errors from ca-core are the client's; everything else is ours.
-pub fn map_core(e: ca_core::CoreError) -> ApiError {
+pub fn map_core(e: ca_core::CoreError) -> ServiceError {
     use ca_core::{CoreError, CsrError};
     match e {
-        CoreError::Csr(CsrError::BadSignature) => ApiError::bad_request("bad-csr-signature", e.to_string()),
-        CoreError::Csr(CsrError::WeakKey(_)) => ApiError::bad_request("weak-key", e.to_string()),
-        CoreError::Csr(_) => ApiError::bad_request("malformed-csr", e.to_string()),
-        CoreError::Policy(_) => ApiError::bad_request("policy", e.to_string()),
-        other => ApiError::internal(other),
+        CoreError::Csr(CsrError::BadSignature) => ServiceError::new(ErrorCode::BadCsrSignature, e.to_string()),
+        CoreError::Csr(CsrError::WeakKey(_)) => ServiceError::new(ErrorCode::WeakKey, e.to_string()),
+        CoreError::Csr(_) => ServiceError::new(ErrorCode::MalformedCsr, e.to_string()),
+        CoreError::Policy(_) => ServiceError::new(ErrorCode::Policy, e.to_string()),
+        other => ServiceError::internal(other),
     }
 }

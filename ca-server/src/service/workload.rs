@@ -13,7 +13,7 @@ use time::OffsetDateTime;
 
 use crate::auth::service_account::{Caller, valid_k8s_name};
 use crate::config::IstioClusterConfig;
-use crate::error::ApiError;
+use crate::error::{ErrorCode, ServiceError};
 use crate::service::external_ca::cluster_ca;
 use crate::service::recorder::Entry;
 use crate::service::state::AppState;
@@ -22,19 +22,19 @@ fn cluster_config<'a>(state: &'a AppState, cluster: &str) -> Option<&'a IstioClu
     state.config.istio.as_ref()?.clusters.get(cluster)
 }
 
-fn not_served(cluster: &str) -> ApiError {
-    ApiError::forbidden("cluster-not-served", format!("cluster {cluster:?} is not served by this CA"))
+fn not_served(cluster: &str) -> ServiceError {
+    ServiceError::new(ErrorCode::ClusterNotServed, format!("cluster {cluster:?} is not served by this CA"))
 }
 
 /// The workload a service-account token (`None`: none was sent) speaks for in `cluster`.
 /// Every refusal here is of a caller not yet authenticated.
-pub async fn authenticate(state: &AppState, cluster: &str, token: Option<&str>) -> Result<Caller, ApiError> {
+pub async fn authenticate(state: &AppState, cluster: &str, token: Option<&str>) -> Result<Caller, ServiceError> {
     let (Some(validator), Some(_)) = (state.istio.validator(cluster), cluster_config(state, cluster)) else {
         return Err(not_served(cluster));
     };
     let token = token.ok_or_else(|| {
-        ApiError::unauthenticated(
-            "unauthenticated",
+        ServiceError::new(
+            ErrorCode::Unauthenticated,
             "send the workload's service-account token as authorization: Bearer <JWT>",
         )
     })?;
@@ -52,24 +52,24 @@ pub async fn issue(
     impersonated: Option<&str>,
     csr: String,
     validity: i64,
-) -> Result<Vec<String>, ApiError> {
+) -> Result<Vec<String>, ServiceError> {
     let ccfg = cluster_config(state, cluster).ok_or_else(|| not_served(cluster))?;
     let ca = cluster_ca(state, cluster).await?;
     let mut identity = SpiffeId::istio(&ca.trust_domain, &caller.namespace, &caller.service_account)
-        .map_err(|e| ApiError::unauthenticated("invalid-token", e.to_string()))?;
+        .map_err(|e| ServiceError::new(ErrorCode::InvalidToken, e.to_string()))?;
     if let Some(imp) = impersonated {
         if !ccfg.trusted_node_accounts.contains(&caller.account()) {
-            return Err(ApiError::forbidden(
-                "impersonation-denied",
+            return Err(ServiceError::new(
+                ErrorCode::ImpersonationDenied,
                 format!("{} is not a trusted node account and may not act for {imp}", caller.account()),
             ));
         }
-        let id: SpiffeId = imp
-            .parse()
-            .map_err(|e: ca_core::PolicyError| ApiError::bad_request("invalid-impersonated-identity", e.to_string()))?;
+        let id: SpiffeId = imp.parse().map_err(|e: ca_core::PolicyError| {
+            ServiceError::new(ErrorCode::InvalidImpersonatedIdentity, e.to_string())
+        })?;
         if id.trust_domain() != &ca.trust_domain {
-            return Err(ApiError::forbidden(
-                "impersonation-denied",
+            return Err(ServiceError::new(
+                ErrorCode::ImpersonationDenied,
                 format!("{imp} is outside the cluster's trust domain {}", ca.trust_domain),
             ));
         }
@@ -78,15 +78,15 @@ pub async fn issue(
         let target = match path.split('/').collect::<Vec<_>>().as_slice() {
             ["ns", ns, "sa", sa] if valid_k8s_name(ns) && valid_k8s_name(sa) => format!("{ns}/{sa}"),
             _ => {
-                return Err(ApiError::forbidden(
-                    "impersonation-denied",
+                return Err(ServiceError::new(
+                    ErrorCode::ImpersonationDenied,
                     format!("{imp} is not a workload identity (spiffe://<td>/ns/<ns>/sa/<sa>)"),
                 ));
             }
         };
         if ccfg.trusted_node_accounts.contains(&target) {
-            return Err(ApiError::forbidden(
-                "impersonation-denied",
+            return Err(ServiceError::new(
+                ErrorCode::ImpersonationDenied,
                 format!("{imp} is a trusted node account and cannot be impersonated"),
             ));
         }
@@ -106,7 +106,7 @@ pub async fn issue(
         .issuing
         .acquire()
         .await
-        .map_err(|_| ApiError::unavailable("shutting-down", "the server is stopping"))?;
+        .map_err(|_| ServiceError::new(ErrorCode::ShuttingDown, "the server is stopping"))?;
     let issued = ca
         .issuer
         .with_key(state.hsm_timeout(), move |ca| match judge(&csr, &id, validity, &policy, ca.cert.not_after) {
@@ -142,16 +142,16 @@ pub async fn issue(
 
 /// Audits an authenticated caller's refusal on the denials recorder, so that refusals never
 /// share (or delay) an issuance's commit.
-pub async fn record_denial(state: &AppState, denial: serde_json::Value) -> Result<(), ApiError> {
+pub async fn record_denial(state: &AppState, denial: serde_json::Value) -> Result<(), ServiceError> {
     state.istio.denials.record(Entry::Denied(denial)).await
 }
 
-fn judged_error(j: Judged) -> ApiError {
+fn judged_error(j: Judged) -> ServiceError {
     match j {
         Judged::Csr(e) => crate::service::state::map_core(e),
-        Judged::Denial(WorkloadDenial::Forbidden(m)) => ApiError::forbidden("identity-mismatch", m),
-        Judged::Denial(WorkloadDenial::Invalid(m)) => ApiError::bad_request("invalid-request", m),
-        Judged::Denial(WorkloadDenial::IssuerExpiring(m)) => ApiError::unavailable("issuer-expiring", m),
+        Judged::Denial(WorkloadDenial::Forbidden(m)) => ServiceError::new(ErrorCode::IdentityMismatch, m),
+        Judged::Denial(WorkloadDenial::Invalid(m)) => ServiceError::new(ErrorCode::InvalidRequest, m),
+        Judged::Denial(WorkloadDenial::IssuerExpiring(m)) => ServiceError::new(ErrorCode::IssuerExpiring, m),
     }
 }
 

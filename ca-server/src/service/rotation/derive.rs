@@ -9,7 +9,7 @@ use ca_core::rotation::{self, Stage};
 use ca_store::ClusterRecord;
 
 use super::{Rotation, all_rotations, pem_cert, pem_certs};
-use crate::error::ApiError;
+use crate::error::ServiceError;
 use crate::service::state::{AppState, Issuer};
 
 /// What an environment's issuer should be right now.
@@ -26,7 +26,7 @@ struct Desired {
 /// once it names a certificate no rotation knows (an operator moved it on); while it still
 /// names one of them, each finished rotation leads to its result, and an active one decides by
 /// its stage. Aborted rotations left things as they were.
-fn desired_issuer(configured: &Issuer, rotations: &[Rotation]) -> Result<Desired, ApiError> {
+fn desired_issuer(configured: &Issuer, rotations: &[Rotation]) -> Result<Desired, ServiceError> {
     let name = &configured.name;
     let roots_of = |chain: &[CertInfo]| chain.iter().filter(|c| c.is_self_issued()).cloned().collect::<Vec<_>>();
     let mut cur = Desired {
@@ -96,7 +96,7 @@ fn same(i: &Issuer, d: &Desired) -> bool {
 }
 /// Brings every environment's issuer in line with the rotations: the certificate and key it
 /// signs with, the bundle it hands out and the predecessor it still accepts.
-pub async fn refresh(state: &AppState) -> Result<(), ApiError> {
+pub async fn refresh(state: &AppState) -> Result<(), ServiceError> {
     let rotations = all_rotations(state).await?;
     let mut first_error = None;
     for configured in state.issuers.configured() {
@@ -109,16 +109,16 @@ pub async fn refresh(state: &AppState) -> Result<(), ApiError> {
     first_error.map_or(Ok(()), Err)
 }
 
-async fn refresh_one(state: &AppState, configured: &Issuer, rotations: &[Rotation]) -> Result<(), ApiError> {
+async fn refresh_one(state: &AppState, configured: &Issuer, rotations: &[Rotation]) -> Result<(), ServiceError> {
     let name = &configured.name;
     let Some(current) = state.issuers.get(name) else { return Ok(()) };
     let d = desired_issuer(configured, rotations)?;
     if same(&current, &d) {
         return Ok(());
     }
-    let key: hsm::KeyRef = d.key.parse().map_err(ApiError::internal)?;
+    let key: hsm::KeyRef = d.key.parse().map_err(ServiceError::internal)?;
     let issuer = Issuer::from_certs(name, key, d.cert, d.chain)
-        .map_err(|e| ApiError::internal(format!("{e:#}")))?
+        .map_err(|e| ServiceError::internal(format!("{e:#}")))?
         .with_trust(d.bundle, d.accepted);
     let issuer = Arc::new(issuer);
     let i = issuer.clone();
@@ -143,7 +143,7 @@ pub async fn refresh_quietly(state: &AppState) {
 
 /// When the bundle, and when the chain, a cluster should hold last changed (0: never): an
 /// intermediate issued before the chain changed is renewed.
-pub async fn changed_at(state: &AppState, cluster: &ClusterRecord) -> Result<(i64, i64), ApiError> {
+pub async fn changed_at(state: &AppState, cluster: &ClusterRecord) -> Result<(i64, i64), ServiceError> {
     let rotations = all_rotations(state).await?;
     let mine = rotations.iter().filter(|r| r.covers_cluster(cluster));
     Ok(mine.fold((0, 0), |(b, c), r| (b.max(r.spec.bundle_changed_at), c.max(r.spec.chain_changed_at))))

@@ -8,7 +8,7 @@ use ca_core::rotation::{self, Blocker, ClusterProgress, GateInput, RotationKind,
 use ca_store::ClusterRecord;
 
 use super::{Rotation, pem_cert};
-use crate::error::ApiError;
+use crate::error::{ErrorCode, ServiceError};
 use crate::service::state::AppState;
 
 /// What the gate sees of one cluster.
@@ -34,7 +34,7 @@ pub struct ClusterStatus {
 /// and then get what the current stage hands out), with why.
 type Progress = (Vec<(ClusterRecord, ClusterProgress)>, Vec<(ClusterRecord, String)>);
 
-async fn progress(state: &AppState, r: &Rotation, now: i64) -> Result<Progress, ApiError> {
+async fn progress(state: &AppState, r: &Rotation, now: i64) -> Result<Progress, ServiceError> {
     let reports: BTreeMap<String, ca_store::ClusterReport> =
         state.store.cluster_reports().await?.into_iter().map(|r| (r.cluster.clone(), r)).collect();
     // A replica learns of a bundle change within one background round; a certificate issued
@@ -72,8 +72,8 @@ async fn progress(state: &AppState, r: &Rotation, now: i64) -> Result<Progress, 
             p.stale_chain_workloads =
                 state.store.count_workloads_under_intermediates_before(&c.name, now, r.spec.chain_changed_at).await?;
         } else if let Some(rep) = reports.get(&c.name) {
-            let installed: BTreeSet<String> = serde_json::from_str(&rep.bundle).map_err(ApiError::internal)?;
-            let chain: Vec<String> = serde_json::from_str(&rep.chain).map_err(ApiError::internal)?;
+            let installed: BTreeSet<String> = serde_json::from_str(&rep.bundle).map_err(ServiceError::internal)?;
+            let chain: Vec<String> = serde_json::from_str(&rep.chain).map_err(ServiceError::internal)?;
             p.bundle_ok = installed == bundle;
             p.chain_ok = chain.contains(&env.cert.fingerprint())
                 && c.current_serial.as_deref() == Some(rep.intermediate_serial.as_str());
@@ -121,7 +121,7 @@ pub async fn gate(
     r: &Rotation,
     to: Stage,
     now: i64,
-) -> Result<(Vec<Blocker>, Vec<ClusterStatus>), ApiError> {
+) -> Result<(Vec<Blocker>, Vec<ClusterStatus>), ServiceError> {
     let (clusters, excluded) = progress(state, r, now).await?;
     let ps: Vec<ClusterProgress> = clusters.iter().map(|(_, p)| p.clone()).collect();
     let input = GateInput {
@@ -173,7 +173,7 @@ pub async fn gate(
     Ok((blockers, statuses))
 }
 
-pub(super) fn blocked(blockers: &[Blocker]) -> ApiError {
+pub(super) fn blocked(blockers: &[Blocker]) -> ServiceError {
     let list: Vec<String> = blockers
         .iter()
         .map(|b| match &b.cluster {
@@ -181,5 +181,5 @@ pub(super) fn blocked(blockers: &[Blocker]) -> ApiError {
             None => b.reason.clone(),
         })
         .collect();
-    ApiError::conflict("rotation-blocked", list.join("; "))
+    ServiceError::new(ErrorCode::RotationBlocked, list.join("; "))
 }

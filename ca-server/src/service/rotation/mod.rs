@@ -26,7 +26,7 @@ use ca_store::{ClusterRecord, RotationRecord};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::error::ApiError;
+use crate::error::{ErrorCode, ServiceError};
 use crate::service::state::AppState;
 
 pub use derive::{changed_at, refresh, refresh_quietly};
@@ -104,8 +104,8 @@ pub struct Rotation {
 }
 
 impl Rotation {
-    pub fn parse(rec: RotationRecord) -> Result<Rotation, ApiError> {
-        let corrupt = |e: String| ApiError::internal(format!("rotation {}: {e}", rec.id));
+    pub fn parse(rec: RotationRecord) -> Result<Rotation, ServiceError> {
+        let corrupt = |e: String| ServiceError::internal(format!("rotation {}: {e}", rec.id));
         let kind = rec.kind.parse().map_err(corrupt)?;
         let stage = rec.stage.parse().map_err(corrupt)?;
         let spec = serde_json::from_str(&rec.spec).map_err(|e| corrupt(e.to_string()))?;
@@ -140,30 +140,30 @@ impl Rotation {
     }
 }
 
-pub fn pem_cert(pem: &str) -> Result<CertInfo, ApiError> {
+pub fn pem_cert(pem: &str) -> Result<CertInfo, ServiceError> {
     let certs = ca_core::cert::parse_certs(pem.as_bytes(), "certificate")
-        .map_err(|e| ApiError::bad_request("invalid-certificate", e.to_string()))?;
+        .map_err(|e| ServiceError::new(ErrorCode::InvalidCertificate, e.to_string()))?;
     let [cert] = <[CertInfo; 1]>::try_from(certs)
-        .map_err(|_| ApiError::bad_request("invalid-certificate", "expected exactly one PEM certificate"))?;
+        .map_err(|_| ServiceError::new(ErrorCode::InvalidCertificate, "expected exactly one PEM certificate"))?;
     Ok(cert)
 }
 
-fn pem_certs(pems: &[String]) -> Result<Vec<CertInfo>, ApiError> {
+fn pem_certs(pems: &[String]) -> Result<Vec<CertInfo>, ServiceError> {
     pems.iter().map(|p| pem_cert(p)).collect()
 }
 
 /// A rotation by id.
-pub async fn load(state: &AppState, id: &str) -> Result<Rotation, ApiError> {
+pub async fn load(state: &AppState, id: &str) -> Result<Rotation, ServiceError> {
     Rotation::parse(
-        state.store.get_rotation(id).await?.ok_or_else(|| ApiError::not_found(format!("no rotation {id:?}")))?,
+        state.store.get_rotation(id).await?.ok_or_else(|| ServiceError::not_found(format!("no rotation {id:?}")))?,
     )
 }
 
 /// Every rotation, newest first.
-pub async fn list(state: &AppState) -> Result<Vec<RotationRecord>, ApiError> {
+pub async fn list(state: &AppState) -> Result<Vec<RotationRecord>, ServiceError> {
     Ok(state.store.list_rotations(false).await?)
 }
 
-async fn all_rotations(state: &AppState) -> Result<Vec<Rotation>, ApiError> {
+async fn all_rotations(state: &AppState) -> Result<Vec<Rotation>, ServiceError> {
     state.store.list_rotations(false).await?.into_iter().map(Rotation::parse).collect()
 }

@@ -10,7 +10,7 @@ use serde_json::json;
 
 use super::{ClusterPlan, EnvPlan, Rotation, Spec, pem_cert};
 use crate::auth::Operator;
-use crate::error::ApiError;
+use crate::error::{ErrorCode, ServiceError};
 use crate::service::state::{AppState, Issuer};
 
 /// What an operator asks a rotation to do; which fields apply depends on `kind`.
@@ -38,8 +38,8 @@ pub struct StartRequest {
     pub request_id: String,
 }
 
-fn bad(code: &'static str, detail: impl Into<String>) -> ApiError {
-    ApiError::bad_request(code, detail)
+fn bad(code: ErrorCode, detail: impl Into<String>) -> ServiceError {
+    ServiceError::new(code, detail)
 }
 
 fn plan_from(issuer: &Issuer) -> EnvPlan {
@@ -55,39 +55,46 @@ fn plan_from(issuer: &Issuer) -> EnvPlan {
 
 /// Checks a root rotation's re-signed environment certificate: the environment's own subject
 /// and key, under the new root, a CA valid now.
-fn check_resigned(issuer: &CertInfo, new_root: &CertInfo, cert: &CertInfo) -> Result<(), ApiError> {
+fn check_resigned(issuer: &CertInfo, new_root: &CertInfo, cert: &CertInfo) -> Result<(), ServiceError> {
     if cert.subject_raw != issuer.subject_raw || cert.spki_der != issuer.spki_der {
         return Err(bad(
-            "invalid-certificate",
+            ErrorCode::InvalidCertificate,
             "the certificate must have the environment's subject and key (a cross-signature)",
         ));
     }
     if !cert.is_ca || !cert.key_cert_sign || cert.path_len.is_some_and(|p| p < 1) {
-        return Err(bad("invalid-certificate", "the certificate must be a CA that may sign cluster CAs (pathLen ≥ 1)"));
+        return Err(bad(
+            ErrorCode::InvalidCertificate,
+            "the certificate must be a CA that may sign cluster CAs (pathLen ≥ 1)",
+        ));
     }
     let (had, has) = (issuer.trust_domains(), cert.trust_domains());
     if let Some(td) = had.iter().find(|t| !has.contains(t)) {
         return Err(bad(
-            "invalid-certificate",
+            ErrorCode::InvalidCertificate,
             format!("the certificate does not carry the environment's trust domain {td}"),
         ));
     }
-    ca_core::chain::verify_chain(cert, &[], std::slice::from_ref(new_root), time::OffsetDateTime::now_utc())
-        .map_err(|e| bad("invalid-certificate", format!("the certificate does not chain to the new root: {e}")))?;
+    ca_core::chain::verify_chain(cert, &[], std::slice::from_ref(new_root), time::OffsetDateTime::now_utc()).map_err(
+        |e| bad(ErrorCode::InvalidCertificate, format!("the certificate does not chain to the new root: {e}")),
+    )?;
     Ok(())
 }
 
 /// Asks to start a rotation: checks what it replaces, makes its plan and records an approval
 /// request. The rotation exists once a second operator approves (`approve_start`).
-pub async fn start(state: &AppState, op: &Operator, req: StartInput) -> Result<StartRequest, ApiError> {
-    let deny = |e: ApiError| e.by(op.actor());
-    let kind: RotationKind = req.kind.parse().map_err(|e: String| deny(bad("invalid-kind", e)))?;
+pub async fn start(state: &AppState, op: &Operator, req: StartInput) -> Result<StartRequest, ServiceError> {
+    let deny = |e: ServiceError| e.by(op.actor());
+    let kind: RotationKind = req.kind.parse().map_err(|e: String| deny(bad(ErrorCode::InvalidKind, e)))?;
     let now = now_secs();
     let mut spec = Spec::default();
     let clusters = state.store.list_clusters().await?;
     let target = match kind {
         RotationKind::Root => {
-            let pem = req.new_root.as_deref().ok_or_else(|| deny(bad("invalid-root", "new_root (PEM) is required")))?;
+            let pem = req
+                .new_root
+                .as_deref()
+                .ok_or_else(|| deny(bad(ErrorCode::InvalidRoot, "new_root (PEM) is required")))?;
             let new_root = pem_cert(pem).map_err(deny)?;
             let self_signed =
                 new_root.is_self_issued() && new_root.public_key().is_ok_and(|k| new_root.verify_signed_by(&k).is_ok());
@@ -98,7 +105,10 @@ pub async fn start(state: &AppState, op: &Operator, req: StartInput) -> Result<S
                 || new_root.not_before > t
                 || new_root.not_after <= t
             {
-                return Err(deny(bad("invalid-root", "new_root must be a self-signed CA certificate valid now")));
+                return Err(deny(bad(
+                    ErrorCode::InvalidRoot,
+                    "new_root must be a self-signed CA certificate valid now",
+                )));
             }
             let in_use: BTreeMap<String, CertInfo> =
                 state.issuers.all().iter().flat_map(|i| i.roots.clone()).map(|c| (c.fingerprint(), c)).collect();
@@ -107,16 +117,16 @@ pub async fn start(state: &AppState, op: &Operator, req: StartInput) -> Result<S
                 None if in_use.len() == 1 => in_use.keys().next().cloned().unwrap_or_default(),
                 None => {
                     return Err(deny(bad(
-                        "invalid-root",
+                        ErrorCode::InvalidRoot,
                         "several roots are in use: name the one to replace (old_root, its SHA-256)",
                     )));
                 }
             };
-            let old_root = in_use
-                .get(&old_fp)
-                .ok_or_else(|| deny(bad("invalid-root", format!("no issuer uses a root with SHA-256 {old_fp}"))))?;
+            let old_root = in_use.get(&old_fp).ok_or_else(|| {
+                deny(bad(ErrorCode::InvalidRoot, format!("no issuer uses a root with SHA-256 {old_fp}")))
+            })?;
             if old_root.fingerprint() == new_root.fingerprint() {
-                return Err(deny(bad("invalid-root", "the new root is the old root")));
+                return Err(deny(bad(ErrorCode::InvalidRoot, "the new root is the old root")));
             }
             for issuer in state.issuers.all().iter().filter(|i| i.roots.iter().any(|r| r.fingerprint() == old_fp)) {
                 spec.environments.insert(issuer.name.clone(), plan_from(issuer));
@@ -126,30 +136,30 @@ pub async fn start(state: &AppState, op: &Operator, req: StartInput) -> Result<S
             old_fp
         }
         RotationKind::Environment => {
-            let env =
-                req.environment.clone().ok_or_else(|| deny(bad("invalid-environment", "environment is required")))?;
-            let issuer = state
-                .issuers
-                .get(&env)
-                .ok_or_else(|| deny(bad("unknown-environment", format!("no environment {env:?} is served here"))))?;
+            let env = req
+                .environment
+                .clone()
+                .ok_or_else(|| deny(bad(ErrorCode::InvalidEnvironment, "environment is required")))?;
+            let issuer = state.issuers.get(&env).ok_or_else(|| {
+                deny(bad(ErrorCode::UnknownEnvironment, format!("no environment {env:?} is served here")))
+            })?;
             let cert = pem_cert(
                 req.certificate
                     .as_deref()
-                    .ok_or_else(|| deny(bad("invalid-certificate", "certificate (PEM) is required")))?,
+                    .ok_or_else(|| deny(bad(ErrorCode::InvalidCertificate, "certificate (PEM) is required")))?,
             )
             .map_err(deny)?;
-            let key_str = req
-                .key
-                .clone()
-                .ok_or_else(|| deny(bad("invalid-key", "key (the new intermediate's key reference) is required")))?;
+            let key_str = req.key.clone().ok_or_else(|| {
+                deny(bad(ErrorCode::InvalidKey, "key (the new intermediate's key reference) is required"))
+            })?;
             let key: hsm::KeyRef =
-                key_str.parse().map_err(|e: hsm::HsmError| deny(bad("invalid-key", e.to_string())))?;
+                key_str.parse().map_err(|e: hsm::HsmError| deny(bad(ErrorCode::InvalidKey, e.to_string())))?;
             if cert.spki_der == issuer.cert.spki_der {
-                return Err(deny(bad("invalid-certificate", "the new intermediate must have a new key")));
+                return Err(deny(bad(ErrorCode::InvalidCertificate, "the new intermediate must have a new key")));
             }
             if !cert.is_ca || !cert.key_cert_sign || cert.path_len.is_some_and(|p| p < 1) {
                 return Err(deny(bad(
-                    "invalid-certificate",
+                    ErrorCode::InvalidCertificate,
                     "the new intermediate must be a CA that may sign cluster CAs (pathLen ≥ 1)",
                 )));
             }
@@ -157,7 +167,7 @@ pub async fn start(state: &AppState, op: &Operator, req: StartInput) -> Result<S
             ca_core::chain::verify_chain(&cert, &intermediates, &issuer.roots, time::OffsetDateTime::now_utc())
                 .map_err(|e| {
                     deny(bad(
-                        "invalid-certificate",
+                        ErrorCode::InvalidCertificate,
                         format!("the new intermediate does not chain to the environment's root: {e}"),
                     ))
                 })?;
@@ -166,13 +176,13 @@ pub async fn start(state: &AppState, op: &Operator, req: StartInput) -> Result<S
                 c.environment == env && c.status == "active" && !served.is_empty() && !served.contains(&c.trust_domain)
             }) {
                 return Err(deny(bad(
-                    "invalid-certificate",
+                    ErrorCode::InvalidCertificate,
                     format!("the new intermediate does not cover cluster {}'s trust domain {}", c.name, c.trust_domain),
                 )));
             }
             let public = crate::service::keys::check_new_key(state, &key).await.map_err(deny)?;
             if public.spki_der() != cert.spki_der {
-                return Err(deny(bad("invalid-key", "the key does not match the new intermediate")));
+                return Err(deny(bad(ErrorCode::InvalidKey, "the key does not match the new intermediate")));
             }
             let mut plan = plan_from(&issuer);
             plan.new_certificate = Some(cert.pem());
@@ -182,26 +192,30 @@ pub async fn start(state: &AppState, op: &Operator, req: StartInput) -> Result<S
             env
         }
         RotationKind::Cluster => {
-            let name = req.cluster.clone().ok_or_else(|| deny(bad("invalid-cluster", "cluster is required")))?;
+            let name =
+                req.cluster.clone().ok_or_else(|| deny(bad(ErrorCode::InvalidCluster, "cluster is required")))?;
             let c = clusters
                 .iter()
                 .find(|c| c.name == name && c.status == "active" && c.current_serial.is_some())
                 .ok_or_else(|| {
-                    deny(bad("unknown-cluster", format!("no active cluster {name:?} with an intermediate")))
+                    deny(bad(ErrorCode::UnknownCluster, format!("no active cluster {name:?} with an intermediate")))
                 })?;
             let new_key = match (c.is_external_ca(), &req.key) {
                 (true, Some(k)) => {
                     let key: hsm::KeyRef =
-                        k.parse().map_err(|e: hsm::HsmError| deny(bad("invalid-key", e.to_string())))?;
+                        k.parse().map_err(|e: hsm::HsmError| deny(bad(ErrorCode::InvalidKey, e.to_string())))?;
                     crate::service::keys::check_new_key(state, &key).await.map_err(deny)?;
                     Some(key.to_string())
                 }
                 (true, None) => {
-                    return Err(deny(bad("invalid-key", "an external-CA cluster needs its new server-side key (key)")));
+                    return Err(deny(bad(
+                        ErrorCode::InvalidKey,
+                        "an external-CA cluster needs its new server-side key (key)",
+                    )));
                 }
                 (false, Some(_)) => {
                     return Err(deny(bad(
-                        "invalid-key",
+                        ErrorCode::InvalidKey,
                         "a plug-in cluster makes its own new key when it renews; key is for external-ca clusters",
                     )));
                 }
@@ -212,7 +226,7 @@ pub async fn start(state: &AppState, op: &Operator, req: StartInput) -> Result<S
         }
     };
     if kind != RotationKind::Root && req.new_root.is_some() {
-        return Err(deny(bad("invalid-root", "new_root is for root rotations")));
+        return Err(deny(bad(ErrorCode::InvalidRoot, "new_root is for root rotations")));
     }
     let id = uuid::Uuid::new_v4().to_string();
     let candidate = Rotation {
@@ -233,8 +247,8 @@ pub async fn start(state: &AppState, op: &Operator, req: StartInput) -> Result<S
     for other in state.store.list_rotations(true).await?.into_iter().map(Rotation::parse) {
         let other = other?;
         if candidate.overlaps(&other, &clusters) {
-            return Err(deny(ApiError::conflict(
-                "rotation-in-progress",
+            return Err(deny(ServiceError::new(
+                ErrorCode::RotationInProgress,
                 format!(
                     "rotation {} ({} {}) is in progress at stage {}",
                     other.rec.id, other.kind, other.rec.target, other.stage
@@ -266,17 +280,17 @@ pub async fn add_certificate(
     id: &str,
     environment: &str,
     certificate: &str,
-) -> Result<(Rotation, i64), ApiError> {
-    let deny = |e: ApiError| e.by(op.actor());
+) -> Result<(Rotation, i64), ServiceError> {
+    let deny = |e: ServiceError| e.by(op.actor());
     let mut tx = state.store.write().await?;
     let mut r = Rotation::parse(
-        tx.get_rotation(id).await?.ok_or_else(|| deny(ApiError::not_found(format!("no rotation {id:?}"))))?,
+        tx.get_rotation(id).await?.ok_or_else(|| deny(ServiceError::not_found(format!("no rotation {id:?}"))))?,
     )?;
     // A certificate for a rotation that does not exist is a 404 whatever the certificate.
     let cert = pem_cert(&certificate).map_err(deny)?;
     if r.kind != RotationKind::Root || !matches!(r.stage, Stage::Prepared | Stage::Distribute) {
-        return Err(deny(ApiError::conflict(
-            "rotation-stage",
+        return Err(deny(ServiceError::new(
+            ErrorCode::RotationStage,
             format!(
                 "certificates are added to a root rotation before reissue; this is a {} rotation at {}",
                 r.kind, r.stage
@@ -285,16 +299,16 @@ pub async fn add_certificate(
     }
     let new_root = pem_cert(r.spec.new_root.as_deref().unwrap_or_default())?;
     let plan = r.spec.environments.get_mut(environment).ok_or_else(|| {
-        deny(bad("unknown-environment", format!("environment {:?} is not part of this rotation", environment)))
+        deny(bad(ErrorCode::UnknownEnvironment, format!("environment {:?} is not part of this rotation", environment)))
     })?;
     check_resigned(&pem_cert(&plan.old_certificate)?, &new_root, &cert).map_err(deny)?;
     plan.new_certificate = Some(cert.pem());
     plan.new_chain = vec![new_root.pem()];
     let now = now_secs();
-    let spec = serde_json::to_string(&r.spec).map_err(ApiError::internal)?;
+    let spec = serde_json::to_string(&r.spec).map_err(ServiceError::internal)?;
     let stage = r.stage.to_string();
     if !tx.update_rotation(id, &stage, &stage, &spec, now).await? {
-        return Err(deny(ApiError::conflict("rotation-stage", "the rotation changed meanwhile; try again")));
+        return Err(deny(ServiceError::new(ErrorCode::RotationStage, "the rotation changed meanwhile; try again")));
     }
     tx.audit(AuditEvent::new(
         op.actor(),

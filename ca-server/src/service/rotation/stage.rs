@@ -9,7 +9,7 @@ use super::derive::{refresh, refresh_quietly};
 use super::gate::{blocked, drain_secs, gate};
 use super::{Rotation, Spec, Transition, load, pem_cert};
 use crate::auth::Operator;
-use crate::error::ApiError;
+use crate::error::{ErrorCode, ServiceError};
 use crate::service::state::AppState;
 
 /// A stage change asked for, waiting for a second operator.
@@ -30,20 +30,20 @@ pub async fn request_move(
     id: &str,
     want: Option<&str>,
     forward: bool,
-) -> Result<StageRequest, ApiError> {
-    let deny = |e: ApiError| e.by(op.actor());
+) -> Result<StageRequest, ServiceError> {
+    let deny = |e: ServiceError| e.by(op.actor());
     let r = load(state, id).await.map_err(deny)?;
     let to = if forward { r.kind.next(r.stage) } else { r.kind.rollback(r.stage) };
     let to = to.ok_or_else(|| {
-        deny(ApiError::conflict(
-            "rotation-stage",
+        deny(ServiceError::new(
+            ErrorCode::RotationStage,
             format!("a {} rotation at {} cannot {}", r.kind, r.stage, if forward { "advance" } else { "roll back" }),
         ))
     })?;
     if let Some(want) = want {
         if want != to.as_str() {
-            return Err(deny(ApiError::conflict(
-                "rotation-stage",
+            return Err(deny(ServiceError::new(
+                ErrorCode::RotationStage,
                 format!(
                     "the rotation is at {}; its {} is {to}, not {want}",
                     r.stage,
@@ -93,11 +93,11 @@ pub async fn approve_start(
     tx: &mut Tx,
     req: &ApprovalRequest,
     approver: &Operator,
-) -> Result<AfterCommit, ApiError> {
-    let payload: serde_json::Value = serde_json::from_str(&req.payload).map_err(ApiError::internal)?;
-    let kind: RotationKind = payload["kind"].as_str().unwrap_or_default().parse().map_err(ApiError::internal)?;
+) -> Result<AfterCommit, ServiceError> {
+    let payload: serde_json::Value = serde_json::from_str(&req.payload).map_err(ServiceError::internal)?;
+    let kind: RotationKind = payload["kind"].as_str().unwrap_or_default().parse().map_err(ServiceError::internal)?;
     let target = payload["target"].as_str().unwrap_or_default().to_string();
-    let spec: Spec = serde_json::from_value(payload["spec"].clone()).map_err(ApiError::internal)?;
+    let spec: Spec = serde_json::from_value(payload["spec"].clone()).map_err(ServiceError::internal)?;
     let now = now_secs();
     let mut spec = spec;
     spec.entered.insert(Stage::Prepared.to_string(), now);
@@ -107,7 +107,7 @@ pub async fn approve_start(
             kind: kind.to_string(),
             target: target.clone(),
             stage: Stage::Prepared.to_string(),
-            spec: serde_json::to_string(&spec).map_err(ApiError::internal)?,
+            spec: serde_json::to_string(&spec).map_err(ServiceError::internal)?,
             created_by: req.requested_by.clone(),
             created_at: now,
             updated_at: now,
@@ -120,8 +120,8 @@ pub async fn approve_start(
     for (env, plan) in &candidate.spec.environments {
         let issuer = state.issuer(env)?;
         if pem_cert(&plan.old_certificate)?.der != issuer.cert.der {
-            return Err(ApiError::conflict(
-                "rotation-stale",
+            return Err(ServiceError::new(
+                ErrorCode::RotationStale,
                 format!("environment {env} changed since this rotation was asked for; reject it and start again"),
             )
             .by(approver.actor()));
@@ -131,8 +131,8 @@ pub async fn approve_start(
     if let Some(plan) = &candidate.spec.cluster {
         let now_key = clusters.iter().find(|c| c.name == target).and_then(|c| c.key_ref.clone());
         if plan.external_ca && now_key != plan.old_key {
-            return Err(ApiError::conflict(
-                "rotation-stale",
+            return Err(ServiceError::new(
+                ErrorCode::RotationStale,
                 format!("cluster {target}'s key changed since this rotation was asked for; reject it and start again"),
             )
             .by(approver.actor()));
@@ -141,8 +141,8 @@ pub async fn approve_start(
     for other in tx.list_active_rotations().await? {
         let other = Rotation::parse(other)?;
         if candidate.overlaps(&other, &clusters) {
-            return Err(ApiError::conflict(
-                "rotation-in-progress",
+            return Err(ServiceError::new(
+                ErrorCode::RotationInProgress,
                 format!("rotation {} started meanwhile and overlaps this one", other.rec.id),
             )
             .by(approver.actor()));
@@ -165,17 +165,17 @@ pub async fn approve_stage(
     tx: &mut Tx,
     req: &ApprovalRequest,
     approver: &Operator,
-) -> Result<AfterCommit, ApiError> {
-    let payload: serde_json::Value = serde_json::from_str(&req.payload).map_err(ApiError::internal)?;
-    let from: Stage = payload["from"].as_str().unwrap_or_default().parse().map_err(ApiError::internal)?;
-    let to: Stage = payload["to"].as_str().unwrap_or_default().parse().map_err(ApiError::internal)?;
-    let deny = |e: ApiError| e.by(approver.actor());
+) -> Result<AfterCommit, ServiceError> {
+    let payload: serde_json::Value = serde_json::from_str(&req.payload).map_err(ServiceError::internal)?;
+    let from: Stage = payload["from"].as_str().unwrap_or_default().parse().map_err(ServiceError::internal)?;
+    let to: Stage = payload["to"].as_str().unwrap_or_default().parse().map_err(ServiceError::internal)?;
+    let deny = |e: ServiceError| e.by(approver.actor());
     let mut r = Rotation::parse(
-        tx.get_rotation(&req.subject).await?.ok_or_else(|| deny(ApiError::not_found("the rotation is gone")))?,
+        tx.get_rotation(&req.subject).await?.ok_or_else(|| deny(ServiceError::not_found("the rotation is gone")))?,
     )?;
     if r.stage != from {
-        return Err(deny(ApiError::conflict(
-            "rotation-stage",
+        return Err(deny(ServiceError::new(
+            ErrorCode::RotationStage,
             format!("the rotation moved to {} since this was requested; reject this request", r.stage),
         )));
     }
@@ -215,7 +215,7 @@ pub async fn approve_stage(
     let mut details = json!({"from": from, "to": to, "kind": r.kind, "target": r.rec.target,
                              "requested_by": req.requested_by, "clusters": seen});
     if r.kind == RotationKind::Cluster {
-        let plan = r.spec.cluster.clone().ok_or_else(|| ApiError::internal("cluster rotation without a plan"))?;
+        let plan = r.spec.cluster.clone().ok_or_else(|| ServiceError::internal("cluster rotation without a plan"))?;
         // External-CA: the server's key moves with the chain; the background round (or the
         // code after commit) issues the intermediate for it.
         if plan.external_ca && rotation::new_chain(from) != rotation::new_chain(to) {
@@ -223,7 +223,8 @@ pub async fn approve_stage(
             tx.set_cluster_key(&r.rec.target, key.as_deref().unwrap_or_default()).await?;
         }
         if to == Stage::Retire {
-            let cluster = tx.get_cluster(&r.rec.target).await?.ok_or_else(|| ApiError::internal("cluster vanished"))?;
+            let cluster =
+                tx.get_cluster(&r.rec.target).await?.ok_or_else(|| ServiceError::internal("cluster vanished"))?;
             let mut revoked = Vec::new();
             for c in tx.live_cluster_certificates(&r.rec.target, now).await? {
                 if Some(&c.serial) == cluster.current_serial.as_ref() {
@@ -249,9 +250,9 @@ pub async fn approve_stage(
             "the old environment intermediate no longer renews clusters; revoke it on the root's CRL in the next CRL ceremony"
         );
     }
-    let spec = serde_json::to_string(&r.spec).map_err(ApiError::internal)?;
+    let spec = serde_json::to_string(&r.spec).map_err(ServiceError::internal)?;
     if !tx.update_rotation(&r.rec.id, from.as_str(), to.as_str(), &spec, now).await? {
-        return Err(deny(ApiError::conflict("rotation-stage", "the rotation moved meanwhile")));
+        return Err(deny(ServiceError::new(ErrorCode::RotationStage, "the rotation moved meanwhile")));
     }
     tx.audit(AuditEvent::new(approver.actor(), "rotation.stage", &r.rec.id, details)).await?;
     Ok(AfterCommit { rotation: r.rec.id, republish })
@@ -296,7 +297,7 @@ fn stage_index(s: Stage) -> i64 {
 }
 
 /// Exports every active rotation's stage and lagging clusters; finished ones disappear.
-pub async fn update_gauges(state: &AppState) -> Result<(), ApiError> {
+pub async fn update_gauges(state: &AppState) -> Result<(), ServiceError> {
     let now = now_secs();
     let mut exported = Vec::new();
     for rec in state.store.list_rotations(true).await? {
