@@ -18,11 +18,8 @@ impl Problem {
     /// Reads a problem document from an error answer; `None` unless it carries both its code
     /// and its detail.
     pub fn parse(body: &str) -> Option<(String, String)> {
-        serde_json::from_str::<Problem>(body).ok()?.code_and_detail()
-    }
-
-    pub fn code_and_detail(self) -> Option<(String, String)> {
-        Some((self.code?, self.detail?))
+        let p = serde_json::from_str::<Problem>(body).ok()?;
+        Some((p.code?, p.detail?))
     }
 }
 

@@ -1,6 +1,7 @@
-//! What the commands print: one JSON document with `--output json`, or its text form. Each
-//! command builds its document; the text forms are here, so that how a result reads is in one
-//! place and a command's body is the work alone.
+//! What the commands print: one JSON document with `--output json`, or its text form. The
+//! documents a command assembles itself (as opposed to a result type of ca-core or of the
+//! renewal, handshake and simulation code, or a server's answer) are defined here, and every
+//! text form is, so that how a result reads is in one place and a command's body is the work.
 
 use std::path::Path;
 
@@ -8,14 +9,13 @@ use anyhow::{Context, Result};
 use ca_core::cert::CertInfo;
 use ca_core::error::fmt_time;
 use hsm::{KeyAlgorithm, KeyRef};
+use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 
 use crate::api::{MoveRequested, RequestView, RotationSummary, RotationView, StagePayload, StartPayload, Started};
 use crate::cli::Output;
-use crate::commands::audit::AuditReport;
-use crate::commands::status::StatusReport;
 use crate::handshake::Outcome;
 use crate::renewal::{Renewal, RolledBack};
 use crate::simulate::Step;
@@ -179,6 +179,20 @@ pub fn quickstart_text(r: &ca_core::quickstart::Report) -> String {
     s
 }
 
+/// `ca-cli audit verify`.
+#[derive(Serialize)]
+pub struct AuditReport {
+    pub ok: bool,
+    pub records: u64,
+    pub head_seq: i64,
+    pub head_hash: String,
+    pub checkpoints: u64,
+    /// Which key the checkpoints were checked with.
+    pub checkpoint_key: &'static str,
+    /// Records after the last signed checkpoint.
+    pub unsigned_tail: i64,
+}
+
 pub fn audit_text(r: &AuditReport) -> String {
     format!(
         "audit trail OK: {} records up to #{}, {} signed checkpoints verified with {}",
@@ -218,6 +232,33 @@ fn left(secs: i64) -> String {
     }
     let (d, h) = (secs / 86_400, (secs % 86_400) / 3_600);
     if d > 0 { format!("{d}d{h}h") } else { format!("{h}h{}m", (secs % 3_600) / 60) }
+}
+
+/// The fleet as `--output json` prints it.
+#[derive(Serialize)]
+pub struct StatusReport {
+    pub server: String,
+    pub checked_at: i64,
+    pub items: Vec<StatusRow>,
+}
+
+/// One environment intermediate or cluster.
+#[derive(Serialize)]
+pub struct StatusRow {
+    /// `environment` or `cluster`.
+    pub kind: &'static str,
+    pub name: String,
+    pub environment: String,
+    /// A cluster's mode; `-` for an environment.
+    pub mode: String,
+    pub serial: Option<String>,
+    pub not_after: Option<i64>,
+    pub seconds_left: Option<i64>,
+    /// A renewal state, or why there is none (`no-intermediate`, `revoked`, a registration's
+    /// status...).
+    pub state: String,
+    /// What an active rotation is doing to it.
+    pub rotation: Option<String>,
 }
 
 /// `ca-cli status`: one line per issuer and cluster.

@@ -4,25 +4,11 @@
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
-use serde::Serialize;
 
 use super::block_on;
 use crate::cli::{AuditCmd, Output};
 use crate::database::open_existing;
-use crate::output::{self, emit};
-
-#[derive(Serialize)]
-pub struct AuditReport {
-    pub ok: bool,
-    pub records: u64,
-    pub head_seq: i64,
-    pub head_hash: String,
-    pub checkpoints: u64,
-    /// Which key the checkpoints were checked with.
-    pub checkpoint_key: &'static str,
-    /// Records after the last signed checkpoint.
-    pub unsigned_tail: i64,
-}
+use crate::output::{self, AuditReport, emit};
 
 pub fn run(cmd: AuditCmd, output: Output) -> Result<()> {
     match cmd {

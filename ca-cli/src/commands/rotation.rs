@@ -17,7 +17,7 @@ use crate::simulate;
 
 pub fn run(cmd: RotationCmd, output: Output) -> Result<()> {
     match cmd {
-        RotationCmd::Start(start) => self::start(start, output),
+        RotationCmd::Start(cmd) => start(cmd, output),
         RotationCmd::Certificate { id, environment, certificate, server } => {
             add_certificate(&id, &environment, &certificate, &server, output)
         }
@@ -42,9 +42,9 @@ fn read_pem(path: &Path) -> Result<String> {
     Ok(pem)
 }
 
-fn start(start: StartCmd, output: Output) -> Result<()> {
+fn start(cmd: StartCmd, output: Output) -> Result<()> {
     // Key references are checked before anything is read or sent.
-    let (server, body) = match start {
+    let (server, body) = match cmd {
         StartCmd::Root { new_root, old_root, server } => (server, Body::Root { new_root, old_root }),
         StartCmd::Environment { environment, certificate, key, server } => {
             (server, Body::Environment { environment, certificate, key: key.parse()?.to_string() })

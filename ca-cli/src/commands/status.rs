@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use ca_core::cert::CertInfo;
-use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use time::OffsetDateTime;
@@ -16,34 +15,7 @@ use super::block_on;
 use crate::api::{CertificateView, ClusterView, IssuerView, Problem, RotationSummary, RotationView};
 use crate::cli::Output;
 use crate::client;
-use crate::output::{self, emit};
-
-/// The fleet as `--output json` prints it.
-#[derive(Serialize)]
-pub struct StatusReport {
-    pub server: String,
-    pub checked_at: i64,
-    pub items: Vec<StatusRow>,
-}
-
-/// One environment intermediate or cluster.
-#[derive(Serialize)]
-pub struct StatusRow {
-    /// `environment` or `cluster`.
-    pub kind: &'static str,
-    pub name: String,
-    pub environment: String,
-    /// A cluster's mode; `-` for an environment.
-    pub mode: String,
-    pub serial: Option<String>,
-    pub not_after: Option<i64>,
-    pub seconds_left: Option<i64>,
-    /// A renewal state, or why there is none (`no-intermediate`, `revoked`, a registration's
-    /// status...).
-    pub state: String,
-    /// What an active rotation is doing to it.
-    pub rotation: Option<String>,
-}
+use crate::output::{self, StatusReport, StatusRow, emit};
 
 pub fn run(server: String, ca_root: PathBuf, output: Output) -> Result<()> {
     let token = client::token("an operator or auditor")?;
