@@ -465,4 +465,49 @@ mod tests {
         assert_eq!(left(3_660), "1h1m");
         assert_eq!(left(0), "-");
     }
+
+    /// Requests as `GET /v1/requests` sends them: the details column reads each kind's payload.
+    #[test]
+    fn requests_read_their_payloads() {
+        let v: Vec<RequestView> = serde_json::from_value(json!([
+            {"id": "r1", "kind": "rotation-stage", "subject": "rot1", "payload": {"rotation": "rot1", "from": "a", "to": "b"},
+             "requested_by": "alice", "requested_at": 1, "status": "pending", "decided_by": null, "decided_at": null},
+            {"id": "r2", "kind": "start-rotation", "subject": "rot2",
+             "payload": {"rotation": "rot2", "kind": "root", "target": "all", "spec": {}},
+             "requested_by": "alice", "requested_at": 1, "status": "approved", "decided_by": "bob", "decided_at": 2},
+            {"id": "r3", "kind": "register-cluster", "subject": "east", "payload": {"name": "east"},
+             "requested_by": "alice", "requested_at": 1, "status": "rejected", "decided_by": "bob", "decided_at": 2}
+        ]))
+        .unwrap();
+        let text = requests_text(&v);
+        let lines: Vec<&str> = text.lines().map(str::trim_end).collect();
+        assert_eq!(
+            lines[1].split_whitespace().collect::<Vec<_>>(),
+            ["r1", "rotation-stage", "pending", "alice", "rot1", "a", "->", "b"]
+        );
+        assert!(lines[2].ends_with("rot2 root rotation of all"), "{text}");
+        assert!(lines[3].ends_with("east"), "{text}");
+    }
+
+    /// A rotation as `GET /v1/rotations/{id}` sends it, held back by a lagging cluster.
+    #[test]
+    fn rotation_names_its_blockers() {
+        let v: RotationView = serde_json::from_value(json!({
+            "id": "rot1", "kind": "root", "target": "all", "stage": "bundle-added", "next": "issuing-new",
+            "rollback": "prepared", "stages": ["prepared", "bundle-added", "issuing-new", "done"],
+            "blockers": [{"cluster": "east", "reason": "lags"}, {"cluster": null, "reason": "drain"}],
+            "clusters": [{"name": "east", "environment": "dev", "mode": "external-ca", "state": "lagging",
+                "bundle_ok": true, "chain_ok": false, "intermediate_serial": null, "reported_at": null,
+                "stale_bundle_workloads": 3, "stale_chain_workloads": 7, "blockers": ["lags"]}],
+            "environments": [{"name": "dev", "old_certificate": "01", "new_certificate": null}],
+            "drain_until": null, "bundle_changed_at": 1, "chain_changed_at": 2, "old_root": null, "new_root": null,
+            "history": [], "created_by": "alice", "created_at": 1, "updated_at": 2
+        }))
+        .unwrap();
+        let text = rotation_text(&v);
+        assert!(text.contains("stage: bundle-added   next: issuing-new   rollback: prepared"), "{text}");
+        assert!(text.contains("environment dev: old certificate 01, new certificate (not added yet)"), "{text}");
+        assert!(text.contains("3 old bundle, 7 old chain"), "{text}");
+        assert!(text.ends_with("blocked from issuing-new:\n    - cluster east: lags\n    - drain"), "{text}");
+    }
 }

@@ -1,6 +1,6 @@
 //! The in-cluster renewal client behind `ca-cli cluster renew` and `rollback`: runs in the
-//! cluster (a CronJob), keeps istiod's `cacerts` files fresh. The state directory follows the kubelet's atomic-writer layout, which istiod already
-//! handles for mounted Secrets:
+//! cluster (a CronJob), keeps istiod's `cacerts` files fresh. The state directory follows the
+//! kubelet's atomic-writer layout, which istiod already handles for mounted Secrets:
 //!
 //! ```text
 //! DIR/ca-cert.pem      -> ..data/ca-cert.pem      (likewise ca-key.pem, cert-chain.pem, root-cert.pem)
