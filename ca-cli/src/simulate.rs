@@ -253,25 +253,3 @@ fn renew_workloads(clusters: &[Cluster], workloads: &mut [Vec<Workload>], fracti
     }
     Ok(())
 }
-
-pub fn table(steps: &[Step]) -> String {
-    let mut out = format!("{:<11} {:<28} {:>9} {:>11} {:>9}\n", "STAGE", "STEP", "WORKLOADS", "HANDSHAKES", "FAILURES");
-    for s in steps {
-        out.push_str(&format!(
-            "{:<11} {:<28} {:>9} {:>11} {:>9}\n",
-            s.stage.as_str(),
-            s.step,
-            s.workloads,
-            s.outcome.handshakes,
-            s.outcome.failures.len()
-        ));
-    }
-    let failures: Vec<_> = steps.iter().flat_map(|s| s.outcome.failures.iter().map(move |f| (s, f))).collect();
-    for (s, f) in failures.iter().take(10) {
-        out.push_str(&format!("  {} / {}: {} {} -> {}: {}\n", s.stage, s.step, f.stack, f.client, f.server, f.error));
-    }
-    if failures.len() > 10 {
-        out.push_str(&format!("  ... and {} more\n", failures.len() - 10));
-    }
-    out.trim_end().to_string()
-}

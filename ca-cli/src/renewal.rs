@@ -1,6 +1,6 @@
-//! `ca-cli cluster renew`: runs in the cluster (a CronJob), keeps istiod's `cacerts` files
-//! fresh. The state directory follows the kubelet's atomic-writer layout, which istiod already
-//! handles for mounted Secrets:
+//! The in-cluster renewal client behind `ca-cli cluster renew` and `rollback`: runs in the
+//! cluster (a CronJob), keeps istiod's `cacerts` files fresh. The state directory follows the
+//! kubelet's atomic-writer layout, which istiod already handles for mounted Secrets:
 //!
 //! ```text
 //! DIR/ca-cert.pem      -> ..data/ca-cert.pem      (likewise ca-key.pem, cert-chain.pem, root-cert.pem)
@@ -12,14 +12,16 @@
 //! rename, so istiod never sees a mix of old and new files.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use ca_core::cert::{CertInfo, load_cert, load_certs};
-use serde::Deserialize;
+use serde::Serialize;
 use serde_json::json;
 use time::OffsetDateTime;
+
+use crate::api::{IntermediateResponse, Problem, ReportResponse};
+use crate::client::tls_config;
 
 pub const FILES: [&str; 4] = ["ca-cert.pem", "ca-key.pem", "cert-chain.pem", "root-cert.pem"];
 const DATA: &str = "..data";
@@ -36,19 +38,38 @@ pub struct RenewArgs {
     pub renew_after: f64,
 }
 
-#[derive(Deserialize)]
-struct IntermediateResponse {
-    serial: String,
-    not_after: String,
-    certificate: String,
-    chain: Vec<String>,
-    trust_bundle: Vec<String>,
+/// What a run did (printed as is with `--output json`).
+#[derive(Serialize)]
+#[serde(untagged)]
+pub enum Renewal {
+    Renewed {
+        /// Always true.
+        renewed: bool,
+        /// `renewal` or `enrolment`.
+        via: &'static str,
+        reason: Option<String>,
+        serial: String,
+        not_after: String,
+        state_dir: PathBuf,
+    },
+    /// Not due: what is installed stays, perhaps with the server's new trust bundle.
+    Kept {
+        /// Always false.
+        renewed: bool,
+        bundle_updated: bool,
+        serial: String,
+        not_after: String,
+        renew_after: String,
+    },
 }
 
-#[derive(Deserialize)]
-struct Problem {
-    code: String,
-    detail: String,
+/// What `ca-cli cluster rollback` switched between.
+#[derive(Debug, Serialize)]
+pub struct RolledBack {
+    pub rolled_back_to: PathBuf,
+    pub from: PathBuf,
+    pub serial: String,
+    pub not_after: String,
 }
 
 /// The server refused, with its problem code.
@@ -97,31 +118,6 @@ pub fn current(state_dir: &Path) -> Result<Option<CertInfo>> {
     Ok(Some(load_cert(&p).with_context(|| format!("current intermediate {}", p.display()))?))
 }
 
-pub fn tls_config(ca_root: &Path, client: Option<(&Path, &Path)>) -> Result<rustls::ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in load_certs(ca_root).with_context(|| format!("--ca-root {}", ca_root.display()))? {
-        roots.add(rustls::pki_types::CertificateDer::from(c.der)).context("--ca-root")?;
-    }
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots);
-    Ok(match client {
-        None => builder.with_no_client_auth(),
-        Some((cert, key)) => {
-            let der = load_cert(cert)?.der;
-            let exported = hsm::export_file_key(&hsm::KeyRef::file(key))?;
-            let key_der = pem::parse(exported.expose_pem())?.into_contents();
-            builder
-                .with_client_auth_cert(
-                    vec![rustls::pki_types::CertificateDer::from(der)],
-                    rustls::pki_types::PrivateKeyDer::Pkcs8(key_der.into()),
-                )
-                .context("the current intermediate and its key do not match")?
-        }
-    })
-}
-
 /// The set to authenticate a renewal with: the server accepts only the cluster's newest
 /// intermediate, which after a rollback sits in `..previous`.
 fn credential(state_dir: &Path, now: OffsetDateTime) -> Result<Option<(CertInfo, PathBuf)>> {
@@ -139,7 +135,7 @@ fn credential(state_dir: &Path, now: OffsetDateTime) -> Result<Option<(CertInfo,
     Ok(best)
 }
 
-pub async fn renew(a: &RenewArgs) -> Result<serde_json::Value> {
+pub async fn renew(a: &RenewArgs) -> Result<Renewal> {
     std::fs::create_dir_all(&a.state_dir).with_context(|| format!("creating {}", a.state_dir.display()))?;
     let state_dir = a.state_dir.canonicalize()?;
     // Two runs at once (an overlapping CronJob, a manual run) would race on ..data.
@@ -203,8 +199,13 @@ pub async fn renew(a: &RenewArgs) -> Result<serde_json::Value> {
                     .await
                     .context("the new trust bundle is installed, but reporting it failed")?;
             }
-            return Ok(json!({"renewed": false, "bundle_updated": bundle_updated, "serial": c.serial,
-                "not_after": ca_core::error::fmt_time(c.not_after), "renew_after": ca_core::error::fmt_time(due)}));
+            return Ok(Renewal::Kept {
+                renewed: false,
+                bundle_updated,
+                serial: c.serial.clone(),
+                not_after: ca_core::error::fmt_time(c.not_after),
+                renew_after: ca_core::error::fmt_time(due),
+            });
         }
     }
     let mode = match (usable, &a.enrolment_token) {
@@ -256,15 +257,7 @@ pub async fn renew(a: &RenewArgs) -> Result<serde_json::Value> {
     if let Err(e) = report(a, &state_dir, now).await {
         eprintln!("warning: renewed, but reporting the new set failed ({e:#}); the next run reports it");
     }
-    Ok(
-        json!({"renewed": true, "via": mode, "reason": reason, "serial": resp.serial, "not_after": resp.not_after, "state_dir": state_dir}),
-    )
-}
-
-#[derive(Deserialize)]
-struct Advice {
-    trust_bundle: Vec<String>,
-    reason: Option<String>,
+    Ok(Renewal::Renewed { renewed: true, via: mode, reason, serial: resp.serial, not_after: resp.not_after, state_dir })
 }
 
 fn fingerprints(path: &Path) -> Result<Vec<String>> {
@@ -273,7 +266,7 @@ fn fingerprints(path: &Path) -> Result<Vec<String>> {
 
 /// Tells the server what `..data` holds (over mTLS with the newest credential) and returns
 /// its advice.
-async fn report(a: &RenewArgs, state_dir: &Path, now: OffsetDateTime) -> Result<Advice> {
+async fn report(a: &RenewArgs, state_dir: &Path, now: OffsetDateTime) -> Result<ReportResponse> {
     let installed = current(state_dir)?.context("nothing installed to report")?;
     let mut chain = vec![installed.fingerprint()];
     chain.extend(fingerprints(&state_dir.join("cert-chain.pem"))?);
@@ -289,8 +282,11 @@ async fn report(a: &RenewArgs, state_dir: &Path, now: OffsetDateTime) -> Result<
     let resp = client.post(&url).json(&body).send().await.with_context(|| format!("POST {url}"))?;
     let status = resp.status();
     if !status.is_success() {
-        let (code, message) = match resp.json::<Problem>().await.ok() {
-            Some(p) => (p.code.clone(), format!("report refused by {} ({status}, {}): {}", a.server, p.code, p.detail)),
+        let (code, message) = match Problem::parse(&resp.text().await.unwrap_or_default()) {
+            Some((code, detail)) => {
+                let message = format!("report refused by {} ({status}, {code}): {detail}", a.server);
+                (code, message)
+            }
             None => (String::new(), format!("report refused by {} ({status})", a.server)),
         };
         return Err(Refused { code, message }.into());
@@ -384,10 +380,7 @@ async fn fetch_into(
     let status = resp.status();
     if !status.is_success() {
         let body = resp.text().await.unwrap_or_default();
-        let (code, detail) = match serde_json::from_str::<Problem>(&body) {
-            Ok(p) => (p.code, p.detail),
-            Err(_) => (String::new(), String::new()),
-        };
+        let (code, detail) = Problem::parse(&body).unwrap_or_default();
         let message = if code.is_empty() {
             format!("{mode} refused by {} ({status})", a.server)
         } else {
@@ -492,7 +485,7 @@ fn lock_state_dir(state_dir: &Path) -> Result<std::fs::File> {
 }
 
 /// Swaps `..data` and `..previous`.
-pub fn rollback(state_dir: &Path) -> Result<serde_json::Value> {
+pub fn rollback(state_dir: &Path) -> Result<RolledBack> {
     let _lock = lock_state_dir(state_dir)?;
     let (Some(cur), Some(prev)) = (link_target(state_dir, DATA), link_target(state_dir, PREVIOUS)) else {
         bail!("{} has no previous set to roll back to", state_dir.display());
@@ -502,9 +495,12 @@ pub fn rollback(state_dir: &Path) -> Result<serde_json::Value> {
     }
     swap(state_dir, &state_dir.join(&prev))?;
     let now = current(state_dir)?.context("no certificate after rollback")?;
-    Ok(
-        json!({"rolled_back_to": prev, "from": cur, "serial": now.serial, "not_after": ca_core::error::fmt_time(now.not_after)}),
-    )
+    Ok(RolledBack {
+        rolled_back_to: prev,
+        from: cur,
+        serial: now.serial,
+        not_after: ca_core::error::fmt_time(now.not_after),
+    })
 }
 
 #[cfg(test)]

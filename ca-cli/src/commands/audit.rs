@@ -1,30 +1,26 @@
 //! `ca-cli audit verify`: walks the whole audit trail in the database and names the first
 //! altered, reordered or missing record; checks every signed checkpoint.
 
-use anyhow::{Context, Result, bail};
-use ca_store::Store;
-use serde_json::json;
+use std::path::Path;
 
-/// Opens the server's database without migrating or creating it: reading must not change it.
-async fn open_existing(database: &str) -> Result<Store> {
-    if let Some(path) = database.strip_prefix("sqlite://").or_else(|| database.strip_prefix("sqlite:")) {
-        let path = path.split('?').next().unwrap_or(path);
-        if !std::path::Path::new(path).is_file() {
-            bail!("{path}: no such database file");
+use anyhow::{Context, Result, bail};
+
+use super::block_on;
+use crate::cli::{AuditCmd, Output};
+use crate::database::open_existing;
+use crate::output::{self, AuditReport, emit};
+
+pub fn run(cmd: AuditCmd, output: Output) -> Result<()> {
+    match cmd {
+        AuditCmd::Verify { database, audit_key } => {
+            let report = block_on(verify(&database, audit_key.as_deref()))?;
+            emit(output, &serde_json::to_value(&report)?, || output::audit_text(&report));
         }
     }
-    Store::connect(database, false).await.with_context(|| format!("opening {}", ca_store::redact_url(database)))
+    Ok(())
 }
 
-/// The block on a key (`ca-cli sign --database`), straight from the server's database.
-pub async fn blocked_key(database: &str, spki_sha256: &str) -> Result<Option<ca_store::BlockedKey>> {
-    let store = open_existing(database).await?;
-    let b = store.blocked_key(spki_sha256).await.context("reading blocked keys")?;
-    store.close().await;
-    Ok(b)
-}
-
-pub async fn verify(database: &str, audit_key: Option<&std::path::Path>) -> Result<serde_json::Value> {
+async fn verify(database: &str, audit_key: Option<&Path>) -> Result<AuditReport> {
     let store = open_existing(database).await?;
     let mut records = Vec::new();
     let mut after = 0;
@@ -69,13 +65,13 @@ pub async fn verify(database: &str, audit_key: Option<&std::path::Path>) -> Resu
         bail!("the audit trail has {count} records but no signed checkpoint; it cannot be authenticated");
     }
     let last_signed = checkpoints.last().map_or(0, |c| c.seq);
-    Ok(json!({
-        "ok": true,
-        "records": report.records,
-        "head_seq": report.head_seq,
-        "head_hash": report.head_hash,
-        "checkpoints": report.checkpoints,
-        "checkpoint_key": key_source,
-        "unsigned_tail": report.head_seq - last_signed,
-    }))
+    Ok(AuditReport {
+        ok: true,
+        records: report.records,
+        head_seq: report.head_seq,
+        head_hash: report.head_hash,
+        checkpoints: report.checkpoints,
+        checkpoint_key: key_source,
+        unsigned_tail: report.head_seq - last_signed,
+    })
 }
