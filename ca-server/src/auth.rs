@@ -4,13 +4,13 @@
 
 pub mod service_account;
 
-use std::sync::RwLock;
+use std::time::Duration;
 
 use jsonwebtoken::jwk::JwkSet;
-use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 
 use crate::config::AuthConfig;
 use crate::error::{ErrorCode, ServiceError};
+use crate::jwt::{Expect, KeySet, KeySource};
 
 /// An operator's role, from the token's roles claim.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
@@ -61,51 +61,55 @@ impl Operator {
 
 pub struct Auth {
     cfg: AuthConfig,
-    jwks: RwLock<JwkSet>,
+    keys: KeySet,
+    /// `cfg.audience` as the one-element list `jwt::Expect` wants.
+    audiences: Vec<String>,
 }
 
-const ALLOWED: &[Algorithm] = &[
-    Algorithm::ES256,
-    Algorithm::ES384,
-    Algorithm::RS256,
-    Algorithm::RS384,
-    Algorithm::RS512,
-    Algorithm::PS256,
-    Algorithm::PS384,
-    Algorithm::EdDSA,
-];
+/// How often a JWKS URL is re-read (a file is read at start, and again for an unknown `kid`).
+const JWKS_URL_REFRESH: Duration = Duration::from_secs(600);
+
+const OWNER: &str = "the operators' JWKS";
 
 impl Auth {
+    /// Operators' tokens verified against fixed keys (tests).
     pub fn new(cfg: AuthConfig, jwks: JwkSet) -> Self {
-        Auth { cfg, jwks: RwLock::new(jwks) }
+        let keys = KeySet::fixed(OWNER, &jwks).unwrap_or_else(|_| {
+            KeySet::unloaded(OWNER, KeySource::Fixed, Duration::MAX).expect("an HTTP client can be built")
+        });
+        Self::with_keys(cfg, keys)
     }
 
-    pub fn set_jwks(&self, jwks: JwkSet) {
-        *self.jwks.write().unwrap_or_else(|p| p.into_inner()) = jwks;
+    /// Reads `auth.jwks_file` or `auth.jwks_url` now.
+    pub async fn load(cfg: AuthConfig) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let (source, what) = match (&cfg.jwks_file, &cfg.jwks_url) {
+            (Some(path), _) => (KeySource::File(path.clone()), format!("auth.jwks_file {}", path.display())),
+            (None, Some(url)) => (KeySource::Url(url.clone()), format!("auth.jwks_url {url}")),
+            (None, None) => anyhow::bail!("set exactly one of auth.jwks_file and auth.jwks_url"),
+        };
+        let keys = KeySet::load(OWNER, source, JWKS_URL_REFRESH).await.context(what)?;
+        Ok(Self::with_keys(cfg, keys))
+    }
+
+    fn with_keys(cfg: AuthConfig, keys: KeySet) -> Self {
+        let audiences = vec![cfg.audience.clone()];
+        Auth { cfg, keys, audiences }
+    }
+
+    /// Re-reads the keys if the periodic refresh is due (a JWKS URL; a file only on demand).
+    pub async fn refresh_if_due(&self) -> anyhow::Result<()> {
+        if self.cfg.jwks_url.is_some() && self.keys.due() {
+            self.keys.refresh(true).await?;
+        }
+        Ok(())
     }
 
     /// Verifies a bearer token. Errors say what was wrong with it, never echo it.
-    pub fn verify(&self, token: &str) -> Result<Operator, ServiceError> {
+    pub async fn verify(&self, token: &str) -> Result<Operator, ServiceError> {
         let invalid = |why: String| ServiceError::new(ErrorCode::InvalidToken, why);
-        let header = jsonwebtoken::decode_header(token).map_err(|e| invalid(format!("malformed token: {e}")))?;
-        if !ALLOWED.contains(&header.alg) {
-            return Err(invalid(format!("token algorithm {:?} is not accepted", header.alg)));
-        }
-        let kid = header.kid.ok_or_else(|| invalid("token has no key id (kid)".into()))?;
-        let key = {
-            let jwks = self.jwks.read().unwrap_or_else(|p| p.into_inner());
-            let jwk = jwks.find(&kid).ok_or_else(|| invalid(format!("token key {kid:?} is not in the JWKS")))?;
-            DecodingKey::from_jwk(jwk).map_err(|e| invalid(format!("JWKS key {kid:?} is unusable: {e}")))?
-        };
-        let mut v = Validation::new(header.alg);
-        v.set_issuer(&[&self.cfg.issuer]);
-        v.set_audience(&[&self.cfg.audience]);
-        v.set_required_spec_claims(&["exp", "iss", "aud"]);
-        v.validate_nbf = true;
-        v.leeway = 30;
-        let data = jsonwebtoken::decode::<serde_json::Value>(token, &key, &v)
-            .map_err(|e| invalid(describe_jwt_error(&e, &self.cfg.issuer, &format!("{:?}", self.cfg.audience))))?;
-        let claims = data.claims;
+        let expect = Expect { issuer: &self.cfg.issuer, audiences: &self.audiences, leeway: 30 };
+        let claims: serde_json::Value = crate::jwt::decode(&self.keys, token, &expect).await.map_err(invalid)?;
         let name = lookup(&claims, &self.cfg.subject_claim)
             .and_then(|v| v.as_str())
             .filter(|s| !s.is_empty())
@@ -135,19 +139,6 @@ fn proves_second_factor(claims: &serde_json::Value, mfa: &crate::config::MfaConf
         .and_then(|v| v.as_array())
         .is_some_and(|a| a.iter().filter_map(|m| m.as_str()).any(|m| mfa.amr.iter().any(|x| x == m)));
     acr || amr
-}
-
-/// Why a token was refused, in words for the caller; never the token itself.
-pub fn describe_jwt_error(e: &jsonwebtoken::errors::Error, issuer: &str, audience: &str) -> String {
-    use jsonwebtoken::errors::ErrorKind;
-    match e.kind() {
-        ErrorKind::ExpiredSignature => "token has expired".into(),
-        ErrorKind::InvalidAudience => format!("token audience is not {audience}"),
-        ErrorKind::InvalidIssuer => format!("token issuer is not {issuer:?}"),
-        ErrorKind::InvalidSignature => "token signature does not verify".into(),
-        ErrorKind::ImmatureSignature => "token is not valid yet".into(),
-        _ => format!("token rejected: {e}"),
-    }
 }
 
 /// Follows a dotted path (`realm_access.roles`) into the claims.

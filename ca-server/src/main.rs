@@ -14,7 +14,7 @@ use clap::Parser;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
-use ca_server::config::{self, Config};
+use ca_server::config::Config;
 use ca_server::service::checkpoint;
 use ca_server::service::state::{self, AppState, Inner, Issuer};
 use ca_server::service::{external_ca, jobs, rotation};
@@ -85,18 +85,6 @@ fn init_logging(cfg: &Config) {
     }
 }
 
-async fn load_jwks(cfg: &config::AuthConfig) -> Result<jsonwebtoken::jwk::JwkSet> {
-    if let Some(path) = &cfg.jwks_file {
-        let text = std::fs::read_to_string(path).with_context(|| format!("auth.jwks_file {}", path.display()))?;
-        return serde_json::from_str(&text).with_context(|| format!("auth.jwks_file {}: not a JWKS", path.display()));
-    }
-    let url = cfg.jwks_url.as_deref().expect("validated: file or url");
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?;
-    let jwks =
-        client.get(url).send().await.and_then(|r| r.error_for_status()).with_context(|| format!("fetching {url}"))?;
-    jwks.json().await.with_context(|| format!("{url}: not a JWKS"))
-}
-
 async fn run(args: Args) -> Result<()> {
     let dev = if args.dev { Some(dev::prepare(&args.dev_dir)?) } else { None };
     let config_path = match (&dev, &args.config) {
@@ -132,7 +120,7 @@ async fn run(args: Args) -> Result<()> {
         }
         issuers.insert(ic.name.clone(), issuer);
     }
-    let jwks = load_jwks(&cfg.auth).await?;
+    let auth = auth::Auth::load(cfg.auth.clone()).await?;
     let audit_signer = checkpoint::open_audit_key(&cfg.audit.key)?;
     let tls_config = tls::server_config(&cfg.tls)?;
     let client_roots = tls::client_roots(&cfg.tls)?;
@@ -140,7 +128,7 @@ async fn run(args: Args) -> Result<()> {
     let istio = external_ca::Istio::new(cfg.istio.as_ref(), store.clone(), metrics.clone())?;
     let state = AppState::new(Inner {
         edge: edge::Edge::new(&cfg, metrics.clone()),
-        auth: auth::Auth::new(cfg.auth.clone(), jwks),
+        auth,
         config: cfg.clone(),
         store,
         issuers: state::Issuers::new(issuers),
@@ -159,12 +147,9 @@ async fn run(args: Args) -> Result<()> {
         let s = state.clone();
         tokio::spawn(async move {
             loop {
-                tokio::time::sleep(Duration::from_secs(600)).await;
-                match load_jwks(&s.config.auth).await {
-                    Ok(j) => s.auth.set_jwks(j),
-                    Err(e) => {
-                        tracing::warn!(error = %format!("{e:#}"), "JWKS refresh failed; keeping the previous keys")
-                    }
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                if let Err(e) = s.auth.refresh_if_due().await {
+                    tracing::warn!(error = %format!("{e:#}"), "JWKS refresh failed; keeping the previous keys")
                 }
             }
         });

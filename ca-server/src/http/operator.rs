@@ -19,7 +19,7 @@ impl FromRequestParts<AppState> for Operator {
         let token = bearer(parts).ok_or_else(|| {
             ServiceError::new(ErrorCode::Unauthenticated, "send an operator token as Authorization: Bearer <JWT>")
         })?;
-        let op = state.auth.verify(token.trim())?;
+        let op = state.auth.verify(token.trim()).await?;
         if let Some(a) = parts.extensions.get::<crate::edge::Authenticated>() {
             a.set(op.actor());
         }

@@ -11,12 +11,13 @@ use ca_store::{WorkloadRecord, now_secs};
 use sha2::Digest;
 use time::OffsetDateTime;
 
-use crate::auth::service_account::{Caller, valid_k8s_name};
+use crate::auth::service_account::Caller;
 use crate::config::IstioClusterConfig;
 use crate::error::{ErrorCode, ServiceError};
 use crate::service::external_ca::cluster_ca;
 use crate::service::recorder::Entry;
 use crate::service::state::AppState;
+use ca_core::names::is_k8s_object_name;
 
 fn cluster_config<'a>(state: &'a AppState, cluster: &str) -> Option<&'a IstioClusterConfig> {
     state.config.istio.as_ref()?.clusters.get(cluster)
@@ -76,7 +77,7 @@ pub async fn issue(
         // Only workload identities of the Istio form, and never a node account itself.
         let path = imp.split_once("://").and_then(|(_, r)| r.split_once('/')).map_or("", |(_, p)| p);
         let target = match path.split('/').collect::<Vec<_>>().as_slice() {
-            ["ns", ns, "sa", sa] if valid_k8s_name(ns) && valid_k8s_name(sa) => format!("{ns}/{sa}"),
+            ["ns", ns, "sa", sa] if is_k8s_object_name(ns) && is_k8s_object_name(sa) => format!("{ns}/{sa}"),
             _ => {
                 return Err(ServiceError::new(
                     ErrorCode::ImpersonationDenied,
