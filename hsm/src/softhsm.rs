@@ -76,6 +76,7 @@ pub fn init_token(module_path: &Path, label: &str, so_pin: &SecretString, user_p
 /// Points this process at a SoftHSM2 config. Must run before any PKCS#11 module is loaded and
 /// while the process is still single-threaded (at the start of `main`, or in a test binary
 /// that runs one test per process).
+#[allow(unsafe_code)]
 pub fn use_config(conf: &Path) {
     // SAFETY: callers run this before spawning threads; nothing reads the environment
     // concurrently at that point.
