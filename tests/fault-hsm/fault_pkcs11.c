@@ -7,7 +7,8 @@
  *                                   CKR_DEVICE_REMOVED
  *   PKI_FAULT_FILE contains "hang": those calls block until the file changes
  *
- * Built by tests/server.rs with the system C compiler; test scaffolding, never shipped.
+ * Built by tests/server_support/mod.rs with the system C compiler; test scaffolding, never
+ * shipped.
  */
 #include <dlfcn.h>
 #include <stdio.h>
