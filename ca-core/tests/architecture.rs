@@ -47,6 +47,7 @@ fn unsafe_code_is_forbidden_outside_hsm() {
     let members = manifest.lines().find(|l| l.trim_start().starts_with("members")).unwrap().to_string();
     for (member, krate) in [
         ("ca-core", "ca-core/src/lib.rs"),
+        ("ca-store", "ca-store/src/lib.rs"),
         ("ca-cli", "ca-cli/src/main.rs"),
         ("ca-server", "ca-server/src/main.rs"),
         ("ca-server", "ca-server/src/lib.rs"),

@@ -9,82 +9,110 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
-/// Every problem code the server answers with. The README's list of problem codes is checked
-/// against [`ErrorCode::ALL`] by a test, and the OpenAPI document lists them as the values of
-/// `Problem.code`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum ErrorCode {
-    AlreadyDecided,
-    AlreadyRevoked,
-    BadCsrSignature,
-    Busy,
-    ClientCertificateExpired,
-    ClientCertificateRejected,
-    ClientCertificateRevoked,
-    ClientCertificateSuperseded,
-    ClusterNotActive,
-    ClusterNotServed,
-    Conflict,
-    Disabled,
-    EnrolmentTokenInvalid,
-    ExternalCaCluster,
-    Forbidden,
-    HsmTimeout,
-    HsmUnavailable,
-    IdentityMismatch,
-    ImpersonationDenied,
-    IntermediateNotReady,
-    IntermediateRevoked,
-    Internal,
-    InvalidCertificate,
-    InvalidCluster,
-    InvalidEnvironment,
-    InvalidImpersonatedIdentity,
-    InvalidKey,
-    InvalidKind,
-    InvalidMode,
-    InvalidName,
-    InvalidNames,
-    InvalidNamespace,
-    InvalidPath,
-    InvalidQuery,
-    InvalidReason,
-    InvalidReport,
-    InvalidRequest,
-    InvalidRoot,
-    InvalidToken,
-    InvalidTrustDomain,
-    InvalidValidity,
-    IssuerExpiring,
-    KeyBlocked,
-    KeyCompromised,
-    MalformedBody,
-    MalformedCsr,
-    MalformedJson,
-    MethodNotAllowed,
-    MfaRequired,
-    NameNotAllowed,
-    NoClusterId,
-    NoCrl,
-    NotFound,
-    NotRecorded,
-    PayloadTooLarge,
-    Policy,
-    RateLimited,
-    Rejected,
-    RenewalSuperseded,
-    RequestTimeout,
-    RotationBlocked,
-    RotationInProgress,
-    RotationStage,
-    RotationStale,
-    ShuttingDown,
-    TwoPersonRule,
-    Unauthenticated,
-    UnknownCluster,
-    UnknownEnvironment,
-    UnsupportedMediaType,
-    WeakKey,
+/// Declares `ErrorCode` from one list, so that a code's name, its string and its kind are
+/// written once and `ErrorCode::ALL` cannot miss one.
+macro_rules! error_codes {
+    ($($code:ident = $text:literal, $kind:ident;)*) => {
+        /// Every problem code the server answers with. The README's list of problem codes is
+        /// checked against [`ErrorCode::ALL`] by a test, and the OpenAPI document lists them
+        /// as the values of `Problem.code`.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        pub enum ErrorCode {
+            $($code,)*
+        }
+
+        impl ErrorCode {
+            pub const ALL: &[ErrorCode] = &[$(ErrorCode::$code,)*];
+
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(ErrorCode::$code => $text,)*
+                }
+            }
+
+            pub fn kind(self) -> ErrorKind {
+                match self {
+                    $(ErrorCode::$code => ErrorKind::$kind,)*
+                }
+            }
+        }
+    };
+}
+
+// To add a problem code: one line here (name = "kebab-case string", kind), then the README's
+// list (the test `the_readme_lists_every_problem_code` says what is missing).
+error_codes! {
+    AlreadyDecided = "already-decided", Conflict;
+    AlreadyRevoked = "already-revoked", Conflict;
+    BadCsrSignature = "bad-csr-signature", Invalid;
+    Busy = "busy", Unavailable;
+    ClientCertificateExpired = "client-certificate-expired", Unauthenticated;
+    ClientCertificateRejected = "client-certificate-rejected", Unauthenticated;
+    ClientCertificateRevoked = "client-certificate-revoked", Unauthenticated;
+    ClientCertificateSuperseded = "client-certificate-superseded", Unauthenticated;
+    ClusterNotActive = "cluster-not-active", Conflict;
+    ClusterNotServed = "cluster-not-served", Forbidden;
+    Conflict = "conflict", Conflict;
+    Disabled = "disabled", Unavailable;
+    EnrolmentTokenInvalid = "enrolment-token-invalid", Unauthenticated;
+    ExternalCaCluster = "external-ca-cluster", Conflict;
+    Forbidden = "forbidden", Forbidden;
+    HsmTimeout = "hsm-timeout", Unavailable;
+    HsmUnavailable = "hsm-unavailable", Unavailable;
+    IdentityMismatch = "identity-mismatch", Forbidden;
+    ImpersonationDenied = "impersonation-denied", Forbidden;
+    IntermediateNotReady = "intermediate-not-ready", Unavailable;
+    IntermediateRevoked = "intermediate-revoked", Unavailable;
+    Internal = "internal", Internal;
+    InvalidCertificate = "invalid-certificate", Invalid;
+    InvalidCluster = "invalid-cluster", Invalid;
+    InvalidEnvironment = "invalid-environment", Invalid;
+    InvalidImpersonatedIdentity = "invalid-impersonated-identity", Invalid;
+    InvalidKey = "invalid-key", Invalid;
+    InvalidKind = "invalid-kind", Invalid;
+    InvalidMode = "invalid-mode", Invalid;
+    InvalidName = "invalid-name", Invalid;
+    InvalidNames = "invalid-names", Invalid;
+    InvalidNamespace = "invalid-namespace", Invalid;
+    InvalidPath = "invalid-path", Invalid;
+    InvalidQuery = "invalid-query", Invalid;
+    InvalidReason = "invalid-reason", Invalid;
+    InvalidReport = "invalid-report", Invalid;
+    InvalidRequest = "invalid-request", Invalid;
+    InvalidRoot = "invalid-root", Invalid;
+    InvalidToken = "invalid-token", Unauthenticated;
+    InvalidTrustDomain = "invalid-trust-domain", Invalid;
+    InvalidValidity = "invalid-validity", Invalid;
+    IssuerExpiring = "issuer-expiring", Unavailable;
+    KeyBlocked = "key-blocked", Invalid;
+    KeyCompromised = "key-compromised", Unavailable;
+    MalformedBody = "malformed-body", Invalid;
+    MalformedCsr = "malformed-csr", Invalid;
+    MalformedJson = "malformed-json", Invalid;
+    MethodNotAllowed = "method-not-allowed", MethodNotAllowed;
+    MfaRequired = "mfa-required", Forbidden;
+    NameNotAllowed = "name-not-allowed", Forbidden;
+    NoClusterId = "no-cluster-id", Unauthenticated;
+    NoCrl = "no-crl", Conflict;
+    NotFound = "not-found", NotFound;
+    NotRecorded = "not-recorded", Unavailable;
+    PayloadTooLarge = "payload-too-large", TooLarge;
+    Policy = "policy", Invalid;
+    RateLimited = "rate-limited", RateLimited;
+    Rejected = "rejected", Invalid;
+    RenewalSuperseded = "renewal-superseded", Conflict;
+    RequestTimeout = "request-timeout", Timeout;
+    RotationBlocked = "rotation-blocked", Conflict;
+    RotationInProgress = "rotation-in-progress", Conflict;
+    RotationStage = "rotation-stage", Conflict;
+    RotationStale = "rotation-stale", Conflict;
+    ShuttingDown = "shutting-down", Unavailable;
+    TwoPersonRule = "two-person-rule", Forbidden;
+    Unauthenticated = "unauthenticated", Unauthenticated;
+    UnknownCluster = "unknown-cluster", Invalid;
+    UnknownEnvironment = "unknown-environment", Invalid;
+    UnsupportedMediaType = "unsupported-media-type", UnsupportedMediaType;
+    WeakKey = "weak-key", Invalid;
 }
 
 /// What kind of refusal a code is: decides the HTTP status and the gRPC code.
@@ -107,216 +135,6 @@ pub enum ErrorKind {
     Internal,
     /// Something this server depends on does not answer, or is not ready (503).
     Unavailable,
-}
-
-impl ErrorCode {
-    pub const ALL: &[ErrorCode] = &[
-        Self::AlreadyDecided,
-        Self::AlreadyRevoked,
-        Self::BadCsrSignature,
-        Self::Busy,
-        Self::ClientCertificateExpired,
-        Self::ClientCertificateRejected,
-        Self::ClientCertificateRevoked,
-        Self::ClientCertificateSuperseded,
-        Self::ClusterNotActive,
-        Self::ClusterNotServed,
-        Self::Conflict,
-        Self::Disabled,
-        Self::EnrolmentTokenInvalid,
-        Self::ExternalCaCluster,
-        Self::Forbidden,
-        Self::HsmTimeout,
-        Self::HsmUnavailable,
-        Self::IdentityMismatch,
-        Self::ImpersonationDenied,
-        Self::IntermediateNotReady,
-        Self::IntermediateRevoked,
-        Self::Internal,
-        Self::InvalidCertificate,
-        Self::InvalidCluster,
-        Self::InvalidEnvironment,
-        Self::InvalidImpersonatedIdentity,
-        Self::InvalidKey,
-        Self::InvalidKind,
-        Self::InvalidMode,
-        Self::InvalidName,
-        Self::InvalidNames,
-        Self::InvalidNamespace,
-        Self::InvalidPath,
-        Self::InvalidQuery,
-        Self::InvalidReason,
-        Self::InvalidReport,
-        Self::InvalidRequest,
-        Self::InvalidRoot,
-        Self::InvalidToken,
-        Self::InvalidTrustDomain,
-        Self::InvalidValidity,
-        Self::IssuerExpiring,
-        Self::KeyBlocked,
-        Self::KeyCompromised,
-        Self::MalformedBody,
-        Self::MalformedCsr,
-        Self::MalformedJson,
-        Self::MethodNotAllowed,
-        Self::MfaRequired,
-        Self::NameNotAllowed,
-        Self::NoClusterId,
-        Self::NoCrl,
-        Self::NotFound,
-        Self::NotRecorded,
-        Self::PayloadTooLarge,
-        Self::Policy,
-        Self::RateLimited,
-        Self::Rejected,
-        Self::RenewalSuperseded,
-        Self::RequestTimeout,
-        Self::RotationBlocked,
-        Self::RotationInProgress,
-        Self::RotationStage,
-        Self::RotationStale,
-        Self::ShuttingDown,
-        Self::TwoPersonRule,
-        Self::Unauthenticated,
-        Self::UnknownCluster,
-        Self::UnknownEnvironment,
-        Self::UnsupportedMediaType,
-        Self::WeakKey,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        use ErrorCode::*;
-        match self {
-            AlreadyDecided => "already-decided",
-            AlreadyRevoked => "already-revoked",
-            BadCsrSignature => "bad-csr-signature",
-            Busy => "busy",
-            ClientCertificateExpired => "client-certificate-expired",
-            ClientCertificateRejected => "client-certificate-rejected",
-            ClientCertificateRevoked => "client-certificate-revoked",
-            ClientCertificateSuperseded => "client-certificate-superseded",
-            ClusterNotActive => "cluster-not-active",
-            ClusterNotServed => "cluster-not-served",
-            Conflict => "conflict",
-            Disabled => "disabled",
-            EnrolmentTokenInvalid => "enrolment-token-invalid",
-            ExternalCaCluster => "external-ca-cluster",
-            Forbidden => "forbidden",
-            HsmTimeout => "hsm-timeout",
-            HsmUnavailable => "hsm-unavailable",
-            IdentityMismatch => "identity-mismatch",
-            ImpersonationDenied => "impersonation-denied",
-            IntermediateNotReady => "intermediate-not-ready",
-            IntermediateRevoked => "intermediate-revoked",
-            Internal => "internal",
-            InvalidCertificate => "invalid-certificate",
-            InvalidCluster => "invalid-cluster",
-            InvalidEnvironment => "invalid-environment",
-            InvalidImpersonatedIdentity => "invalid-impersonated-identity",
-            InvalidKey => "invalid-key",
-            InvalidKind => "invalid-kind",
-            InvalidMode => "invalid-mode",
-            InvalidName => "invalid-name",
-            InvalidNames => "invalid-names",
-            InvalidNamespace => "invalid-namespace",
-            InvalidPath => "invalid-path",
-            InvalidQuery => "invalid-query",
-            InvalidReason => "invalid-reason",
-            InvalidReport => "invalid-report",
-            InvalidRequest => "invalid-request",
-            InvalidRoot => "invalid-root",
-            InvalidToken => "invalid-token",
-            InvalidTrustDomain => "invalid-trust-domain",
-            InvalidValidity => "invalid-validity",
-            IssuerExpiring => "issuer-expiring",
-            KeyBlocked => "key-blocked",
-            KeyCompromised => "key-compromised",
-            MalformedBody => "malformed-body",
-            MalformedCsr => "malformed-csr",
-            MalformedJson => "malformed-json",
-            MethodNotAllowed => "method-not-allowed",
-            MfaRequired => "mfa-required",
-            NameNotAllowed => "name-not-allowed",
-            NoClusterId => "no-cluster-id",
-            NoCrl => "no-crl",
-            NotFound => "not-found",
-            NotRecorded => "not-recorded",
-            PayloadTooLarge => "payload-too-large",
-            Policy => "policy",
-            RateLimited => "rate-limited",
-            Rejected => "rejected",
-            RenewalSuperseded => "renewal-superseded",
-            RequestTimeout => "request-timeout",
-            RotationBlocked => "rotation-blocked",
-            RotationInProgress => "rotation-in-progress",
-            RotationStage => "rotation-stage",
-            RotationStale => "rotation-stale",
-            ShuttingDown => "shutting-down",
-            TwoPersonRule => "two-person-rule",
-            Unauthenticated => "unauthenticated",
-            UnknownCluster => "unknown-cluster",
-            UnknownEnvironment => "unknown-environment",
-            UnsupportedMediaType => "unsupported-media-type",
-            WeakKey => "weak-key",
-        }
-    }
-
-    pub fn kind(self) -> ErrorKind {
-        use ErrorCode::*;
-        match self {
-            BadCsrSignature
-            | InvalidCertificate
-            | InvalidCluster
-            | InvalidEnvironment
-            | InvalidImpersonatedIdentity
-            | InvalidKey
-            | InvalidKind
-            | InvalidMode
-            | InvalidName
-            | InvalidNames
-            | InvalidNamespace
-            | InvalidPath
-            | InvalidQuery
-            | InvalidReason
-            | InvalidReport
-            | InvalidRequest
-            | InvalidRoot
-            | InvalidTrustDomain
-            | InvalidValidity
-            | KeyBlocked
-            | MalformedBody
-            | MalformedCsr
-            | MalformedJson
-            | Policy
-            | Rejected
-            | UnknownCluster
-            | UnknownEnvironment
-            | WeakKey => ErrorKind::Invalid,
-            ClientCertificateExpired
-            | ClientCertificateRejected
-            | ClientCertificateRevoked
-            | ClientCertificateSuperseded
-            | EnrolmentTokenInvalid
-            | InvalidToken
-            | NoClusterId
-            | Unauthenticated => ErrorKind::Unauthenticated,
-            ClusterNotServed | Forbidden | IdentityMismatch | ImpersonationDenied | MfaRequired | NameNotAllowed
-            | TwoPersonRule => ErrorKind::Forbidden,
-            NotFound => ErrorKind::NotFound,
-            MethodNotAllowed => ErrorKind::MethodNotAllowed,
-            RequestTimeout => ErrorKind::Timeout,
-            AlreadyDecided | AlreadyRevoked | ClusterNotActive | Conflict | ExternalCaCluster | NoCrl
-            | RenewalSuperseded | RotationBlocked | RotationInProgress | RotationStage | RotationStale => {
-                ErrorKind::Conflict
-            }
-            PayloadTooLarge => ErrorKind::TooLarge,
-            UnsupportedMediaType => ErrorKind::UnsupportedMediaType,
-            RateLimited => ErrorKind::RateLimited,
-            Internal => ErrorKind::Internal,
-            Busy | Disabled | HsmTimeout | HsmUnavailable | IntermediateNotReady | IntermediateRevoked
-            | IssuerExpiring | KeyCompromised | NotRecorded | ShuttingDown => ErrorKind::Unavailable,
-        }
-    }
 }
 
 impl Serialize for ErrorCode {

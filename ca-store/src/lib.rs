@@ -14,6 +14,7 @@
 //! connection and `BEGIN IMMEDIATE`; PostgreSQL takes a transaction-scoped advisory lock. That
 //! keeps the audit chain linear across replicas and makes "state change + audit record" one
 //! atomic unit.
+#![forbid(unsafe_code)]
 
 use std::str::FromStr;
 use std::time::Duration;
