@@ -125,6 +125,9 @@ fn cross_sign(ca: &Ca, cn: &str, new_parent: &Ca, td: &TrustDomain) -> Result<Ca
     Ok(Ca { issuer: CaIssuer::new(cert, key)?, above: new_parent.above.clone() })
 }
 
+// The simulated mesh's workloads are real TLS endpoints (rustls and `openssl s_server`), which
+// need their keys as PKCS#8; the keys live in a throwaway directory for the length of a run.
+#[allow(clippy::disallowed_methods)]
 fn workload(cluster: &Cluster, name: &str) -> Result<Workload> {
     let kp = rcgen::KeyPair::generate().context("workload key")?;
     let public = hsm::PublicKey::from_spki_der(&rcgen::PublicKeyData::subject_public_key_info(&kp))?;

@@ -1,4 +1,5 @@
 //! Issuance policy and lint rules, with file keys (no HSM needed for these rules).
+#![allow(clippy::disallowed_methods)] // tests make throwaway keys for their certificates
 
 use ca_core::cert::CertInfo;
 use ca_core::issue::{CaIssuer, create_root, default_not_before, issue};

@@ -244,6 +244,7 @@ fn describe(e: &jsonwebtoken::errors::Error, expect: &Expect<'_>) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // throwaway keys to sign test tokens with
 mod tests {
     use super::*;
     use jsonwebtoken::{EncodingKey, Header};

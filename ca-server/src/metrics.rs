@@ -73,6 +73,12 @@ pub struct Metrics {
     pub rotation_exported: Mutex<Vec<RotationLabels>>,
 }
 
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("ca");

@@ -16,7 +16,7 @@ pub fn run(cmd: CsrCmd, output: Output) -> Result<()> {
     let pem = ca_core::csr::create_csr(&signer, subject_dn)?;
     write_one(&out, pem)?;
     let v =
-        json!({"path": out, "subject": subject, "public_key_sha256": hex::encode(&signer.public_key().fingerprint())});
+        json!({"path": out, "subject": subject, "public_key_sha256": hex::encode(signer.public_key().fingerprint())});
     emit(output, &v, || output::csr_text(&out, &subject));
     Ok(())
 }

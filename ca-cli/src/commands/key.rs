@@ -26,7 +26,7 @@ fn generate(key: KeyArg, algorithm: KeyAlgorithm, public_out: Option<PathBuf>, o
     if let Some(p) = &public_out {
         write_one(p, public.to_pem())?;
     }
-    let sha256 = hex::encode(&public.fingerprint());
+    let sha256 = hex::encode(public.fingerprint());
     let v = json!({
         "key": key.to_string(),
         "algorithm": algorithm.as_str(),
@@ -45,7 +45,7 @@ fn info(key: KeyArg, output: Output) -> Result<()> {
     let mut v = json!({
         "key": key.to_string(),
         "algorithm": signer.algorithm().as_str(),
-        "public_key_sha256": hex::encode(&public.fingerprint()),
+        "public_key_sha256": hex::encode(public.fingerprint()),
         "hardware": signer.is_hardware(),
     });
     if signer.is_hardware() {
