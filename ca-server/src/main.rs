@@ -16,8 +16,9 @@ use tower_http::trace::TraceLayer;
 
 use ca_server::config::{self, Config};
 use ca_server::service::checkpoint;
-use ca_server::service::state::{self, AppState, Inner, Issuer};
-use ca_server::service::{external_ca, jobs, rotation};
+use ca_server::service::issuer::{Issuer, Issuers};
+use ca_server::service::state::{AppState, Inner};
+use ca_server::service::{external_ca, istio, jobs, rotation};
 use ca_server::{auth, dev, edge, grpc, http, metrics, service, tls};
 
 #[derive(Parser)]
@@ -137,13 +138,13 @@ async fn run(args: Args) -> Result<()> {
     let tls_config = tls::server_config(&cfg.tls)?;
     let client_roots = tls::client_roots(&cfg.tls)?;
     let metrics = Arc::new(metrics::Metrics::new());
-    let istio = external_ca::Istio::new(cfg.istio.as_ref(), store.clone(), metrics.clone())?;
+    let istio = istio::Istio::new(cfg.istio.as_ref(), store.clone(), metrics.clone())?;
     let state = AppState::new(Inner {
         edge: edge::Edge::new(&cfg, metrics.clone()),
         auth: auth::Auth::new(cfg.auth.clone(), jwks),
         config: cfg.clone(),
         store,
-        issuers: state::Issuers::new(issuers),
+        issuers: Issuers::new(issuers),
         metrics,
         istio,
         instance: uuid::Uuid::new_v4().to_string(),

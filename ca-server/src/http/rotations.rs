@@ -13,7 +13,8 @@ use crate::auth::{Operator, Role};
 use crate::error::ServiceError;
 use crate::http::body::Body;
 use crate::http::extract::Path;
-use crate::service::rotation::{self, Rotation, Transition, pem_cert};
+use crate::service::rotation;
+use crate::service::rotation_record::{self, Rotation, Transition, pem_cert};
 use crate::service::state::AppState;
 
 #[derive(Serialize, ToSchema)]
@@ -151,7 +152,7 @@ pub struct RotationSummary {
 pub async fn list(State(state): State<AppState>, op: Operator) -> Result<Json<Vec<RotationSummary>>, ServiceError> {
     op.require(&[Role::Operator, Role::Admin, Role::Auditor], "listing rotations")?;
     Ok(Json(
-        rotation::list(&state)
+        rotation_record::list(&state)
             .await?
             .into_iter()
             .map(|r| RotationSummary {
@@ -175,7 +176,7 @@ pub async fn get(
     Path(id): Path<String>,
 ) -> Result<Json<RotationView>, ServiceError> {
     op.require(&[Role::Operator, Role::Admin, Role::Auditor], "reading rotations")?;
-    let r = rotation::load(&state, &id).await.map_err(|e| e.by(op.actor()))?;
+    let r = rotation_record::load(&state, &id).await.map_err(|e| e.by(op.actor()))?;
     Ok(Json(view(&state, &r, now_secs()).await?))
 }
 

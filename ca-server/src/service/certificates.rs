@@ -142,8 +142,8 @@ pub async fn issue_server_certificate(
             format!("{n} is not among istio.clusters.{name}.server_certificate_names ({})", allowed.join(", ")),
         )));
     }
-    let ca = crate::service::external_ca::cluster_ca(state, name).await.map_err(deny)?;
-    let csr = VerifiedCsr::parse(req.csr.as_bytes()).map_err(|e| deny(crate::service::state::map_core(e.into())))?;
+    let ca = crate::service::cluster_ca::cluster_ca(state, name).await.map_err(deny)?;
+    let csr = VerifiedCsr::parse(req.csr.as_bytes()).map_err(|e| deny(crate::service::issuer::map_core(e.into())))?;
     let spki = csr.public_key().spki_der().to_vec();
     crate::service::keys::refuse_blocked(&state.store, &spki).await.map_err(deny)?;
     let not_before = ca_core::issue::default_not_before();

@@ -65,7 +65,7 @@ async fn info(state: &AppState, c: ClusterRecord) -> Result<ClusterInfo, Service
     if let (true, Some(serial)) = (c.is_external_ca(), &c.current_serial)
         && let Some(cert) = state.store.get_certificate(serial).await?
     {
-        compromised = crate::service::external_ca::current_key_blocked(state, &cert).await?.is_some();
+        compromised = crate::service::cluster_ca::current_key_blocked(state, &cert).await?.is_some();
     }
     Ok(ClusterInfo { record: c, key_compromised: compromised })
 }

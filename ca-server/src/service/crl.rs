@@ -7,7 +7,8 @@ use serde_json::json;
 use time::OffsetDateTime;
 
 use crate::error::{ErrorCode, ServiceError};
-use crate::service::state::{AppState, Issuer};
+use crate::service::issuer::Issuer;
+use crate::service::state::AppState;
 
 /// Where an environment's CRL for one of its keys is stored: under the environment's name for
 /// the key it signs with now, under `<environment>@<SHA-256 of the SPKI>` for an earlier one.
@@ -33,7 +34,8 @@ pub(crate) async fn earlier_keys(
     let current = ca_store::spki_sha256(&issuer.cert.spki_der);
     let mut out: Vec<(String, CertInfo, Vec<CertInfo>, hsm::KeyRef)> = Vec::new();
     for r in state.store.list_rotations(false).await? {
-        let spec: crate::service::rotation::Spec = serde_json::from_str(&r.spec).map_err(ServiceError::internal)?;
+        let spec: crate::service::rotation_record::Spec =
+            serde_json::from_str(&r.spec).map_err(ServiceError::internal)?;
         let Some(plan) = spec.environments.get(&issuer.name) else { continue };
         let mut sides = vec![(plan.old_certificate.clone(), plan.old_chain.clone(), plan.old_key.clone())];
         if let Some(c) = &plan.new_certificate {

@@ -8,7 +8,8 @@ use serde_json::json;
 use time::OffsetDateTime;
 
 use crate::error::{ErrorCode, ServiceError};
-use crate::service::state::{AppState, Issuer};
+use crate::service::issuer::Issuer;
+use crate::service::state::AppState;
 
 /// The issuer followed by its parents (the chain a cluster certificate needs above it).
 pub(crate) fn issuer_chain(issuer: &Issuer) -> Vec<CertInfo> {

@@ -7,7 +7,8 @@ use std::time::Duration;
 use ca_store::now_secs;
 
 use crate::metrics::{ClusterLabels, IssuerLabels};
-use crate::service::state::{AppState, Issuer};
+use crate::service::issuer::Issuer;
+use crate::service::state::AppState;
 
 const PROBE_EVERY: Duration = Duration::from_secs(2);
 

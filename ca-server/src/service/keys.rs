@@ -105,7 +105,8 @@ async fn environment_spkis(state: &AppState) -> Result<Vec<Vec<u8>>, ServiceErro
         out.extend(i.versions().map(|(c, _)| c.spki_der.clone()));
     }
     for r in state.store.list_rotations(false).await? {
-        let spec: crate::service::rotation::Spec = serde_json::from_str(&r.spec).map_err(ServiceError::internal)?;
+        let spec: crate::service::rotation_record::Spec =
+            serde_json::from_str(&r.spec).map_err(ServiceError::internal)?;
         for plan in spec.environments.values() {
             for pem in std::iter::once(&plan.old_certificate).chain(&plan.new_certificate) {
                 let certs = ca_core::cert::parse_certs(pem.as_bytes(), "rotation certificate")

@@ -14,7 +14,7 @@ use time::OffsetDateTime;
 use crate::auth::service_account::{Caller, valid_k8s_name};
 use crate::config::IstioClusterConfig;
 use crate::error::{ErrorCode, ServiceError};
-use crate::service::external_ca::cluster_ca;
+use crate::service::cluster_ca::cluster_ca;
 use crate::service::recorder::Entry;
 use crate::service::state::AppState;
 
@@ -148,7 +148,7 @@ pub async fn record_denial(state: &AppState, denial: serde_json::Value) -> Resul
 
 fn judged_error(j: Judged) -> ServiceError {
     match j {
-        Judged::Csr(e) => crate::service::state::map_core(e),
+        Judged::Csr(e) => crate::service::issuer::map_core(e),
         Judged::Denial(WorkloadDenial::Forbidden(m)) => ServiceError::new(ErrorCode::IdentityMismatch, m),
         Judged::Denial(WorkloadDenial::Invalid(m)) => ServiceError::new(ErrorCode::InvalidRequest, m),
         Judged::Denial(WorkloadDenial::IssuerExpiring(m)) => ServiceError::new(ErrorCode::IssuerExpiring, m),
