@@ -8,7 +8,6 @@ use ca_core::cert::CertInfo;
 use ca_core::rotation::{RotationKind, Stage};
 use ca_store::{ClusterRecord, RotationRecord};
 use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
 
 use crate::error::{ErrorCode, ServiceError};
 use crate::service::state::AppState;
@@ -42,7 +41,7 @@ pub struct Spec {
     pub history: Vec<Transition>,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct EnvPlan {
     pub old_certificate: String,
     pub old_chain: Vec<String>,
@@ -56,7 +55,7 @@ pub struct EnvPlan {
     pub new_key: String,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ClusterPlan {
     pub external_ca: bool,
     /// External-CA: the server-held key before and after.
@@ -64,7 +63,7 @@ pub struct ClusterPlan {
     pub new_key: Option<String>,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Transition {
     pub from: String,
     pub to: String,
