@@ -16,6 +16,7 @@ use tower_http::trace::TraceLayer;
 
 use ca_server::config::{self, Config};
 use ca_server::service::checkpoint;
+use ca_server::service::hsm_call::HsmFailure;
 use ca_server::service::issuer::{Issuer, Issuers};
 use ca_server::service::state::{AppState, Inner};
 use ca_server::service::{external_ca, istio, jobs, rotation};
@@ -123,10 +124,9 @@ async fn run(args: Args) -> Result<()> {
     let mut issuers = BTreeMap::new();
     for ic in &cfg.issuers {
         let issuer = Arc::new(Issuer::load(ic)?);
-        let i = issuer.clone();
-        match tokio::time::timeout(Duration::from_secs(10), tokio::task::spawn_blocking(move || i.reconnect())).await {
-            Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err(e))) => {
+        match issuer.reconnect_within(Duration::from_secs(10)).await {
+            Ok(()) => {}
+            Err(HsmFailure::Failed(e)) => {
                 tracing::error!(issuer = %issuer.name, error = %format!("{e:#}"), "issuer key unavailable at start; will retry")
             }
             _ => tracing::error!(issuer = %issuer.name, "issuer key did not answer at start; will retry"),

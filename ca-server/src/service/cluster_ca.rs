@@ -7,6 +7,7 @@ use ca_core::cert::CertInfo;
 use ca_store::ClusterRecord;
 
 use crate::error::{ErrorCode, ServiceError};
+use crate::service::hsm_call::HsmFailure;
 use crate::service::issuer::Issuer;
 use crate::service::istio::ClusterCa;
 use crate::service::state::AppState;
@@ -113,17 +114,16 @@ async fn load_cluster_ca(state: &AppState, record: &ClusterRecord) -> Result<Arc
             .map_err(ServiceError::internal)?
             .with_trust(env.roots.clone(), vec![]),
     );
-    let i = issuer.clone();
-    match tokio::time::timeout(state.hsm_timeout(), tokio::task::spawn_blocking(move || i.reconnect())).await {
-        Ok(Ok(Ok(()))) => {}
-        Ok(Ok(Err(e))) => {
+    match issuer.reconnect_within(state.hsm_timeout()).await {
+        Ok(()) => {}
+        Err(HsmFailure::Failed(e)) => {
             tracing::error!(cluster = %name, error = %format!("{e:#}"), "cluster intermediate key unavailable");
             return Err(ServiceError::new(
                 ErrorCode::HsmUnavailable,
                 format!("the key of cluster {name} is unavailable"),
             ));
         }
-        _ => {
+        Err(HsmFailure::TimedOut | HsmFailure::Panicked(_)) => {
             return Err(ServiceError::new(
                 ErrorCode::HsmTimeout,
                 format!("the key of cluster {name} did not answer in time"),

@@ -94,10 +94,9 @@ pub async fn publish_crl(
                 continue;
             }
         };
-        let o = old.clone();
-        match tokio::time::timeout(state.hsm_timeout(), tokio::task::spawn_blocking(move || o.reconnect())).await {
-            Ok(Ok(Ok(()))) => {}
-            _ => {
+        match old.reconnect_within(state.hsm_timeout()).await {
+            Ok(()) => {}
+            Err(_) => {
                 tracing::error!(issuer = %issuer.name, key = %id, "earlier key did not open; its CRL is retried at the next publication");
                 continue;
             }

@@ -9,6 +9,7 @@ use serde_json::json;
 
 use crate::error::{ErrorCode, ServiceError};
 use crate::service::cluster_ca::key_compromised;
+use crate::service::hsm_call::{HsmFailure, open_public};
 use crate::service::serving_cert::ensure_serving_cert;
 use crate::service::state::AppState;
 
@@ -36,21 +37,17 @@ pub async fn ensure_intermediate(state: &AppState, name: &str, actor: &str) -> R
         .ok_or_else(|| ServiceError::internal(format!("cluster {name} has no key reference")))?
         .parse()
         .map_err(ServiceError::internal)?;
-    let kr = key_ref.clone();
-    let public = match tokio::time::timeout(
-        state.hsm_timeout(),
-        tokio::task::spawn_blocking(move || hsm::open_signer(&kr).map(|s| s.public_key().clone())),
-    )
-    .await
-    {
-        Ok(Ok(Ok(p))) => p,
-        Ok(Ok(Err(e))) => {
+    let public = match open_public(state.hsm_timeout(), &key_ref).await {
+        Ok(p) => p,
+        Err(HsmFailure::Failed(e)) => {
             return Err(ServiceError::new(
                 ErrorCode::HsmUnavailable,
                 format!("opening the key of cluster {name}: {e}"),
             ));
         }
-        _ => return Err(ServiceError::new(ErrorCode::HsmTimeout, format!("the key of cluster {name} did not answer"))),
+        Err(HsmFailure::TimedOut | HsmFailure::Panicked(_)) => {
+            return Err(ServiceError::new(ErrorCode::HsmTimeout, format!("the key of cluster {name} did not answer")));
+        }
     };
     // Not for a key revoked for compromise, whatever the revocation's own path did.
     let spki = public.spki_der().to_vec();

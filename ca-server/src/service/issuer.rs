@@ -14,6 +14,7 @@ use time::OffsetDateTime;
 
 use crate::config::IssuerConfig;
 use crate::error::{ErrorCode, ServiceError};
+use crate::service::hsm_call::{HsmFailure, run};
 
 /// The environment intermediates, by name: the ones in use, and the ones the configuration
 /// named at start (what rotations are applied to; the files are read once).
@@ -137,6 +138,12 @@ impl Issuer {
         Ok(())
     }
 
+    /// `reconnect` on a blocking thread, waiting at most `timeout`.
+    pub async fn reconnect_within(self: &Arc<Self>, timeout: Duration) -> Result<(), HsmFailure<anyhow::Error>> {
+        let issuer = self.clone();
+        run(timeout, move || issuer.reconnect()).await
+    }
+
     pub fn signer(&self) -> Option<Arc<CaIssuer>> {
         self.signer.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
@@ -161,17 +168,16 @@ impl Issuer {
                 format!("the key of issuer {} is not loaded", self.name),
             ));
         };
-        let task = tokio::task::spawn_blocking(move || f(&signer));
-        match tokio::time::timeout(timeout, task).await {
-            Err(_) => {
+        match run(timeout, move || f(&signer)).await {
+            Err(HsmFailure::TimedOut) => {
                 self.set_healthy(false);
                 Err(ServiceError::new(
                     ErrorCode::HsmTimeout,
                     format!("the HSM of issuer {} did not answer in time", self.name),
                 ))
             }
-            Ok(Err(join)) => Err(ServiceError::internal(join)),
-            Ok(Ok(Err(ca_core::CoreError::Hsm(e)))) => {
+            Err(HsmFailure::Panicked(join)) => Err(ServiceError::internal(join)),
+            Err(HsmFailure::Failed(ca_core::CoreError::Hsm(e))) => {
                 self.set_healthy(false);
                 tracing::error!(issuer = %self.name, error = %e, "HSM failure");
                 Err(ServiceError::new(
@@ -179,7 +185,8 @@ impl Issuer {
                     format!("the key of issuer {} failed; try again shortly", self.name),
                 ))
             }
-            Ok(Ok(r)) => r.map_err(map_core),
+            Err(HsmFailure::Failed(e)) => Err(map_core(e)),
+            Ok(r) => Ok(r),
         }
     }
 

@@ -11,6 +11,7 @@ pub mod crl;
 pub mod denials;
 pub mod external_ca;
 pub mod health;
+pub mod hsm_call;
 pub mod intermediates;
 pub mod issuance;
 pub mod issuer;

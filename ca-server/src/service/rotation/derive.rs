@@ -121,10 +121,9 @@ async fn refresh_one(state: &AppState, configured: &Issuer, rotations: &[Rotatio
         .map_err(|e| ServiceError::internal(format!("{e:#}")))?
         .with_trust(d.bundle, d.accepted);
     let issuer = Arc::new(issuer);
-    let i = issuer.clone();
-    match tokio::time::timeout(state.hsm_timeout(), tokio::task::spawn_blocking(move || i.reconnect())).await {
-        Ok(Ok(Ok(()))) => {}
-        _ => tracing::error!(issuer = %name, "the rotated issuer's key did not open; the probe retries"),
+    match issuer.reconnect_within(state.hsm_timeout()).await {
+        Ok(()) => {}
+        Err(_) => tracing::error!(issuer = %name, "the rotated issuer's key did not open; the probe retries"),
     }
     tracing::info!(issuer = %name, subject = %issuer.cert.subject, serial = %issuer.cert.serial,
         bundle = ?fingerprints(&issuer.roots), "issuer updated by a rotation");
