@@ -38,16 +38,6 @@ pub struct ClusterInfo {
     pub key_compromised: bool,
 }
 
-/// Lowercase letters, digits and '-', at most 63, not starting or ending with '-' (also the
-/// rule for Kubernetes namespaces).
-pub fn valid_cluster_name(n: &str) -> bool {
-    !n.is_empty()
-        && n.len() <= 63
-        && n.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-        && !n.starts_with('-')
-        && !n.ends_with('-')
-}
-
 pub fn token_hash(token: &str) -> String {
     hex::encode(sha2::Sha256::digest(token.as_bytes()))
 }
@@ -89,7 +79,7 @@ pub async fn get(state: &AppState, op: &Operator, name: &str) -> Result<ClusterI
 
 /// Registers a cluster. Takes effect when a different operator approves the request.
 pub async fn register(state: &AppState, op: &Operator, req: Registration) -> Result<Requested, ServiceError> {
-    if !valid_cluster_name(&req.name) {
+    if !ca_core::names::is_cluster_name(&req.name) {
         return Err(ServiceError::new(
             ErrorCode::InvalidName,
             "cluster names use lowercase letters, digits and '-' (at most 63)",

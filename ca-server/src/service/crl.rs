@@ -2,6 +2,7 @@
 
 use base64::Engine;
 use ca_core::cert::CertInfo;
+use ca_core::validity::{Fit, fit_validity};
 use ca_store::{AuditEvent, CertFilter, CertRecord, CrlRecord, now_secs};
 use serde_json::json;
 use time::OffsetDateTime;
@@ -124,7 +125,9 @@ async fn publish_one(
         let revoked: Vec<&CertRecord> = all.iter().filter(|r| mine(r)).collect();
         let number = state.store.get_crl(name).await?.map_or(1, |c| c.number + 1);
         let now = OffsetDateTime::now_utc().replace_nanosecond(0).expect("0 is valid");
-        let next = (now + state.config.crl.validity.duration()).min(signer.cert.not_after);
+        let end = signer.cert.not_after;
+        let next =
+            fit_validity(end, now, state.config.crl.validity.duration(), Fit::Clamp).map_or(end, |f| f.not_after);
         let mut entries = Vec::new();
         for r in &revoked {
             let serial = ca_core::crl::parse_serial(&r.serial)

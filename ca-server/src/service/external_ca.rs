@@ -4,6 +4,7 @@
 //! `cluster_ca`.
 
 use anyhow::Result;
+use ca_core::validity::{CLUSTER_RENEWAL, renewal_due};
 use ca_store::{AuditEvent, now_secs};
 use serde_json::json;
 
@@ -14,7 +15,8 @@ use crate::service::serving_cert::ensure_serving_cert;
 use crate::service::state::AppState;
 
 /// Issues (or renews) the intermediate of an external-CA cluster for the key the server holds.
-/// Due when the cluster has none, its newest is revoked, or two thirds of its life have passed.
+/// Due when the cluster has none, its newest is revoked, or `CLUSTER_RENEWAL` of its life has
+/// passed.
 pub async fn ensure_intermediate(state: &AppState, name: &str, actor: &str) -> Result<bool, ServiceError> {
     let Some(cluster) = state.store.get_cluster(name).await? else { return Ok(false) };
     if !cluster.is_external_ca() || cluster.status != "active" {
@@ -25,8 +27,8 @@ pub async fn ensure_intermediate(state: &AppState, name: &str, actor: &str) -> R
     let (_, reissue_after) = crate::service::rotation_record::changed_at(state, &cluster).await?;
     if let Some(serial) = &cluster.current_serial {
         if let Some(c) = state.store.get_certificate(serial).await? {
-            let renew_at = c.not_before + (c.not_after - c.not_before) * 2 / 3;
-            if c.revoked_at.is_none() && now < renew_at && c.issued_at >= reissue_after {
+            let due = renewal_due(c.not_before, c.not_after, CLUSTER_RENEWAL, now);
+            if c.revoked_at.is_none() && !due && c.issued_at >= reissue_after {
                 return Ok(false);
             }
         }

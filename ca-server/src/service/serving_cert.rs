@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use ca_core::cert::CertInfo;
 use ca_core::profile::{CertRequest, ProfileKind};
+use ca_core::validity::{Fit, LifeFraction, fit_validity, renew_at};
 use ca_store::now_secs;
 use rustls::sign::CertifiedKey;
 use serde_json::json;
@@ -53,7 +54,9 @@ pub async fn ensure_serving_cert(state: &AppState) -> Result<(), ServiceError> {
     let public = hsm::PublicKey::from_spki_der(&rcgen::PublicKeyData::subject_public_key_info(&key))
         .map_err(ServiceError::internal)?;
     let not_before = ca_core::issue::default_not_before();
-    let not_after = (not_before + cfg.serving_cert_validity.duration()).min(ca.issuer.cert.not_after);
+    let end = ca.issuer.cert.not_after;
+    let not_after =
+        fit_validity(end, not_before, cfg.serving_cert_validity.duration(), Fit::Clamp).map_or(end, |f| f.not_after);
     let mut subject = rcgen::DistinguishedName::new();
     subject.push(rcgen::DnType::CommonName, "ca-server");
     let request = CertRequest {
@@ -79,7 +82,7 @@ pub async fn ensure_serving_cert(state: &AppState) -> Result<(), ServiceError> {
     chain.extend(ca.serving_chain.iter().map(|c| rustls_pki_types::CertificateDer::from(c.der.clone())));
     let der = rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
     let signing = rustls::crypto::aws_lc_rs::sign::any_ecdsa_type(&der).map_err(ServiceError::internal)?;
-    let renew_at = cert.not_before.unix_timestamp() + (cert.not_after - cert.not_before).whole_seconds() / 2;
+    let renew_at = renew_at(cert.not_before.unix_timestamp(), cert.not_after.unix_timestamp(), LifeFraction::HALF);
     state.istio.serving.install(Arc::new(CertifiedKey::new(chain, signing)), renew_at, chain_id(&ca));
     tracing::info!(serial = %cert.serial, cluster = %name, "gRPC serving certificate issued");
     Ok(())

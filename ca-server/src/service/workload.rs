@@ -4,14 +4,14 @@
 //! key is used, the signature, and the record that must be durable before anything is answered.
 
 use ca_core::csr::VerifiedCsr;
-use ca_core::names::SpiffeId;
+use ca_core::names::{SpiffeId, is_k8s_object_name};
 use ca_core::profile::{CertRequest, ProfileKind};
 use ca_core::workload::{TtlPolicy, WorkloadDenial};
 use ca_store::{WorkloadRecord, now_secs};
 use sha2::Digest;
 use time::OffsetDateTime;
 
-use crate::auth::service_account::{Caller, valid_k8s_name};
+use crate::auth::service_account::Caller;
 use crate::config::IstioClusterConfig;
 use crate::error::{ErrorCode, ServiceError};
 use crate::service::cluster_ca::cluster_ca;
@@ -76,7 +76,7 @@ pub async fn issue(
         // Only workload identities of the Istio form, and never a node account itself.
         let path = imp.split_once("://").and_then(|(_, r)| r.split_once('/')).map_or("", |(_, p)| p);
         let target = match path.split('/').collect::<Vec<_>>().as_slice() {
-            ["ns", ns, "sa", sa] if valid_k8s_name(ns) && valid_k8s_name(sa) => format!("{ns}/{sa}"),
+            ["ns", ns, "sa", sa] if is_k8s_object_name(ns) && is_k8s_object_name(sa) => format!("{ns}/{sa}"),
             _ => {
                 return Err(ServiceError::new(
                     ErrorCode::ImpersonationDenied,
