@@ -50,9 +50,7 @@ pub async fn ensure_serving_cert(state: &AppState) -> Result<(), ServiceError> {
     if !state.istio.serving.renew_due(now, Some(&chain_id(&ca))) {
         return Ok(());
     }
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(ServiceError::internal)?;
-    let public = hsm::PublicKey::from_spki_der(&rcgen::PublicKeyData::subject_public_key_info(&key))
-        .map_err(ServiceError::internal)?;
+    let (public, signing) = hsm::tls::ephemeral_key(hsm::KeyAlgorithm::EcdsaP256).map_err(ServiceError::internal)?;
     let not_before = ca_core::issue::default_not_before();
     let end = ca.issuer.cert.not_after;
     let not_after =
@@ -80,8 +78,6 @@ pub async fn ensure_serving_cert(state: &AppState) -> Result<(), ServiceError> {
     tx.commit().await?;
     let mut chain = vec![rustls_pki_types::CertificateDer::from(cert.der.clone())];
     chain.extend(ca.serving_chain.iter().map(|c| rustls_pki_types::CertificateDer::from(c.der.clone())));
-    let der = rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
-    let signing = rustls::crypto::aws_lc_rs::sign::any_ecdsa_type(&der).map_err(ServiceError::internal)?;
     let renew_at = renew_at(cert.not_before.unix_timestamp(), cert.not_after.unix_timestamp(), LifeFraction::HALF);
     state.istio.serving.install(Arc::new(CertifiedKey::new(chain, signing)), renew_at, chain_id(&ca));
     tracing::info!(serial = %cert.serial, cluster = %name, "gRPC serving certificate issued");
