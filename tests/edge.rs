@@ -325,7 +325,8 @@ async fn labels_and_logs_are_bounded_and_shutdown_writes_the_summary() {
 /// The server's state in process, on a fresh SQLite database, with operator tokens signed by
 /// `oidc` (no issuers: the routes under test need none).
 async fn in_process_state(dir: &Path, oidc: &rcgen::KeyPair) -> ca_server::service::state::AppState {
-    use ca_server::service::state::{AppState, Inner, Issuers};
+    use ca_server::service::issuer::Issuers;
+    use ca_server::service::state::{AppState, Inner};
     let cfg: ca_server::config::Config = toml::from_str(&format!(
         r#"
 listen = "127.0.0.1:0"
@@ -356,7 +357,7 @@ key = "file:unused.key"
     AppState::new(Inner {
         edge: ca_server::edge::Edge::new(&cfg, metrics.clone()),
         auth: ca_server::auth::Auth::new(cfg.auth.clone(), jwks),
-        istio: ca_server::service::external_ca::Istio::new(None, store.clone(), metrics.clone()).unwrap(),
+        istio: ca_server::service::istio::Istio::new(None, store.clone(), metrics.clone()).unwrap(),
         config: cfg,
         store,
         issuers: Issuers::new(Default::default()),

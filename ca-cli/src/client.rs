@@ -23,15 +23,13 @@ pub fn tls_config(ca_root: &Path, client: Option<(&Path, &Path)>) -> Result<rust
     Ok(match client {
         None => builder.with_no_client_auth(),
         Some((cert, key)) => {
-            let der = load_cert(cert)?.der;
-            let exported = hsm::export_file_key(&hsm::KeyRef::file(key))?;
-            let key_der = pem::parse(exported.expose_pem())?.into_contents();
-            builder
-                .with_client_auth_cert(
-                    vec![rustls::pki_types::CertificateDer::from(der)],
-                    rustls::pki_types::PrivateKeyDer::Pkcs8(key_der.into()),
-                )
-                .context("the current intermediate and its key do not match")?
+            let chain = vec![rustls::pki_types::CertificateDer::from(load_cert(cert)?.der)];
+            // The key stays in hsm: rustls gets a signer for it, never its bytes.
+            let certified = hsm::tls::certified_key(&hsm::KeyRef::file(key), chain).map_err(|e| match e {
+                e @ hsm::HsmError::Io { .. } => anyhow::Error::new(e),
+                e => anyhow::Error::new(e).context("the current intermediate and its key do not match"),
+            })?;
+            builder.with_client_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(certified)))
         }
     })
 }

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use ca_core::cert::{CertInfo, load_cert, load_certs};
+use ca_core::validity::LifeFraction;
 use serde::Serialize;
 use serde_json::json;
 use time::OffsetDateTime;
@@ -34,8 +35,8 @@ pub struct RenewArgs {
     pub ca_root: PathBuf,
     pub force: bool,
     pub enrolment_token: Option<String>,
-    /// Fraction of the lifetime after which to renew.
-    pub renew_after: f64,
+    /// Fraction of the lifetime after which to renew (before jitter).
+    pub renew_after: LifeFraction,
 }
 
 /// What a run did (printed as is with `--output json`).
@@ -97,12 +98,12 @@ const CREDENTIAL_REFUSALS: &[&str] = &[
 
 /// Renewal time: after `fraction` of the lifetime, moved by up to ±5% of the lifetime so that
 /// many clusters issued together do not all renew in the same minute.
-fn renew_at(cert: &CertInfo, fraction: f64) -> OffsetDateTime {
+fn renew_at(cert: &CertInfo, fraction: LifeFraction) -> OffsetDateTime {
     let life = (cert.not_after - cert.not_before).as_seconds_f64();
     let mut b = [0u8; 4];
     let _ = getrandom(&mut b);
     let jitter = (u32::from_le_bytes(b) as f64 / u32::MAX as f64 - 0.5) * 0.1;
-    cert.not_before + time::Duration::seconds_f64(life * (fraction + jitter).clamp(0.05, 0.95))
+    cert.not_before + time::Duration::seconds_f64(life * (fraction.as_f64() + jitter).clamp(0.05, 0.95))
 }
 
 fn getrandom(b: &mut [u8]) -> std::io::Result<()> {
@@ -518,7 +519,7 @@ mod tests {
         let life = (cert.not_after - cert.not_before).as_seconds_f64();
         let mut seen = std::collections::HashSet::new();
         for _ in 0..200 {
-            let at = (renew_at(&cert, 2.0 / 3.0) - cert.not_before).as_seconds_f64() / life;
+            let at = (renew_at(&cert, LifeFraction::TWO_THIRDS) - cert.not_before).as_seconds_f64() / life;
             assert!((0.61..=0.72).contains(&at), "{at}");
             seen.insert((at * 1000.0) as i64);
         }

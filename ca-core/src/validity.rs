@@ -61,7 +61,17 @@ impl LifeFraction {
         assert!(den > 0, "a life fraction needs a positive denominator");
         LifeFraction { num, den }
     }
+
+    /// The fraction as a float, for schedules that add jitter to it.
+    pub fn as_f64(self) -> f64 {
+        self.num as f64 / self.den as f64
+    }
 }
+
+/// When cluster intermediates renew: the server's own renewal of external-CA clusters,
+/// `ca-cli cluster renew` (before its jitter) and the `renewal-due` that `ca-cli status`
+/// reports all read this one value.
+pub const CLUSTER_RENEWAL: LifeFraction = LifeFraction::TWO_THIRDS;
 
 /// When a certificate valid from `not_before` to `not_after` (Unix seconds) reaches
 /// `fraction` of its life.

@@ -285,3 +285,54 @@ fn services_import_no_protocol() {
     }
     assert!(offenders.is_empty(), "protocol names in services: {offenders:?}");
 }
+
+/// Private keys are made, read and handed out by `hsm` alone (`hsm::tls` gives rustls a signer,
+/// never the key's bytes). Outside `hsm/src/`, non-test code names none of the raw key paths,
+/// except where a key leaves custody on purpose, each for the reason given.
+#[test]
+fn key_material_stays_in_hsm() {
+    const RAW_KEY_PATHS: &[&str] = &[
+        "KeyPair::generate",
+        "generate_for(",
+        "generate_rsa_for(",
+        "serialize_der()",
+        "serialize_pem()",
+        "PrivateKeyDer",
+        "PrivatePkcs8KeyDer",
+        "export_file_key",
+    ];
+    const ALLOWED: &[(&str, &str)] = &[
+        ("ca-core/src/cacerts.rs", "plug-in mode writes istiod's ca-key.pem: istiod signs with it, by design"),
+        ("ca-cli/src/handshake.rs", "throwaway workload keys of the simulated mesh, handed to rustls"),
+        ("ca-cli/src/simulate.rs", "throwaway workload keys of the simulated mesh, made per run"),
+        ("ca-server/src/dev.rs", "the dev setup's token-signing keys, exported for the local OIDC issuer and tokens"),
+    ];
+    let root = workspace();
+    let mut files = Vec::new();
+    rust_sources(&root, &mut files);
+    let mut hits = std::collections::BTreeMap::new();
+    for f in files {
+        let rel = f.strip_prefix(&root).unwrap().to_string_lossy().to_string();
+        if rel.starts_with("hsm/src/") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&f).unwrap();
+        // Unit tests may make keys as they like; they sit at the end of a file.
+        let code = without_comments(text.split("#[cfg(test)]").next().unwrap_or_default());
+        let found: Vec<&str> = RAW_KEY_PATHS.iter().copied().filter(|p| code.contains(p)).collect();
+        if !found.is_empty() {
+            hits.insert(rel, found);
+        }
+    }
+    let offenders: Vec<String> = hits
+        .iter()
+        .filter(|(rel, _)| !ALLOWED.iter().any(|(a, _)| a == rel))
+        .map(|(rel, found)| format!("{rel}: {found:?}"))
+        .collect();
+    assert!(offenders.is_empty(), "raw key material outside hsm: {offenders:?}");
+    // The scan sees the uses that are allowed, so it would see a new one; an entry that no
+    // longer has any is taken out of the list.
+    for (allowed, why) in ALLOWED {
+        assert!(hits.contains_key(*allowed), "{allowed} ({why}) no longer handles raw keys: drop it from ALLOWED");
+    }
+}

@@ -11,6 +11,7 @@ use ca_core::cert::load_cert;
 use ca_core::issue::{CaIssuer, default_not_before, issue};
 use ca_core::outputs::OutputSet;
 use ca_core::profile::{CertRequest, ProfileKind};
+use ca_core::validity::{Fit, fit_validity};
 use serde_json::json;
 
 pub const ISSUER: &str = "https://dev.pki-mesh.local";
@@ -80,7 +81,8 @@ pub fn prepare(dir: &Path) -> Result<DevSetup> {
             subject,
             hsm::open_signer(&server_key)?.public_key().clone(),
             nb,
-            (nb + time::Duration::days(365)).min(env.cert.not_after),
+            fit_validity(env.cert.not_after, nb, time::Duration::days(365), Fit::Clamp)
+                .map_or(env.cert.not_after, |f| f.not_after),
         )
     };
     let server = issue(&env, &req)?;

@@ -16,8 +16,10 @@ use tower_http::trace::TraceLayer;
 
 use ca_server::config::Config;
 use ca_server::service::checkpoint;
-use ca_server::service::state::{self, AppState, Inner, Issuer};
-use ca_server::service::{external_ca, jobs, rotation};
+use ca_server::service::hsm_call::HsmFailure;
+use ca_server::service::issuer::{Issuer, Issuers};
+use ca_server::service::state::{AppState, Inner};
+use ca_server::service::{external_ca, istio, jobs, rotation};
 use ca_server::{auth, dev, edge, grpc, http, metrics, service, tls};
 
 #[derive(Parser)]
@@ -110,10 +112,9 @@ async fn run(args: Args) -> Result<()> {
     let mut issuers = BTreeMap::new();
     for ic in &cfg.issuers {
         let issuer = Arc::new(Issuer::load(ic)?);
-        let i = issuer.clone();
-        match tokio::time::timeout(Duration::from_secs(10), tokio::task::spawn_blocking(move || i.reconnect())).await {
-            Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err(e))) => {
+        match issuer.reconnect_within(Duration::from_secs(10)).await {
+            Ok(()) => {}
+            Err(HsmFailure::Failed(e)) => {
                 tracing::error!(issuer = %issuer.name, error = %format!("{e:#}"), "issuer key unavailable at start; will retry")
             }
             _ => tracing::error!(issuer = %issuer.name, "issuer key did not answer at start; will retry"),
@@ -125,13 +126,13 @@ async fn run(args: Args) -> Result<()> {
     let tls_config = tls::server_config(&cfg.tls)?;
     let client_roots = tls::client_roots(&cfg.tls)?;
     let metrics = Arc::new(metrics::Metrics::new());
-    let istio = external_ca::Istio::new(cfg.istio.as_ref(), store.clone(), metrics.clone())?;
+    let istio = istio::Istio::new(cfg.istio.as_ref(), store.clone(), metrics.clone())?;
     let state = AppState::new(Inner {
         edge: edge::Edge::new(&cfg, metrics.clone()),
         auth,
         config: cfg.clone(),
         store,
-        issuers: state::Issuers::new(issuers),
+        issuers: Issuers::new(issuers),
         metrics,
         istio,
         instance: uuid::Uuid::new_v4().to_string(),

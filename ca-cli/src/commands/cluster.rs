@@ -38,8 +38,15 @@ fn renew(
         ),
         None => std::env::var("CA_ENROLMENT_TOKEN").ok().filter(|t| !t.trim().is_empty()),
     };
-    let args =
-        renewal::RenewArgs { server, cluster, state_dir, ca_root, force, enrolment_token, renew_after: 2.0 / 3.0 };
+    let args = renewal::RenewArgs {
+        server,
+        cluster,
+        state_dir,
+        ca_root,
+        force,
+        enrolment_token,
+        renew_after: ca_core::validity::CLUSTER_RENEWAL,
+    };
     let r = block_on(renewal::renew(&args))?;
     emit(output, &serde_json::to_value(&r)?, || output::renewal_text(&args.cluster, &args.state_dir, &r));
     Ok(())

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use ca_core::cert::CertInfo;
+use ca_core::validity::{CLUSTER_RENEWAL, renewal_due};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use time::OffsetDateTime;
@@ -24,16 +25,16 @@ pub fn run(server: String, ca_root: PathBuf, output: Output) -> Result<()> {
     Ok(())
 }
 
-/// Renewal state of a certificate valid from `nb` to `na`, at `now`: renewal is due at two
-/// thirds of the lifetime (when `ca-cli cluster renew` and the server's own renewal act), and
-/// the last tenth of the lifetime is `expiring`.
+/// Renewal state of a certificate valid from `nb` to `na`, at `now`: renewal is due at
+/// `CLUSTER_RENEWAL` of the lifetime (when `ca-cli cluster renew` and the server's own renewal
+/// act), and the last tenth of the lifetime is `expiring`.
 pub fn renewal_state(nb: i64, na: i64, now: i64) -> &'static str {
     let life = (na - nb).max(1);
     if now >= na {
         "expired"
     } else if na - now <= life / 10 {
         "expiring"
-    } else if now >= nb + life * 2 / 3 {
+    } else if renewal_due(nb, nb + life, CLUSTER_RENEWAL, now) {
         "renewal-due"
     } else {
         "ok"

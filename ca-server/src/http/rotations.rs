@@ -13,7 +13,8 @@ use crate::auth::{Operator, Role};
 use crate::error::ServiceError;
 use crate::http::body::Body;
 use crate::http::extract::Path;
-use crate::service::rotation::{self, Rotation, Transition, pem_cert};
+use crate::service::rotation;
+use crate::service::rotation_record::{self, Rotation, pem_cert};
 use crate::service::state::AppState;
 
 #[derive(Serialize, ToSchema)]
@@ -77,6 +78,29 @@ pub struct RotationView {
     updated_at: i64,
 }
 
+// The service's `Transition` is what storage holds; this is its API shape (the same fields,
+// under the same schema name).
+#[derive(Serialize, ToSchema)]
+struct Transition {
+    from: String,
+    to: String,
+    at: i64,
+    requested_by: String,
+    approved_by: String,
+}
+
+impl From<&rotation_record::Transition> for Transition {
+    fn from(t: &rotation_record::Transition) -> Self {
+        Transition {
+            from: t.from.clone(),
+            to: t.to.clone(),
+            at: t.at,
+            requested_by: t.requested_by.clone(),
+            approved_by: t.approved_by.clone(),
+        }
+    }
+}
+
 #[derive(Serialize, ToSchema)]
 struct BlockerView {
     /// The cluster that holds the stage back, if it is about one.
@@ -129,7 +153,7 @@ async fn view(state: &AppState, r: &Rotation, now: i64) -> Result<RotationView, 
         chain_changed_at: r.spec.chain_changed_at,
         old_root: fp(&r.spec.old_root)?,
         new_root: fp(&r.spec.new_root)?,
-        history: r.spec.history.clone(),
+        history: r.spec.history.iter().map(Transition::from).collect(),
         created_by: r.rec.created_by.clone(),
         created_at: r.rec.created_at,
         updated_at: r.rec.updated_at,
@@ -151,7 +175,7 @@ pub struct RotationSummary {
 pub async fn list(State(state): State<AppState>, op: Operator) -> Result<Json<Vec<RotationSummary>>, ServiceError> {
     op.require(&[Role::Operator, Role::Admin, Role::Auditor], "listing rotations")?;
     Ok(Json(
-        rotation::list(&state)
+        rotation_record::list(&state)
             .await?
             .into_iter()
             .map(|r| RotationSummary {
@@ -175,7 +199,7 @@ pub async fn get(
     Path(id): Path<String>,
 ) -> Result<Json<RotationView>, ServiceError> {
     op.require(&[Role::Operator, Role::Admin, Role::Auditor], "reading rotations")?;
-    let r = rotation::load(&state, &id).await.map_err(|e| e.by(op.actor()))?;
+    let r = rotation_record::load(&state, &id).await.map_err(|e| e.by(op.actor()))?;
     Ok(Json(view(&state, &r, now_secs()).await?))
 }
 

@@ -10,7 +10,6 @@ use utoipa::IntoParams;
 
 use crate::error::{ErrorCode, Problem, ServiceError};
 use crate::http::extract::{Path, Query};
-use crate::service::clusters::valid_cluster_name;
 use crate::service::state::AppState;
 
 /// The cluster's trust bundle (PEM): what `root-cert.pem`, the `istio-ca-root-cert` ConfigMap
@@ -44,7 +43,7 @@ pub(crate) async fn trust_bundle_configmap(
     Query(q): Query<ConfigMapQuery>,
 ) -> Result<Response, ServiceError> {
     let namespace = q.namespace.unwrap_or_else(|| "istio-system".into());
-    if !valid_cluster_name(&namespace) {
+    if !ca_core::names::is_dns1123_label(&namespace) {
         return Err(ServiceError::new(ErrorCode::InvalidNamespace, "namespace must be a Kubernetes name"));
     }
     let pem: String = crate::service::trust::cluster_roots(&state, &name).await?.iter().map(CertInfo::pem).collect();

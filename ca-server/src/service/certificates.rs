@@ -3,7 +3,9 @@
 
 use ca_core::cert::CertInfo;
 use ca_core::csr::VerifiedCsr;
+use ca_core::names::is_dns_name;
 use ca_core::profile::{CertRequest, ProfileKind};
+use ca_core::validity::{Fit, fit_validity};
 use ca_store::{CertFilter, CertRecord, WorkloadRecord, now_secs};
 use serde_json::json;
 
@@ -110,17 +112,7 @@ pub async fn issue_server_certificate(
     if validity <= time::Duration::ZERO || validity > time::Duration::days(90) {
         return Err(deny(ServiceError::new(ErrorCode::InvalidValidity, "validity must be positive and at most 90d")));
     }
-    if req.dns_names.is_empty()
-        || req.dns_names.iter().any(|n| {
-            n.is_empty()
-                || n.len() > 253
-                || !n.split('.').all(|l| {
-                    !l.is_empty()
-                        && l.len() <= 63
-                        && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-                })
-        })
-    {
+    if req.dns_names.is_empty() || !req.dns_names.iter().all(|n| is_dns_name(n)) {
         return Err(deny(ServiceError::new(
             ErrorCode::InvalidNames,
             "dns_names must be one or more lowercase DNS names without wildcards",
@@ -142,12 +134,13 @@ pub async fn issue_server_certificate(
             format!("{n} is not among istio.clusters.{name}.server_certificate_names ({})", allowed.join(", ")),
         )));
     }
-    let ca = crate::service::external_ca::cluster_ca(state, name).await.map_err(deny)?;
-    let csr = VerifiedCsr::parse(req.csr.as_bytes()).map_err(|e| deny(crate::service::state::map_core(e.into())))?;
+    let ca = crate::service::cluster_ca::cluster_ca(state, name).await.map_err(deny)?;
+    let csr = VerifiedCsr::parse(req.csr.as_bytes()).map_err(|e| deny(crate::service::issuer::map_core(e.into())))?;
     let spki = csr.public_key().spki_der().to_vec();
     crate::service::keys::refuse_blocked(&state.store, &spki).await.map_err(deny)?;
     let not_before = ca_core::issue::default_not_before();
-    let not_after = (not_before + validity).min(ca.issuer.cert.not_after);
+    let end = ca.issuer.cert.not_after;
+    let not_after = fit_validity(end, not_before, validity, Fit::Clamp).map_or(end, |f| f.not_after);
     let mut subject = rcgen::DistinguishedName::new();
     subject.push(rcgen::DnType::CommonName, req.dns_names[0].clone());
     let request = CertRequest {

@@ -4,10 +4,11 @@
 
 use std::sync::Arc;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, anyhow};
 use ca_core::audit::{Checkpoint, checkpoint_message};
 use ca_store::now_millis;
 
+use crate::service::hsm_call::{HsmFailure, run};
 use crate::service::state::AppState;
 
 /// Signs a checkpoint over the current head when enough records or time have passed since
@@ -31,10 +32,13 @@ pub async fn maybe_checkpoint(state: &AppState, force: bool) -> Result<Option<i6
     }
     let msg = checkpoint_message(head, &hash);
     let key = signer.clone();
-    let sig = tokio::time::timeout(state.hsm_timeout(), tokio::task::spawn_blocking(move || key.sign_bytes(&msg)))
-        .await
-        .context("audit key timed out")??
-        .context("signing an audit checkpoint")?;
+    let sig = match run(state.hsm_timeout(), move || key.sign_bytes(&msg)).await {
+        Ok(sig) => sig,
+        // As tokio's timeout error reads, so that the log line is what it was.
+        Err(HsmFailure::TimedOut) => return Err(anyhow!("deadline has elapsed").context("audit key timed out")),
+        Err(HsmFailure::Panicked(e)) => return Err(e.into()),
+        Err(HsmFailure::Failed(e)) => return Err(anyhow::Error::new(e).context("signing an audit checkpoint")),
+    };
     let public = signer.public_key();
     let cp = Checkpoint {
         seq: head,

@@ -38,16 +38,6 @@ pub struct ClusterInfo {
     pub key_compromised: bool,
 }
 
-/// Lowercase letters, digits and '-', at most 63, not starting or ending with '-' (also the
-/// rule for Kubernetes namespaces).
-pub fn valid_cluster_name(n: &str) -> bool {
-    !n.is_empty()
-        && n.len() <= 63
-        && n.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-        && !n.starts_with('-')
-        && !n.ends_with('-')
-}
-
 pub fn token_hash(token: &str) -> String {
     hex::encode(sha2::Sha256::digest(token.as_bytes()))
 }
@@ -65,7 +55,7 @@ async fn info(state: &AppState, c: ClusterRecord) -> Result<ClusterInfo, Service
     if let (true, Some(serial)) = (c.is_external_ca(), &c.current_serial)
         && let Some(cert) = state.store.get_certificate(serial).await?
     {
-        compromised = crate::service::external_ca::current_key_blocked(state, &cert).await?.is_some();
+        compromised = crate::service::cluster_ca::current_key_blocked(state, &cert).await?.is_some();
     }
     Ok(ClusterInfo { record: c, key_compromised: compromised })
 }
@@ -89,7 +79,7 @@ pub async fn get(state: &AppState, op: &Operator, name: &str) -> Result<ClusterI
 
 /// Registers a cluster. Takes effect when a different operator approves the request.
 pub async fn register(state: &AppState, op: &Operator, req: Registration) -> Result<Requested, ServiceError> {
-    if !valid_cluster_name(&req.name) {
+    if !ca_core::names::is_cluster_name(&req.name) {
         return Err(ServiceError::new(
             ErrorCode::InvalidName,
             "cluster names use lowercase letters, digits and '-' (at most 63)",

@@ -2,12 +2,14 @@
 
 use base64::Engine;
 use ca_core::cert::CertInfo;
+use ca_core::validity::{Fit, fit_validity};
 use ca_store::{AuditEvent, CertFilter, CertRecord, CrlRecord, now_secs};
 use serde_json::json;
 use time::OffsetDateTime;
 
 use crate::error::{ErrorCode, ServiceError};
-use crate::service::state::{AppState, Issuer};
+use crate::service::issuer::Issuer;
+use crate::service::state::AppState;
 
 /// Where an environment's CRL for one of its keys is stored: under the environment's name for
 /// the key it signs with now, under `<environment>@<SHA-256 of the SPKI>` for an earlier one.
@@ -33,7 +35,8 @@ pub(crate) async fn earlier_keys(
     let current = ca_store::spki_sha256(&issuer.cert.spki_der);
     let mut out: Vec<(String, CertInfo, Vec<CertInfo>, hsm::KeyRef)> = Vec::new();
     for r in state.store.list_rotations(false).await? {
-        let spec: crate::service::rotation::Spec = serde_json::from_str(&r.spec).map_err(ServiceError::internal)?;
+        let spec: crate::service::rotation_record::Spec =
+            serde_json::from_str(&r.spec).map_err(ServiceError::internal)?;
         let Some(plan) = spec.environments.get(&issuer.name) else { continue };
         let mut sides = vec![(plan.old_certificate.clone(), plan.old_chain.clone(), plan.old_key.clone())];
         if let Some(c) = &plan.new_certificate {
@@ -92,10 +95,9 @@ pub async fn publish_crl(
                 continue;
             }
         };
-        let o = old.clone();
-        match tokio::time::timeout(state.hsm_timeout(), tokio::task::spawn_blocking(move || o.reconnect())).await {
-            Ok(Ok(Ok(()))) => {}
-            _ => {
+        match old.reconnect_within(state.hsm_timeout()).await {
+            Ok(()) => {}
+            Err(_) => {
                 tracing::error!(issuer = %issuer.name, key = %id, "earlier key did not open; its CRL is retried at the next publication");
                 continue;
             }
@@ -123,7 +125,9 @@ async fn publish_one(
         let revoked: Vec<&CertRecord> = all.iter().filter(|r| mine(r)).collect();
         let number = state.store.get_crl(name).await?.map_or(1, |c| c.number + 1);
         let now = OffsetDateTime::now_utc().replace_nanosecond(0).expect("0 is valid");
-        let next = (now + state.config.crl.validity.duration()).min(signer.cert.not_after);
+        let end = signer.cert.not_after;
+        let next =
+            fit_validity(end, now, state.config.crl.validity.duration(), Fit::Clamp).map_or(end, |f| f.not_after);
         let mut entries = Vec::new();
         for r in &revoked {
             let serial = ca_core::crl::parse_serial(&r.serial)

@@ -88,7 +88,7 @@ pub async fn issue(
     let actor = format!("cluster:{name}");
     let deny = |e: ServiceError| e.by(actor.clone());
 
-    let csr = VerifiedCsr::parse(csr.as_bytes()).map_err(|e| deny(crate::service::state::map_core(e.into())))?;
+    let csr = VerifiedCsr::parse(csr.as_bytes()).map_err(|e| deny(crate::service::issuer::map_core(e.into())))?;
     let spki = csr.public_key().spki_der().to_vec();
     crate::service::keys::refuse_blocked(&state.store, &spki).await.map_err(&deny)?;
     let issuer = state.issuer(&cluster.environment)?.clone();
@@ -254,7 +254,7 @@ pub async fn report(state: &AppState, name: &str, peer: Option<&[u8]>, req: Inst
         intermediate_serial: installed.serial.clone(),
         reported_at: now,
     };
-    let (bundle_changed, reissue_after) = crate::service::rotation::changed_at(state, &cluster).await?;
+    let (bundle_changed, reissue_after) = crate::service::rotation_record::changed_at(state, &cluster).await?;
     // A report that repeats the stored one, made since the last stage change, tells the gates
     // nothing new: it is not written, so repeated reports cost no write lock.
     let stored = state.store.get_cluster_report(name).await?;

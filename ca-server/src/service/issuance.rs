@@ -3,12 +3,14 @@
 
 use ca_core::cert::CertInfo;
 use ca_core::profile::{CertRequest, ProfileKind};
+use ca_core::validity::{Fit, Fitted, fit_validity};
 use ca_store::{AuditEvent, CertRecord, ClusterRecord, now_secs};
 use serde_json::json;
 use time::OffsetDateTime;
 
 use crate::error::{ErrorCode, ServiceError};
-use crate::service::state::{AppState, Issuer};
+use crate::service::issuer::Issuer;
+use crate::service::state::AppState;
 
 /// The issuer followed by its parents (the chain a cluster certificate needs above it).
 pub(crate) fn issuer_chain(issuer: &Issuer) -> Vec<CertInfo> {
@@ -26,9 +28,11 @@ pub(crate) fn cluster_request(
     let not_before = ca_core::issue::default_not_before();
     // Online issuance clamps to the issuer's lifetime instead of refusing: the environment's
     // own rotation is what extends it.
-    let wanted = not_before + state.config.policy.cluster_validity.duration();
-    let not_after = wanted.min(issuer.cert.not_after);
-    if wanted > issuer.cert.not_after && not_after <= OffsetDateTime::now_utc() + time::Duration::hours(1) {
+    let end = issuer.cert.not_after;
+    let Fitted { not_after, clamped } =
+        fit_validity(end, not_before, state.config.policy.cluster_validity.duration(), Fit::Clamp)
+            .unwrap_or(Fitted { not_after: end, clamped: true });
+    if clamped && not_after <= OffsetDateTime::now_utc() + time::Duration::hours(1) {
         return Err(ServiceError::new(
             ErrorCode::IssuerExpiring,
             format!("issuer {} expires at {}", issuer.name, ca_core::error::fmt_time(issuer.cert.not_after)),

@@ -7,7 +7,9 @@ use std::time::Duration;
 use ca_store::now_secs;
 
 use crate::metrics::{ClusterLabels, IssuerLabels};
-use crate::service::state::{AppState, Issuer};
+use crate::service::hsm_call::run;
+use crate::service::issuer::Issuer;
+use crate::service::state::AppState;
 
 const PROBE_EVERY: Duration = Duration::from_secs(2);
 
@@ -60,16 +62,9 @@ async fn probe(state: &AppState, issuer: &Arc<Issuer>, backoff: &mut Backoff) {
     }
     let ok = if was && issuer.signer().is_some() {
         let signer = issuer.signer().expect("checked");
-        matches!(
-            tokio::time::timeout(timeout, tokio::task::spawn_blocking(move || signer.signer.random(8))).await,
-            Ok(Ok(Ok(_)))
-        )
+        run(timeout, move || signer.signer.random(8)).await.is_ok()
     } else {
-        let i = issuer.clone();
-        matches!(
-            tokio::time::timeout(timeout, tokio::task::spawn_blocking(move || i.reconnect())).await,
-            Ok(Ok(Ok(())))
-        )
+        issuer.reconnect_within(timeout).await.is_ok()
     };
     issuer.set_healthy(ok);
     if ok {

@@ -13,6 +13,7 @@ use ca_core::cert::CertInfo;
 use ca_store::{BlockedKey, Store, Tx, spki_sha256};
 
 use crate::error::{ErrorCode, ServiceError};
+use crate::service::hsm_call::{self, HsmFailure};
 use crate::service::state::AppState;
 
 /// What the client is told when a new key is refused for anything but a block. One message
@@ -82,18 +83,11 @@ fn configured_refs(state: &AppState) -> Vec<hsm::KeyRef> {
 }
 
 async fn open_public(state: &AppState, key: &hsm::KeyRef) -> Result<hsm::PublicKey, String> {
-    let k = key.clone();
-    match tokio::time::timeout(
-        state.hsm_timeout(),
-        tokio::task::spawn_blocking(move || hsm::open_signer(&k).map(|s| s.public_key().clone())),
-    )
-    .await
-    {
-        Ok(Ok(Ok(p))) => Ok(p),
-        Ok(Ok(Err(e))) => Err(format!("opening the key: {e}")),
-        Ok(Err(e)) => Err(format!("opening the key: {e}")),
-        Err(_) => Err("the key did not answer in time".into()),
-    }
+    hsm_call::open_public(state.hsm_timeout(), key).await.map_err(|e| match e {
+        HsmFailure::Failed(e) => format!("opening the key: {e}"),
+        HsmFailure::Panicked(e) => format!("opening the key: {e}"),
+        HsmFailure::TimedOut => "the key did not answer in time".into(),
+    })
 }
 
 /// The public keys of every environment certificate this server has signed with or will
@@ -105,7 +99,8 @@ async fn environment_spkis(state: &AppState) -> Result<Vec<Vec<u8>>, ServiceErro
         out.extend(i.versions().map(|(c, _)| c.spki_der.clone()));
     }
     for r in state.store.list_rotations(false).await? {
-        let spec: crate::service::rotation::Spec = serde_json::from_str(&r.spec).map_err(ServiceError::internal)?;
+        let spec: crate::service::rotation_record::Spec =
+            serde_json::from_str(&r.spec).map_err(ServiceError::internal)?;
         for plan in spec.environments.values() {
             for pem in std::iter::once(&plan.old_certificate).chain(&plan.new_certificate) {
                 let certs = ca_core::cert::parse_certs(pem.as_bytes(), "rotation certificate")

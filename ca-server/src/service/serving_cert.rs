@@ -2,51 +2,20 @@
 //! intermediate, with a key that never leaves memory, renewed at half-life or when the chain
 //! above it changes.
 
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use ca_core::cert::CertInfo;
 use ca_core::profile::{CertRequest, ProfileKind};
+use ca_core::validity::{Fit, LifeFraction, fit_validity, renew_at};
 use ca_store::now_secs;
-use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use serde_json::json;
 
 use crate::config::IstioConfig;
 use crate::error::{ErrorCode, ServiceError};
-use crate::service::external_ca::{ClusterCa, cluster_ca};
+use crate::service::cluster_ca::cluster_ca;
+use crate::service::istio::ClusterCa;
 use crate::service::state::AppState;
-
-/// The gRPC serving certificate: issued by this server from the serving cluster's
-/// intermediate (so agents verify it against the mesh root), with a key that never leaves
-/// memory, renewed at half-life.
-#[derive(Default)]
-pub struct ServingCert {
-    current: RwLock<Option<(Arc<CertifiedKey>, i64, String)>>,
-}
-
-impl std::fmt::Debug for ServingCert {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ServingCert")
-    }
-}
-
-impl ResolvesServerCert for ServingCert {
-    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        self.current.read().unwrap_or_else(|p| p.into_inner()).as_ref().map(|(k, _, _)| k.clone())
-    }
-}
-
-impl ServingCert {
-    /// Due at half-life, or as soon as the chain above it changed (a rotation: agents may
-    /// soon trust only the new root).
-    fn renew_due(&self, now: i64, chain: Option<&str>) -> bool {
-        self.current
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .is_none_or(|(_, at, issued_under)| now >= *at || chain.is_some_and(|c| c != issued_under))
-    }
-}
 
 /// Identifies the chain a certificate from `ca` carries.
 fn chain_id(ca: &ClusterCa) -> String {
@@ -81,11 +50,11 @@ pub async fn ensure_serving_cert(state: &AppState) -> Result<(), ServiceError> {
     if !state.istio.serving.renew_due(now, Some(&chain_id(&ca))) {
         return Ok(());
     }
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(ServiceError::internal)?;
-    let public = hsm::PublicKey::from_spki_der(&rcgen::PublicKeyData::subject_public_key_info(&key))
-        .map_err(ServiceError::internal)?;
+    let (public, signing) = hsm::tls::ephemeral_key(hsm::KeyAlgorithm::EcdsaP256).map_err(ServiceError::internal)?;
     let not_before = ca_core::issue::default_not_before();
-    let not_after = (not_before + cfg.serving_cert_validity.duration()).min(ca.issuer.cert.not_after);
+    let end = ca.issuer.cert.not_after;
+    let not_after =
+        fit_validity(end, not_before, cfg.serving_cert_validity.duration(), Fit::Clamp).map_or(end, |f| f.not_after);
     let mut subject = rcgen::DistinguishedName::new();
     subject.push(rcgen::DnType::CommonName, "ca-server");
     let request = CertRequest {
@@ -109,11 +78,8 @@ pub async fn ensure_serving_cert(state: &AppState) -> Result<(), ServiceError> {
     tx.commit().await?;
     let mut chain = vec![rustls_pki_types::CertificateDer::from(cert.der.clone())];
     chain.extend(ca.serving_chain.iter().map(|c| rustls_pki_types::CertificateDer::from(c.der.clone())));
-    let der = rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
-    let signing = rustls::crypto::aws_lc_rs::sign::any_ecdsa_type(&der).map_err(ServiceError::internal)?;
-    let renew_at = cert.not_before.unix_timestamp() + (cert.not_after - cert.not_before).whole_seconds() / 2;
-    *state.istio.serving.current.write().unwrap_or_else(|p| p.into_inner()) =
-        Some((Arc::new(CertifiedKey::new(chain, signing)), renew_at, chain_id(&ca)));
+    let renew_at = renew_at(cert.not_before.unix_timestamp(), cert.not_after.unix_timestamp(), LifeFraction::HALF);
+    state.istio.serving.install(Arc::new(CertifiedKey::new(chain, signing)), renew_at, chain_id(&ca));
     tracing::info!(serial = %cert.serial, cluster = %name, "gRPC serving certificate issued");
     Ok(())
 }

@@ -1,21 +1,18 @@
 //! Shared server state: configuration, storage, issuers (with their HSM health), operator
 //! authentication and metrics.
 
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
-use ca_core::cert::{CertInfo, load_cert, load_certs};
-use ca_core::issue::CaIssuer;
+use ca_core::cert::CertInfo;
 use ca_store::Store;
-use time::OffsetDateTime;
 
 use crate::auth::Auth;
-use crate::config::{Config, IssuerConfig};
-use crate::error::{ErrorCode, ServiceError};
+use crate::config::Config;
+use crate::error::ServiceError;
 use crate::metrics::Metrics;
+use crate::service::issuer::{Issuer, Issuers};
+use crate::service::istio::Istio;
 
 #[derive(Clone)]
 pub struct AppState(Arc<Inner>);
@@ -34,7 +31,7 @@ pub struct Inner {
     /// `tls.client_ca`: roots that renewal client certificates chain to.
     pub client_roots: Vec<CertInfo>,
     /// Istio's certificate API: external-CA clusters, token validation, the batch recorder.
-    pub istio: crate::service::external_ca::Istio,
+    pub istio: Istio,
     /// The anonymous rate limiter and the summary of anonymous refusals.
     pub edge: crate::edge::Edge,
 }
@@ -86,191 +83,5 @@ impl AppState {
 
     pub fn hsm_timeout(&self) -> Duration {
         self.config.policy.hsm_timeout.duration().unsigned_abs()
-    }
-}
-
-/// The environment intermediates, by name: the ones in use, and the ones the configuration
-/// named at start (what rotations are applied to; the files are read once).
-pub struct Issuers {
-    current: RwLock<BTreeMap<String, Arc<Issuer>>>,
-    configured: Vec<Arc<Issuer>>,
-}
-
-impl Issuers {
-    pub fn new(map: BTreeMap<String, Arc<Issuer>>) -> Self {
-        Issuers { configured: map.values().cloned().collect(), current: RwLock::new(map) }
-    }
-
-    pub fn get(&self, name: &str) -> Option<Arc<Issuer>> {
-        self.current.read().unwrap_or_else(|p| p.into_inner()).get(name).cloned()
-    }
-
-    pub fn contains_key(&self, name: &str) -> bool {
-        self.current.read().unwrap_or_else(|p| p.into_inner()).contains_key(name)
-    }
-
-    /// Every issuer, in name order.
-    pub fn all(&self) -> Vec<Arc<Issuer>> {
-        self.current.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
-    }
-
-    /// The issuers as the configuration named them at start.
-    pub fn configured(&self) -> &[Arc<Issuer>] {
-        &self.configured
-    }
-
-    /// Puts `issuer` in place of the one with its name.
-    pub fn replace(&self, issuer: Arc<Issuer>) {
-        self.current.write().unwrap_or_else(|p| p.into_inner()).insert(issuer.name.clone(), issuer);
-    }
-}
-
-/// An environment intermediate this server signs with.
-pub struct Issuer {
-    pub name: String,
-    pub key_ref: hsm::KeyRef,
-    pub cert: CertInfo,
-    /// Parents of `cert`, up to and including the root.
-    pub chain: Vec<CertInfo>,
-    /// The trust bundle handed to clusters: the self-signed certificates of the chain, or
-    /// during a root rotation whatever its stage puts in bundles.
-    pub roots: Vec<CertInfo>,
-    /// Other certificates of this environment (with their chains) whose cluster
-    /// intermediates may still renew: the other side of a rotation in progress.
-    pub accepted: Vec<(CertInfo, Vec<CertInfo>)>,
-    signer: RwLock<Option<Arc<CaIssuer>>>,
-    healthy: AtomicBool,
-}
-
-impl Issuer {
-    /// Loads the certificate and chain and checks that they form a valid path now. The key is
-    /// opened separately (`reconnect`), so that a server can start while its HSM is away.
-    pub fn load(cfg: &IssuerConfig) -> Result<Issuer> {
-        let cert = load_cert(&cfg.certificate).with_context(|| format!("issuer {}", cfg.name))?;
-        let mut chain = Vec::new();
-        for p in &cfg.chain {
-            chain.extend(load_certs(p).with_context(|| format!("issuer {}", cfg.name))?);
-        }
-        Issuer::from_certs(&cfg.name, cfg.key.parse()?, cert, chain)
-    }
-
-    /// An issuer from its certificate and the chain above it (ending in a root), checked to
-    /// form a valid path now.
-    pub fn from_certs(name: &str, key_ref: hsm::KeyRef, cert: CertInfo, chain: Vec<CertInfo>) -> Result<Issuer> {
-        let roots: Vec<CertInfo> = chain.iter().filter(|c| c.is_self_issued()).cloned().collect();
-        if roots.is_empty() {
-            bail!("issuer {name}: the chain must end in a self-signed root");
-        }
-        let intermediates: Vec<CertInfo> = chain.iter().filter(|c| !c.is_self_issued()).cloned().collect();
-        ca_core::chain::verify_chain(&cert, &intermediates, &roots, OffsetDateTime::now_utc())
-            .with_context(|| format!("issuer {name}: certificate does not chain to its root"))?;
-        if !cert.is_ca || !cert.key_cert_sign {
-            bail!("issuer {name}: {} is not a CA certificate", cert.subject);
-        }
-        Ok(Issuer {
-            name: name.to_string(),
-            key_ref,
-            cert,
-            chain,
-            roots,
-            accepted: Vec::new(),
-            signer: RwLock::new(None),
-            healthy: AtomicBool::new(false),
-        })
-    }
-
-    /// This issuer as a rotation stage sets it up: `bundle` is handed to clusters instead of
-    /// the chain's own roots, and intermediates under `accepted` may still renew.
-    pub fn with_trust(mut self, bundle: Vec<CertInfo>, accepted: Vec<(CertInfo, Vec<CertInfo>)>) -> Self {
-        self.roots = bundle;
-        self.accepted = accepted;
-        self
-    }
-
-    /// The certificate and chain this issuer signs with, then the accepted ones.
-    pub fn versions(&self) -> impl Iterator<Item = (&CertInfo, &[CertInfo])> {
-        std::iter::once((&self.cert, self.chain.as_slice()))
-            .chain(self.accepted.iter().map(|(c, ch)| (c, ch.as_slice())))
-    }
-
-    pub fn is_healthy(&self) -> bool {
-        self.healthy.load(Ordering::SeqCst)
-    }
-
-    pub fn set_healthy(&self, v: bool) {
-        self.healthy.store(v, Ordering::SeqCst);
-    }
-
-    /// Opens the key afresh (a new login for tokens) and pairs it with the certificate.
-    pub fn reconnect(&self) -> Result<()> {
-        let signer = hsm::reopen_signer(&self.key_ref)
-            .with_context(|| format!("issuer {}: opening {}", self.name, self.key_ref))?;
-        let ca = CaIssuer::new(self.cert.clone(), signer).with_context(|| format!("issuer {}", self.name))?;
-        *self.signer.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(ca));
-        self.set_healthy(true);
-        Ok(())
-    }
-
-    pub fn signer(&self) -> Option<Arc<CaIssuer>> {
-        self.signer.read().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    /// Runs `f` with the signing key on a blocking thread, bounded by `timeout`: a request
-    /// never hangs on a dead HSM. A timeout or device failure marks the issuer unhealthy until
-    /// the probe sees it recover.
-    pub async fn with_key<T: Send + 'static>(
-        self: &Arc<Self>,
-        timeout: Duration,
-        f: impl FnOnce(&CaIssuer) -> ca_core::Result<T> + Send + 'static,
-    ) -> Result<T, ServiceError> {
-        if !self.is_healthy() {
-            return Err(ServiceError::new(
-                ErrorCode::HsmUnavailable,
-                format!("the key of issuer {} is unavailable; try again shortly", self.name),
-            ));
-        }
-        let Some(signer) = self.signer() else {
-            return Err(ServiceError::new(
-                ErrorCode::HsmUnavailable,
-                format!("the key of issuer {} is not loaded", self.name),
-            ));
-        };
-        let task = tokio::task::spawn_blocking(move || f(&signer));
-        match tokio::time::timeout(timeout, task).await {
-            Err(_) => {
-                self.set_healthy(false);
-                Err(ServiceError::new(
-                    ErrorCode::HsmTimeout,
-                    format!("the HSM of issuer {} did not answer in time", self.name),
-                ))
-            }
-            Ok(Err(join)) => Err(ServiceError::internal(join)),
-            Ok(Ok(Err(ca_core::CoreError::Hsm(e)))) => {
-                self.set_healthy(false);
-                tracing::error!(issuer = %self.name, error = %e, "HSM failure");
-                Err(ServiceError::new(
-                    ErrorCode::HsmUnavailable,
-                    format!("the key of issuer {} failed; try again shortly", self.name),
-                ))
-            }
-            Ok(Ok(r)) => r.map_err(map_core),
-        }
-    }
-
-    /// Trust domains this environment serves (recorded in its certificate).
-    pub fn trust_domains(&self) -> Vec<String> {
-        self.cert.trust_domains()
-    }
-}
-
-/// Policy and input errors from ca-core are the client's; everything else is ours.
-pub fn map_core(e: ca_core::CoreError) -> ServiceError {
-    use ca_core::{CoreError, CsrError};
-    match e {
-        CoreError::Csr(CsrError::BadSignature) => ServiceError::new(ErrorCode::BadCsrSignature, e.to_string()),
-        CoreError::Csr(CsrError::WeakKey(_)) => ServiceError::new(ErrorCode::WeakKey, e.to_string()),
-        CoreError::Csr(_) => ServiceError::new(ErrorCode::MalformedCsr, e.to_string()),
-        CoreError::Policy(_) => ServiceError::new(ErrorCode::Policy, e.to_string()),
-        other => ServiceError::internal(other),
     }
 }

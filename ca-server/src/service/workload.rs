@@ -4,7 +4,7 @@
 //! key is used, the signature, and the record that must be durable before anything is answered.
 
 use ca_core::csr::VerifiedCsr;
-use ca_core::names::SpiffeId;
+use ca_core::names::{SpiffeId, is_k8s_object_name};
 use ca_core::profile::{CertRequest, ProfileKind};
 use ca_core::workload::{TtlPolicy, WorkloadDenial};
 use ca_store::{WorkloadRecord, now_secs};
@@ -14,7 +14,7 @@ use time::OffsetDateTime;
 use crate::auth::service_account::Caller;
 use crate::config::IstioClusterConfig;
 use crate::error::{ErrorCode, ServiceError};
-use crate::service::external_ca::cluster_ca;
+use crate::service::cluster_ca::cluster_ca;
 use crate::service::recorder::Entry;
 use crate::service::state::AppState;
 use ca_core::names::is_k8s_object_name;
@@ -149,7 +149,7 @@ pub async fn record_denial(state: &AppState, denial: serde_json::Value) -> Resul
 
 fn judged_error(j: Judged) -> ServiceError {
     match j {
-        Judged::Csr(e) => crate::service::state::map_core(e),
+        Judged::Csr(e) => crate::service::issuer::map_core(e),
         Judged::Denial(WorkloadDenial::Forbidden(m)) => ServiceError::new(ErrorCode::IdentityMismatch, m),
         Judged::Denial(WorkloadDenial::Invalid(m)) => ServiceError::new(ErrorCode::InvalidRequest, m),
         Judged::Denial(WorkloadDenial::IssuerExpiring(m)) => ServiceError::new(ErrorCode::IssuerExpiring, m),

@@ -6,11 +6,11 @@ use std::sync::Arc;
 
 use ca_core::cert::{CertInfo, fingerprints};
 use ca_core::rotation::{self, Stage};
-use ca_store::ClusterRecord;
 
-use super::{Rotation, all_rotations, pem_cert, pem_certs};
 use crate::error::ServiceError;
-use crate::service::state::{AppState, Issuer};
+use crate::service::issuer::Issuer;
+use crate::service::rotation_record::{Rotation, all_rotations, pem_cert, pem_certs};
+use crate::service::state::AppState;
 
 /// What an environment's issuer should be right now.
 struct Desired {
@@ -121,10 +121,9 @@ async fn refresh_one(state: &AppState, configured: &Issuer, rotations: &[Rotatio
         .map_err(|e| ServiceError::internal(format!("{e:#}")))?
         .with_trust(d.bundle, d.accepted);
     let issuer = Arc::new(issuer);
-    let i = issuer.clone();
-    match tokio::time::timeout(state.hsm_timeout(), tokio::task::spawn_blocking(move || i.reconnect())).await {
-        Ok(Ok(Ok(()))) => {}
-        _ => tracing::error!(issuer = %name, "the rotated issuer's key did not open; the probe retries"),
+    match issuer.reconnect_within(state.hsm_timeout()).await {
+        Ok(()) => {}
+        Err(_) => tracing::error!(issuer = %name, "the rotated issuer's key did not open; the probe retries"),
     }
     tracing::info!(issuer = %name, subject = %issuer.cert.subject, serial = %issuer.cert.serial,
         bundle = ?fingerprints(&issuer.roots), "issuer updated by a rotation");
@@ -139,12 +138,4 @@ pub async fn refresh_quietly(state: &AppState) {
     if let Err(e) = refresh(state).await {
         tracing::warn!(error = %e.detail, "issuers not fully brought in line with the rotations");
     }
-}
-
-/// When the bundle, and when the chain, a cluster should hold last changed (0: never): an
-/// intermediate issued before the chain changed is renewed.
-pub async fn changed_at(state: &AppState, cluster: &ClusterRecord) -> Result<(i64, i64), ServiceError> {
-    let rotations = all_rotations(state).await?;
-    let mine = rotations.iter().filter(|r| r.covers_cluster(cluster));
-    Ok(mine.fold((0, 0), |(b, c), r| (b.max(r.spec.bundle_changed_at), c.max(r.spec.chain_changed_at))))
 }

@@ -7,8 +7,8 @@ use ca_core::cert::CertInfo;
 use ca_core::rotation::{self, Blocker, ClusterProgress, GateInput, RotationKind, Stage};
 use ca_store::ClusterRecord;
 
-use super::{Rotation, pem_cert};
 use crate::error::{ErrorCode, ServiceError};
+use crate::service::rotation_record::{Rotation, pem_cert};
 use crate::service::state::AppState;
 
 /// What the gate sees of one cluster.

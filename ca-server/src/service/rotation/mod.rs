@@ -1,8 +1,8 @@
 //! Staged rotations: root, environment intermediate and cluster intermediate.
 //!
 //! What a stage means (which roots bundles carry, whether chains go through the new issuer,
-//! when a stage may be left) is `ca_core::rotation`; this module stores rotations (the plan,
-//! here), turns the stage into the issuers every request reads (`derive`), gathers each
+//! when a stage may be left) is `ca_core::rotation`; a rotation as stored (its plan) is
+//! `rotation_record`, which lower services read. This module turns the stage into the issuers every request reads (`derive`), gathers each
 //! cluster's progress for the gates (`gate`), makes a rotation's plan when one is asked for
 //! (`plan`) and moves its stage (`stage`). Every stage change is an approval request that a
 //! second operator approves; the gate is checked when it is asked for and again, inside the
@@ -10,160 +10,15 @@
 //!
 //! Issuers are derived, never edited: `refresh` computes each environment's certificate, key,
 //! trust bundle and still-accepted predecessor from the configuration (as read at start) and
-//! the rotations that started from it, and swaps the issuer when that differs. Every replica does this on each
-//! background round, and the approving replica at once.
+//! the rotations that started from it, and swaps the issuer when that differs. Every replica
+//! does this on each background round, and the approving replica at once.
 
 mod derive;
 mod gate;
 mod plan;
 mod stage;
 
-use std::collections::BTreeMap;
-
-use ca_core::cert::CertInfo;
-use ca_core::rotation::{RotationKind, Stage};
-use ca_store::{ClusterRecord, RotationRecord};
-use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
-
-use crate::error::{ErrorCode, ServiceError};
-use crate::service::state::AppState;
-
-pub use derive::{changed_at, refresh, refresh_quietly};
+pub use derive::{refresh, refresh_quietly};
 pub use gate::{ClusterStatus, gate};
 pub use plan::{StartInput, StartRequest, add_certificate, start};
 pub use stage::{AfterCommit, StageRequest, after_commit, approve_stage, approve_start, request_move, update_gauges};
-
-// ---- the stored plan ------------------------------------------------------------------------
-
-/// The plan of one rotation, stored as JSON in `rotations.spec`.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct Spec {
-    /// Root rotation: the old and the new root (PEM).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub old_root: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub new_root: Option<String>,
-    /// Root and environment rotations: each environment's old and new certificate.
-    #[serde(default)]
-    pub environments: BTreeMap<String, EnvPlan>,
-    /// Cluster rotation.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cluster: Option<ClusterPlan>,
-    /// When each stage was last entered.
-    #[serde(default)]
-    pub entered: BTreeMap<String, i64>,
-    /// When bundles last changed, and when chains last changed: what clusters must have
-    /// caught up with since.
-    #[serde(default)]
-    pub bundle_changed_at: i64,
-    #[serde(default)]
-    pub chain_changed_at: i64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub drain_until: Option<i64>,
-    #[serde(default)]
-    pub history: Vec<Transition>,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
-pub struct EnvPlan {
-    pub old_certificate: String,
-    pub old_chain: Vec<String>,
-    pub old_key: String,
-    /// Root rotation: the environment re-signed under the new root (uploaded during the
-    /// rotation). Environment rotation: the new intermediate (given at the start).
-    #[serde(default)]
-    pub new_certificate: Option<String>,
-    #[serde(default)]
-    pub new_chain: Vec<String>,
-    pub new_key: String,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
-pub struct ClusterPlan {
-    pub external_ca: bool,
-    /// External-CA: the server-held key before and after.
-    pub old_key: Option<String>,
-    pub new_key: Option<String>,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
-pub struct Transition {
-    pub from: String,
-    pub to: String,
-    pub at: i64,
-    pub requested_by: String,
-    pub approved_by: String,
-}
-
-pub struct Rotation {
-    pub rec: RotationRecord,
-    pub kind: RotationKind,
-    pub stage: Stage,
-    pub spec: Spec,
-}
-
-impl Rotation {
-    pub fn parse(rec: RotationRecord) -> Result<Rotation, ServiceError> {
-        let corrupt = |e: String| ServiceError::internal(format!("rotation {}: {e}", rec.id));
-        let kind = rec.kind.parse().map_err(corrupt)?;
-        let stage = rec.stage.parse().map_err(corrupt)?;
-        let spec = serde_json::from_str(&rec.spec).map_err(|e| corrupt(e.to_string()))?;
-        Ok(Rotation { rec, kind, stage, spec })
-    }
-
-    pub(super) fn covers_env(&self, env: &str) -> bool {
-        self.kind != RotationKind::Cluster && self.spec.environments.contains_key(env)
-    }
-
-    pub(crate) fn covers_cluster(&self, c: &ClusterRecord) -> bool {
-        match self.kind {
-            RotationKind::Cluster => self.rec.target == c.name,
-            _ => self.covers_env(&c.environment),
-        }
-    }
-
-    /// Two active rotations may not touch the same issuer or cluster.
-    pub(super) fn overlaps(&self, other: &Rotation, clusters: &[ClusterRecord]) -> bool {
-        let env_of = |name: &str| clusters.iter().find(|c| c.name == name).map(|c| c.environment.clone());
-        match (self.kind, other.kind) {
-            (RotationKind::Root, _) | (_, RotationKind::Root) => true,
-            (RotationKind::Environment, RotationKind::Environment) => self.rec.target == other.rec.target,
-            (RotationKind::Cluster, RotationKind::Cluster) => self.rec.target == other.rec.target,
-            (RotationKind::Environment, RotationKind::Cluster) => {
-                env_of(&other.rec.target).as_deref() == Some(self.rec.target.as_str())
-            }
-            (RotationKind::Cluster, RotationKind::Environment) => {
-                env_of(&self.rec.target).as_deref() == Some(other.rec.target.as_str())
-            }
-        }
-    }
-}
-
-pub fn pem_cert(pem: &str) -> Result<CertInfo, ServiceError> {
-    let certs = ca_core::cert::parse_certs(pem.as_bytes(), "certificate")
-        .map_err(|e| ServiceError::new(ErrorCode::InvalidCertificate, e.to_string()))?;
-    let [cert] = <[CertInfo; 1]>::try_from(certs)
-        .map_err(|_| ServiceError::new(ErrorCode::InvalidCertificate, "expected exactly one PEM certificate"))?;
-    Ok(cert)
-}
-
-fn pem_certs(pems: &[String]) -> Result<Vec<CertInfo>, ServiceError> {
-    pems.iter().map(|p| pem_cert(p)).collect()
-}
-
-/// A rotation by id.
-pub async fn load(state: &AppState, id: &str) -> Result<Rotation, ServiceError> {
-    Rotation::parse(
-        state.store.get_rotation(id).await?.ok_or_else(|| ServiceError::not_found(format!("no rotation {id:?}")))?,
-    )
-}
-
-/// Every rotation, newest first.
-pub async fn list(state: &AppState) -> Result<Vec<RotationRecord>, ServiceError> {
-    Ok(state.store.list_rotations(false).await?)
-}
-
-async fn all_rotations(state: &AppState) -> Result<Vec<Rotation>, ServiceError> {
-    state.store.list_rotations(false).await?.into_iter().map(Rotation::parse).collect()
-}

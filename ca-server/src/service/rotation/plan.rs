@@ -8,10 +8,11 @@ use ca_core::rotation::{RotationKind, Stage};
 use ca_store::{ApprovalRequest, AuditEvent, RotationRecord, now_secs};
 use serde_json::json;
 
-use super::{ClusterPlan, EnvPlan, Rotation, Spec, pem_cert};
 use crate::auth::Operator;
 use crate::error::{ErrorCode, ServiceError};
-use crate::service::state::{AppState, Issuer};
+use crate::service::issuer::Issuer;
+use crate::service::rotation_record::{ClusterPlan, EnvPlan, Rotation, Spec, pem_cert};
+use crate::service::state::AppState;
 
 /// What an operator asks a rotation to do; which fields apply depends on `kind`.
 #[derive(Clone, Debug, Default)]

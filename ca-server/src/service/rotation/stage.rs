@@ -7,9 +7,9 @@ use serde_json::json;
 
 use super::derive::{refresh, refresh_quietly};
 use super::gate::{blocked, drain_secs, gate};
-use super::{Rotation, Spec, Transition, load, pem_cert};
 use crate::auth::Operator;
 use crate::error::{ErrorCode, ServiceError};
+use crate::service::rotation_record::{Rotation, Spec, Transition, load, pem_cert};
 use crate::service::state::AppState;
 
 /// A stage change asked for, waiting for a second operator.
