@@ -17,7 +17,6 @@ use crate::error::{ErrorCode, ServiceError};
 use crate::service::cluster_ca::cluster_ca;
 use crate::service::recorder::Entry;
 use crate::service::state::AppState;
-use ca_core::names::is_k8s_object_name;
 
 fn cluster_config<'a>(state: &'a AppState, cluster: &str) -> Option<&'a IstioClusterConfig> {
     state.config.istio.as_ref()?.clusters.get(cluster)
