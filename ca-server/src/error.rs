@@ -476,8 +476,12 @@ mod tests {
         let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
         let start = readme.find("Problem codes:").expect("README has a list of problem codes");
         let end = start + readme[start..].find("\n\n").unwrap_or(readme.len() - start);
-        let listed: std::collections::BTreeSet<&str> =
-            readme[start..end].split('`').skip(1).step_by(2).filter(|c| c.bytes().all(|b| b.is_ascii_lowercase() || b == b'-')).collect();
+        let listed: std::collections::BTreeSet<&str> = readme[start..end]
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .filter(|c| c.bytes().all(|b| b.is_ascii_lowercase() || b == b'-'))
+            .collect();
         let known: std::collections::BTreeSet<&str> = ErrorCode::ALL.iter().map(|c| c.as_str()).collect();
         let missing: Vec<_> = known.difference(&listed).collect();
         let unknown: Vec<_> = listed.difference(&known).collect();

@@ -116,6 +116,9 @@ impl Reader {
     }
 }
 
+#[macro_use]
+mod text;
+
 mod audit;
 mod blocked_keys;
 mod certificates;
@@ -129,10 +132,11 @@ mod workloads;
 pub use audit::AuditEvent;
 pub use blocked_keys::{BLOCKING_REASONS, BlockedKey, spki_sha256};
 pub use certificates::{CertFilter, CertRecord};
-pub use clusters::{ClusterRecord, ClusterReport, MODE_EXTERNAL_CA, MODE_PLUGIN};
+pub use clusters::{ClusterMode, ClusterRecord, ClusterReport, ClusterStatus};
 pub use crls::CrlRecord;
-pub use requests::ApprovalRequest;
+pub use requests::{ApprovalRequest, RequestStatus};
 pub use rotations::RotationRecord;
+pub use text::UnknownValue;
 pub use workloads::WorkloadRecord;
 
 fn is_unique_violation(e: &sqlx::Error) -> bool {

@@ -18,7 +18,8 @@ use crate::service::intermediates::{Credential, Installed};
 use crate::service::state::AppState;
 use crate::tls::ConnInfo;
 
-// The next two document values the store keeps as strings; they are never built in Rust.
+// The next two document `ca_store::ClusterStatus` and `ca_store::ClusterMode` (the store does
+// not depend on utoipa); they are never built in Rust.
 
 /// A cluster's registration state: `pending` until a second operator decides.
 #[derive(Serialize, ToSchema)]
@@ -85,9 +86,9 @@ pub(crate) struct ClusterView {
     environment: String,
     trust_domain: String,
     #[schema(value_type = ClusterMode)]
-    mode: String,
+    mode: ca_store::ClusterMode,
     #[schema(value_type = ClusterState)]
-    status: String,
+    status: ca_store::ClusterStatus,
     request_id: String,
     /// Serial of the newest intermediate.
     current_serial: Option<String>,

@@ -12,22 +12,14 @@ use crate::http::extract::{Path, Query};
 use crate::service::state::AppState;
 
 /// A two-person-rule request's state.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "lowercase")]
+// Documents `ca_store::RequestStatus` (the store does not depend on utoipa); never built.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+#[schema(rename_all = "lowercase")]
 pub(crate) enum RequestStatus {
     Pending,
     Approved,
     Rejected,
-}
-
-impl RequestStatus {
-    pub(crate) fn as_str(self) -> &'static str {
-        match self {
-            RequestStatus::Pending => "pending",
-            RequestStatus::Approved => "approved",
-            RequestStatus::Rejected => "rejected",
-        }
-    }
 }
 
 #[derive(Serialize, ToSchema)]
@@ -39,7 +31,7 @@ pub(crate) struct RequestView {
     requested_by: String,
     requested_at: i64,
     #[schema(value_type = RequestStatus)]
-    status: String,
+    status: ca_store::RequestStatus,
     decided_by: Option<String>,
     decided_at: Option<i64>,
 }
@@ -70,7 +62,8 @@ impl From<ApprovalRequest> for RequestView {
 #[derive(Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub(crate) struct RequestQuery {
-    status: Option<RequestStatus>,
+    #[param(value_type = Option<RequestStatus>)]
+    status: Option<ca_store::RequestStatus>,
 }
 
 #[utoipa::path(get, path = "/v1/requests", params(RequestQuery), responses((status = 200, body = [RequestView])), security(("bearer" = ["operator", "admin", "auditor"])))]
@@ -80,7 +73,7 @@ pub(crate) async fn list_requests(
     Query(q): Query<RequestQuery>,
 ) -> Result<Json<Vec<RequestView>>, ServiceError> {
     op.require(&[Role::Operator, Role::Admin, Role::Auditor], "listing requests")?;
-    let requests = crate::service::approvals::list(&state, q.status.map(RequestStatus::as_str)).await?;
+    let requests = crate::service::approvals::list(&state, q.status).await?;
     Ok(Json(requests.into_iter().map(Into::into).collect()))
 }
 

@@ -21,7 +21,7 @@ pub struct ClusterStatus {
     pub name: String,
     pub environment: String,
     #[schema(value_type = crate::http::clusters::ClusterMode)]
-    pub mode: String,
+    pub mode: ca_store::ClusterMode,
     /// `current` or `lagging`.
     pub state: String,
     pub bundle_ok: bool,

@@ -1,14 +1,14 @@
 //! The two-person rule: a pending request is approved by an operator other than the one who
 //! asked, or rejected; an approval carries out what was asked in the same transaction.
 
-use ca_store::{ApprovalRequest, AuditEvent, now_secs};
+use ca_store::{ApprovalRequest, AuditEvent, ClusterMode, ClusterStatus, RequestStatus, now_secs};
 use serde_json::json;
 
 use crate::auth::Operator;
 use crate::error::{ErrorCode, ServiceError};
 use crate::service::state::AppState;
 
-pub async fn list(state: &AppState, status: Option<&str>) -> Result<Vec<ApprovalRequest>, ServiceError> {
+pub async fn list(state: &AppState, status: Option<RequestStatus>) -> Result<Vec<ApprovalRequest>, ServiceError> {
     Ok(state.store.list_requests(status).await?)
 }
 
@@ -22,7 +22,7 @@ pub async fn decide(state: &AppState, op: &Operator, id: &str, approve: bool) ->
         .get_request(id)
         .await?
         .ok_or_else(|| ServiceError::not_found(format!("no request {id:?}")).by(op.actor()))?;
-    if req.status != "pending" {
+    if req.status != RequestStatus::Pending {
         return Err(ServiceError::new(ErrorCode::AlreadyDecided, format!("request {id} is already {}", req.status))
             .by(op.actor()));
     }
@@ -31,7 +31,7 @@ pub async fn decide(state: &AppState, op: &Operator, id: &str, approve: bool) ->
             .by(op.actor()));
     }
     let now = now_secs();
-    let status = if approve { "approved" } else { "rejected" };
+    let status = if approve { RequestStatus::Approved } else { RequestStatus::Rejected };
     if !tx.decide_request(id, status, &op.name, now).await? {
         return Err(ServiceError::new(ErrorCode::AlreadyDecided, format!("request {id} was decided concurrently"))
             .by(op.actor()));
@@ -55,14 +55,14 @@ pub async fn decide(state: &AppState, op: &Operator, id: &str, approve: bool) ->
             rotation = Some(crate::service::rotation::approve_stage(state, &mut tx, &req, op).await?);
         }
         ("register-cluster", true) => {
-            tx.set_cluster_status(&req.subject, "active").await?;
-            if payload["mode"].as_str() == Some(ca_store::MODE_EXTERNAL_CA) {
+            tx.set_cluster_status(&req.subject, ClusterStatus::Active).await?;
+            if payload["mode"].as_str() == Some(ClusterMode::ExternalCa.as_str()) {
                 external_ca = Some(req.subject.clone());
             }
             tx.audit(AuditEvent::new(op.actor(), "cluster.registered", &req.subject, payload)).await?;
         }
         ("register-cluster", false) => {
-            tx.set_cluster_status(&req.subject, "rejected").await?;
+            tx.set_cluster_status(&req.subject, ClusterStatus::Rejected).await?;
         }
         ("reissue-enrolment", true) => {
             let (Some(hash), Some(expires)) = (payload["token_hash"].as_str(), payload["expires_at"].as_i64()) else {

@@ -3,7 +3,7 @@
 //! stopped on a compromised key.
 
 use base64::Engine;
-use ca_store::{ApprovalRequest, AuditEvent, ClusterRecord, now_secs};
+use ca_store::{ApprovalRequest, AuditEvent, ClusterMode, ClusterRecord, ClusterStatus, now_secs};
 use serde_json::json;
 use sha2::Digest;
 
@@ -112,18 +112,17 @@ pub async fn register(state: &AppState, op: &Operator, req: Registration) -> Res
         )
         .by(op.actor()));
     }
-    let mode = req.mode.clone().unwrap_or_else(|| ca_store::MODE_PLUGIN.into());
-    let external = match mode.as_str() {
-        ca_store::MODE_PLUGIN => false,
-        ca_store::MODE_EXTERNAL_CA => true,
-        other => {
+    let mode = match req.mode.as_deref().map(str::parse::<ClusterMode>).transpose() {
+        Ok(mode) => mode.unwrap_or(ClusterMode::Plugin),
+        Err(e) => {
             return Err(ServiceError::new(
                 ErrorCode::InvalidMode,
-                format!("mode {other:?} is not plugin or external-ca"),
+                format!("mode {:?} is not plugin or external-ca", e.value),
             )
             .by(op.actor()));
         }
     };
+    let external = mode == ClusterMode::ExternalCa;
     let key_ref = match (&req.key, external) {
         (Some(k), true) => {
             let key = k
@@ -160,7 +159,7 @@ pub async fn register(state: &AppState, op: &Operator, req: Registration) -> Res
         name: req.name.clone(),
         environment: req.environment.clone(),
         trust_domain: td.to_string(),
-        status: "pending".into(),
+        status: ClusterStatus::Pending,
         request_id: request_id.clone(),
         enrolment_token_hash: token.as_deref().map(token_hash),
         enrolment_expires_at: expires,
@@ -195,7 +194,7 @@ pub async fn reissue_enrolment(state: &AppState, op: &Operator, name: &str) -> R
         .get_cluster(name)
         .await?
         .ok_or_else(|| ServiceError::not_found(format!("no cluster {name:?}")).by(op.actor()))?;
-    if cluster.status != "active" {
+    if !cluster.is_active() {
         return Err(ServiceError::new(ErrorCode::ClusterNotActive, format!("cluster {name} is {}", cluster.status))
             .by(op.actor()));
     }

@@ -179,14 +179,12 @@ pub async fn cluster_ca(state: &AppState, name: &str) -> Result<Arc<ClusterCa>, 
 
 async fn load_cluster(state: &AppState, name: &str) -> Result<Arc<ClusterCa>, ServiceError> {
     let record =
-        state.store.get_cluster(name).await?.filter(|c| c.is_external_ca() && c.status == "active").ok_or_else(
-            || {
-                ServiceError::new(
-                    ErrorCode::ClusterNotServed,
-                    format!("cluster {name:?} is not an active external-CA cluster here"),
-                )
-            },
-        )?;
+        state.store.get_cluster(name).await?.filter(|c| c.is_external_ca() && c.is_active()).ok_or_else(|| {
+            ServiceError::new(
+                ErrorCode::ClusterNotServed,
+                format!("cluster {name:?} is not an active external-CA cluster here"),
+            )
+        })?;
     let ca = load_cluster_ca(state, &record).await?;
     state.istio.clusters.write().unwrap_or_else(|p| p.into_inner()).insert(name.to_string(), ca.clone());
     Ok(ca)
@@ -302,7 +300,7 @@ async fn load_cluster_ca(state: &AppState, record: &ClusterRecord) -> Result<Arc
 /// Due when the cluster has none, its newest is revoked, or two thirds of its life have passed.
 pub async fn ensure_intermediate(state: &AppState, name: &str, actor: &str) -> Result<bool, ServiceError> {
     let Some(cluster) = state.store.get_cluster(name).await? else { return Ok(false) };
-    if !cluster.is_external_ca() || cluster.status != "active" {
+    if !cluster.is_external_ca() || !cluster.is_active() {
         return Ok(false);
     }
     let now = now_secs();
@@ -350,7 +348,7 @@ pub async fn ensure_intermediate(state: &AppState, name: &str, actor: &str) -> R
     let mut tx = state.store.write().await?;
     // Someone else (another replica, an approval) may have got there first.
     let current = tx.get_cluster(name).await?.ok_or_else(|| ServiceError::internal("cluster vanished"))?;
-    if current.current_serial != cluster.current_serial || current.status != "active" {
+    if current.current_serial != cluster.current_serial || !current.is_active() {
         return Ok(false);
     }
     if let Some(b) = tx.blocked_key(&ca_store::spki_sha256(&spki)).await? {
@@ -381,7 +379,7 @@ pub async fn maintain(state: &AppState, leader: bool) -> Result<()> {
     }
     let clusters = state.store.list_clusters().await?;
     if leader {
-        for c in clusters.iter().filter(|c| c.is_external_ca() && c.status == "active") {
+        for c in clusters.iter().filter(|c| c.is_external_ca() && c.is_active()) {
             if let Err(e) = ensure_intermediate(state, &c.name, &state.job_actor()).await {
                 // Expected until a cluster rotation; said once at revocation, not every round.
                 if e.code == ErrorCode::KeyCompromised {
@@ -396,7 +394,7 @@ pub async fn maintain(state: &AppState, leader: bool) -> Result<()> {
     // `ensure_intermediate`; at worst this list is a round old and a fresh CA reloads once.
     for ca in state.istio.loaded() {
         let current = clusters.iter().any(|c| {
-            c.name == ca.issuer.name && c.status == "active" && c.current_serial.as_deref() == Some(ca.serial.as_str())
+            c.name == ca.issuer.name && c.is_active() && c.current_serial.as_deref() == Some(ca.serial.as_str())
         });
         let revoked = state.store.get_certificate(&ca.serial).await?.is_none_or(|c| c.revoked_at.is_some());
         // An HSM failure or timeout marks the key unhealthy; dropping it makes the next request

@@ -57,12 +57,14 @@ pub async fn issue(
     let caller = match credential {
         Credential::Token(token) => {
             let h = token_hash(token);
-            let usable = cluster.status == "active"
+            let usable = cluster.is_active()
                 && cluster.enrolled_at.is_none()
                 && cluster.enrolment_token_hash.as_deref() == Some(h.as_str())
                 && cluster.enrolment_expires_at.is_some_and(|e| e > now);
             if !usable {
-                if cluster.status == "pending" && cluster.enrolment_token_hash.as_deref() == Some(h.as_str()) {
+                if cluster.status == ca_store::ClusterStatus::Pending
+                    && cluster.enrolment_token_hash.as_deref() == Some(h.as_str())
+                {
                     return Err(ServiceError::new(
                         ErrorCode::ClusterNotActive,
                         "the cluster's registration awaits approval by a second operator",
@@ -311,7 +313,7 @@ fn renewal_allowed(
             format!("intermediate {} has expired; enrol again", rec.serial),
         ));
     }
-    if cluster.status != "active" {
+    if !cluster.is_active() {
         return Err(ServiceError::new(
             ErrorCode::ClusterNotActive,
             format!("cluster {} is {}", cluster.name, cluster.status),

@@ -173,7 +173,7 @@ pub async fn start(state: &AppState, op: &Operator, req: StartInput) -> Result<S
                 })?;
             let served = cert.trust_domains();
             if let Some(c) = clusters.iter().find(|c| {
-                c.environment == env && c.status == "active" && !served.is_empty() && !served.contains(&c.trust_domain)
+                c.environment == env && c.is_active() && !served.is_empty() && !served.contains(&c.trust_domain)
             }) {
                 return Err(deny(bad(
                     ErrorCode::InvalidCertificate,
@@ -194,12 +194,10 @@ pub async fn start(state: &AppState, op: &Operator, req: StartInput) -> Result<S
         RotationKind::Cluster => {
             let name =
                 req.cluster.clone().ok_or_else(|| deny(bad(ErrorCode::InvalidCluster, "cluster is required")))?;
-            let c = clusters
-                .iter()
-                .find(|c| c.name == name && c.status == "active" && c.current_serial.is_some())
-                .ok_or_else(|| {
-                    deny(bad(ErrorCode::UnknownCluster, format!("no active cluster {name:?} with an intermediate")))
-                })?;
+            let c =
+                clusters.iter().find(|c| c.name == name && c.is_active() && c.current_serial.is_some()).ok_or_else(
+                    || deny(bad(ErrorCode::UnknownCluster, format!("no active cluster {name:?} with an intermediate"))),
+                )?;
             let new_key = match (c.is_external_ca(), &req.key) {
                 (true, Some(k)) => {
                     let key: hsm::KeyRef =

@@ -268,7 +268,7 @@ pub async fn after_commit(state: &AppState, a: AfterCommit, actor: &str) {
     let Ok(Some(rec)) = state.store.get_rotation(&a.rotation).await else { return };
     let Ok(r) = Rotation::parse(rec) else { return };
     if let Ok(clusters) = state.store.list_clusters().await {
-        for c in clusters.iter().filter(|c| c.is_external_ca() && c.status == "active" && r.covers_cluster(c)) {
+        for c in clusters.iter().filter(|c| c.is_external_ca() && c.is_active() && r.covers_cluster(c)) {
             state.istio.forget(&c.name);
             if let Err(e) = crate::service::external_ca::ensure_intermediate(state, &c.name, actor).await {
                 tracing::warn!(cluster = %c.name, error = %e.detail, "intermediate not re-issued yet; the background job will retry");
