@@ -131,7 +131,7 @@ mod workloads;
 
 pub use audit::AuditEvent;
 pub use blocked_keys::{BLOCKING_REASONS, BlockedKey, spki_sha256};
-pub use certificates::{CertFilter, CertRecord};
+pub use certificates::{CertFilter, CertIssuer, CertRecord};
 pub use clusters::{ClusterMode, ClusterRecord, ClusterReport, ClusterStatus};
 pub use crls::CrlRecord;
 pub use requests::{ApprovalRequest, RequestStatus};

@@ -4,15 +4,16 @@ mod common;
 
 use ca_core::audit::verify_chain;
 use ca_store::{
-    ApprovalRequest, AuditEvent, BlockedKey, CertFilter, CertRecord, ClusterMode, ClusterRecord, ClusterReport,
-    ClusterStatus, CrlRecord, RequestStatus, RotationRecord, Store, StoreError, WorkloadRecord, now_secs, spki_sha256,
+    ApprovalRequest, AuditEvent, BlockedKey, CertFilter, CertIssuer, CertRecord, ClusterMode, ClusterRecord,
+    ClusterReport, ClusterStatus, CrlRecord, RequestStatus, RotationRecord, Store, StoreError, WorkloadRecord,
+    now_secs, spki_sha256,
 };
 use serde_json::json;
 
 fn cert(serial: &str, cluster: &str, not_after: i64) -> CertRecord {
     CertRecord {
         serial: serial.into(),
-        issuer: "prod".into(),
+        issuer: CertIssuer::Environment("prod".into()),
         cluster: Some(cluster.into()),
         profile: "cluster".into(),
         subject: format!("CN={cluster}"),

@@ -84,7 +84,7 @@ impl From<CertRecord> for CertificateView {
         };
         CertificateView {
             serial: r.serial,
-            issuer: r.issuer,
+            issuer: r.issuer.to_string(),
             cluster: r.cluster,
             profile: r.profile,
             subject: r.subject,

@@ -354,7 +354,13 @@ pub async fn ensure_intermediate(state: &AppState, name: &str, actor: &str) -> R
     if let Some(b) = tx.blocked_key(&ca_store::spki_sha256(&spki)).await? {
         return Err(key_compromised(name, &b));
     }
-    let record = crate::service::issuance::cert_record(&cert, &issuer.name, Some(name), "cluster", actor);
+    let record = crate::service::issuance::cert_record(
+        &cert,
+        ca_store::CertIssuer::Environment(issuer.name.clone()),
+        Some(name),
+        "cluster",
+        actor,
+    );
     crate::service::issuance::record_issued(
         &mut tx,
         &record,

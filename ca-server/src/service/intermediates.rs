@@ -4,7 +4,7 @@
 
 use ca_core::cert::CertInfo;
 use ca_core::csr::VerifiedCsr;
-use ca_store::{AuditEvent, CertRecord, ClusterRecord, now_secs};
+use ca_store::{AuditEvent, CertIssuer, CertRecord, ClusterRecord, now_secs};
 use serde_json::json;
 use sha2::Digest;
 
@@ -143,7 +143,7 @@ pub async fn issue(
         }
     };
     crate::service::keys::refuse_blocked_tx(&mut tx, &spki).await.map_err(&deny)?;
-    let record = cert_record(&cert, &issuer.name, Some(name), "cluster", &actor);
+    let record = cert_record(&cert, CertIssuer::Environment(issuer.name.clone()), Some(name), "cluster", &actor);
     record_issued(&mut tx, &record, &actor, json!({"issuer": issuer.name, "via": via, "renewed_from": renewed_from}))
         .await?;
     tx.set_current(name, &cert.serial, renewed_from.as_deref()).await?;

@@ -32,7 +32,7 @@ pub async fn request(
         return Err(ServiceError::new(ErrorCode::AlreadyRevoked, format!("certificate {serial} is already revoked"))
             .by(op.actor()));
     }
-    if !state.issuers.contains_key(&cert.issuer) {
+    if !cert.issuer.environment().is_some_and(|e| state.issuers.contains_key(e)) {
         return Err(ServiceError::new(ErrorCode::NoCrl,
             format!(
                 "certificate {serial} was issued by {}, which publishes no CRL: let it expire (keep server certificates short) or rotate that intermediate",
@@ -113,7 +113,7 @@ pub async fn revoke(
         key_blocked = true;
     }
     tx.audit(AuditEvent::new(op.actor(), "certificate.revoked", &serial, details)).await?;
-    Ok(Some(Revoked { issuer: cert.issuer.clone(), cluster: cert.cluster.clone(), key_blocked }))
+    Ok(Some(Revoked { issuer: cert.issuer.to_string(), cluster: cert.cluster.clone(), key_blocked }))
 }
 
 /// After the revocation committed. It stands even if the HSM is away right now: the CRL

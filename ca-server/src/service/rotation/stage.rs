@@ -238,7 +238,7 @@ pub async fn approve_stage(
                         json!({"reason": "superseded", "issuer": c.issuer, "cluster": c.cluster, "rotation": r.rec.id}),
                     ))
                     .await?;
-                    republish = Some(c.issuer.clone());
+                    republish = Some(c.issuer.to_string());
                     revoked.push(c.serial);
                 }
             }
