@@ -8,6 +8,7 @@ use serde_json::json;
 
 use crate::auth::Operator;
 use crate::error::{ErrorCode, ServiceError};
+use crate::service::approval_kind::{Approval, RevokeCertificate};
 use crate::service::certificates::normalise_serial;
 use crate::service::crl::publish_crl;
 use crate::service::state::AppState;
@@ -42,14 +43,13 @@ pub async fn request(
         .by(op.actor()));
     }
     let now = now_secs();
-    let request = ApprovalRequest::pending(
-        &uuid::Uuid::new_v4().to_string(),
-        "revoke-certificate",
-        &serial,
-        &json!({"serial": serial, "reason": reason_name, "cluster": cert.cluster, "issuer": cert.issuer}),
-        &op.name,
-        now,
-    );
+    let approval = Approval::RevokeCertificate(RevokeCertificate {
+        serial: serial.clone(),
+        reason: reason_name.clone(),
+        cluster: cert.cluster,
+        issuer: cert.issuer,
+    });
+    let request = approval.request(&uuid::Uuid::new_v4().to_string(), &serial, &op.name, now);
     let mut tx = state.store.write().await?;
     tx.insert_request(&request).await?;
     tx.audit(AuditEvent::new(
@@ -78,10 +78,10 @@ pub async fn revoke(
     tx: &mut Tx,
     op: &Operator,
     req: &ApprovalRequest,
-    payload: &serde_json::Value,
+    payload: &RevokeCertificate,
     now: i64,
 ) -> Result<Option<Revoked>, ServiceError> {
-    let reason = payload["reason"].as_str().unwrap_or("unspecified").to_string();
+    let reason = payload.reason.clone();
     let serial = req.subject.clone();
     let cert = tx
         .get_certificate(&serial)

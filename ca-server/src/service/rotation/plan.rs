@@ -5,12 +5,13 @@ use std::collections::BTreeMap;
 
 use ca_core::cert::CertInfo;
 use ca_core::rotation::{RotationKind, Stage};
-use ca_store::{ApprovalRequest, AuditEvent, RotationRecord, now_secs};
+use ca_store::{AuditEvent, RotationRecord, now_secs};
 use serde_json::json;
 
 use super::{ClusterPlan, EnvPlan, Rotation, Spec, pem_cert};
 use crate::auth::Operator;
 use crate::error::{ErrorCode, ServiceError};
+use crate::service::approval_kind::{Approval, StartRotation};
 use crate::service::state::{AppState, Issuer};
 
 /// What an operator asks a rotation to do; which fields apply depends on `kind`.
@@ -255,9 +256,10 @@ pub async fn start(state: &AppState, op: &Operator, req: StartInput) -> Result<S
         }
     }
     let request_id = uuid::Uuid::new_v4().to_string();
-    let payload = json!({"rotation": id, "kind": kind, "target": target, "spec": candidate.spec});
+    let spec = serde_json::to_value(&candidate.spec).map_err(ServiceError::internal)?;
+    let approval = Approval::StartRotation(StartRotation { rotation: id.clone(), kind, target: target.clone(), spec });
     let mut tx = state.store.write().await?;
-    tx.insert_request(&ApprovalRequest::pending(&request_id, "start-rotation", &id, &payload, &op.name, now)).await?;
+    tx.insert_request(&approval.request(&request_id, &id, &op.name, now)).await?;
     tx.audit(AuditEvent::new(
         op.actor(),
         "rotation.start.requested",

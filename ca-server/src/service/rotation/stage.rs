@@ -10,6 +10,7 @@ use super::gate::{blocked, drain_secs, gate};
 use super::{Rotation, Spec, Transition, load, pem_cert};
 use crate::auth::Operator;
 use crate::error::{ErrorCode, ServiceError};
+use crate::service::approval_kind::{Approval, RotationStage, StartRotation};
 use crate::service::state::AppState;
 
 /// A stage change asked for, waiting for a second operator.
@@ -60,15 +61,8 @@ pub async fn request_move(
     }
     let request_id = uuid::Uuid::new_v4().to_string();
     let mut tx = state.store.write().await?;
-    tx.insert_request(&ApprovalRequest::pending(
-        &request_id,
-        "rotation-stage",
-        id,
-        &json!({"from": r.stage, "to": to}),
-        &op.name,
-        now,
-    ))
-    .await?;
+    let approval = Approval::RotationStage(RotationStage { from: r.stage, to });
+    tx.insert_request(&approval.request(&request_id, id, &op.name, now)).await?;
     tx.audit(AuditEvent::new(
         op.actor(),
         "rotation.stage.requested",
@@ -93,11 +87,10 @@ pub async fn approve_start(
     tx: &mut Tx,
     req: &ApprovalRequest,
     approver: &Operator,
+    payload: StartRotation,
 ) -> Result<AfterCommit, ServiceError> {
-    let payload: serde_json::Value = serde_json::from_str(&req.payload).map_err(ServiceError::internal)?;
-    let kind: RotationKind = payload["kind"].as_str().unwrap_or_default().parse().map_err(ServiceError::internal)?;
-    let target = payload["target"].as_str().unwrap_or_default().to_string();
-    let spec: Spec = serde_json::from_value(payload["spec"].clone()).map_err(ServiceError::internal)?;
+    let StartRotation { kind, target, spec, .. } = payload;
+    let spec: Spec = serde_json::from_value(spec).map_err(ServiceError::internal)?;
     let now = now_secs();
     let mut spec = spec;
     spec.entered.insert(Stage::Prepared.to_string(), now);
@@ -165,10 +158,8 @@ pub async fn approve_stage(
     tx: &mut Tx,
     req: &ApprovalRequest,
     approver: &Operator,
+    RotationStage { from, to }: RotationStage,
 ) -> Result<AfterCommit, ServiceError> {
-    let payload: serde_json::Value = serde_json::from_str(&req.payload).map_err(ServiceError::internal)?;
-    let from: Stage = payload["from"].as_str().unwrap_or_default().parse().map_err(ServiceError::internal)?;
-    let to: Stage = payload["to"].as_str().unwrap_or_default().parse().map_err(ServiceError::internal)?;
     let deny = |e: ServiceError| e.by(approver.actor());
     let mut r = Rotation::parse(
         tx.get_rotation(&req.subject).await?.ok_or_else(|| deny(ServiceError::not_found("the rotation is gone")))?,
