@@ -4,6 +4,7 @@
 //! With `--output json`, commands that pass a server document through print it as received,
 //! not these types.
 
+use ca_store::ClusterMode;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
@@ -43,10 +44,8 @@ fn healthy_if_unsaid() -> bool {
 pub struct ClusterView {
     pub name: String,
     pub environment: String,
-    /// `plugin` or `external-ca`.
-    pub mode: String,
-    /// `pending`, `active` or `rejected`.
-    pub status: String,
+    pub mode: ClusterMode,
+    pub status: ca_store::ClusterStatus,
     /// Serial of the newest intermediate.
     pub current_serial: Option<String>,
     #[serde(default)]
@@ -102,7 +101,7 @@ pub struct BlockerView {
 #[derive(Deserialize)]
 pub struct ClusterStatus {
     pub name: String,
-    pub mode: String,
+    pub mode: ClusterMode,
     /// `current` or `lagging`.
     pub state: String,
     pub bundle_ok: bool,
@@ -154,7 +153,7 @@ pub struct RequestView {
     /// Its shape depends on `kind`; see [`RequestView::payload`].
     pub payload: serde_json::Value,
     pub requested_by: String,
-    pub status: String,
+    pub status: ca_store::RequestStatus,
 }
 
 impl RequestView {

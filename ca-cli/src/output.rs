@@ -338,7 +338,7 @@ pub fn rotation_text(v: &RotationView) -> String {
             yes(c.bundle_ok),
             yes(c.chain_ok),
             when(c.reported_at),
-            if c.mode == "external-ca" {
+            if c.mode == ca_store::ClusterMode::ExternalCa {
                 format!("{} old bundle, {} old chain", c.stale_bundle_workloads, c.stale_chain_workloads)
             } else {
                 "-".into()

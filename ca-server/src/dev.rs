@@ -240,7 +240,7 @@ pub async fn register_dev_cluster(setup: &DevSetup, state: &crate::service::stat
         name: DEV_CLUSTER.into(),
         environment: ENVIRONMENT.into(),
         trust_domain: TRUST_DOMAIN.into(),
-        status: "active".into(),
+        status: ca_store::ClusterStatus::Active,
         request_id: "dev-setup".into(),
         enrolment_token_hash: None,
         enrolment_expires_at: None,
@@ -249,7 +249,7 @@ pub async fn register_dev_cluster(setup: &DevSetup, state: &crate::service::stat
         created_at: now,
         current_serial: None,
         previous_serial: None,
-        mode: ca_store::MODE_EXTERNAL_CA.into(),
+        mode: ca_store::ClusterMode::ExternalCa,
         key_ref: Some(key_ref.clone()),
     })
     .await?;

@@ -8,7 +8,7 @@ use crate::{Conn, Result, Store, StoreError, Tx, is_unique_violation};
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, sqlx::FromRow)]
 pub struct CertRecord {
     pub serial: String,
-    pub issuer: String,
+    pub issuer: CertIssuer,
     pub cluster: Option<String>,
     pub profile: String,
     pub subject: String,
@@ -22,6 +22,92 @@ pub struct CertRecord {
     pub issued_at: i64,
     pub revoked_at: Option<i64>,
     pub revocation_reason: Option<String>,
+}
+
+/// What signed a certificate. Stored as the environment's name, or `cluster:<name>`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum CertIssuer {
+    /// An environment's intermediate: it signs cluster intermediates. Its CRL lists them.
+    Environment(String),
+    /// An external-CA cluster's intermediate: it signs the server certificates asked of it.
+    Cluster(String),
+}
+
+const CLUSTER_PREFIX: &str = "cluster:";
+
+impl CertIssuer {
+    /// The environment, when an environment signed.
+    pub fn environment(&self) -> Option<&str> {
+        match self {
+            CertIssuer::Environment(e) => Some(e),
+            CertIssuer::Cluster(_) => None,
+        }
+    }
+}
+
+impl std::fmt::Display for CertIssuer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CertIssuer::Environment(e) => f.write_str(e),
+            CertIssuer::Cluster(c) => write!(f, "{CLUSTER_PREFIX}{c}"),
+        }
+    }
+}
+
+impl From<&str> for CertIssuer {
+    /// Environment names never hold a `:`, so the prefix tells the two apart.
+    fn from(s: &str) -> Self {
+        match s.strip_prefix(CLUSTER_PREFIX) {
+            Some(c) => CertIssuer::Cluster(c.to_string()),
+            None => CertIssuer::Environment(s.to_string()),
+        }
+    }
+}
+
+impl Serialize for CertIssuer {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for CertIssuer {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        Ok(CertIssuer::from(&*<std::borrow::Cow<'de, str>>::deserialize(d)?))
+    }
+}
+
+impl<DB: sqlx::Database> sqlx::Type<DB> for CertIssuer
+where
+    str: sqlx::Type<DB>,
+{
+    fn type_info() -> DB::TypeInfo {
+        <str as sqlx::Type<DB>>::type_info()
+    }
+
+    fn compatible(ty: &DB::TypeInfo) -> bool {
+        <str as sqlx::Type<DB>>::compatible(ty)
+    }
+}
+
+impl<'q, DB: sqlx::Database> sqlx::Encode<'q, DB> for CertIssuer
+where
+    String: sqlx::Encode<'q, DB>,
+{
+    fn encode_by_ref(
+        &self,
+        buf: &mut <DB as sqlx::Database>::ArgumentBuffer,
+    ) -> std::result::Result<sqlx::encode::IsNull, sqlx::error::BoxDynError> {
+        <String as sqlx::Encode<'q, DB>>::encode_by_ref(&self.to_string(), buf)
+    }
+}
+
+impl<'r, DB: sqlx::Database> sqlx::Decode<'r, DB> for CertIssuer
+where
+    &'r str: sqlx::Decode<'r, DB>,
+{
+    fn decode(value: <DB as sqlx::Database>::ValueRef<'r>) -> std::result::Result<Self, sqlx::error::BoxDynError> {
+        Ok(CertIssuer::from(<&'r str as sqlx::Decode<'r, DB>>::decode(value)?))
+    }
 }
 
 /// Filters for the inventory listing. All optional; `now` decides what "expired" means.
@@ -130,5 +216,20 @@ impl Tx {
 
     pub async fn revoked_by_issuer(&mut self, issuer: &str) -> Result<Vec<CertRecord>> {
         Ok(revoked_by_issuer(self.conn(), issuer).await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::CertIssuer;
+
+    #[test]
+    fn issuers_keep_their_stored_spelling() {
+        for stored in ["prod", "cluster:east"] {
+            assert_eq!(CertIssuer::from(stored).to_string(), stored);
+        }
+        assert_eq!(CertIssuer::from("cluster:east"), CertIssuer::Cluster("east".into()));
+        assert_eq!(CertIssuer::from("prod").environment(), Some("prod"));
+        assert_eq!(serde_json::to_string(&CertIssuer::Cluster("east".into())).unwrap(), "\"cluster:east\"");
     }
 }

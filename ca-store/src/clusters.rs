@@ -10,8 +10,7 @@ pub struct ClusterRecord {
     pub name: String,
     pub environment: String,
     pub trust_domain: String,
-    /// `pending` (awaiting approval), `active`, or `rejected`.
-    pub status: String,
+    pub status: ClusterStatus,
     pub request_id: String,
     #[serde(skip)]
     pub enrolment_token_hash: Option<String>,
@@ -26,21 +25,39 @@ pub struct ClusterRecord {
     /// presented, so that a lost response does not strand the cluster.
     #[sqlx(default)]
     pub previous_serial: Option<String>,
-    /// `plugin` (the cluster holds its intermediate's key and signs workloads in istiod) or
-    /// `external-ca` (this server holds it, `key_ref`, and answers Istio's certificate API).
-    pub mode: String,
+    pub mode: ClusterMode,
     pub key_ref: Option<String>,
 }
 
 impl ClusterRecord {
     pub fn is_external_ca(&self) -> bool {
-        self.mode == MODE_EXTERNAL_CA
+        self.mode == ClusterMode::ExternalCa
+    }
+
+    pub fn is_active(&self) -> bool {
+        self.status == ClusterStatus::Active
     }
 }
 
-pub const MODE_PLUGIN: &str = "plugin";
+text_enum! {
+    /// A cluster's registration state.
+    pub enum ClusterStatus {
+        /// Awaiting a second operator's approval.
+        Pending => "pending",
+        Active => "active",
+        Rejected => "rejected",
+    }
+}
 
-pub const MODE_EXTERNAL_CA: &str = "external-ca";
+text_enum! {
+    /// Who holds a cluster intermediate's key.
+    pub enum ClusterMode {
+        /// The cluster holds it and signs workloads in istiod.
+        Plugin => "plugin",
+        /// This server holds it (`key_ref`) and answers Istio's certificate API.
+        ExternalCa => "external-ca",
+    }
+}
 
 /// What a plug-in cluster last reported having installed.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, sqlx::FromRow)]
@@ -83,9 +100,9 @@ impl Tx {
         let res = on_tx!(self, c => sqlx::query(
             "INSERT INTO clusters (name, environment, trust_domain, status, request_id, enrolment_token_hash, enrolment_expires_at, enrolled_at, created_by, created_at, mode, key_ref)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)")
-            .bind(&r.name).bind(&r.environment).bind(&r.trust_domain).bind(&r.status).bind(&r.request_id)
+            .bind(&r.name).bind(&r.environment).bind(&r.trust_domain).bind(r.status).bind(&r.request_id)
             .bind(&r.enrolment_token_hash).bind(r.enrolment_expires_at).bind(r.enrolled_at).bind(&r.created_by).bind(r.created_at)
-            .bind(&r.mode).bind(&r.key_ref)
+            .bind(r.mode).bind(&r.key_ref)
             .execute(c).await.map(|r| r.rows_affected()));
         match res {
             Err(e) if is_unique_violation(&e) => Err(StoreError::Conflict(format!("cluster {}", r.name))),
@@ -93,7 +110,7 @@ impl Tx {
         }
     }
 
-    pub async fn set_cluster_status(&mut self, name: &str, status: &str) -> Result<()> {
+    pub async fn set_cluster_status(&mut self, name: &str, status: ClusterStatus) -> Result<()> {
         on_tx!(self, c => sqlx::query("UPDATE clusters SET status = $1 WHERE name = $2").bind(status).bind(name).execute(c).await.map(|r| r.rows_affected()))?;
         Ok(())
     }

@@ -117,6 +117,9 @@ impl Reader {
     }
 }
 
+#[macro_use]
+mod text;
+
 mod audit;
 mod blocked_keys;
 mod certificates;
@@ -129,11 +132,12 @@ mod workloads;
 
 pub use audit::AuditEvent;
 pub use blocked_keys::{BLOCKING_REASONS, BlockedKey, spki_sha256};
-pub use certificates::{CertFilter, CertRecord};
-pub use clusters::{ClusterRecord, ClusterReport, MODE_EXTERNAL_CA, MODE_PLUGIN};
+pub use certificates::{CertFilter, CertIssuer, CertRecord};
+pub use clusters::{ClusterMode, ClusterRecord, ClusterReport, ClusterStatus};
 pub use crls::CrlRecord;
-pub use requests::ApprovalRequest;
+pub use requests::{ApprovalRequest, RequestStatus};
 pub use rotations::RotationRecord;
+pub use text::UnknownValue;
 pub use workloads::WorkloadRecord;
 
 fn is_unique_violation(e: &sqlx::Error) -> bool {

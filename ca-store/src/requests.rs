@@ -14,10 +14,18 @@ pub struct ApprovalRequest {
     pub payload: String,
     pub requested_by: String,
     pub requested_at: i64,
-    /// `pending`, `approved` or `rejected`.
-    pub status: String,
+    pub status: RequestStatus,
     pub decided_by: Option<String>,
     pub decided_at: Option<i64>,
+}
+
+text_enum! {
+    /// A two-person-rule request's state.
+    pub enum RequestStatus {
+        Pending => "pending",
+        Approved => "approved",
+        Rejected => "rejected",
+    }
 }
 
 impl ApprovalRequest {
@@ -37,7 +45,7 @@ impl ApprovalRequest {
             payload: payload.to_string(),
             requested_by: requested_by.into(),
             requested_at: now,
-            status: "pending".into(),
+            status: RequestStatus::Pending,
             decided_by: None,
             decided_at: None,
         }
@@ -49,7 +57,7 @@ async fn get_request(c: Conn<'_>, id: &str) -> sqlx::Result<Option<ApprovalReque
 }
 
 impl Store {
-    pub async fn list_requests(&self, status: Option<&str>) -> Result<Vec<ApprovalRequest>> {
+    pub async fn list_requests(&self, status: Option<RequestStatus>) -> Result<Vec<ApprovalRequest>> {
         Ok(
             on_pool!(self, p => sqlx::query_as("SELECT * FROM approval_requests WHERE ($1 IS NULL OR status = $1) ORDER BY requested_at, id")
             .bind(status).fetch_all(p).await)?,
@@ -67,13 +75,13 @@ impl Tx {
             "INSERT INTO approval_requests (id, kind, subject, payload, requested_by, requested_at, status, decided_by, decided_at)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)")
             .bind(&r.id).bind(&r.kind).bind(&r.subject).bind(&r.payload).bind(&r.requested_by).bind(r.requested_at)
-            .bind(&r.status).bind(&r.decided_by).bind(r.decided_at)
+            .bind(r.status).bind(&r.decided_by).bind(r.decided_at)
             .execute(c).await.map(|r| r.rows_affected()))?;
         Ok(())
     }
 
     /// Decides a pending request. Returns false if it was no longer pending.
-    pub async fn decide_request(&mut self, id: &str, status: &str, by: &str, at: i64) -> Result<bool> {
+    pub async fn decide_request(&mut self, id: &str, status: RequestStatus, by: &str, at: i64) -> Result<bool> {
         let r = on_tx!(self, c => sqlx::query("UPDATE approval_requests SET status = $1, decided_by = $2, decided_at = $3 WHERE id = $4 AND status = 'pending'")
             .bind(status).bind(by).bind(at).bind(id).execute(c).await.map(|r| r.rows_affected()))?;
         Ok(r == 1)

@@ -4,15 +4,16 @@ mod common;
 
 use ca_core::audit::verify_chain;
 use ca_store::{
-    ApprovalRequest, AuditEvent, BlockedKey, CertFilter, CertRecord, ClusterRecord, ClusterReport, CrlRecord,
-    RotationRecord, Store, StoreError, WorkloadRecord, now_secs, spki_sha256,
+    ApprovalRequest, AuditEvent, BlockedKey, CertFilter, CertIssuer, CertRecord, ClusterMode, ClusterRecord,
+    ClusterReport, ClusterStatus, CrlRecord, RequestStatus, RotationRecord, Store, StoreError, WorkloadRecord,
+    now_secs, spki_sha256,
 };
 use serde_json::json;
 
 fn cert(serial: &str, cluster: &str, not_after: i64) -> CertRecord {
     CertRecord {
         serial: serial.into(),
-        issuer: "prod".into(),
+        issuer: CertIssuer::Environment("prod".into()),
         cluster: Some(cluster.into()),
         profile: "cluster".into(),
         subject: format!("CN={cluster}"),
@@ -74,7 +75,7 @@ async fn clusters_requests_and_enrolment(s: &Store) {
         payload: "{}".into(),
         requested_by: "alice".into(),
         requested_at: now,
-        status: "pending".into(),
+        status: RequestStatus::Pending,
         decided_by: None,
         decided_at: None,
     };
@@ -82,7 +83,7 @@ async fn clusters_requests_and_enrolment(s: &Store) {
         name: "c9".into(),
         environment: "prod".into(),
         trust_domain: "prod.example.com".into(),
-        status: "pending".into(),
+        status: ClusterStatus::Pending,
         request_id: "r1".into(),
         enrolment_token_hash: Some("h".into()),
         enrolment_expires_at: Some(now + 600),
@@ -91,7 +92,7 @@ async fn clusters_requests_and_enrolment(s: &Store) {
         created_at: now,
         current_serial: None,
         previous_serial: None,
-        mode: "plugin".into(),
+        mode: ClusterMode::Plugin,
         key_ref: None,
     };
     let mut tx = s.write().await.unwrap();
@@ -104,9 +105,9 @@ async fn clusters_requests_and_enrolment(s: &Store) {
 
     let mut tx = s.write().await.unwrap();
     assert!(!tx.consume_enrolment("c9", "h", now).await.unwrap(), "pending clusters cannot enrol");
-    assert!(tx.decide_request("r1", "approved", "bob", now).await.unwrap());
-    assert!(!tx.decide_request("r1", "rejected", "carol", now).await.unwrap(), "decided once");
-    tx.set_cluster_status("c9", "active").await.unwrap();
+    assert!(tx.decide_request("r1", RequestStatus::Approved, "bob", now).await.unwrap());
+    assert!(!tx.decide_request("r1", RequestStatus::Rejected, "carol", now).await.unwrap(), "decided once");
+    tx.set_cluster_status("c9", ClusterStatus::Active).await.unwrap();
     assert!(!tx.consume_enrolment("c9", "wrong", now).await.unwrap());
     assert!(tx.consume_enrolment("c9", "h", now).await.unwrap());
     assert!(!tx.consume_enrolment("c9", "h", now).await.unwrap(), "single use");
@@ -119,12 +120,13 @@ async fn clusters_requests_and_enrolment(s: &Store) {
     assert_eq!(got.previous_serial.as_deref(), Some("0aaa"));
     assert_eq!(got.enrolled_at, Some(now));
     assert_eq!(got.enrolment_token_hash, None);
-    assert_eq!(s.list_requests(Some("approved")).await.unwrap().len(), 1);
+    assert_eq!(s.list_requests(Some(RequestStatus::Approved)).await.unwrap().len(), 1);
     assert_eq!(s.get_request("r1").await.unwrap().unwrap().decided_by.as_deref(), Some("bob"));
 
     // An expired token cannot be spent.
     let mut tx = s.write().await.unwrap();
-    let old = ClusterRecord { name: "c10".into(), status: "active".into(), enrolment_expires_at: Some(now - 1), ..cl };
+    let old =
+        ClusterRecord { name: "c10".into(), status: ClusterStatus::Active, enrolment_expires_at: Some(now - 1), ..cl };
     tx.insert_cluster(&old).await.unwrap();
     assert!(!tx.consume_enrolment("c10", "h", now).await.unwrap());
     tx.commit().await.unwrap();

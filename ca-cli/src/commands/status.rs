@@ -89,15 +89,15 @@ async fn collect(server: &str, ca_root: &Path, token: &str) -> Result<StatusRepo
             kind: "cluster",
             name: c.name,
             environment: c.environment,
-            mode: c.mode,
+            mode: c.mode.to_string(),
             serial: c.current_serial.clone(),
             not_after: None,
             seconds_left: None,
             state: String::new(),
             rotation: None,
         };
-        row.state = match (c.status.as_str(), c.current_serial) {
-            ("active", Some(serial)) => {
+        row.state = match (c.status, c.current_serial) {
+            (ca_store::ClusterStatus::Active, Some(serial)) => {
                 let cert: CertificateView = fleet.get(&format!("/v1/certificates/{serial}")).await?;
                 row.not_after = Some(cert.not_after);
                 row.seconds_left = Some((cert.not_after - now).max(0));
@@ -109,8 +109,8 @@ async fn collect(server: &str, ca_root: &Path, token: &str) -> Result<StatusRepo
                     "revoked".into()
                 }
             }
-            ("active", None) => "no-intermediate".into(),
-            (other, _) => other.into(),
+            (ca_store::ClusterStatus::Active, None) => "no-intermediate".into(),
+            (other, _) => other.to_string(),
         };
         rows.push(row);
     }

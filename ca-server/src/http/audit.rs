@@ -1,5 +1,9 @@
 //! The audit trail, for auditors and admins.
 
+use axum::Router;
+use axum::routing::get;
+use utoipa::OpenApi;
+
 use axum::Json;
 use axum::extract::State;
 use serde::{Deserialize, Serialize};
@@ -32,7 +36,7 @@ pub(crate) struct AuditQuery {
     limit: Option<i64>,
 }
 
-#[utoipa::path(get, path = "/v1/audit", params(AuditQuery), responses((status = 200, body = [AuditView])), security(("bearer" = ["auditor", "admin"])))]
+#[utoipa::path(tag = "audit", get, path = "/v1/audit", params(AuditQuery), responses((status = 200, body = [AuditView])), security(("bearer" = ["auditor", "admin"])))]
 pub(crate) async fn list_audit(
     State(state): State<AppState>,
     op: Operator,
@@ -56,3 +60,13 @@ pub(crate) async fn list_audit(
             .collect(),
     ))
 }
+
+/// This module's endpoints, merged into the router by `http::router`.
+pub(crate) fn routes() -> Router<AppState> {
+    Router::new().route("/v1/audit", get(list_audit))
+}
+
+/// This module's operations and schemas, merged into the served document by `http::openapi`.
+#[derive(OpenApi)]
+#[openapi(paths(list_audit), components(schemas(AuditView)))]
+pub(crate) struct Doc;

@@ -1,5 +1,9 @@
 //! The certificate inventory, and revocation requests.
 
+use axum::Router;
+use axum::routing::{get, post};
+use utoipa::OpenApi;
+
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -84,7 +88,7 @@ impl From<CertRecord> for CertificateView {
         };
         CertificateView {
             serial: r.serial,
-            issuer: r.issuer,
+            issuer: r.issuer.to_string(),
             cluster: r.cluster,
             profile: r.profile,
             subject: r.subject,
@@ -116,7 +120,7 @@ pub(crate) struct CertQuery {
     limit: Option<i64>,
 }
 
-#[utoipa::path(get, path = "/v1/certificates", params(CertQuery), responses((status = 200, body = [CertificateView]), (status = 400, body = Problem)), security(("bearer" = ["operator", "admin", "auditor"])))]
+#[utoipa::path(tag = "certificates", get, path = "/v1/certificates", params(CertQuery), responses((status = 200, body = [CertificateView]), (status = 400, body = Problem)), security(("bearer" = ["operator", "admin", "auditor"])))]
 pub(crate) async fn list_certificates(
     State(state): State<AppState>,
     op: Operator,
@@ -133,7 +137,7 @@ pub(crate) async fn list_certificates(
     Ok(Json(crate::service::certificates::list(&state, &op, q).await?.into_iter().map(Into::into).collect()))
 }
 
-#[utoipa::path(get, path = "/v1/certificates/{serial}", params(("serial" = String, Path, description = "Hex, with or without colons")),
+#[utoipa::path(tag = "certificates", get, path = "/v1/certificates/{serial}", params(("serial" = String, Path, description = "Hex, with or without colons")),
     responses((status = 200, body = CertificateView), (status = 404, body = Problem)), security(("bearer" = ["operator", "admin", "auditor"])))]
 pub(crate) async fn get_certificate(
     State(state): State<AppState>,
@@ -176,7 +180,7 @@ pub(crate) struct RevokeRequest {
 }
 
 /// Asks to revoke a certificate. Takes effect when a different operator approves.
-#[utoipa::path(post, path = "/v1/certificates/{serial}/revoke", request_body = RevokeRequest,
+#[utoipa::path(tag = "certificates", post, path = "/v1/certificates/{serial}/revoke", request_body = RevokeRequest,
     params(("serial" = String, Path, description = "Hex, with or without colons")),
     responses((status = 202, body = RequestView), (status = 400, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem)),
     security(("bearer" = ["operator", "admin"])))]
@@ -190,3 +194,19 @@ pub(crate) async fn revoke_certificate(
     let request = crate::service::revocation::request(&state, &op, &serial, &req.reason).await?;
     Ok((StatusCode::ACCEPTED, Json(RequestView::from(request))).into_response())
 }
+
+/// This module's endpoints, merged into the router by `http::router`.
+pub(crate) fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/v1/certificates", get(list_certificates))
+        .route("/v1/certificates/{serial}", get(get_certificate))
+        .route("/v1/certificates/{serial}/revoke", post(revoke_certificate))
+}
+
+/// This module's operations and schemas, merged into the served document by `http::openapi`.
+#[derive(OpenApi)]
+#[openapi(
+    paths(list_certificates, get_certificate, revoke_certificate),
+    components(schemas(CertificateView, RevokeRequest, CertificateStatus, RevocationReason))
+)]
+pub(crate) struct Doc;

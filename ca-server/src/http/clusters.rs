@@ -1,6 +1,10 @@
 //! Clusters: registration, reads, enrolment tokens, and a plug-in cluster's own intermediate
 //! (enrolment, renewal) and installed reports.
 
+use axum::Router;
+use axum::routing::{get, post};
+use utoipa::OpenApi;
+
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -18,7 +22,8 @@ use crate::service::intermediates::{Credential, Installed};
 use crate::service::state::AppState;
 use crate::tls::ConnInfo;
 
-// The next two document values the store keeps as strings; they are never built in Rust.
+// The next two document `ca_store::ClusterStatus` and `ca_store::ClusterMode` (the store does
+// not depend on utoipa); they are never built in Rust.
 
 /// A cluster's registration state: `pending` until a second operator decides.
 #[derive(Serialize, ToSchema)]
@@ -85,9 +90,9 @@ pub(crate) struct ClusterView {
     environment: String,
     trust_domain: String,
     #[schema(value_type = ClusterMode)]
-    mode: String,
+    mode: ca_store::ClusterMode,
     #[schema(value_type = ClusterState)]
-    status: String,
+    status: ca_store::ClusterStatus,
     request_id: String,
     /// Serial of the newest intermediate.
     current_serial: Option<String>,
@@ -132,7 +137,7 @@ impl From<Requested> for RegisterResponse {
 }
 
 /// Registers a cluster. Takes effect when a different operator approves the request.
-#[utoipa::path(post, path = "/v1/clusters", request_body = RegisterCluster,
+#[utoipa::path(tag = "clusters", post, path = "/v1/clusters", request_body = RegisterCluster,
     responses((status = 202, body = RegisterResponse), (status = 400, body = Problem), (status = 409, body = Problem)),
     security(("bearer" = ["operator", "admin"])))]
 pub(crate) async fn register_cluster(
@@ -152,7 +157,7 @@ pub(crate) async fn register_cluster(
     Ok((StatusCode::ACCEPTED, Json(RegisterResponse::from(requested))).into_response())
 }
 
-#[utoipa::path(get, path = "/v1/clusters", responses((status = 200, body = [ClusterView])), security(("bearer" = ["operator", "admin", "auditor"])))]
+#[utoipa::path(tag = "clusters", get, path = "/v1/clusters", responses((status = 200, body = [ClusterView])), security(("bearer" = ["operator", "admin", "auditor"])))]
 pub(crate) async fn list_clusters(
     State(state): State<AppState>,
     op: Operator,
@@ -161,7 +166,7 @@ pub(crate) async fn list_clusters(
     Ok(Json(crate::service::clusters::list(&state).await?.into_iter().map(Into::into).collect()))
 }
 
-#[utoipa::path(get, path = "/v1/clusters/{name}", params(("name" = String, Path, description = "The cluster's name")),
+#[utoipa::path(tag = "clusters", get, path = "/v1/clusters/{name}", params(("name" = String, Path, description = "The cluster's name")),
     responses((status = 200, body = ClusterView), (status = 404, body = Problem)), security(("bearer" = ["operator", "admin", "auditor"])))]
 pub(crate) async fn get_cluster(
     State(state): State<AppState>,
@@ -175,7 +180,7 @@ pub(crate) async fn get_cluster(
 /// Asks for a new one-time enrolment token for an existing cluster: after its newest
 /// intermediate was revoked, or a failed enrolment left it without one. Takes effect when a
 /// different operator approves.
-#[utoipa::path(post, path = "/v1/clusters/{name}/enrolment", params(("name" = String, Path, description = "The cluster's name")),
+#[utoipa::path(tag = "clusters", post, path = "/v1/clusters/{name}/enrolment", params(("name" = String, Path, description = "The cluster's name")),
     responses((status = 202, body = RegisterResponse), (status = 404, body = Problem), (status = 409, body = Problem)), security(("bearer" = ["operator", "admin"])))]
 pub(crate) async fn reissue_enrolment(
     State(state): State<AppState>,
@@ -209,7 +214,7 @@ pub(crate) struct IntermediateResponse {
 
 /// Enrols (first time, with the enrolment token as `Authorization: Bearer`) or renews (over
 /// mTLS with the cluster's current, unexpired, unrevoked intermediate) a cluster intermediate.
-#[utoipa::path(post, path = "/v1/clusters/{name}/intermediate", request_body = IntermediateRequest, params(("name" = String, Path, description = "The cluster's name")),
+#[utoipa::path(tag = "clusters", post, path = "/v1/clusters/{name}/intermediate", request_body = IntermediateRequest, params(("name" = String, Path, description = "The cluster's name")),
     security(("enrolment" = []), ("cluster" = [])),
     responses((status = 200, body = IntermediateResponse), (status = 400, body = Problem), (status = 401, body = Problem),
         (status = 404, body = Problem), (status = 409, body = Problem), (status = 503, body = Problem)))]
@@ -264,7 +269,7 @@ pub(crate) struct ReportResponse {
 
 /// A plug-in cluster reports what it has installed (over mTLS, like a renewal) and learns the
 /// bundle it should hold and whether to renew now. Rotation gates read these reports.
-#[utoipa::path(post, path = "/v1/clusters/{name}/report", request_body = InstalledReport, params(("name" = String, Path, description = "The cluster's name")),
+#[utoipa::path(tag = "clusters", post, path = "/v1/clusters/{name}/report", request_body = InstalledReport, params(("name" = String, Path, description = "The cluster's name")),
     security(("cluster" = [])),
     responses((status = 409, body = Problem), (status = 503, body = Problem), (status = 200, body = ReportResponse), (status = 400, body = Problem), (status = 401, body = Problem), (status = 404, body = Problem)))]
 pub(crate) async fn report_installed(
@@ -282,3 +287,31 @@ pub(crate) async fn report_installed(
         reason: advice.renew_because,
     }))
 }
+
+/// This module's endpoints, merged into the router by `http::router`.
+pub(crate) fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/v1/clusters", post(register_cluster).get(list_clusters))
+        .route("/v1/clusters/{name}", get(get_cluster))
+        .route("/v1/clusters/{name}/intermediate", post(issue_intermediate))
+        .route("/v1/clusters/{name}/enrolment", post(reissue_enrolment))
+        .route("/v1/clusters/{name}/report", post(report_installed))
+}
+
+/// This module's operations and schemas, merged into the served document by `http::openapi`.
+#[derive(OpenApi)]
+#[openapi(
+    paths(register_cluster, list_clusters, get_cluster, issue_intermediate, reissue_enrolment, report_installed),
+    components(schemas(
+        RegisterCluster,
+        RegisterResponse,
+        ClusterView,
+        IntermediateRequest,
+        IntermediateResponse,
+        InstalledReport,
+        ReportResponse,
+        ClusterMode,
+        ClusterState
+    ))
+)]
+pub(crate) struct Doc;

@@ -1,5 +1,9 @@
 //! CRLs, public: DER or PEM, for the current key or an earlier one.
 
+use axum::Router;
+use axum::routing::get;
+use utoipa::OpenApi;
+
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, header};
@@ -34,7 +38,7 @@ pub(crate) enum CrlFormat {
 
 /// The issuer's current CRL: DER (`application/pkix-crl`), or PEM with `?format=pem` or
 /// `Accept: application/x-pem-file`.
-#[utoipa::path(get, path = "/v1/crl/{issuer}", params(("issuer" = String, Path, description = "The environment (issuer) name"), CrlQuery),
+#[utoipa::path(tag = "crl", get, path = "/v1/crl/{issuer}", params(("issuer" = String, Path, description = "The environment (issuer) name"), CrlQuery),
     responses((status = 200, description = "The CRL: DER, or PEM when asked for", content(
         (String = "application/pkix-crl"), (String = "application/x-pem-file"))), (status = 404, body = Problem), (status = 503, body = Problem)))]
 pub(crate) async fn get_crl(
@@ -56,3 +60,13 @@ pub(crate) async fn get_crl(
         Ok(([(header::CONTENT_TYPE, "application/pkix-crl")], Bytes::from(der)).into_response())
     }
 }
+
+/// This module's endpoints, merged into the router by `http::router`.
+pub(crate) fn routes() -> Router<AppState> {
+    Router::new().route("/v1/crl/{issuer}", get(get_crl))
+}
+
+/// This module's operations and schemas, merged into the served document by `http::openapi`.
+#[derive(OpenApi)]
+#[openapi(paths(get_crl), components(schemas(CrlFormat)))]
+pub(crate) struct Doc;

@@ -1,5 +1,9 @@
 //! Probes and the issuers this server serves.
 
+use axum::Router;
+use axum::routing::get;
+use utoipa::OpenApi;
+
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -10,7 +14,7 @@ use utoipa::ToSchema;
 
 use crate::service::state::AppState;
 
-#[utoipa::path(get, path = "/healthz", responses((status = 200, description = "The process is up", body = String, content_type = "text/plain")))]
+#[utoipa::path(tag = "health", get, path = "/healthz", responses((status = 200, description = "The process is up", body = String, content_type = "text/plain")))]
 pub(crate) async fn healthz() -> &'static str {
     "ok"
 }
@@ -23,7 +27,7 @@ pub(crate) struct Ready {
     issuers: std::collections::BTreeMap<String, bool>,
 }
 
-#[utoipa::path(get, path = "/readyz", responses((status = 200, body = Ready), (status = 503, body = Ready)))]
+#[utoipa::path(tag = "health", get, path = "/readyz", responses((status = 200, body = Ready), (status = 503, body = Ready)))]
 pub(crate) async fn readyz(State(state): State<AppState>) -> Response {
     let r = crate::service::health::readiness(&state).await;
     let ready = r.ready();
@@ -42,7 +46,7 @@ pub(crate) struct IssuerView {
     chain: Vec<String>,
 }
 
-#[utoipa::path(get, path = "/v1/issuers", responses((status = 200, body = [IssuerView])))]
+#[utoipa::path(tag = "health", get, path = "/v1/issuers", responses((status = 200, body = [IssuerView])))]
 pub(crate) async fn list_issuers(State(state): State<AppState>) -> Json<Vec<IssuerView>> {
     Json(
         state
@@ -60,3 +64,13 @@ pub(crate) async fn list_issuers(State(state): State<AppState>) -> Json<Vec<Issu
             .collect(),
     )
 }
+
+/// This module's endpoints, merged into the router by `http::router`.
+pub(crate) fn routes() -> Router<AppState> {
+    Router::new().route("/healthz", get(healthz)).route("/readyz", get(readyz)).route("/v1/issuers", get(list_issuers))
+}
+
+/// This module's operations and schemas, merged into the served document by `http::openapi`.
+#[derive(OpenApi)]
+#[openapi(paths(healthz, readyz, list_issuers), components(schemas(IssuerView, Ready)))]
+pub(crate) struct Doc;

@@ -1,9 +1,10 @@
 //! The REST API: router, middleware, extractors and one module per resource. Handlers
-//! translate HTTP into calls of `crate::service` and its results back into HTTP.
+//! translate HTTP into calls of `crate::service` and its results back into HTTP. A resource
+//! module holds its endpoints whole: handlers, views, `routes()` and its OpenAPI `Doc`; an
+//! endpoint is added in that one file. A new resource module is listed here and in `openapi.rs`.
 
 use axum::Router;
 use axum::http::StatusCode;
-use axum::routing::{get, post};
 
 use crate::error::ServiceError;
 use crate::service::state::AppState;
@@ -23,33 +24,20 @@ pub mod rotations;
 pub mod server_certificates;
 pub mod trust;
 
+/// Every resource module's routes: each module declares its own (`routes()`), and its
+/// operations for the OpenAPI document (`Doc`, merged in `openapi.rs`).
 pub fn router(state: AppState) -> Router {
     let routes = Router::new()
-        .route("/healthz", get(health::healthz))
-        .route("/readyz", get(health::readyz))
-        .route("/v1/openapi.json", get(openapi::openapi))
-        .route("/v1/issuers", get(health::list_issuers))
-        .route("/v1/clusters", post(clusters::register_cluster).get(clusters::list_clusters))
-        .route("/v1/clusters/{name}", get(clusters::get_cluster))
-        .route("/v1/clusters/{name}/intermediate", post(clusters::issue_intermediate))
-        .route("/v1/clusters/{name}/enrolment", post(clusters::reissue_enrolment))
-        .route("/v1/clusters/{name}/trust-bundle", get(trust::trust_bundle))
-        .route("/v1/clusters/{name}/trust-bundle/configmap", get(trust::trust_bundle_configmap))
-        .route("/v1/clusters/{name}/server-certificates", post(server_certificates::issue_server_certificate))
-        .route("/v1/requests", get(requests::list_requests))
-        .route("/v1/requests/{id}/approve", post(requests::approve_request))
-        .route("/v1/requests/{id}/reject", post(requests::reject_request))
-        .route("/v1/certificates", get(certificates::list_certificates))
-        .route("/v1/certificates/{serial}", get(certificates::get_certificate))
-        .route("/v1/certificates/{serial}/revoke", post(certificates::revoke_certificate))
-        .route("/v1/crl/{issuer}", get(crl::get_crl))
-        .route("/v1/audit", get(audit::list_audit))
-        .route("/v1/clusters/{name}/report", post(clusters::report_installed))
-        .route("/v1/rotations", post(crate::http::rotations::start).get(crate::http::rotations::list))
-        .route("/v1/rotations/{id}", get(crate::http::rotations::get))
-        .route("/v1/rotations/{id}/certificates", post(crate::http::rotations::upload_certificate))
-        .route("/v1/rotations/{id}/advance", post(crate::http::rotations::advance))
-        .route("/v1/rotations/{id}/rollback", post(crate::http::rotations::rollback))
+        .merge(health::routes())
+        .merge(openapi::routes())
+        .merge(clusters::routes())
+        .merge(trust::routes())
+        .merge(server_certificates::routes())
+        .merge(requests::routes())
+        .merge(certificates::routes())
+        .merge(crl::routes())
+        .merge(audit::routes())
+        .merge(rotations::routes())
         .fallback(|| async { ServiceError::not_found("no such endpoint") });
     with_layers(routes, state)
 }

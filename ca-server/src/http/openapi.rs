@@ -2,46 +2,59 @@
 //! schemes, the statuses the layers add around every handler, and what the configuration
 //! decides, filled in when the document is served.
 
-use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
 use serde_json::json;
-use utoipa::OpenApi;
+use utoipa::{Modify, OpenApi};
 
-use super::{audit, certificates, clusters, crl, health, requests, server_certificates, trust};
+use super::{audit, certificates, clusters, crl, health, requests, rotations, server_certificates, trust};
 use crate::auth::Role;
 use crate::error::{Problem, ServiceError};
 use crate::service::state::AppState;
 
+/// What the document holds beside the resource modules' operations.
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "ca-server", description = "Online issuance, renewal and revocation of cluster intermediates, with an audit trail."),
-    paths(
-        health::healthz, health::readyz, health::list_issuers, clusters::register_cluster, clusters::list_clusters,
-        clusters::get_cluster, clusters::issue_intermediate, clusters::reissue_enrolment, requests::list_requests,
-        requests::approve_request, requests::reject_request, certificates::list_certificates,
-        certificates::get_certificate, certificates::revoke_certificate, crl::get_crl, audit::list_audit,
-        trust::trust_bundle, trust::trust_bundle_configmap, server_certificates::issue_server_certificate,
-        clusters::report_installed,
-        crate::http::rotations::list, crate::http::rotations::get, crate::http::rotations::start, crate::http::rotations::upload_certificate,
-        crate::http::rotations::advance, crate::http::rotations::rollback
+    info(
+        title = "ca-server",
+        description = "Online issuance, renewal and revocation of cluster intermediates, with an audit trail."
     ),
-    components(schemas(
-        Problem, clusters::RegisterCluster, clusters::RegisterResponse, clusters::ClusterView,
-        clusters::IntermediateRequest, clusters::IntermediateResponse, requests::RequestView,
-        certificates::CertificateView, certificates::RevokeRequest, health::IssuerView, audit::AuditView, health::Ready,
-        server_certificates::ServerCertRequest, server_certificates::ServerCertResponse, clusters::InstalledReport,
-        clusters::ReportResponse, Role, clusters::ClusterMode, clusters::ClusterState, requests::RequestStatus,
-        certificates::CertificateStatus, certificates::RevocationReason, crl::CrlFormat
-    )),
-    modifiers(&BearerAuth, &CommonResponses)
+    components(schemas(Problem, Role))
 )]
-pub struct ApiDoc;
+struct ApiDoc;
+
+/// The document: every resource module's `Doc` merged, then the security schemes and the
+/// responses the layers add (which must see every operation, so they run after the merge).
+pub fn document() -> utoipa::openapi::OpenApi {
+    let mut doc = ApiDoc::openapi();
+    for part in [
+        health::Doc::openapi(),
+        clusters::Doc::openapi(),
+        trust::Doc::openapi(),
+        server_certificates::Doc::openapi(),
+        requests::Doc::openapi(),
+        certificates::Doc::openapi(),
+        crl::Doc::openapi(),
+        audit::Doc::openapi(),
+        rotations::Doc::openapi(),
+    ] {
+        doc.merge(part);
+    }
+    BearerAuth.modify(&mut doc);
+    CommonResponses.modify(&mut doc);
+    doc
+}
+
+pub(super) fn routes() -> Router<AppState> {
+    Router::new().route("/v1/openapi.json", get(openapi))
+}
 
 struct BearerAuth;
 
-impl utoipa::Modify for BearerAuth {
+impl Modify for BearerAuth {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
         use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
         let components = openapi.components.get_or_insert_with(Default::default);
@@ -87,7 +100,7 @@ impl utoipa::Modify for BearerAuth {
 /// response is a problem document: `application/problem+json`, never `application/json`.
 struct CommonResponses;
 
-impl utoipa::Modify for CommonResponses {
+impl Modify for CommonResponses {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
         use utoipa::openapi::path::ParameterIn;
         use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
@@ -168,8 +181,8 @@ impl utoipa::Modify for CommonResponses {
 
 /// The document, with what this server's configuration decides filled in: the environments a
 /// cluster can be registered in, and their trust domains.
-pub(super) async fn openapi(State(state): State<AppState>) -> Response {
-    let mut doc = match serde_json::to_value(ApiDoc::openapi()) {
+async fn openapi(State(state): State<AppState>) -> Response {
+    let mut doc = match serde_json::to_value(document()) {
         Ok(d) => d,
         Err(e) => return ServiceError::internal(format!("OpenAPI document: {e}")).into_response(),
     };

@@ -1,6 +1,10 @@
 //! The rotation endpoints (`/v1/rotations…`): each asks `crate::service::rotation` and shapes
 //! its answer; `view` is a rotation as the API shows it, with the gate to its next stage.
 
+use axum::Router;
+use axum::routing;
+use utoipa::OpenApi;
+
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -22,7 +26,7 @@ pub struct ClusterStatus {
     pub name: String,
     pub environment: String,
     #[schema(value_type = crate::http::clusters::ClusterMode)]
-    pub mode: String,
+    pub mode: ca_store::ClusterMode,
     /// `current` or `lagging`.
     pub state: String,
     pub bundle_ok: bool,
@@ -171,7 +175,7 @@ pub struct RotationSummary {
 }
 
 /// Every rotation, newest first.
-#[utoipa::path(get, path = "/v1/rotations", responses((status = 200, body = [RotationSummary])), security(("bearer" = ["operator", "admin", "auditor"])))]
+#[utoipa::path(tag = "crate::http::rotations", get, path = "/v1/rotations", responses((status = 200, body = [RotationSummary])), security(("bearer" = ["operator", "admin", "auditor"])))]
 pub async fn list(State(state): State<AppState>, op: Operator) -> Result<Json<Vec<RotationSummary>>, ServiceError> {
     op.require(&[Role::Operator, Role::Admin, Role::Auditor], "listing rotations")?;
     Ok(Json(
@@ -191,7 +195,7 @@ pub async fn list(State(state): State<AppState>, op: Operator) -> Result<Json<Ve
 }
 
 /// A rotation's stage, each cluster's progress and what blocks the next stage.
-#[utoipa::path(get, path = "/v1/rotations/{id}", params(("id" = String, Path, description = "The rotation's id")),
+#[utoipa::path(tag = "crate::http::rotations", get, path = "/v1/rotations/{id}", params(("id" = String, Path, description = "The rotation's id")),
     responses((status = 200, body = RotationView), (status = 404, body = crate::error::Problem)), security(("bearer" = ["operator", "admin", "auditor"])))]
 pub async fn get(
     State(state): State<AppState>,
@@ -243,7 +247,7 @@ pub struct Started {
 }
 
 /// Asks to start a rotation. It exists once a second operator approves.
-#[utoipa::path(post, path = "/v1/rotations", request_body = StartRotation,
+#[utoipa::path(tag = "crate::http::rotations", post, path = "/v1/rotations", request_body = StartRotation,
     responses((status = 202, body = Started), (status = 400, body = crate::error::Problem), (status = 404, body = crate::error::Problem), (status = 409, body = crate::error::Problem),
         (status = 503, body = crate::error::Problem)),
     security(("bearer" = ["operator", "admin"])))]
@@ -280,7 +284,7 @@ pub struct UploadCertificate {
 
 /// Root rotation: records an environment's certificate under the new root (from the
 /// cross-sign ceremony). Checked, not trusted: same subject and key, chains to the new root.
-#[utoipa::path(post, path = "/v1/rotations/{id}/certificates", request_body = UploadCertificate, params(("id" = String, Path, description = "The rotation's id")),
+#[utoipa::path(tag = "crate::http::rotations", post, path = "/v1/rotations/{id}/certificates", request_body = UploadCertificate, params(("id" = String, Path, description = "The rotation's id")),
     responses((status = 200, body = RotationView), (status = 400, body = crate::error::Problem), (status = 404, body = crate::error::Problem), (status = 409, body = crate::error::Problem)),
     security(("bearer" = ["operator", "admin"])))]
 pub async fn upload_certificate(
@@ -312,7 +316,7 @@ pub struct MoveRequested {
 
 /// Asks to move a rotation to its next stage. Refused with the list of blockers while any
 /// cluster lags; takes effect when a second operator approves (the gate is checked again).
-#[utoipa::path(post, path = "/v1/rotations/{id}/advance", request_body = Move, params(("id" = String, Path, description = "The rotation's id")),
+#[utoipa::path(tag = "crate::http::rotations", post, path = "/v1/rotations/{id}/advance", request_body = Move, params(("id" = String, Path, description = "The rotation's id")),
     responses((status = 202, body = MoveRequested), (status = 400, body = crate::error::Problem), (status = 404, body = crate::error::Problem), (status = 409, body = crate::error::Problem)),
     security(("bearer" = ["operator", "admin"])))]
 pub async fn advance(
@@ -326,7 +330,7 @@ pub async fn advance(
 
 /// Asks to move a rotation one stage back, or to abort it from its first stage. Moves that
 /// drop a root or abandon a chain wait until nothing on that chain is live.
-#[utoipa::path(post, path = "/v1/rotations/{id}/rollback", request_body = Move, params(("id" = String, Path, description = "The rotation's id")),
+#[utoipa::path(tag = "crate::http::rotations", post, path = "/v1/rotations/{id}/rollback", request_body = Move, params(("id" = String, Path, description = "The rotation's id")),
     responses((status = 202, body = MoveRequested), (status = 400, body = crate::error::Problem), (status = 404, body = crate::error::Problem), (status = 409, body = crate::error::Problem)),
     security(("bearer" = ["operator", "admin"])))]
 pub async fn rollback(
@@ -359,3 +363,18 @@ async fn request_move(
     )
         .into_response())
 }
+
+/// This module's endpoints, merged into the router by `http::router`.
+pub(crate) fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/v1/rotations", routing::post(start).get(list))
+        .route("/v1/rotations/{id}", routing::get(get))
+        .route("/v1/rotations/{id}/certificates", routing::post(upload_certificate))
+        .route("/v1/rotations/{id}/advance", routing::post(advance))
+        .route("/v1/rotations/{id}/rollback", routing::post(rollback))
+}
+
+/// This module's operations and schemas, merged into the served document by `http::openapi`.
+#[derive(OpenApi)]
+#[openapi(paths(list, get, start, upload_certificate, advance, rollback))]
+pub(crate) struct Doc;

@@ -1,5 +1,9 @@
 //! TLS server certificates from an external-CA cluster's intermediate.
 
+use axum::Router;
+use axum::routing::post;
+use utoipa::OpenApi;
+
 use axum::Json;
 use axum::extract::State;
 use ca_core::cert::CertInfo;
@@ -39,7 +43,7 @@ pub(crate) struct ServerCertResponse {
 
 /// Issues a TLS server certificate (e.g. istiod's own, which it needs when its CA is off) from
 /// an external-CA cluster's intermediate.
-#[utoipa::path(post, path = "/v1/clusters/{name}/server-certificates", request_body = ServerCertRequest, params(("name" = String, Path, description = "The cluster's name")),
+#[utoipa::path(tag = "server_certificates", post, path = "/v1/clusters/{name}/server-certificates", request_body = ServerCertRequest, params(("name" = String, Path, description = "The cluster's name")),
     responses((status = 200, body = ServerCertResponse), (status = 400, body = Problem),
         (status = 403, body = Problem, description = "forbidden: only admins issue server certificates; name-not-allowed: a name outside the cluster's server_certificate_names"),
         (status = 404, body = Problem), (status = 409, body = Problem), (status = 503, body = Problem)),
@@ -61,3 +65,13 @@ pub(crate) async fn issue_server_certificate(
         trust_bundle: issued.roots.iter().map(CertInfo::pem).collect(),
     }))
 }
+
+/// This module's endpoints, merged into the router by `http::router`.
+pub(crate) fn routes() -> Router<AppState> {
+    Router::new().route("/v1/clusters/{name}/server-certificates", post(issue_server_certificate))
+}
+
+/// This module's operations and schemas, merged into the served document by `http::openapi`.
+#[derive(OpenApi)]
+#[openapi(paths(issue_server_certificate), components(schemas(ServerCertRequest, ServerCertResponse)))]
+pub(crate) struct Doc;

@@ -1,6 +1,10 @@
 //! Trust distribution: a cluster's roots as PEM and as the ConfigMap Istio workloads mount.
 //! Public, like the CRLs.
 
+use axum::Router;
+use axum::routing::get;
+use utoipa::OpenApi;
+
 use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
@@ -15,7 +19,7 @@ use crate::service::state::AppState;
 /// The cluster's trust bundle (PEM): what `root-cert.pem`, the `istio-ca-root-cert` ConfigMap
 /// and the last element of every external-CA response carry. Public, like the CRLs: roots
 /// are not secrets, and a new node needs them before it holds any credential.
-#[utoipa::path(get, path = "/v1/clusters/{name}/trust-bundle", params(("name" = String, Path, description = "The cluster's name")),
+#[utoipa::path(tag = "trust", get, path = "/v1/clusters/{name}/trust-bundle", params(("name" = String, Path, description = "The cluster's name")),
     responses((status = 503, body = Problem), (status = 200, description = "PEM roots", content_type = "application/x-pem-file"), (status = 404, body = Problem)))]
 pub(crate) async fn trust_bundle(
     State(state): State<AppState>,
@@ -35,7 +39,7 @@ pub(crate) struct ConfigMapQuery {
 
 /// The trust bundle as the `istio-ca-root-cert` ConfigMap Istio workloads mount. In
 /// external-CA mode istiod does not publish it; apply this to every namespace.
-#[utoipa::path(get, path = "/v1/clusters/{name}/trust-bundle/configmap", params(("name" = String, Path, description = "The cluster's name"), ConfigMapQuery),
+#[utoipa::path(tag = "trust", get, path = "/v1/clusters/{name}/trust-bundle/configmap", params(("name" = String, Path, description = "The cluster's name"), ConfigMapQuery),
     responses((status = 503, body = Problem), (status = 200, description = "ConfigMap YAML", content_type = "application/yaml"), (status = 404, body = Problem)))]
 pub(crate) async fn trust_bundle_configmap(
     State(state): State<AppState>,
@@ -53,3 +57,15 @@ pub(crate) async fn trust_bundle_configmap(
     );
     Ok(([(header::CONTENT_TYPE, "application/yaml")], yaml).into_response())
 }
+
+/// This module's endpoints, merged into the router by `http::router`.
+pub(crate) fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/v1/clusters/{name}/trust-bundle", get(trust_bundle))
+        .route("/v1/clusters/{name}/trust-bundle/configmap", get(trust_bundle_configmap))
+}
+
+/// This module's operations and schemas, merged into the served document by `http::openapi`.
+#[derive(OpenApi)]
+#[openapi(paths(trust_bundle, trust_bundle_configmap))]
+pub(crate) struct Doc;

@@ -1,14 +1,15 @@
 //! The two-person rule: a pending request is approved by an operator other than the one who
 //! asked, or rejected; an approval carries out what was asked in the same transaction.
 
-use ca_store::{ApprovalRequest, AuditEvent, now_secs};
+use ca_store::{ApprovalRequest, AuditEvent, RequestStatus, now_secs};
 use serde_json::json;
 
 use crate::auth::Operator;
 use crate::error::{ErrorCode, ServiceError};
+use crate::service::approval_kind::Approval;
 use crate::service::state::AppState;
 
-pub async fn list(state: &AppState, status: Option<&str>) -> Result<Vec<ApprovalRequest>, ServiceError> {
+pub async fn list(state: &AppState, status: Option<RequestStatus>) -> Result<Vec<ApprovalRequest>, ServiceError> {
     Ok(state.store.list_requests(status).await?)
 }
 
@@ -22,7 +23,7 @@ pub async fn decide(state: &AppState, op: &Operator, id: &str, approve: bool) ->
         .get_request(id)
         .await?
         .ok_or_else(|| ServiceError::not_found(format!("no request {id:?}")).by(op.actor()))?;
-    if req.status != "pending" {
+    if req.status != RequestStatus::Pending {
         return Err(ServiceError::new(ErrorCode::AlreadyDecided, format!("request {id} is already {}", req.status))
             .by(op.actor()));
     }
@@ -31,7 +32,7 @@ pub async fn decide(state: &AppState, op: &Operator, id: &str, approve: bool) ->
             .by(op.actor()));
     }
     let now = now_secs();
-    let status = if approve { "approved" } else { "rejected" };
+    let status = if approve { RequestStatus::Approved } else { RequestStatus::Rejected };
     if !tx.decide_request(id, status, &op.name, now).await? {
         return Err(ServiceError::new(ErrorCode::AlreadyDecided, format!("request {id} was decided concurrently"))
             .by(op.actor()));
@@ -43,50 +44,31 @@ pub async fn decide(state: &AppState, op: &Operator, id: &str, approve: bool) ->
         json!({"kind": req.kind, "subject": req.subject, "requested_by": req.requested_by}),
     ))
     .await?;
-    let payload: serde_json::Value = serde_json::from_str(&req.payload).map_err(ServiceError::internal)?;
+    let approval = Approval::of(&req)?;
     let mut revoked = None;
     let mut external_ca = None;
     let mut rotation = None;
-    match (req.kind.as_str(), approve) {
-        ("start-rotation", true) => {
-            rotation = Some(crate::service::rotation::approve_start(state, &mut tx, &req, op).await?);
-        }
-        ("rotation-stage", true) => {
-            rotation = Some(crate::service::rotation::approve_stage(state, &mut tx, &req, op).await?);
-        }
-        ("register-cluster", true) => {
-            tx.set_cluster_status(&req.subject, "active").await?;
-            if payload["mode"].as_str() == Some(ca_store::MODE_EXTERNAL_CA) {
-                external_ca = Some(req.subject.clone());
+    // Each kind's effect lives in the module that owns what it changes.
+    if approve {
+        match approval {
+            Approval::StartRotation(p) => {
+                rotation = Some(crate::service::rotation::approve_start(state, &mut tx, &req, op, p).await?);
             }
-            tx.audit(AuditEvent::new(op.actor(), "cluster.registered", &req.subject, payload)).await?;
-        }
-        ("register-cluster", false) => {
-            tx.set_cluster_status(&req.subject, "rejected").await?;
-        }
-        ("reissue-enrolment", true) => {
-            let (Some(hash), Some(expires)) = (payload["token_hash"].as_str(), payload["expires_at"].as_i64()) else {
-                return Err(ServiceError::internal("reissue request without a token"));
-            };
-            if !tx.rearm_enrolment(&req.subject, hash, expires).await? {
-                return Err(ServiceError::new(
-                    ErrorCode::ClusterNotActive,
-                    format!("cluster {} is not active", req.subject),
-                )
-                .by(op.actor()));
+            Approval::RotationStage(p) => {
+                rotation = Some(crate::service::rotation::approve_stage(state, &mut tx, &req, op, p).await?);
             }
-            tx.audit(AuditEvent::new(
-                op.actor(),
-                "cluster.enrolment.reissued",
-                &req.subject,
-                json!({"expires_at": expires}),
-            ))
-            .await?;
+            Approval::RegisterCluster(p) => {
+                if crate::service::clusters::approve_registration(&mut tx, op, &req, p).await? {
+                    external_ca = Some(req.subject.clone());
+                }
+            }
+            Approval::ReissueEnrolment(p) => crate::service::clusters::approve_reissue(&mut tx, op, &req, p).await?,
+            Approval::RevokeCertificate(p) => {
+                revoked = crate::service::revocation::revoke(&mut tx, op, &req, &p, now).await?;
+            }
         }
-        ("revoke-certificate", true) => {
-            revoked = crate::service::revocation::revoke(&mut tx, op, &req, &payload, now).await?;
-        }
-        _ => {}
+    } else if let Approval::RegisterCluster(_) = approval {
+        crate::service::clusters::reject_registration(&mut tx, &req).await?;
     }
     tx.commit().await?;
     if let Some(a) = rotation {

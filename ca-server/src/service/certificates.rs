@@ -6,7 +6,7 @@ use ca_core::csr::VerifiedCsr;
 use ca_core::names::is_dns_name;
 use ca_core::profile::{CertRequest, ProfileKind};
 use ca_core::validity::{Fit, fit_validity};
-use ca_store::{CertFilter, CertRecord, WorkloadRecord, now_secs};
+use ca_store::{CertFilter, CertIssuer, CertRecord, WorkloadRecord, now_secs};
 use serde_json::json;
 
 use crate::auth::Operator;
@@ -149,7 +149,7 @@ pub async fn issue_server_certificate(
     };
     let cert =
         ca.issuer.with_key(state.hsm_timeout(), move |c| ca_core::issue::issue(c, &request)).await.map_err(deny)?.cert;
-    let record = cert_record(&cert, &format!("cluster:{name}"), Some(name), "server", &op.actor());
+    let record = cert_record(&cert, CertIssuer::Cluster(name.to_string()), Some(name), "server", &op.actor());
     let mut tx = state.store.write().await?;
     crate::service::keys::refuse_blocked_tx(&mut tx, &spki).await.map_err(deny)?;
     record_issued(&mut tx, &record, &op.actor(), json!({"issuer": ca.serial, "names": req.dns_names})).await?;

@@ -41,14 +41,12 @@ pub async fn cluster_ca(state: &AppState, name: &str) -> Result<Arc<ClusterCa>, 
 
 async fn load_cluster(state: &AppState, name: &str) -> Result<Arc<ClusterCa>, ServiceError> {
     let record =
-        state.store.get_cluster(name).await?.filter(|c| c.is_external_ca() && c.status == "active").ok_or_else(
-            || {
-                ServiceError::new(
-                    ErrorCode::ClusterNotServed,
-                    format!("cluster {name:?} is not an active external-CA cluster here"),
-                )
-            },
-        )?;
+        state.store.get_cluster(name).await?.filter(|c| c.is_external_ca() && c.is_active()).ok_or_else(|| {
+            ServiceError::new(
+                ErrorCode::ClusterNotServed,
+                format!("cluster {name:?} is not an active external-CA cluster here"),
+            )
+        })?;
     load_cluster_ca(state, &record).await
 }
 

@@ -3,12 +3,13 @@
 //! stopped on a compromised key.
 
 use base64::Engine;
-use ca_store::{ApprovalRequest, AuditEvent, ClusterRecord, now_secs};
+use ca_store::{ApprovalRequest, AuditEvent, ClusterMode, ClusterRecord, ClusterStatus, Tx, now_secs};
 use serde_json::json;
 use sha2::Digest;
 
 use crate::auth::Operator;
 use crate::error::{ErrorCode, ServiceError};
+use crate::service::approval_kind::{Approval, RegisterCluster, ReissueEnrolment};
 use crate::service::state::AppState;
 
 /// What an operator asks to register.
@@ -102,18 +103,17 @@ pub async fn register(state: &AppState, op: &Operator, req: Registration) -> Res
         )
         .by(op.actor()));
     }
-    let mode = req.mode.clone().unwrap_or_else(|| ca_store::MODE_PLUGIN.into());
-    let external = match mode.as_str() {
-        ca_store::MODE_PLUGIN => false,
-        ca_store::MODE_EXTERNAL_CA => true,
-        other => {
+    let mode = match req.mode.as_deref().map(str::parse::<ClusterMode>).transpose() {
+        Ok(mode) => mode.unwrap_or(ClusterMode::Plugin),
+        Err(e) => {
             return Err(ServiceError::new(
                 ErrorCode::InvalidMode,
-                format!("mode {other:?} is not plugin or external-ca"),
+                format!("mode {:?} is not plugin or external-ca", e.value),
             )
             .by(op.actor()));
         }
     };
+    let external = mode == ClusterMode::ExternalCa;
     let key_ref = match (&req.key, external) {
         (Some(k), true) => {
             let key = k
@@ -143,14 +143,19 @@ pub async fn register(state: &AppState, op: &Operator, req: Registration) -> Res
     let token = (!external).then(new_token);
     let expires = (!external).then(|| now + state.config.policy.enrolment_token_ttl.duration().whole_seconds());
     let request_id = uuid::Uuid::new_v4().to_string();
-    let payload = json!({"name": req.name, "environment": req.environment, "trust_domain": td.to_string(),
-                         "mode": mode, "key": key_ref});
+    let payload = RegisterCluster {
+        name: req.name.clone(),
+        environment: req.environment.clone(),
+        trust_domain: td.to_string(),
+        mode,
+        key: key_ref.clone(),
+    };
     let mut tx = state.store.write().await?;
     tx.insert_cluster(&ClusterRecord {
         name: req.name.clone(),
         environment: req.environment.clone(),
         trust_domain: td.to_string(),
-        status: "pending".into(),
+        status: ClusterStatus::Pending,
         request_id: request_id.clone(),
         enrolment_token_hash: token.as_deref().map(token_hash),
         enrolment_expires_at: expires,
@@ -164,7 +169,7 @@ pub async fn register(state: &AppState, op: &Operator, req: Registration) -> Res
     })
     .await
     .map_err(|e| ServiceError::from(e).by(op.actor()))?;
-    tx.insert_request(&ApprovalRequest::pending(&request_id, "register-cluster", &req.name, &payload, &op.name, now))
+    tx.insert_request(&Approval::RegisterCluster(payload.clone()).request(&request_id, &req.name, &op.name, now))
         .await?;
     tx.audit(AuditEvent::new(
         op.actor(),
@@ -185,7 +190,7 @@ pub async fn reissue_enrolment(state: &AppState, op: &Operator, name: &str) -> R
         .get_cluster(name)
         .await?
         .ok_or_else(|| ServiceError::not_found(format!("no cluster {name:?}")).by(op.actor()))?;
-    if cluster.status != "active" {
+    if !cluster.is_active() {
         return Err(ServiceError::new(ErrorCode::ClusterNotActive, format!("cluster {name} is {}", cluster.status))
             .by(op.actor()));
     }
@@ -201,15 +206,8 @@ pub async fn reissue_enrolment(state: &AppState, op: &Operator, name: &str) -> R
     let expires = now + state.config.policy.enrolment_token_ttl.duration().whole_seconds();
     let request_id = uuid::Uuid::new_v4().to_string();
     let mut tx = state.store.write().await?;
-    tx.insert_request(&ApprovalRequest::pending(
-        &request_id,
-        "reissue-enrolment",
-        name,
-        &json!({"token_hash": token_hash(&token), "expires_at": expires}),
-        &op.name,
-        now,
-    ))
-    .await?;
+    let approval = Approval::ReissueEnrolment(ReissueEnrolment { token_hash: token_hash(&token), expires_at: expires });
+    tx.insert_request(&approval.request(&request_id, name, &op.name, now)).await?;
     tx.audit(AuditEvent::new(op.actor(), "cluster.enrolment.requested", name, json!({"request_id": request_id})))
         .await?;
     tx.commit().await?;
@@ -219,4 +217,44 @@ pub async fn reissue_enrolment(state: &AppState, op: &Operator, name: &str) -> R
         enrolment_token: Some(token),
         enrolment_expires_at: Some(expires),
     })
+}
+
+/// An approved registration: the cluster is active from now on. True when the server now owes
+/// it an intermediate (external-CA mode).
+pub async fn approve_registration(
+    tx: &mut Tx,
+    op: &Operator,
+    req: &ApprovalRequest,
+    payload: RegisterCluster,
+) -> Result<bool, ServiceError> {
+    tx.set_cluster_status(&req.subject, ClusterStatus::Active).await?;
+    let external = payload.mode == ClusterMode::ExternalCa;
+    let details = serde_json::to_value(payload).map_err(ServiceError::internal)?;
+    tx.audit(AuditEvent::new(op.actor(), "cluster.registered", &req.subject, details)).await?;
+    Ok(external)
+}
+
+pub async fn reject_registration(tx: &mut Tx, req: &ApprovalRequest) -> Result<(), ServiceError> {
+    Ok(tx.set_cluster_status(&req.subject, ClusterStatus::Rejected).await?)
+}
+
+/// An approved re-enrolment: the new token replaces whatever the cluster enrolled with.
+pub async fn approve_reissue(
+    tx: &mut Tx,
+    op: &Operator,
+    req: &ApprovalRequest,
+    ReissueEnrolment { token_hash, expires_at }: ReissueEnrolment,
+) -> Result<(), ServiceError> {
+    if !tx.rearm_enrolment(&req.subject, &token_hash, expires_at).await? {
+        return Err(ServiceError::new(ErrorCode::ClusterNotActive, format!("cluster {} is not active", req.subject))
+            .by(op.actor()));
+    }
+    tx.audit(AuditEvent::new(
+        op.actor(),
+        "cluster.enrolment.reissued",
+        &req.subject,
+        json!({"expires_at": expires_at}),
+    ))
+    .await?;
+    Ok(())
 }

@@ -19,7 +19,7 @@ use crate::service::state::AppState;
 /// passed.
 pub async fn ensure_intermediate(state: &AppState, name: &str, actor: &str) -> Result<bool, ServiceError> {
     let Some(cluster) = state.store.get_cluster(name).await? else { return Ok(false) };
-    if !cluster.is_external_ca() || cluster.status != "active" {
+    if !cluster.is_external_ca() || !cluster.is_active() {
         return Ok(false);
     }
     let now = now_secs();
@@ -63,13 +63,19 @@ pub async fn ensure_intermediate(state: &AppState, name: &str, actor: &str) -> R
     let mut tx = state.store.write().await?;
     // Someone else (another replica, an approval) may have got there first.
     let current = tx.get_cluster(name).await?.ok_or_else(|| ServiceError::internal("cluster vanished"))?;
-    if current.current_serial != cluster.current_serial || current.status != "active" {
+    if current.current_serial != cluster.current_serial || !current.is_active() {
         return Ok(false);
     }
     if let Some(b) = tx.blocked_key(&ca_store::spki_sha256(&spki)).await? {
         return Err(key_compromised(name, &b));
     }
-    let record = crate::service::issuance::cert_record(&cert, &issuer.name, Some(name), "cluster", actor);
+    let record = crate::service::issuance::cert_record(
+        &cert,
+        ca_store::CertIssuer::Environment(issuer.name.clone()),
+        Some(name),
+        "cluster",
+        actor,
+    );
     crate::service::issuance::record_issued(
         &mut tx,
         &record,
@@ -94,7 +100,7 @@ pub async fn maintain(state: &AppState, leader: bool) -> Result<()> {
     }
     let clusters = state.store.list_clusters().await?;
     if leader {
-        for c in clusters.iter().filter(|c| c.is_external_ca() && c.status == "active") {
+        for c in clusters.iter().filter(|c| c.is_external_ca() && c.is_active()) {
             if let Err(e) = ensure_intermediate(state, &c.name, &state.job_actor()).await {
                 // Expected until a cluster rotation; said once at revocation, not every round.
                 if e.code == ErrorCode::KeyCompromised {
@@ -109,7 +115,7 @@ pub async fn maintain(state: &AppState, leader: bool) -> Result<()> {
     // `ensure_intermediate`; at worst this list is a round old and a fresh CA reloads once.
     for ca in state.istio.loaded() {
         let current = clusters.iter().any(|c| {
-            c.name == ca.issuer.name && c.status == "active" && c.current_serial.as_deref() == Some(ca.serial.as_str())
+            c.name == ca.issuer.name && c.is_active() && c.current_serial.as_deref() == Some(ca.serial.as_str())
         });
         let revoked = state.store.get_certificate(&ca.serial).await?.is_none_or(|c| c.revoked_at.is_some());
         // An HSM failure or timeout marks the key unhealthy; dropping it makes the next request

@@ -4,7 +4,7 @@
 
 use ca_core::cert::CertInfo;
 use ca_core::csr::VerifiedCsr;
-use ca_store::{AuditEvent, CertRecord, ClusterRecord, now_secs};
+use ca_store::{AuditEvent, CertIssuer, CertRecord, ClusterRecord, now_secs};
 use serde_json::json;
 use sha2::Digest;
 
@@ -57,12 +57,14 @@ pub async fn issue(
     let caller = match credential {
         Credential::Token(token) => {
             let h = token_hash(token);
-            let usable = cluster.status == "active"
+            let usable = cluster.is_active()
                 && cluster.enrolled_at.is_none()
                 && cluster.enrolment_token_hash.as_deref() == Some(h.as_str())
                 && cluster.enrolment_expires_at.is_some_and(|e| e > now);
             if !usable {
-                if cluster.status == "pending" && cluster.enrolment_token_hash.as_deref() == Some(h.as_str()) {
+                if cluster.status == ca_store::ClusterStatus::Pending
+                    && cluster.enrolment_token_hash.as_deref() == Some(h.as_str())
+                {
                     return Err(ServiceError::new(
                         ErrorCode::ClusterNotActive,
                         "the cluster's registration awaits approval by a second operator",
@@ -141,7 +143,7 @@ pub async fn issue(
         }
     };
     crate::service::keys::refuse_blocked_tx(&mut tx, &spki).await.map_err(&deny)?;
-    let record = cert_record(&cert, &issuer.name, Some(name), "cluster", &actor);
+    let record = cert_record(&cert, CertIssuer::Environment(issuer.name.clone()), Some(name), "cluster", &actor);
     record_issued(&mut tx, &record, &actor, json!({"issuer": issuer.name, "via": via, "renewed_from": renewed_from}))
         .await?;
     tx.set_current(name, &cert.serial, renewed_from.as_deref()).await?;
@@ -311,7 +313,7 @@ fn renewal_allowed(
             format!("intermediate {} has expired; enrol again", rec.serial),
         ));
     }
-    if cluster.status != "active" {
+    if !cluster.is_active() {
         return Err(ServiceError::new(
             ErrorCode::ClusterNotActive,
             format!("cluster {} is {}", cluster.name, cluster.status),

@@ -4,7 +4,7 @@
 use ca_core::cert::CertInfo;
 use ca_core::profile::{CertRequest, ProfileKind};
 use ca_core::validity::{Fit, Fitted, fit_validity};
-use ca_store::{AuditEvent, CertRecord, ClusterRecord, now_secs};
+use ca_store::{AuditEvent, CertIssuer, CertRecord, ClusterRecord, now_secs};
 use serde_json::json;
 use time::OffsetDateTime;
 
@@ -64,7 +64,7 @@ pub(crate) async fn record_issued(
 }
 pub(crate) fn cert_record(
     cert: &CertInfo,
-    issuer: &str,
+    issuer: CertIssuer,
     cluster: Option<&str>,
     profile: &str,
     requester: &str,
@@ -72,7 +72,7 @@ pub(crate) fn cert_record(
     let sans: Vec<String> = cert.uris.iter().chain(&cert.dns_names).cloned().collect();
     CertRecord {
         serial: cert.serial.clone(),
-        issuer: issuer.into(),
+        issuer,
         cluster: cluster.map(Into::into),
         profile: profile.into(),
         subject: cert.subject.clone(),

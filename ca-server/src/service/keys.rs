@@ -169,7 +169,7 @@ pub async fn check_new_key(state: &AppState, key: &hsm::KeyRef) -> Result<hsm::P
         return Err(refused(key, "the public key is in use here"));
     }
     // Registered clusters with no intermediate yet have no certificate to compare: their keys.
-    for c in clusters.iter().filter(|c| c.current_serial.is_none() && c.status != "rejected") {
+    for c in clusters.iter().filter(|c| c.current_serial.is_none() && c.status != ca_store::ClusterStatus::Rejected) {
         let Some(Ok(r)) = c.key_ref.as_deref().map(str::parse::<hsm::KeyRef>) else { continue };
         // A registration from before modules were checked must not load its module now.
         if !loadable(&r) {

@@ -8,6 +8,7 @@ use serde_json::json;
 
 use crate::auth::Operator;
 use crate::error::{ErrorCode, ServiceError};
+use crate::service::approval_kind::{Approval, RevokeCertificate};
 use crate::service::certificates::normalise_serial;
 use crate::service::crl::publish_crl;
 use crate::service::state::AppState;
@@ -32,7 +33,7 @@ pub async fn request(
         return Err(ServiceError::new(ErrorCode::AlreadyRevoked, format!("certificate {serial} is already revoked"))
             .by(op.actor()));
     }
-    if !state.issuers.contains_key(&cert.issuer) {
+    if !cert.issuer.environment().is_some_and(|e| state.issuers.contains_key(e)) {
         return Err(ServiceError::new(ErrorCode::NoCrl,
             format!(
                 "certificate {serial} was issued by {}, which publishes no CRL: let it expire (keep server certificates short) or rotate that intermediate",
@@ -42,14 +43,13 @@ pub async fn request(
         .by(op.actor()));
     }
     let now = now_secs();
-    let request = ApprovalRequest::pending(
-        &uuid::Uuid::new_v4().to_string(),
-        "revoke-certificate",
-        &serial,
-        &json!({"serial": serial, "reason": reason_name, "cluster": cert.cluster, "issuer": cert.issuer}),
-        &op.name,
-        now,
-    );
+    let approval = Approval::RevokeCertificate(RevokeCertificate {
+        serial: serial.clone(),
+        reason: reason_name.clone(),
+        cluster: cert.cluster,
+        issuer: cert.issuer,
+    });
+    let request = approval.request(&uuid::Uuid::new_v4().to_string(), &serial, &op.name, now);
     let mut tx = state.store.write().await?;
     tx.insert_request(&request).await?;
     tx.audit(AuditEvent::new(
@@ -78,10 +78,10 @@ pub async fn revoke(
     tx: &mut Tx,
     op: &Operator,
     req: &ApprovalRequest,
-    payload: &serde_json::Value,
+    payload: &RevokeCertificate,
     now: i64,
 ) -> Result<Option<Revoked>, ServiceError> {
-    let reason = payload["reason"].as_str().unwrap_or("unspecified").to_string();
+    let reason = payload.reason.clone();
     let serial = req.subject.clone();
     let cert = tx
         .get_certificate(&serial)
@@ -113,7 +113,7 @@ pub async fn revoke(
         key_blocked = true;
     }
     tx.audit(AuditEvent::new(op.actor(), "certificate.revoked", &serial, details)).await?;
-    Ok(Some(Revoked { issuer: cert.issuer.clone(), cluster: cert.cluster.clone(), key_blocked }))
+    Ok(Some(Revoked { issuer: cert.issuer.to_string(), cluster: cert.cluster.clone(), key_blocked }))
 }
 
 /// After the revocation committed. It stands even if the HSM is away right now: the CRL

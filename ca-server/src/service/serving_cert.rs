@@ -65,8 +65,13 @@ pub async fn ensure_serving_cert(state: &AppState) -> Result<(), ServiceError> {
     let cert = issued.cert;
     let actor = state.job_actor();
     // Issued by a cluster intermediate, not an environment: no environment CRL covers it.
-    let record =
-        crate::service::issuance::cert_record(&cert, &format!("cluster:{name}"), Some(&name), "server", &actor);
+    let record = crate::service::issuance::cert_record(
+        &cert,
+        ca_store::CertIssuer::Cluster(name.clone()),
+        Some(&name),
+        "server",
+        &actor,
+    );
     let mut tx = state.store.write().await?;
     crate::service::issuance::record_issued(
         &mut tx,

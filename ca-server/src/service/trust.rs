@@ -11,7 +11,7 @@ pub async fn cluster_roots(state: &AppState, name: &str) -> Result<Vec<CertInfo>
         .store
         .get_cluster(name)
         .await?
-        .filter(|c| c.status == "active")
+        .filter(|c| c.is_active())
         .ok_or_else(|| ServiceError::not_found(format!("no active cluster {name:?}")))?;
     Ok(state.issuer(&cluster.environment)?.roots.clone())
 }

@@ -16,7 +16,7 @@ use crate::service::state::AppState;
 pub struct ClusterStatus {
     pub name: String,
     pub environment: String,
-    pub mode: String,
+    pub mode: ca_store::ClusterMode,
     /// `current` or `lagging`.
     pub state: String,
     pub bundle_ok: bool,
@@ -43,7 +43,7 @@ async fn progress(state: &AppState, r: &Rotation, now: i64) -> Result<Progress, 
     let mut out = Vec::new();
     let mut excluded = Vec::new();
     for c in state.store.list_clusters().await? {
-        if c.status != "active" || c.current_serial.is_none() || !r.covers_cluster(&c) {
+        if !c.is_active() || c.current_serial.is_none() || !r.covers_cluster(&c) {
             continue;
         }
         let current = state.store.get_certificate(c.current_serial.as_deref().unwrap_or_default()).await?;

@@ -5,11 +5,12 @@ use std::collections::BTreeMap;
 
 use ca_core::cert::CertInfo;
 use ca_core::rotation::{RotationKind, Stage};
-use ca_store::{ApprovalRequest, AuditEvent, RotationRecord, now_secs};
+use ca_store::{AuditEvent, RotationRecord, now_secs};
 use serde_json::json;
 
 use crate::auth::Operator;
 use crate::error::{ErrorCode, ServiceError};
+use crate::service::approval_kind::{Approval, StartRotation};
 use crate::service::issuer::Issuer;
 use crate::service::rotation_record::{ClusterPlan, EnvPlan, Rotation, Spec, pem_cert};
 use crate::service::state::AppState;
@@ -174,7 +175,7 @@ pub async fn start(state: &AppState, op: &Operator, req: StartInput) -> Result<S
                 })?;
             let served = cert.trust_domains();
             if let Some(c) = clusters.iter().find(|c| {
-                c.environment == env && c.status == "active" && !served.is_empty() && !served.contains(&c.trust_domain)
+                c.environment == env && c.is_active() && !served.is_empty() && !served.contains(&c.trust_domain)
             }) {
                 return Err(deny(bad(
                     ErrorCode::InvalidCertificate,
@@ -195,12 +196,10 @@ pub async fn start(state: &AppState, op: &Operator, req: StartInput) -> Result<S
         RotationKind::Cluster => {
             let name =
                 req.cluster.clone().ok_or_else(|| deny(bad(ErrorCode::InvalidCluster, "cluster is required")))?;
-            let c = clusters
-                .iter()
-                .find(|c| c.name == name && c.status == "active" && c.current_serial.is_some())
-                .ok_or_else(|| {
-                    deny(bad(ErrorCode::UnknownCluster, format!("no active cluster {name:?} with an intermediate")))
-                })?;
+            let c =
+                clusters.iter().find(|c| c.name == name && c.is_active() && c.current_serial.is_some()).ok_or_else(
+                    || deny(bad(ErrorCode::UnknownCluster, format!("no active cluster {name:?} with an intermediate"))),
+                )?;
             let new_key = match (c.is_external_ca(), &req.key) {
                 (true, Some(k)) => {
                     let key: hsm::KeyRef =
@@ -258,9 +257,10 @@ pub async fn start(state: &AppState, op: &Operator, req: StartInput) -> Result<S
         }
     }
     let request_id = uuid::Uuid::new_v4().to_string();
-    let payload = json!({"rotation": id, "kind": kind, "target": target, "spec": candidate.spec});
+    let spec = serde_json::to_value(&candidate.spec).map_err(ServiceError::internal)?;
+    let approval = Approval::StartRotation(StartRotation { rotation: id.clone(), kind, target: target.clone(), spec });
     let mut tx = state.store.write().await?;
-    tx.insert_request(&ApprovalRequest::pending(&request_id, "start-rotation", &id, &payload, &op.name, now)).await?;
+    tx.insert_request(&approval.request(&request_id, &id, &op.name, now)).await?;
     tx.audit(AuditEvent::new(
         op.actor(),
         "rotation.start.requested",

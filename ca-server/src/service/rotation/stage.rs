@@ -9,6 +9,7 @@ use super::derive::{refresh, refresh_quietly};
 use super::gate::{blocked, drain_secs, gate};
 use crate::auth::Operator;
 use crate::error::{ErrorCode, ServiceError};
+use crate::service::approval_kind::{Approval, RotationStage, StartRotation};
 use crate::service::rotation_record::{Rotation, Spec, Transition, load, pem_cert};
 use crate::service::state::AppState;
 
@@ -60,15 +61,8 @@ pub async fn request_move(
     }
     let request_id = uuid::Uuid::new_v4().to_string();
     let mut tx = state.store.write().await?;
-    tx.insert_request(&ApprovalRequest::pending(
-        &request_id,
-        "rotation-stage",
-        id,
-        &json!({"from": r.stage, "to": to}),
-        &op.name,
-        now,
-    ))
-    .await?;
+    let approval = Approval::RotationStage(RotationStage { from: r.stage, to });
+    tx.insert_request(&approval.request(&request_id, id, &op.name, now)).await?;
     tx.audit(AuditEvent::new(
         op.actor(),
         "rotation.stage.requested",
@@ -93,11 +87,10 @@ pub async fn approve_start(
     tx: &mut Tx,
     req: &ApprovalRequest,
     approver: &Operator,
+    payload: StartRotation,
 ) -> Result<AfterCommit, ServiceError> {
-    let payload: serde_json::Value = serde_json::from_str(&req.payload).map_err(ServiceError::internal)?;
-    let kind: RotationKind = payload["kind"].as_str().unwrap_or_default().parse().map_err(ServiceError::internal)?;
-    let target = payload["target"].as_str().unwrap_or_default().to_string();
-    let spec: Spec = serde_json::from_value(payload["spec"].clone()).map_err(ServiceError::internal)?;
+    let StartRotation { kind, target, spec, .. } = payload;
+    let spec: Spec = serde_json::from_value(spec).map_err(ServiceError::internal)?;
     let now = now_secs();
     let mut spec = spec;
     spec.entered.insert(Stage::Prepared.to_string(), now);
@@ -165,10 +158,8 @@ pub async fn approve_stage(
     tx: &mut Tx,
     req: &ApprovalRequest,
     approver: &Operator,
+    RotationStage { from, to }: RotationStage,
 ) -> Result<AfterCommit, ServiceError> {
-    let payload: serde_json::Value = serde_json::from_str(&req.payload).map_err(ServiceError::internal)?;
-    let from: Stage = payload["from"].as_str().unwrap_or_default().parse().map_err(ServiceError::internal)?;
-    let to: Stage = payload["to"].as_str().unwrap_or_default().parse().map_err(ServiceError::internal)?;
     let deny = |e: ServiceError| e.by(approver.actor());
     let mut r = Rotation::parse(
         tx.get_rotation(&req.subject).await?.ok_or_else(|| deny(ServiceError::not_found("the rotation is gone")))?,
@@ -238,7 +229,7 @@ pub async fn approve_stage(
                         json!({"reason": "superseded", "issuer": c.issuer, "cluster": c.cluster, "rotation": r.rec.id}),
                     ))
                     .await?;
-                    republish = Some(c.issuer.clone());
+                    republish = Some(c.issuer.to_string());
                     revoked.push(c.serial);
                 }
             }
@@ -268,7 +259,7 @@ pub async fn after_commit(state: &AppState, a: AfterCommit, actor: &str) {
     let Ok(Some(rec)) = state.store.get_rotation(&a.rotation).await else { return };
     let Ok(r) = Rotation::parse(rec) else { return };
     if let Ok(clusters) = state.store.list_clusters().await {
-        for c in clusters.iter().filter(|c| c.is_external_ca() && c.status == "active" && r.covers_cluster(c)) {
+        for c in clusters.iter().filter(|c| c.is_external_ca() && c.is_active() && r.covers_cluster(c)) {
             state.istio.forget(&c.name);
             if let Err(e) = crate::service::external_ca::ensure_intermediate(state, &c.name, actor).await {
                 tracing::warn!(cluster = %c.name, error = %e.detail, "intermediate not re-issued yet; the background job will retry");
