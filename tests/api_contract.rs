@@ -3,6 +3,7 @@
 //! and the closed sets of values as enums; bodies and paths that cannot be read get the right
 //! status and a problem document. Malformed framing is written as raw bytes over TLS, since
 //! reqwest cannot produce it.
+#![allow(clippy::disallowed_methods)] // clients and workloads of the test bring throwaway keys
 
 #[path = "server_support/mod.rs"]
 mod support;

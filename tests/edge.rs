@@ -2,6 +2,7 @@
 //! a per-address quota, capped strings and metric labels, and no panic without an answer.
 //! Against the real `ca-server --dev` (REST and gRPC) where it can show it; in process for a
 //! handler that panics, which the real server has none of.
+#![allow(clippy::disallowed_methods)] // clients and workloads of the test bring throwaway keys
 
 #[path = "server_support/mod.rs"]
 mod support;

@@ -5,6 +5,7 @@
 //! key is checked as a rotation's is (configured modules only, by public key, one answer for
 //! every refusal); two renewals with the same intermediate cannot both win; revocations under
 //! an environment's earlier key are published in a CRL that key signs.
+#![allow(clippy::disallowed_methods)] // clients and workloads of the test bring throwaway keys
 
 #[path = "server_support/mod.rs"]
 mod support;

@@ -2,6 +2,7 @@
 //! loopback: a second factor for operators' changes, reports in the audit trail, metrics on a
 //! listener of their own, connection timeouts on the REST and gRPC listeners, and the gRPC
 //! deadline and concurrency limits.
+#![allow(clippy::disallowed_methods)] // clients and workloads of the test bring throwaway keys
 
 #[path = "server_support/mod.rs"]
 mod support;

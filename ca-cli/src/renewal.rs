@@ -505,6 +505,7 @@ pub fn rollback(state_dir: &Path) -> Result<RolledBack> {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // throwaway keys for test certificates
 mod tests {
     use super::*;
 

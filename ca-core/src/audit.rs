@@ -225,7 +225,10 @@ mod tests {
         assert!(verify_chain(c.clone(), std::slice::from_ref(&cp), None).is_ok());
         let mut short = c.clone();
         short.truncate(4);
-        assert_eq!(verify_chain(short, &[cp.clone()], None), Err(ChainProblem::Truncated { last: 4, checkpoint: 6 }));
+        assert_eq!(
+            verify_chain(short, std::slice::from_ref(&cp), None),
+            Err(ChainProblem::Truncated { last: 4, checkpoint: 6 })
+        );
         let bad = Checkpoint { hash: GENESIS.into(), ..cp };
         assert!(matches!(verify_chain(c, &[bad], None), Err(ChainProblem::Checkpoint { seq: 6, .. })));
     }

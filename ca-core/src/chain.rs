@@ -88,13 +88,13 @@ fn check_path(path: &[CertInfo], at: OffsetDateTime) -> Result<()> {
         }
         // CAs strictly between this one and the leaf (self-issued ones do not count).
         let below = path[1..depth].iter().filter(|c| !c.is_self_issued()).count() as u32;
-        if let Some(limit) = ca.path_len {
-            if below > limit {
-                return Err(CoreError::Chain(format!(
-                    "{} allows {limit} CA(s) beneath it, but the chain has {below}",
-                    describe(ca)
-                )));
-            }
+        if let Some(limit) = ca.path_len
+            && below > limit
+        {
+            return Err(CoreError::Chain(format!(
+                "{} allows {limit} CA(s) beneath it, but the chain has {below}",
+                describe(ca)
+            )));
         }
         if let Some(nc) = &ca.name_constraints {
             check_name_constraints(ca, nc, &path[..depth])?;

@@ -69,28 +69,6 @@ pub fn parse_subject(s: &str) -> Result<DistinguishedName, PolicyError> {
     Ok(dn)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_in_order_with_escapes() {
-        let dn = parse_subject("CN=Example\\, Inc Root,O=Example,C=DE").unwrap();
-        let items: Vec<_> = dn.iter().map(|(t, _)| t.clone()).collect();
-        assert_eq!(items, vec![DnType::CommonName, DnType::OrganizationName, DnType::CountryName]);
-        assert!(matches!(dn.get(&DnType::CommonName), Some(rcgen::DnValue::Utf8String(s)) if s == "Example, Inc Root"));
-    }
-
-    #[test]
-    fn rejects_bad_subjects() {
-        for bad in
-            ["", "O=NoCommonName", "CN=", "CN=x,EMAIL=a@b", "CN=x,C=Germany", "CN=x,OU=a,OU=b", "CN=x\\", "garbage"]
-        {
-            assert!(parse_subject(bad).is_err(), "{bad:?}");
-        }
-    }
-}
-
 /// Converts a parsed name into rcgen's form, keeping each attribute's string type so that the
 /// re-encoded name stays byte-identical (a cross-signed subject must match the original).
 pub fn from_x509_name(name: &x509_parser::x509::X509Name<'_>) -> Result<DistinguishedName, PolicyError> {
@@ -143,4 +121,26 @@ pub fn from_x509_name(name: &x509_parser::x509::X509Name<'_>) -> Result<Distingu
         }
     }
     Ok(dn)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_in_order_with_escapes() {
+        let dn = parse_subject("CN=Example\\, Inc Root,O=Example,C=DE").unwrap();
+        let items: Vec<_> = dn.iter().map(|(t, _)| t.clone()).collect();
+        assert_eq!(items, vec![DnType::CommonName, DnType::OrganizationName, DnType::CountryName]);
+        assert!(matches!(dn.get(&DnType::CommonName), Some(rcgen::DnValue::Utf8String(s)) if s == "Example, Inc Root"));
+    }
+
+    #[test]
+    fn rejects_bad_subjects() {
+        for bad in
+            ["", "O=NoCommonName", "CN=", "CN=x,EMAIL=a@b", "CN=x,C=Germany", "CN=x,OU=a,OU=b", "CN=x\\", "garbage"]
+        {
+            assert!(parse_subject(bad).is_err(), "{bad:?}");
+        }
+    }
 }

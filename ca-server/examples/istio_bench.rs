@@ -13,6 +13,7 @@
 //! from 10,000 identities whose tokens the server has never seen (a restart storm). Afterwards it counts the
 //! certificates in the database and in the audit records. In the same run: the raw ECDSA P-256
 //! signing rate and the in-process issuance core (CSR verify + lint + sign + verify).
+#![allow(clippy::disallowed_methods)] // clients and workloads of the test bring throwaway keys
 
 mod proto {
     tonic::include_proto!("istio.v1.auth");

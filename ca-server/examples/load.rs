@@ -10,6 +10,7 @@
 //! issuance (CSR check, lint, signature in SoftHSM2, inventory row and audit
 //! record committed). In the same run it measures the machine's raw limits: ECDSA P-256
 //! signatures per second in software and with the environment key in SoftHSM2.
+#![allow(clippy::disallowed_methods)] // clients and workloads of the test bring throwaway keys
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};

@@ -99,13 +99,13 @@ async fn run(args: Args) -> Result<()> {
         cfg.listen = l;
     }
     init_logging(&cfg);
-    if let Some(d) = &dev {
-        if d.file_keys {
-            tracing::warn!(
-                "SoftHSM2 is not installed: the dev root and environment keys are PLAIN FILES under {}. For trying things out only.",
-                d.dir.display()
-            );
-        }
+    if let Some(d) = &dev
+        && d.file_keys
+    {
+        tracing::warn!(
+            "SoftHSM2 is not installed: the dev root and environment keys are PLAIN FILES under {}. For trying things out only.",
+            d.dir.display()
+        );
     }
 
     let store = ca_store::Store::connect(&cfg.database.url, cfg.database.migrate).await.context("database")?;

@@ -28,8 +28,11 @@ fn modules() -> &'static Mutex<HashMap<PathBuf, Pkcs11>> {
     M.get_or_init(Default::default)
 }
 
-fn tokens() -> &'static Mutex<HashMap<(PathBuf, String), Arc<Token>>> {
-    static T: OnceLock<Mutex<HashMap<(PathBuf, String), Arc<Token>>>> = OnceLock::new();
+/// Logged-in tokens by (module path, token label).
+type Tokens = Mutex<HashMap<(PathBuf, String), Arc<Token>>>;
+
+fn tokens() -> &'static Tokens {
+    static T: OnceLock<Tokens> = OnceLock::new();
     T.get_or_init(Default::default)
 }
 
@@ -57,10 +60,10 @@ pub(crate) fn module(path: &Path) -> Result<Pkcs11> {
 pub(crate) fn find_slot(ctx: &Pkcs11, module: &Path, label: &str) -> Result<Slot> {
     let slots = ctx.get_slots_with_token().map_err(|e| device("", "C_GetSlotList", e))?;
     for slot in slots {
-        if let Ok(info) = ctx.get_token_info(slot) {
-            if info.label() == label {
-                return Ok(slot);
-            }
+        if let Ok(info) = ctx.get_token_info(slot)
+            && info.label() == label
+        {
+            return Ok(slot);
         }
     }
     Err(HsmError::TokenNotFound { label: label.to_string(), module: module.to_path_buf() })
@@ -350,7 +353,7 @@ impl TokenKey {
 
 /// Converts PKCS#11's raw `r || s` into the DER ECDSA-Sig-Value X.509 carries.
 pub(crate) fn ecdsa_raw_to_der(raw: &[u8]) -> Result<Vec<u8>> {
-    if raw.is_empty() || raw.len() % 2 != 0 {
+    if raw.is_empty() || !raw.len().is_multiple_of(2) {
         return Err(HsmError::KeyFormat(format!("token returned a {}-byte ECDSA signature", raw.len())));
     }
     let (r, s) = raw.split_at(raw.len() / 2);

@@ -2,6 +2,7 @@
 //! API, driven by a client generated from the same proto, with service-account tokens minted
 //! the way a Kubernetes API server would. Certificates are checked with rustls-webpki, openssl
 //! and a real mTLS handshake between two workloads.
+#![allow(clippy::disallowed_methods)] // clients and workloads of the test bring throwaway keys
 
 #[path = "../server_support/mod.rs"]
 mod support;

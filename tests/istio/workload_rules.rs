@@ -119,7 +119,8 @@ async fn workload_certificates_follow_every_rule() {
     let m = srv.metrics_text().await;
     assert!(!m.contains("elsewhere") && m.contains("issuer=\"unknown\""), "{m}");
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    let cases: Vec<(&str, Box<dyn FnOnce(&mut Value)>)> = vec![
+    type Edit = Box<dyn FnOnce(&mut Value)>;
+    let cases: Vec<(&str, Edit)> = vec![
         ("wrong audience", Box::new(|c: &mut Value| c["aud"] = json!(["kubernetes"]))),
         ("wrong issuer", Box::new(|c: &mut Value| c["iss"] = json!("https://other.example"))),
         ("expired", Box::new(move |c: &mut Value| c["exp"] = json!(now - 120))),

@@ -4,6 +4,7 @@
 //! workloads renews in two halves at every stage, and after each half every workload
 //! handshakes with every other (`ca-cli rotation handshakes`: rustls and openssl, real TLS on
 //! loopback). Every gate is asked to open too early first and must refuse, naming why.
+#![allow(clippy::disallowed_methods)] // clients and workloads of the test bring throwaway keys
 
 #[path = "../server_support/mod.rs"]
 mod support;

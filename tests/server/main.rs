@@ -1,5 +1,6 @@
 //! ca-server end to end: the real binary on loopback with SoftHSM2 (its --dev setup), on
 //! SQLite and on PostgreSQL, driven over HTTPS and by the real `ca-cli`.
+#![allow(clippy::disallowed_methods)] // clients and workloads of the test bring throwaway keys
 
 #[path = "../server_support/mod.rs"]
 mod support;

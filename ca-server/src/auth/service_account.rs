@@ -118,10 +118,9 @@ impl TokenValidator {
         let generation = self.keys.generation();
         if let Some((caller, until)) =
             self.verified.lock().unwrap_or_else(|p| p.into_inner()).at(generation).get(&digest)
+            && now < *until
         {
-            if now < *until {
-                return Ok(caller.clone());
-            }
+            return Ok(caller.clone());
         }
         let (caller, exp) = self.verify_uncached(token).await?;
         let leeway = self.cfg.leeway.duration().whole_seconds().max(0);

@@ -118,10 +118,10 @@ impl Config {
                     }
                 }
             }
-            if let Some(s) = &istio.serving_cluster {
-                if !istio.clusters.contains_key(s) {
-                    bail!("istio.serving_cluster {s:?} is not in istio.clusters");
-                }
+            if let Some(s) = &istio.serving_cluster
+                && !istio.clusters.contains_key(s)
+            {
+                bail!("istio.serving_cluster {s:?} is not in istio.clusters");
             }
             if istio.server_names.is_empty() {
                 bail!("istio.server_names must name the gRPC endpoint");
@@ -139,17 +139,19 @@ impl Config {
         if self.audit.checkpoint_every < 1 {
             bail!("audit.checkpoint_every must be at least 1");
         }
-        if let Some(m) = &self.auth.require_mfa {
-            if m.acr.is_empty() && m.amr.is_empty() {
-                bail!("auth.require_mfa must list at least one acr value or amr method");
-            }
+        if let Some(m) = &self.auth.require_mfa
+            && m.acr.is_empty()
+            && m.amr.is_empty()
+        {
+            bail!("auth.require_mfa must list at least one acr value or amr method");
         }
-        if let Some(l) = &self.metrics.listen {
-            if !self.metrics.allow_remote && !is_loopback(l) {
-                bail!(
-                    "metrics.listen {l:?} is not a loopback address; set metrics.allow_remote = true to serve metrics beyond this host"
-                );
-            }
+        if let Some(l) = &self.metrics.listen
+            && !self.metrics.allow_remote
+            && !is_loopback(l)
+        {
+            bail!(
+                "metrics.listen {l:?} is not a loopback address; set metrics.allow_remote = true to serve metrics beyond this host"
+            );
         }
         if self.limits.handshake_timeout.duration() <= time::Duration::ZERO
             || self.limits.idle_timeout.duration() <= time::Duration::ZERO

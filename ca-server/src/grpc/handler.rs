@@ -47,10 +47,8 @@ impl IstioCertificateService for IstioApi {
         let remote = request.remote_addr().map(|a| a.ip());
         let credential = request.metadata().contains_key("authorization");
         // No credential: the address's quota is drawn on before any work.
-        if !credential {
-            if let Some(Err(wait)) = remote.map(|ip| self.state.edge.take(ip)) {
-                return Err(self.rate_limited(remote, None, wait, started));
-            }
+        if !credential && let Some(Err(wait)) = remote.map(|ip| self.state.edge.take(ip)) {
+            return Err(self.rate_limited(remote, None, wait, started));
         }
         let result = self.handle(request).await;
         let outcome = match &result {
@@ -78,10 +76,8 @@ impl IstioCertificateService for IstioApi {
                     let detail = cap(&r.error.detail, MAX_TEXT);
                     if r.actor == "anonymous" {
                         // A credential that failed draws on the address's quota.
-                        if credential {
-                            if let Some(Err(wait)) = remote.map(|ip| self.state.edge.take(ip)) {
-                                return Err(self.rate_limited(remote, Some(shown), wait, started));
-                            }
+                        if credential && let Some(Err(wait)) = remote.map(|ip| self.state.edge.take(ip)) {
+                            return Err(self.rate_limited(remote, Some(shown), wait, started));
                         }
                         tracing::debug!(%cluster, code = r.error.code.as_str(), %detail, "unauthenticated workload request refused");
                         self.state.edge.denied("grpc", r.error.code, remote, || {

@@ -52,20 +52,20 @@ pub(super) async fn audit_denials(State(state): State<AppState>, mut req: Reques
     // Probes are never refused and write nothing: they do not draw on the quota. (Scrapes go to
     // the metrics listener, which has no quota; `/metrics` here is an ordinary 404.)
     let probe = matches!(path.as_str(), "/healthz" | "/readyz");
-    if !credential && !probe {
-        if let Some(ip) = remote.map(|r| r.ip()) {
-            if let Err(wait) = state.edge.take(ip) {
-                let resp = crate::edge::rate_limited(wait);
-                let detail = resp.extensions().get::<Denied>().map(|d| d.detail.clone()).unwrap_or_default();
-                state.edge.denied(
-                    "rest",
-                    ErrorCode::RateLimited,
-                    Some(ip),
-                    sample(StatusCode::TOO_MANY_REQUESTS, ErrorCode::RateLimited, &detail),
-                );
-                return resp;
-            }
-        }
+    if !credential
+        && !probe
+        && let Some(ip) = remote.map(|r| r.ip())
+        && let Err(wait) = state.edge.take(ip)
+    {
+        let resp = crate::edge::rate_limited(wait);
+        let detail = resp.extensions().get::<Denied>().map(|d| d.detail.clone()).unwrap_or_default();
+        state.edge.denied(
+            "rest",
+            ErrorCode::RateLimited,
+            Some(ip),
+            sample(StatusCode::TOO_MANY_REQUESTS, ErrorCode::RateLimited, &detail),
+        );
+        return resp;
     }
     let authenticated = crate::edge::Authenticated::default();
     req.extensions_mut().insert(authenticated.clone());
@@ -119,17 +119,18 @@ pub(super) async fn audit_denials(State(state): State<AppState>, mut req: Reques
     // A refusal after the credential was checked (e.g. of the body) is the caller's, by name.
     let Some(actor) = denied.actor.clone().or_else(|| authenticated.get()) else {
         let ip = remote.map(|r| r.ip());
-        if credential && denied.code != ErrorCode::RateLimited {
-            if let Some(Err(wait)) = ip.map(|ip| state.edge.take(ip)) {
-                resp = crate::edge::rate_limited(wait);
-                state.edge.denied(
-                    "rest",
-                    ErrorCode::RateLimited,
-                    ip,
-                    sample(StatusCode::TOO_MANY_REQUESTS, ErrorCode::RateLimited, &denied.detail),
-                );
-                return resp;
-            }
+        if credential
+            && denied.code != ErrorCode::RateLimited
+            && let Some(Err(wait)) = ip.map(|ip| state.edge.take(ip))
+        {
+            resp = crate::edge::rate_limited(wait);
+            state.edge.denied(
+                "rest",
+                ErrorCode::RateLimited,
+                ip,
+                sample(StatusCode::TOO_MANY_REQUESTS, ErrorCode::RateLimited, &denied.detail),
+            );
+            return resp;
         }
         state.edge.denied("rest", denied.code, ip, sample(resp.status(), denied.code, &denied.detail));
         return resp;

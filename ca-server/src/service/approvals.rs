@@ -78,10 +78,10 @@ pub async fn decide(state: &AppState, op: &Operator, id: &str, approve: bool) ->
         crate::service::revocation::after_commit(state, op, r).await?;
     }
     // The approval stands even if the key is away right now; the background job retries.
-    if let Some(name) = external_ca {
-        if let Err(e) = crate::service::external_ca::ensure_intermediate(state, &name, &op.actor()).await {
-            tracing::warn!(cluster = %name, error = %e.detail, "external-CA intermediate not issued yet; the background job will retry");
-        }
+    if let Some(name) = external_ca
+        && let Err(e) = crate::service::external_ca::ensure_intermediate(state, &name, &op.actor()).await
+    {
+        tracing::warn!(cluster = %name, error = %e.detail, "external-CA intermediate not issued yet; the background job will retry");
     }
     let decided = state.store.get_request(id).await?.ok_or_else(|| ServiceError::internal("request vanished"))?;
     Ok(decided)

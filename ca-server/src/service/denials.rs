@@ -5,10 +5,10 @@ use crate::service::state::AppState;
 
 /// Writes the summary of the refusals counted so far, if any.
 pub async fn flush(state: &AppState) {
-    if let Some(event) = state.edge.take_summary() {
-        if let Err(e) = state.store.audit(event).await {
-            tracing::error!(error = %e, "could not audit the summary of refused unauthenticated requests");
-        }
+    if let Some(event) = state.edge.take_summary()
+        && let Err(e) = state.store.audit(event).await
+    {
+        tracing::error!(error = %e, "could not audit the summary of refused unauthenticated requests");
     }
 }
 

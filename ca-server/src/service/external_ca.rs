@@ -25,12 +25,12 @@ pub async fn ensure_intermediate(state: &AppState, name: &str, actor: &str) -> R
     let now = now_secs();
     // A rotation that moved the cluster's chain (or key) wants an intermediate issued since.
     let (_, reissue_after) = crate::service::rotation_record::changed_at(state, &cluster).await?;
-    if let Some(serial) = &cluster.current_serial {
-        if let Some(c) = state.store.get_certificate(serial).await? {
-            let due = renewal_due(c.not_before, c.not_after, CLUSTER_RENEWAL, now);
-            if c.revoked_at.is_none() && !due && c.issued_at >= reissue_after {
-                return Ok(false);
-            }
+    if let Some(serial) = &cluster.current_serial
+        && let Some(c) = state.store.get_certificate(serial).await?
+    {
+        let due = renewal_due(c.not_before, c.not_after, CLUSTER_RENEWAL, now);
+        if c.revoked_at.is_none() && !due && c.issued_at >= reissue_after {
+            return Ok(false);
         }
     }
     let key_ref: hsm::KeyRef = cluster

@@ -145,10 +145,10 @@ impl Istio {
     /// Re-reads every cluster's keys when their refresh period has passed.
     pub async fn refresh_keys(&self) {
         for v in self.tokens.values() {
-            if v.due() {
-                if let Err(e) = v.refresh(true).await {
-                    tracing::warn!(cluster = %v.cluster, error = %format!("{e:#}"), "service-account key refresh failed; keeping the previous keys");
-                }
+            if v.due()
+                && let Err(e) = v.refresh(true).await
+            {
+                tracing::warn!(cluster = %v.cluster, error = %format!("{e:#}"), "service-account key refresh failed; keeping the previous keys");
             }
         }
     }

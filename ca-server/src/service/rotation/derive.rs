@@ -66,10 +66,10 @@ fn desired_issuer(configured: &Issuer, rotations: &[Rotation]) -> Result<Desired
         if trust.old {
             bundle.extend(roots_of(&old.1));
         }
-        if trust.new {
-            if let Some(root) = &r.spec.new_root {
-                bundle.push(pem_cert(root)?);
-            }
+        if trust.new
+            && let Some(root) = &r.spec.new_root
+        {
+            bundle.push(pem_cert(root)?);
         }
         let (current, other) = match new {
             Some(n) if rotation::new_chain(r.stage) => (n, Some(old)),

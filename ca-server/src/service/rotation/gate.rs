@@ -146,7 +146,7 @@ pub async fn gate(
                 state: if own.is_empty() { "current".into() } else { "lagging".into() },
                 blockers: own,
                 environment: c.environment.clone(),
-                mode: c.mode.clone(),
+                mode: c.mode,
                 intermediate_serial: c.current_serial.clone(),
                 name: p.name,
                 bundle_ok: p.bundle_ok,
@@ -159,7 +159,7 @@ pub async fn gate(
         .chain(excluded.into_iter().map(|(c, why)| ClusterStatus {
             name: c.name.clone(),
             environment: c.environment.clone(),
-            mode: c.mode.clone(),
+            mode: c.mode,
             state: "excluded".into(),
             bundle_ok: false,
             chain_ok: false,

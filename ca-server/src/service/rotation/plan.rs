@@ -288,7 +288,7 @@ pub async fn add_certificate(
         tx.get_rotation(id).await?.ok_or_else(|| deny(ServiceError::not_found(format!("no rotation {id:?}"))))?,
     )?;
     // A certificate for a rotation that does not exist is a 404 whatever the certificate.
-    let cert = pem_cert(&certificate).map_err(deny)?;
+    let cert = pem_cert(certificate).map_err(deny)?;
     if r.kind != RotationKind::Root || !matches!(r.stage, Stage::Prepared | Stage::Distribute) {
         return Err(deny(ServiceError::new(
             ErrorCode::RotationStage,

@@ -41,17 +41,17 @@ pub async fn request_move(
             format!("a {} rotation at {} cannot {}", r.kind, r.stage, if forward { "advance" } else { "roll back" }),
         ))
     })?;
-    if let Some(want) = want {
-        if want != to.as_str() {
-            return Err(deny(ServiceError::new(
-                ErrorCode::RotationStage,
-                format!(
-                    "the rotation is at {}; its {} is {to}, not {want}",
-                    r.stage,
-                    if forward { "next stage" } else { "rollback" }
-                ),
-            )));
-        }
+    if let Some(want) = want
+        && want != to.as_str()
+    {
+        return Err(deny(ServiceError::new(
+            ErrorCode::RotationStage,
+            format!(
+                "the rotation is at {}; its {} is {to}, not {want}",
+                r.stage,
+                if forward { "next stage" } else { "rollback" }
+            ),
+        )));
     }
     let now = now_secs();
     refresh_quietly(state).await;
@@ -266,12 +266,11 @@ pub async fn after_commit(state: &AppState, a: AfterCommit, actor: &str) {
             }
         }
     }
-    if let Some(name) = a.republish {
-        if let Ok(issuer) = state.issuer(&name) {
-            if let Err(e) = crate::service::crl::publish_crl(state, &issuer, actor).await {
-                tracing::warn!(issuer = %name, error = %e.detail, "CRL not regenerated yet; the background job will retry");
-            }
-        }
+    if let Some(name) = a.republish
+        && let Ok(issuer) = state.issuer(&name)
+        && let Err(e) = crate::service::crl::publish_crl(state, &issuer, actor).await
+    {
+        tracing::warn!(issuer = %name, error = %e.detail, "CRL not regenerated yet; the background job will retry");
     }
 }
 
