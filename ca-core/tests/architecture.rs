@@ -225,7 +225,7 @@ fn packages(src: &Path) -> Vec<Vec<String>> {
     out
 }
 
-/// Modules form layers: within ca-server, ca-core and ca-store, at every level of nesting, no
+/// Modules form layers: within ca-server, ca-core, ca-store and ca-cli, at every level of nesting, no
 /// module reaches (through any chain of `use`s) back into itself.
 #[test]
 fn modules_form_no_cycle() {

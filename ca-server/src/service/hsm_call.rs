@@ -1,6 +1,7 @@
 //! Key operations run on a blocking thread under a time limit: a PKCS#11 call may hang on a
 //! dead device, and neither a request nor a background round may hang with it. Every key
-//! operation the server makes goes through [`run`]; what a failure means (the problem code,
+//! operation of a request or a background job goes through [`run`] (start-up, which may
+//! simply fail, opens the audit key directly); what a failure means (the problem code,
 //! whether the issuer is marked unhealthy) stays with the caller, which knows what it asked.
 
 use std::time::Duration;

@@ -52,7 +52,8 @@ impl Issuers {
     }
 }
 
-/// An environment intermediate this server signs with.
+/// An intermediate this server signs with: an environment's, or the server-held intermediate
+/// of an external-CA cluster (`ClusterCa::issuer`).
 pub struct Issuer {
     pub name: String,
     pub key_ref: hsm::KeyRef,
