@@ -6,7 +6,8 @@
 //! SoftHSM2 (one session), then the rate of full issuance (policy, lint with a throwaway key,
 //! real signature, verification) for workload leaves under a file-key cluster CA and for
 //! cluster intermediates under a SoftHSM2 environment CA, on one thread and on every core.
-//! Each measurement runs for a fixed time and stops by itself.
+//! Each measurement runs for a fixed time and stops by itself. With `BENCH_FIXED_ISSUES=N`
+//! it runs only N workload issuances (for callgrind).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -96,6 +97,16 @@ fn main() {
     let cluster = Arc::new(CaIssuer::new(cl.cert, cl_signer).unwrap());
     hsm::generate_key(&file("leaf.key"), hsm::KeyAlgorithm::EcdsaP256).unwrap();
     let leaf_key = hsm::open_signer(&file("leaf.key")).unwrap().public_key().clone();
+
+    // A fixed number of workload issuances on one thread and nothing else, for instruction
+    // counts under `valgrind --tool=callgrind`, which do not drift with the machine's load
+    // (docs/benchmarks.md); 0 measures the setup alone, to subtract.
+    if let Some(n) = std::env::var("BENCH_FIXED_ISSUES").ok().and_then(|v| v.parse::<u32>().ok()) {
+        for _ in 0..n {
+            drop(issue(&cluster, &req(ProfileKind::Workload, &leaf_key, 1)).unwrap());
+        }
+        return;
+    }
 
     println!("machine: {cores} cores; each figure is a {}-second run", RUN.as_secs());
     println!("| measurement | threads | per second |");
