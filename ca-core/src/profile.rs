@@ -5,7 +5,7 @@ use std::fmt;
 
 use rcgen::string::Ia5String;
 use rcgen::{
-    BasicConstraints, CertificateParams, CrlDistributionPoint, CustomExtension, DistinguishedName,
+    BasicConstraints, CertificateParams, CrlDistributionPoint, CustomExtension, DistinguishedName, DnType,
     ExtendedKeyUsagePurpose, IsCa, KeyUsagePurpose, SanType, SerialNumber,
 };
 use serde::{Deserialize, Serialize};
@@ -219,6 +219,55 @@ impl CertRequest {
         }
         Ok(p)
     }
+
+    /// What every issuance path of the online server asks for, built in one place each: a
+    /// cluster intermediate (`CN=<cluster> Cluster CA, OU=<environment>`, one trust domain).
+    pub fn cluster_intermediate(
+        cluster: &str,
+        environment: &str,
+        trust_domain: TrustDomain,
+        subject_key: hsm::PublicKey,
+        not_before: OffsetDateTime,
+        not_after: OffsetDateTime,
+    ) -> Self {
+        let mut subject = DistinguishedName::new();
+        subject.push(DnType::CommonName, format!("{cluster} Cluster CA"));
+        subject.push(DnType::OrganizationalUnitName, environment.to_string());
+        CertRequest {
+            trust_domains: vec![trust_domain],
+            ..Self::new(ProfileKind::Cluster, subject, subject_key, not_before, not_after)
+        }
+    }
+
+    /// A workload leaf naming exactly one SPIFFE ID, with an empty subject as Istio's own CA
+    /// issues them.
+    pub fn workload(
+        spiffe_id: SpiffeId,
+        subject_key: hsm::PublicKey,
+        not_before: OffsetDateTime,
+        not_after: OffsetDateTime,
+    ) -> Self {
+        CertRequest {
+            spiffe_id: Some(spiffe_id),
+            ..Self::new(ProfileKind::Workload, DistinguishedName::new(), subject_key, not_before, not_after)
+        }
+    }
+
+    /// A TLS server certificate: `CN=<common_name>` and the DNS names.
+    pub fn server(
+        common_name: &str,
+        names: Vec<String>,
+        subject_key: hsm::PublicKey,
+        not_before: OffsetDateTime,
+        not_after: OffsetDateTime,
+    ) -> Self {
+        let mut subject = DistinguishedName::new();
+        subject.push(DnType::CommonName, common_name.to_string());
+        CertRequest {
+            server_names: names,
+            ..Self::new(ProfileKind::Server, subject, subject_key, not_before, not_after)
+        }
+    }
 }
 
 pub(crate) const OID_NAME_CONSTRAINTS: &[u64] = &[2, 5, 29, 30];
@@ -260,4 +309,48 @@ fn authority_info_access(urls: &[String]) -> CustomExtension {
         })
     });
     CustomExtension::from_oid_content(OID_AIA, der)
+}
+
+#[cfg(test)]
+#[allow(clippy::disallowed_methods)] // a throwaway public key for the requests
+mod tests {
+    use super::*;
+
+    fn key() -> hsm::PublicKey {
+        let kp = rcgen::KeyPair::generate().unwrap();
+        hsm::PublicKey::from_spki_der(&rcgen::PublicKeyData::subject_public_key_info(&kp)).unwrap()
+    }
+
+    fn cn(req: &CertRequest) -> Vec<String> {
+        req.subject
+            .iter()
+            .map(|(t, v)| match v {
+                rcgen::DnValue::Utf8String(s) => format!("{t:?}={s}"),
+                other => format!("{t:?}={other:?}"),
+            })
+            .collect()
+    }
+
+    /// The three online paths' requests carry exactly what each profile needs.
+    #[test]
+    fn each_issuance_path_builds_its_profile() {
+        let (nb, na) = (OffsetDateTime::now_utc(), OffsetDateTime::now_utc() + time::Duration::days(1));
+        let c = CertRequest::cluster_intermediate("east", "prod", "prod.example.com".parse().unwrap(), key(), nb, na);
+        assert_eq!(c.profile, ProfileKind::Cluster);
+        assert_eq!(cn(&c), ["CommonName=east Cluster CA", "OrganizationalUnitName=prod"]);
+        assert_eq!(c.trust_domains.len(), 1);
+        assert!(c.spiffe_id.is_none() && c.server_names.is_empty());
+
+        let id: SpiffeId = "spiffe://prod.example.com/ns/default/sa/web".parse().unwrap();
+        let w = CertRequest::workload(id.clone(), key(), nb, na);
+        assert_eq!(w.profile, ProfileKind::Workload);
+        assert!(cn(&w).is_empty(), "workload subjects are empty");
+        assert_eq!(w.spiffe_id, Some(id));
+
+        let s = CertRequest::server("ca-server", vec!["ca.example.com".into()], key(), nb, na);
+        assert_eq!(s.profile, ProfileKind::Server);
+        assert_eq!(cn(&s), ["CommonName=ca-server"]);
+        assert_eq!(s.server_names, ["ca.example.com"]);
+        assert!(s.trust_domains.is_empty() && s.spiffe_id.is_none());
+    }
 }

@@ -10,7 +10,7 @@ use base64::Engine;
 use ca_core::cert::load_cert;
 use ca_core::issue::{CaIssuer, default_not_before, issue};
 use ca_core::outputs::OutputSet;
-use ca_core::profile::{CertRequest, ProfileKind};
+use ca_core::profile::CertRequest;
 use ca_core::validity::{Fit, fit_validity};
 use serde_json::json;
 
@@ -72,19 +72,15 @@ pub fn prepare(dir: &Path) -> Result<DevSetup> {
     let env_key: hsm::KeyRef = report.environment_key.parse()?;
     let env = CaIssuer::new(load_cert(&report.environment_cert)?, hsm::open_signer(&env_key)?)?;
     let nb = default_not_before();
-    let mut subject = rcgen::DistinguishedName::new();
-    subject.push(rcgen::DnType::CommonName, "localhost");
-    let req = CertRequest {
-        server_names: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
-        ..CertRequest::new(
-            ProfileKind::Server,
-            subject,
-            hsm::open_signer(&server_key)?.public_key().clone(),
-            nb,
-            fit_validity(env.cert.not_after, nb, time::Duration::days(365), Fit::Clamp)
-                .map_or(env.cert.not_after, |f| f.not_after),
-        )
-    };
+    let not_after = fit_validity(env.cert.not_after, nb, time::Duration::days(365), Fit::Clamp)
+        .map_or(env.cert.not_after, |f| f.not_after);
+    let req = CertRequest::server(
+        "localhost",
+        vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
+        hsm::open_signer(&server_key)?.public_key().clone(),
+        nb,
+        not_after,
+    );
     let server = issue(&env, &req)?;
     let mut out = OutputSet::new();
     out.add(dir.join("server.pem"), server.pem() + &env.cert.pem());

@@ -4,7 +4,7 @@
 use ca_core::cert::CertInfo;
 use ca_core::csr::VerifiedCsr;
 use ca_core::names::is_dns_name;
-use ca_core::profile::{CertRequest, ProfileKind};
+use ca_core::profile::CertRequest;
 use ca_core::validity::{Fit, fit_validity};
 use ca_store::{CertFilter, CertIssuer, CertRecord, WorkloadRecord, now_secs};
 use serde_json::json;
@@ -142,12 +142,8 @@ pub async fn issue_server_certificate(
     let not_before = ca_core::issue::default_not_before();
     let end = ca.issuer.cert.not_after;
     let not_after = fit_validity(end, not_before, validity, Fit::Clamp).map_or(end, |f| f.not_after);
-    let mut subject = rcgen::DistinguishedName::new();
-    subject.push(rcgen::DnType::CommonName, req.dns_names[0].clone());
-    let request = CertRequest {
-        server_names: req.dns_names.clone(),
-        ..CertRequest::new(ProfileKind::Server, subject, csr.public_key().clone(), not_before, not_after)
-    };
+    let request =
+        CertRequest::server(&req.dns_names[0], req.dns_names.clone(), csr.public_key().clone(), not_before, not_after);
     let cert =
         ca.issuer.with_key(state.hsm_timeout(), move |c| ca_core::issue::issue(c, &request)).await.map_err(deny)?.cert;
     let record = cert_record(&cert, CertIssuer::Cluster(name.to_string()), Some(name), "server", &op.actor());

@@ -2,7 +2,7 @@
 //! environment, and the inventory record written with its audit record.
 
 use ca_core::cert::CertInfo;
-use ca_core::profile::{CertRequest, ProfileKind};
+use ca_core::profile::CertRequest;
 use ca_core::validity::{Fit, Fitted, fit_validity};
 use ca_store::{AuditEvent, CertIssuer, CertRecord, ClusterRecord, now_secs};
 use serde_json::json;
@@ -22,9 +22,6 @@ pub(crate) fn cluster_request(
     cluster: &ClusterRecord,
     key: hsm::PublicKey,
 ) -> Result<CertRequest, ServiceError> {
-    let mut subject = rcgen::DistinguishedName::new();
-    subject.push(rcgen::DnType::CommonName, format!("{} Cluster CA", cluster.name));
-    subject.push(rcgen::DnType::OrganizationalUnitName, cluster.environment.clone());
     let not_before = ca_core::issue::default_not_before();
     // Online issuance clamps to the issuer's lifetime instead of refusing: the environment's
     // own rotation is what extends it.
@@ -38,12 +35,9 @@ pub(crate) fn cluster_request(
             format!("issuer {} expires at {}", issuer.name, ca_core::error::fmt_time(issuer.cert.not_after)),
         ));
     }
-    Ok(CertRequest {
-        trust_domains: vec![
-            cluster.trust_domain.parse().map_err(|e| ServiceError::internal(format!("stored trust domain: {e}")))?,
-        ],
-        ..CertRequest::new(ProfileKind::Cluster, subject, key, not_before, not_after)
-    })
+    let trust_domain =
+        cluster.trust_domain.parse().map_err(|e| ServiceError::internal(format!("stored trust domain: {e}")))?;
+    Ok(CertRequest::cluster_intermediate(&cluster.name, &cluster.environment, trust_domain, key, not_before, not_after))
 }
 /// Records a new certificate in the inventory together with its `certificate.issued` audit
 /// record: the common fields (cluster, profile, notAfter, fingerprint) plus `extra`.

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use ca_core::cert::CertInfo;
-use ca_core::profile::{CertRequest, ProfileKind};
+use ca_core::profile::CertRequest;
 use ca_core::validity::{Fit, LifeFraction, fit_validity, renew_at};
 use ca_store::now_secs;
 use rustls::sign::CertifiedKey;
@@ -55,12 +55,7 @@ pub async fn ensure_serving_cert(state: &AppState) -> Result<(), ServiceError> {
     let end = ca.issuer.cert.not_after;
     let not_after =
         fit_validity(end, not_before, cfg.serving_cert_validity.duration(), Fit::Clamp).map_or(end, |f| f.not_after);
-    let mut subject = rcgen::DistinguishedName::new();
-    subject.push(rcgen::DnType::CommonName, "ca-server");
-    let request = CertRequest {
-        server_names: cfg.server_names.clone(),
-        ..CertRequest::new(ProfileKind::Server, subject, public, not_before, not_after)
-    };
+    let request = CertRequest::server("ca-server", cfg.server_names.clone(), public, not_before, not_after);
     let issued = ca.issuer.with_key(state.hsm_timeout(), move |c| ca_core::issue::issue(c, &request)).await?;
     let cert = issued.cert;
     let actor = state.job_actor();

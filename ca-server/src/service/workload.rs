@@ -5,7 +5,7 @@
 
 use ca_core::csr::VerifiedCsr;
 use ca_core::names::{SpiffeId, is_k8s_object_name};
-use ca_core::profile::{CertRequest, ProfileKind};
+use ca_core::profile::CertRequest;
 use ca_core::workload::{TtlPolicy, WorkloadDenial};
 use ca_store::{WorkloadRecord, now_secs};
 use sha2::Digest;
@@ -175,14 +175,5 @@ pub fn judge(
     let (not_before, not_after) =
         ca_core::workload::lifetime(validity, policy, issuer_not_after, OffsetDateTime::now_utc())
             .map_err(Judged::Denial)?;
-    Ok(CertRequest {
-        spiffe_id: Some(identity.clone()),
-        ..CertRequest::new(
-            ProfileKind::Workload,
-            rcgen::DistinguishedName::new(),
-            csr.public_key().clone(),
-            not_before,
-            not_after,
-        )
-    })
+    Ok(CertRequest::workload(identity.clone(), csr.public_key().clone(), not_before, not_after))
 }
