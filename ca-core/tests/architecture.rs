@@ -84,12 +84,10 @@ fn module_of(src: &Path, file: &Path) -> Vec<String> {
 
 /// Every module path a file names: `crate::a::b`, `super::c`, `self::d`, and the members of
 /// `use crate::{a::x, b}` groups, resolved to absolute paths. Comments are ignored.
-fn references(module: &[String], is_dir_module: bool, text: &str) -> Vec<Vec<String>> {
+fn references(module: &[String], text: &str) -> Vec<Vec<String>> {
     let code = without_comments(text);
-    // `super` of a file module is its parent; of a `mod.rs`, the directory's parent.
     // A file's module path is the same whether it is `x.rs` or `x/mod.rs`; `super` is its
     // parent either way.
-    let _ = is_dir_module;
     let here: Vec<String> = module.to_vec();
     let parent = |levels: usize| -> Vec<String> { here[..here.len().saturating_sub(levels)].to_vec() };
     let mut out = Vec::new();
@@ -167,8 +165,7 @@ fn edges(src: &Path, package: &[String]) -> std::collections::BTreeMap<String, s
             continue;
         }
         let from = module[package.len()].clone();
-        let is_dir = matches!(f.file_stem().and_then(|s| s.to_str()), Some("mod"));
-        for r in references(&module, is_dir, &std::fs::read_to_string(&f).unwrap()) {
+        for r in references(&module, &std::fs::read_to_string(&f).unwrap()) {
             if r.len() > package.len() && r.starts_with(package) && r[package.len()] != from {
                 graph.entry(from.clone()).or_default().insert(r[package.len()].clone());
             }
@@ -252,7 +249,7 @@ fn modules_form_no_cycle() {
 /// a layered graph is not reported.
 #[test]
 fn the_cycle_checker_sees_cycles() {
-    let a = references(&["service".into(), "a".into()], false, "use super::b::X;\nuse crate::{http::y, error::E};");
+    let a = references(&["service".into(), "a".into()], "use super::b::X;\nuse crate::{http::y, error::E};");
     assert_eq!(a, vec![vec!["service", "b", "X"], vec!["http", "y"], vec!["error", "E"]]);
     let g: std::collections::BTreeMap<String, std::collections::BTreeSet<String>> = [
         ("a".to_string(), ["b".to_string()].into()),
