@@ -49,13 +49,14 @@ pub(crate) fn generate(path: &Path, alg: KeyAlgorithm) -> Result<PublicKey> {
 
 pub(crate) fn load(path: &Path) -> Result<(KeyPair, PublicKey, KeyAlgorithm)> {
     let pem = std::fs::read_to_string(path).map_err(|e| HsmError::io(path, e))?;
-    let parsed = pem::parse(&pem).map_err(|_| HsmError::KeyFormat(format!("{}: not a PEM file", path.display())))?;
+    parse_pem(&pem, &path.display().to_string())
+}
+
+/// A PKCS#8 PEM private key; `what` names it in errors (never its contents).
+pub(crate) fn parse_pem(pem: &str, what: &str) -> Result<(KeyPair, PublicKey, KeyAlgorithm)> {
+    let parsed = pem::parse(pem).map_err(|_| HsmError::KeyFormat(format!("{what}: not a PEM file")))?;
     if parsed.tag() != "PRIVATE KEY" {
-        return Err(HsmError::KeyFormat(format!(
-            "{}: expected a PKCS#8 \"PRIVATE KEY\", found {:?}",
-            path.display(),
-            parsed.tag()
-        )));
+        return Err(HsmError::KeyFormat(format!("{what}: expected a PKCS#8 \"PRIVATE KEY\", found {:?}", parsed.tag())));
     }
     // The key type is only known once parsed; try each algorithm we support.
     for alg in [KeyAlgorithm::EcdsaP256, KeyAlgorithm::EcdsaP384, KeyAlgorithm::Rsa3072] {
@@ -64,5 +65,5 @@ pub(crate) fn load(path: &Path) -> Result<(KeyPair, PublicKey, KeyAlgorithm)> {
             return Ok((kp, public.clone(), public.algorithm()));
         }
     }
-    Err(HsmError::KeyFormat(format!("{}: not an ECDSA P-256/P-384 or RSA PKCS#8 private key", path.display())))
+    Err(HsmError::KeyFormat(format!("{what}: not an ECDSA P-256/P-384 or RSA PKCS#8 private key")))
 }

@@ -9,6 +9,7 @@ mod file;
 mod keyref;
 mod pkcs11;
 mod public;
+mod secret;
 pub mod softhsm;
 pub mod tls;
 
@@ -18,6 +19,7 @@ pub use error::{HsmError, Result};
 pub use file::write_new_private;
 pub use keyref::{KeyRef, PinSource, Pkcs11Ref};
 pub use public::{KeyAlgorithm, PublicKey, PublicKeyKind};
+pub use secret::SecretKey;
 
 use cryptoki::object::Attribute;
 use rcgen::SigningKey;

@@ -13,7 +13,7 @@ use crate::error::{HsmError, Result};
 use crate::keyref::KeyRef;
 use crate::public::{KeyAlgorithm, PublicKey};
 
-fn signer_of(pkcs8: Vec<u8>, what: &str) -> Result<Arc<dyn SigningKey>> {
+pub(crate) fn signer_of(pkcs8: Vec<u8>, what: &str) -> Result<Arc<dyn SigningKey>> {
     let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pkcs8));
     rustls::crypto::aws_lc_rs::sign::any_supported_type(&der)
         .map_err(|e| HsmError::KeyFormat(format!("{what}: not a key TLS can sign with: {e}")))
