@@ -11,17 +11,15 @@ use clap::{Parser, Subcommand, ValueEnum};
 #[command(name = "ca-agent", version, about = "Keeps a cluster's Istio wired to the pki-mesh hierarchy")]
 pub struct Cli {
     #[command(subcommand)]
-    pub command: Option<Command>,
-    #[command(flatten)]
-    pub args: Args,
+    pub command: Command,
 }
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Run the controllers (the default).
-    Run,
+    /// Run the controllers (what the Deployment runs).
+    Run(Args),
     /// Plug-in mode: put the previous `cacerts` back (swapping it with `cacerts-previous`).
-    Rollback,
+    Rollback(Args),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

@@ -46,9 +46,9 @@ fn main() -> std::process::ExitCode {
         }
     };
     let result = rt.block_on(async {
-        match cli.command.unwrap_or(Command::Run) {
-            Command::Run => run(cli.args).await,
-            Command::Rollback => rollback(cli.args).await,
+        match cli.command {
+            Command::Run(args) => run(args).await,
+            Command::Rollback(args) => rollback(args).await,
         }
     });
     match result {
