@@ -211,10 +211,26 @@ fn precondition(given: &Value, current: &Value, key: &(Kind, String, String)) ->
     }
 }
 
+/// PUT. Leases differ from the other kinds here, as in the API's registry strategies: a PUT may
+/// create a Lease (`AllowCreateOnUpdate`) and must name the resourceVersion it replaces
+/// (`AllowUnconditionalUpdate` is false); other kinds answer 404 and allow a blind replace.
 fn replace(s: &Shared, key: (Kind, String, String), object: Value) -> Answer {
     check_identity(&object, &key)?;
+    let lease = key.0 == Kind::Lease;
     let mut store = lock(&s.store);
-    let current = store.get(&key).ok_or_else(|| ApiError::not_found(key.0, &key.2))?;
+    let Some(current) = store.get(&key) else {
+        if lease && store.get(&(Kind::Namespace, String::new(), key.1.clone())).is_some() {
+            return Ok(json_response(201, &store.write(key, without_server_fields(object))?));
+        }
+        return Err(ApiError::not_found(key.0, &key.2));
+    };
+    if lease && object["metadata"]["resourceVersion"].as_str().is_none_or(str::is_empty) {
+        let msg = format!(
+            "Lease.coordination.k8s.io \"{}\" is invalid: metadata.resourceVersion: Invalid value: 0x0: must be specified for an update",
+            key.2
+        );
+        return Err(ApiError::new(422, "Invalid", msg));
+    }
     precondition(&object, current, &key)?;
     Ok(json_response(200, &store.write(key, without_server_fields(object))?))
 }

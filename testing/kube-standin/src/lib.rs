@@ -6,8 +6,8 @@
 //!   `leases`, at the real paths (also `/api/v1/configmaps` etc. across all namespaces);
 //! - GET, LIST (`fieldSelector` on `metadata.name`/`metadata.namespace`, `labelSelector` with
 //!   `=`, `==`, `!=`, `key`, `!key`), POST (409 AlreadyExists; 404 in a missing namespace), PUT
-//!   (409 Conflict on a stale `metadata.resourceVersion`, none means unconditional; 404 when
-//!   absent), PATCH (merge patch; strategic merge patch treated as merge patch; server-side apply
+//!   (409 Conflict on a stale `metadata.resourceVersion`; none means unconditional, except for
+//!   leases, 422; 404 when absent, except that a PUT creates a lease), PATCH (merge patch; strategic merge patch treated as merge patch; server-side apply
 //!   creates or merges), DELETE (a `Status` for configmaps, secrets and leases, the object for
 //!   namespaces; preconditions on `resourceVersion` and `uid`);
 //! - WATCH from a `resourceVersion` with ADDED/MODIFIED/DELETED events, periodic BOOKMARKs when
@@ -212,7 +212,8 @@ impl StandIn {
         tls::write_kubeconfig(path, &self.url, &self.ca_pem, &self.shared.token)
     }
 
-    /// The object as the API would return it, without HTTP.
+    /// The object as the API would return it, without HTTP. `namespace` is ignored for
+    /// namespaces and means `default` when `None` for the other kinds (in `put` and `delete` too).
     pub fn get(&self, kind: Kind, namespace: Option<&str>, name: &str) -> Option<Value> {
         lock(&self.shared.store).get(&key(kind, namespace, name)).cloned()
     }

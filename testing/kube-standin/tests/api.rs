@@ -119,6 +119,12 @@ async fn secrets_leases_and_namespaces() {
     two.spec.as_mut().unwrap().holder_identity = Some("c".into());
     leases.replace("l", &PostParams::default(), &one).await.unwrap();
     assert_eq!(api_error(leases.replace("l", &PostParams::default(), &two).await).0, 409);
+    // A lease's PUT must name a resourceVersion, and may create.
+    two.metadata.resource_version = None;
+    assert_eq!(api_error(leases.replace("l", &PostParams::default(), &two).await), (422, "Invalid".into()));
+    two.metadata.name = Some("fresh".into());
+    assert!(leases.replace("fresh", &PostParams::default(), &two).await.is_ok());
+    assert!(standin.get(Kind::Lease, Some("default"), "fresh").is_some());
     assert!(
         standin.requests().iter().any(|r| r.method == "PUT"
             && r.path_and_query.starts_with("/apis/coordination.k8s.io/v1/namespaces/default/leases/l")
@@ -162,8 +168,14 @@ async fn lists_select_by_field_and_label_and_carry_the_revision() {
     assert_eq!(api_error(all.list(&ListParams::default().fields("data.x=1")).await).0, 400);
 }
 
+/// How many times the configmaps of all namespaces were listed (not watched).
+fn lists(standin: &StandIn) -> usize {
+    let is_list = |p: &str| p.starts_with("/api/v1/configmaps?") && !p.contains("watch=");
+    standin.requests().iter().filter(|r| r.method == "GET" && is_list(&r.path_and_query)).count()
+}
+
 #[tokio::test]
-async fn the_watcher_sees_every_change_and_relists_after_410() {
+async fn the_watcher_sees_every_change_relists_after_410_and_resumes_after_an_outage() {
     let (standin, client, _dir) = start(Options::default()).await;
     standin.put(Kind::ConfigMap, Some("default"), "before", json!({"data": {"k": "v"}}));
     let api: Api<ConfigMap> = Api::all(client.clone());
@@ -192,16 +204,22 @@ async fn the_watcher_sees_every_change_and_relists_after_410() {
     assert!(matches!(next().await, Ok(watcher::Event::Init)));
     assert!(matches!(next().await, Ok(watcher::Event::InitApply(c)) if c.metadata.name.as_deref() == Some("before")));
     assert!(matches!(next().await, Ok(watcher::Event::InitDone)));
-    let lists = standin
-        .requests()
-        .iter()
-        .filter(|r| {
-            r.method == "GET"
-                && r.path_and_query.starts_with("/api/v1/configmaps?")
-                && !r.path_and_query.contains("watch=")
-        })
-        .count();
-    assert_eq!(lists, 2, "one list at the start and one after the 410");
+    assert_eq!(lists(&standin), 2, "one list at the start and one after the 410");
+
+    // An outage ends the watch; the watcher comes back from its resourceVersion and is told what
+    // changed meanwhile from the history, without listing again.
+    standin.set_unavailable(true);
+    assert!(matches!(next().await, Err(watcher::Error::WatchStartFailed(_))), "the watch ended and cannot restart");
+    standin.put(Kind::ConfigMap, Some("default"), "during", json!({}));
+    standin.set_unavailable(false);
+    loop {
+        match next().await {
+            Ok(watcher::Event::Apply(c)) if c.metadata.name.as_deref() == Some("during") => break,
+            Err(_) => continue,
+            other => panic!("expected the change made during the outage, got {other:?}"),
+        }
+    }
+    assert_eq!(lists(&standin), 2, "resumed from history, not re-listed");
 }
 
 #[tokio::test]
