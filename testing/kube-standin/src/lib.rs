@@ -170,7 +170,9 @@ impl Drop for StandIn {
 }
 
 impl StandIn {
-    /// Starts serving on 127.0.0.1 on a free port.
+    /// Starts serving on 127.0.0.1 on a free port, in tasks on the caller's tokio runtime: a
+    /// test must not block that runtime's thread (e.g. `std::process::Command::status` under
+    /// `#[tokio::test]`), or the stand-in stops answering.
     pub async fn start(opts: Options) -> std::io::Result<StandIn> {
         let mut store = store::Store::new(opts.history);
         for ns in &opts.namespaces {

@@ -290,3 +290,26 @@ async fn faults_outages_tokens_and_oidc() {
     let jwks: serde_json::Value = client.request(get("/openid/v1/jwks")).await.unwrap();
     assert_eq!(jwks["keys"][0]["kid"], "k1");
 }
+
+/// `KUBECONFIG=<written file>` is all `Client::try_default()` needs (as for the real ca-agent
+/// binary): checked in a child process, since setting the environment in this one is unsafe.
+#[tokio::test]
+async fn kubeconfig_env_reaches_the_standin() {
+    let (standin, _client, dir) = start(Options::default()).await;
+    standin.put(Kind::ConfigMap, Some("default"), "marker", json!({}));
+    let status = tokio::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--ignored", "--exact", "child_reads_marker_through_kubeconfig_env"])
+        .env("KUBECONFIG", dir.path().join("kubeconfig"))
+        .status()
+        .await
+        .unwrap();
+    assert!(status.success());
+    assert!(standin.requests().iter().any(|r| r.path_and_query == "/api/v1/namespaces/default/configmaps/marker"));
+}
+
+#[tokio::test]
+#[ignore = "run by kubeconfig_env_reaches_the_standin with KUBECONFIG set"]
+async fn child_reads_marker_through_kubeconfig_env() {
+    let client = kube::Client::try_default().await.unwrap();
+    Api::<ConfigMap>::default_namespaced(client).get("marker").await.unwrap();
+}
