@@ -93,8 +93,8 @@ impl Kind {
     }
 }
 
-/// How a stand-in starts.
-#[derive(Debug, Clone)]
+/// How a stand-in starts. Its `Debug` leaves the token out.
+#[derive(Clone)]
 pub struct Options {
     /// The bearer token every request must carry.
     pub token: String,
@@ -107,6 +107,18 @@ pub struct Options {
     /// The service-account issuer and its JWKS document.
     pub issuer: String,
     pub jwks: Value,
+}
+
+impl std::fmt::Debug for Options {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Options")
+            .field("token", &"<redacted>")
+            .field("history", &self.history)
+            .field("bookmark_interval", &self.bookmark_interval)
+            .field("namespaces", &self.namespaces)
+            .field("issuer", &self.issuer)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for Options {
@@ -263,7 +275,7 @@ impl StandIn {
         *lock(&self.shared.oidc) = (issuer.to_string(), jwks);
     }
 
-    /// The next `count` requests with this method (`"*"`: any) whose path starts with
+    /// The next `count` requests with this method (`"*"`: any) whose path (without the query) starts with
     /// `path_prefix` are answered with `status` and a matching `Status` body (409 Conflict,
     /// 500 InternalError, 503 ServiceUnavailable, 429 TooManyRequests) instead of being served.
     pub fn fail_next(&self, method: &str, path_prefix: &str, status: u16, count: u32) {
