@@ -7,8 +7,8 @@
 //! - GET, LIST (`fieldSelector` on `metadata.name`/`metadata.namespace`, `labelSelector` with
 //!   `=`, `==`, `!=`, `key`, `!key`), POST (409 AlreadyExists; 404 in a missing namespace), PUT
 //!   (409 Conflict on a stale `metadata.resourceVersion`; none means unconditional, except for
-//!   leases, 422; 404 when absent, except that a PUT creates a lease), PATCH (merge patch; strategic merge patch treated as merge patch; server-side apply
-//!   creates or merges), DELETE (a `Status` for configmaps, secrets and leases, the object for
+//!   leases, 422; 404 when absent, except that a PUT creates a lease), PATCH (merge patch;
+//!   strategic merge patch treated as merge patch; server-side apply creates or merges), DELETE (a `Status` for configmaps, secrets and leases, the object for
 //!   namespaces; preconditions on `resourceVersion` and `uid`);
 //! - WATCH from a `resourceVersion` with ADDED/MODIFIED/DELETED events, periodic BOOKMARKs when
 //!   asked, `timeoutSeconds`, and an ERROR event with a 410 `Expired` Status when the revision
@@ -278,6 +278,8 @@ impl StandIn {
     /// The next `count` requests with this method (`"*"`: any) whose path (without the query) starts with
     /// `path_prefix` are answered with `status` and a matching `Status` body (409 Conflict,
     /// 500 InternalError, 503 ServiceUnavailable, 429 TooManyRequests) instead of being served.
+    /// kube's client retries 429, 503 and 504 by itself (up to 15 times, with backoff), so a
+    /// caller sees a 503 only after that many; a 500 or 409 reaches it at once.
     pub fn fail_next(&self, method: &str, path_prefix: &str, status: u16, count: u32) {
         lock(&self.shared.faults).push(Fault {
             method: method.to_ascii_uppercase(),
