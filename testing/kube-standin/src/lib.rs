@@ -232,6 +232,28 @@ impl StandIn {
         lock(&self.shared.store).get(&key(kind, namespace, name)).cloned()
     }
 
+    /// Waits (polling every 20 ms, up to `timeout`) until the object exists and `ready` holds for
+    /// it, e.g. until an agent under test has written it; `None` on timeout.
+    pub async fn wait_for(
+        &self,
+        kind: Kind,
+        namespace: Option<&str>,
+        name: &str,
+        timeout: Duration,
+        ready: impl Fn(&Value) -> bool,
+    ) -> Option<Value> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(object) = self.get(kind, namespace, name).filter(|o| ready(o)) {
+                return Some(object);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Creates or replaces an object as a real write would (new resourceVersion, a watch event;
     /// no precondition). Panics when a namespaced object's namespace does not exist: the test
     /// set up a state the API would refuse.

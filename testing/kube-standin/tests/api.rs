@@ -304,6 +304,11 @@ async fn kubeconfig_env_reaches_the_standin() {
         .await
         .unwrap();
     assert!(status.success());
+    // The child's write is what the test waits for, as a test of an agent would.
+    let written = standin
+        .wait_for(Kind::ConfigMap, Some("default"), "reply", Duration::from_secs(5), |o| o["data"]["ok"] == "yes")
+        .await;
+    assert!(written.is_some());
     assert!(standin.requests().iter().any(|r| r.path_and_query == "/api/v1/namespaces/default/configmaps/marker"));
 }
 
@@ -311,5 +316,7 @@ async fn kubeconfig_env_reaches_the_standin() {
 #[ignore = "run by kubeconfig_env_reaches_the_standin with KUBECONFIG set"]
 async fn child_reads_marker_through_kubeconfig_env() {
     let client = kube::Client::try_default().await.unwrap();
-    Api::<ConfigMap>::default_namespaced(client).get("marker").await.unwrap();
+    let api = Api::<ConfigMap>::default_namespaced(client);
+    api.get("marker").await.unwrap();
+    api.create(&PostParams::default(), &cm("reply", &[("ok", "yes")])).await.unwrap();
 }
