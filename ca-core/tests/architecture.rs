@@ -303,6 +303,10 @@ fn key_material_stays_in_hsm() {
         ("ca-cli/src/handshake.rs", "throwaway workload keys of the simulated mesh, handed to rustls"),
         ("ca-cli/src/simulate.rs", "throwaway workload keys of the simulated mesh, made per run"),
         ("ca-server/src/dev.rs", "the dev setup's token-signing keys, exported for the local OIDC issuer and tokens"),
+        (
+            "testing/kube-standin/src/tls.rs",
+            "test support: the Kubernetes API stand-in's throwaway TLS key, in memory only",
+        ),
     ];
     let root = workspace();
     let mut files = Vec::new();
