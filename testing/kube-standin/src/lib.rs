@@ -32,6 +32,8 @@
 //! - a watch whose object stops matching its label selector gets no synthetic DELETED event;
 //! - other resources, subresources, API discovery (`/api`, `/apis`), protobuf, HTTP/2.
 
+#![forbid(unsafe_code)]
+
 mod http;
 mod store;
 mod tls;
