@@ -430,6 +430,34 @@ mod tests {
         assert_eq!(keys.generation(), before + 1, "unknown kids within the interval read nothing");
     }
 
+    /// A replaced document's keys verify until its grace ends; then they are gone, and the
+    /// generation changes so that tokens verified with them are not remembered.
+    #[tokio::test]
+    async fn a_previous_document_verifies_until_its_grace_ends() {
+        let (enc1, jwk1) = key_pair("k1");
+        let (enc2, jwk2) = key_pair("k2");
+        let set = |j: &serde_json::Value| serde_json::from_value::<JwkSet>(json!({"keys": [j]})).unwrap();
+        let keys = KeySet::unloaded("the cluster's keys", KeySource::Fixed, Duration::MAX).unwrap();
+        let auds = vec!["ca-server".to_string()];
+        let verify = |enc: &EncodingKey, kid: &str| {
+            let t = token(enc, kid, claims("ca-server"));
+            let keys = &keys;
+            let auds = &auds;
+            async move { decode::<serde_json::Value>(keys, &t, &expect(auds)).await }
+        };
+        keys.set_documents(Some(&set(&jwk1)), None);
+        assert!(verify(&enc1, "k1").await.is_ok());
+        assert!(verify(&enc2, "k2").await.is_err(), "not published yet");
+        keys.set_documents(Some(&set(&jwk2)), Some((&set(&jwk1), unix_now() + 2)));
+        assert!(verify(&enc2, "k2").await.is_ok());
+        assert!(verify(&enc1, "k1").await.is_ok(), "within the grace");
+        let before = keys.generation();
+        tokio::time::sleep(Duration::from_millis(2100)).await;
+        assert_eq!(keys.generation(), before + 1, "the end of the grace is a new generation");
+        assert_eq!(verify(&enc1, "k1").await.unwrap_err(), "token key \"k1\" is not among the cluster's keys");
+        assert!(verify(&enc2, "k2").await.is_ok());
+    }
+
     #[test]
     fn a_key_set_with_no_usable_key_is_refused() {
         let err = KeySet::fixed("nobody's keys", &serde_json::from_value(json!({"keys": []})).unwrap()).err().unwrap();
