@@ -193,7 +193,9 @@ async fn run(args: Args) -> Result<()> {
         cluster_settings::seed_from_config(&state)
             .await
             .map_err(|e| anyhow::anyhow!("seeding cluster settings: {}", e.detail))?;
-        cluster_settings::reload(&state).await.map_err(|e| anyhow::anyhow!("loading cluster settings: {}", e.detail))?;
+        cluster_settings::reload(&state)
+            .await
+            .map_err(|e| anyhow::anyhow!("loading cluster settings: {}", e.detail))?;
         // Clusters approved while no replica was up get their intermediates now.
         if let Err(e) = external_ca::maintain(&state, true).await {
             tracing::warn!(error = %format!("{e:#}"), "external-CA start-up maintenance failed; will retry");

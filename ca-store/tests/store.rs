@@ -4,9 +4,9 @@ mod common;
 
 use ca_core::audit::verify_chain;
 use ca_store::{
-    ApprovalRequest, AuditEvent, BlockedKey, ClusterSettingsRecord, CertFilter, CertIssuer, CertRecord, ClusterMode, ClusterRecord,
-    ClusterReport, ClusterStatus, CrlRecord, RequestStatus, RotationRecord, Store, StoreError, WorkloadRecord,
-    now_secs, spki_sha256,
+    ApprovalRequest, AuditEvent, BlockedKey, CertFilter, CertIssuer, CertRecord, ClusterMode, ClusterRecord,
+    ClusterReport, ClusterSettingsRecord, ClusterStatus, CrlRecord, RequestStatus, RotationRecord, Store, StoreError,
+    WorkloadRecord, now_secs, spki_sha256,
 };
 use serde_json::json;
 
@@ -379,7 +379,10 @@ async fn cluster_settings(s: &Store) {
     tx.insert_cluster(&cl).await.unwrap();
     assert_eq!(tx.put_cluster_settings(&rec).await.unwrap(), 1);
     tx.commit().await.unwrap();
-    assert_eq!(s.get_cluster_settings("x1").await.unwrap().unwrap(), ClusterSettingsRecord { version: 1, ..rec.clone() });
+    assert_eq!(
+        s.get_cluster_settings("x1").await.unwrap().unwrap(),
+        ClusterSettingsRecord { version: 1, ..rec.clone() }
+    );
     rec.jwks = Some(r#"{"keys":[]}"#.into());
     rec.jwks_source = Some("agent".into());
     rec.previous_jwks_until = Some(now + 3600);

@@ -10,7 +10,9 @@ use axum::{Json, Router};
 use serde_json::json;
 use utoipa::{Modify, OpenApi};
 
-use super::{audit, certificates, cluster_settings, clusters, crl, health, requests, rotations, server_certificates, trust};
+use super::{
+    audit, certificates, cluster_settings, clusters, crl, health, requests, rotations, server_certificates, trust,
+};
 use crate::auth::Role;
 use crate::error::{Problem, ServiceError};
 use crate::service::state::AppState;

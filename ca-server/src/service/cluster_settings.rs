@@ -37,8 +37,7 @@ fn invalid(detail: impl Into<String>) -> ServiceError {
 
 /// Reads and checks an `istio` settings object as an operator sent it.
 pub fn parse(value: Value) -> Result<IstioSettings, ServiceError> {
-    let settings: IstioSettings =
-        serde_json::from_value(value).map_err(|e| invalid(format!("istio settings: {e}")))?;
+    let settings: IstioSettings = serde_json::from_value(value).map_err(|e| invalid(format!("istio settings: {e}")))?;
     validate(&settings)?;
     Ok(settings)
 }
@@ -107,7 +106,8 @@ pub fn validate_jwks(doc: &Value) -> Result<(JwkSet, Vec<String>), String> {
             return Err(format!("kid {kid:?} appears twice"));
         }
         if let Some(alg) = jwk.common.key_algorithm {
-            let accepted = alg.to_string().parse::<jsonwebtoken::Algorithm>().is_ok_and(|a| crate::jwt::ALGORITHMS.contains(&a));
+            let accepted =
+                alg.to_string().parse::<jsonwebtoken::Algorithm>().is_ok_and(|a| crate::jwt::ALGORITHMS.contains(&a));
             if !accepted {
                 return Err(format!("key {kid:?}: algorithm {alg} is not accepted"));
             }
@@ -157,7 +157,9 @@ pub fn check_issuer(registered: &str, pushed: &str) -> Result<(), ServiceError> 
     }
     Err(ServiceError::new(
         ErrorCode::IssuerMismatch,
-        format!("issuer {pushed:?} is not the cluster's registered sa_issuer {registered:?}; change the settings first"),
+        format!(
+            "issuer {pushed:?} is not the cluster's registered sa_issuer {registered:?}; change the settings first"
+        ),
     ))
 }
 
@@ -290,8 +292,10 @@ pub struct SettingsView {
 
 pub async fn get(state: &AppState, op: &Operator, name: &str) -> Result<SettingsView, ServiceError> {
     let r = state.store.get_cluster_settings(name).await?.ok_or_else(|| {
-        ServiceError::not_found(format!("cluster {name:?} has no Istio settings (not a registered external-CA cluster)"))
-            .by(op.actor())
+        ServiceError::not_found(format!(
+            "cluster {name:?} has no Istio settings (not a registered external-CA cluster)"
+        ))
+        .by(op.actor())
     })?;
     let settings = from_record(&r)?;
     let jwks_source = r.jwks_source.clone().or_else(|| r.oidc_discovery_url.as_ref().map(|_| SOURCE_DISCOVERY.into()));
@@ -318,8 +322,9 @@ pub async fn request_change(state: &AppState, op: &Operator, name: &str, value: 
         return Err(invalid(format!("cluster {name} is in plug-in mode: istiod applies its own policy")).by(op.actor()));
     }
     if cluster.status == ClusterStatus::Rejected {
-        return Err(ServiceError::new(ErrorCode::ClusterNotActive, format!("cluster {name} was rejected"))
-            .by(op.actor()));
+        return Err(
+            ServiceError::new(ErrorCode::ClusterNotActive, format!("cluster {name} was rejected")).by(op.actor())
+        );
     }
     let settings = parse(value).map_err(|e| e.by(op.actor()))?;
     let now = now_secs();
@@ -480,7 +485,8 @@ pub async fn reload_quietly(state: &AppState) {
 fn validator(row: &ClusterSettingsRecord) -> Result<TokenValidator, ServiceError> {
     let mut settings = from_record(row)?;
     let doc = |j: &str| serde_json::from_str::<JwkSet>(j).map_err(ServiceError::internal);
-    let current = settings.jwks.take().map(|j| serde_json::from_value(j).map_err(ServiceError::internal)).transpose()?;
+    let current =
+        settings.jwks.take().map(|j| serde_json::from_value(j).map_err(ServiceError::internal)).transpose()?;
     let previous = match (&row.previous_jwks, row.previous_jwks_until) {
         (Some(j), Some(until)) if until > now_secs() => Some((doc(j)?, until)),
         _ => None,
@@ -505,9 +511,10 @@ pub async fn seed_from_config(state: &AppState) -> Result<(), ServiceError> {
             continue;
         }
         let jwks = match &c.jwks_file {
-            Some(path) => match std::fs::read_to_string(path).map_err(|e| e.to_string()).and_then(|t| {
-                serde_json::from_str::<Value>(&t).map_err(|e| format!("not JSON: {e}"))
-            }) {
+            Some(path) => match std::fs::read_to_string(path)
+                .map_err(|e| e.to_string())
+                .and_then(|t| serde_json::from_str::<Value>(&t).map_err(|e| format!("not JSON: {e}")))
+            {
                 Ok(v) => Some(v),
                 Err(e) => {
                     tracing::error!(cluster = %name, file = %path.display(), error = %e, "[istio.clusters.{name}] not seeded: its jwks_file cannot be read");

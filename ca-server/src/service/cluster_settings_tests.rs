@@ -48,7 +48,9 @@ fn settings_take_defaults_and_every_bad_field_is_named() {
     assert_eq!(bad(json!({"server_certificate_names": ["*.istio-system.svc"]})).0, "invalid-settings");
     assert_eq!(bad(json!({"oidc_discovery_url": "ftp://x/y"})).0, "invalid-settings");
     assert_eq!(bad(json!({"oidc_discovery_url": "not a url"})).0, "invalid-settings");
-    let both = bad(json!({"oidc_discovery_url": "https://x/.well-known/openid-configuration", "jwks": {"keys": [ec_key("a")]}}));
+    let both = bad(
+        json!({"oidc_discovery_url": "https://x/.well-known/openid-configuration", "jwks": {"keys": [ec_key("a")]}}),
+    );
     assert_eq!(both.0, "invalid-settings");
     assert_eq!(bad(json!({"jwks": {"keys": []}})).0, "invalid-jwks");
     let ok = parse(json!({"sa_issuer": "https://k", "jwks": {"keys": [ec_key("a")]}, "over_max": "clamp",
@@ -106,7 +108,10 @@ fn a_new_key_set_keeps_the_old_one_for_the_grace_and_an_identical_one_changes_no
     assert!(!replace_jwks(&mut r, &json!({"keys": [ec_key("a")]}), SOURCE_AGENT, 200, 60), "identical");
     assert_eq!(r, first);
     assert!(replace_jwks(&mut r, &json!({"keys": [ec_key("b")]}), SOURCE_AGENT, 200, 60));
-    assert_eq!((r.jwks_source.as_deref(), r.jwks_updated_at, r.previous_jwks_until), (Some("agent"), Some(200), Some(260)));
+    assert_eq!(
+        (r.jwks_source.as_deref(), r.jwks_updated_at, r.previous_jwks_until),
+        (Some("agent"), Some(200), Some(260))
+    );
     assert_eq!(r.previous_jwks, first.jwks);
 
     // Settings without keys keep the stored ones.
