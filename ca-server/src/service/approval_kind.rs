@@ -150,5 +150,23 @@ mod tests {
         assert_eq!(r.kind, "start-rotation");
         assert_eq!(r.payload, r#"{"kind":"cluster","rotation":"rot1","spec":{"environments":{}},"target":"east"}"#);
         assert_eq!(Approval::of(&r).unwrap(), start);
+
+        // A registration stored before settings existed reads back without them.
+        let old = ApprovalRequest::pending(
+            "r6",
+            "register-cluster",
+            "east",
+            &serde_json::json!({"environment": "prod",
+            "key": "file:/k", "mode": "external-ca", "name": "east", "trust_domain": "prod.example.com"}),
+            "alice",
+            7,
+        );
+        let Approval::RegisterCluster(p) = Approval::of(&old).unwrap() else { panic!("a registration") };
+        assert_eq!(p.istio, None);
+        let settings: IstioSettings = serde_json::from_value(serde_json::json!({"sa_issuer": "https://k"})).unwrap();
+        let change = Approval::ChangeClusterSettings(ChangeClusterSettings { settings });
+        let r = change.request("r7", "east", "alice", 7);
+        assert_eq!(r.kind, "change-cluster-settings");
+        assert_eq!(Approval::of(&r).unwrap(), change);
     }
 }

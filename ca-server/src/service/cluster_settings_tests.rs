@@ -93,7 +93,7 @@ fn a_pushed_issuer_must_be_the_registered_one() {
     let e = check_issuer("https://k", "https://other").unwrap_err();
     assert_eq!(e.code.as_str(), "issuer-mismatch");
     assert!(e.detail.contains("https://other") && e.detail.contains("https://k"), "{}", e.detail);
-    assert_eq!(e.status(), axum::http::StatusCode::CONFLICT);
+    assert_eq!(e.code.kind(), crate::error::ErrorKind::Conflict, "409");
 }
 
 #[test]
