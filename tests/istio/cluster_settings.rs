@@ -125,6 +125,7 @@ async fn registered_settings_serve_without_a_restart_and_change_under_two_person
     let mut changed = istio.clone();
     changed["default_ttl"] = json!("2h");
     changed["over_max"] = json!("clamp");
+    changed["server_certificate_names"] = json!(["istiod-east.istio-system.svc"]);
     let (s, r) = srv.call("PUT", "/v1/clusters/east/settings", Some(&srv.token("admin")), Some(changed)).await;
     assert_eq!(s, 202, "{r}");
     let id = r["request_id"].as_str().unwrap().to_string();
@@ -157,6 +158,17 @@ async fn registered_settings_serve_without_a_restart_and_change_under_two_person
     assert_eq!(lifetime_hours(&east_call(t.clone(), 3 * 86400).await.unwrap()), 48, "clamped to max_ttl");
     let (_, v) = srv.call("GET", "/v1/clusters/east/settings", Some(&srv.token("auditor")), None).await;
     assert_eq!((v["version"].as_i64(), v["jwks"].clone()), (Some(2), east.jwks()), "{v}");
+    // istiod's serving certificate: only the names the settings allow now.
+    let admin = srv.token("admin");
+    let server_cert = |name: &str| {
+        let body = json!({"csr": plain_csr(), "dns_names": [name], "validity": "1d"});
+        let (srv, admin) = (&srv, admin.clone());
+        async move { srv.call("POST", "/v1/clusters/east/server-certificates", Some(&admin), Some(body)).await }
+    };
+    let (s, r) = server_cert("istiod.istio-system.svc").await;
+    assert_eq!((s, r["code"].as_str()), (403, Some("name-not-allowed")), "{r}");
+    let (s, r) = server_cert("istiod-east.istio-system.svc").await;
+    assert_eq!(s, 200, "{r}");
 
     // A plug-in cluster has no settings to change; a rejected registration stores none.
     srv.register_approved("plug").await;
