@@ -366,3 +366,57 @@ async fn configuration_tables_only_seed_a_cluster_without_settings() {
     let seeded = audit_all(&srv).await.into_iter().filter(|r| r["action"] == "cluster.settings.seeded").count();
     assert_eq!(seeded, 1, "seeded once");
 }
+
+/// Two replicas on one PostgreSQL database: a cluster registered and approved on one, and a
+/// settings change approved there, are served by the other within `jobs.interval` (1 s here),
+/// with no restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_replica_follows_the_stored_settings() {
+    let tmp = tempfile::tempdir().unwrap();
+    let db = fresh_pg_url().await;
+    let dir = tmp.path().join("dev");
+    let a = Server::start(&dir, &Opts { database_url: Some(db.clone()), ..Opts::default() });
+    a.wait_ready().await;
+    let b = Server::start(
+        &tmp.path().join("b"),
+        &Opts { database_url: Some(db.clone()), config_of: Some(dir.clone()), ..Opts::default() },
+    );
+    b.wait_ready().await;
+    let east = Apiserver::new(tmp.path(), "east");
+    let (s, r) =
+        register(&a, tmp.path(), "east", Some(json!({"sa_issuer": east.issuer, "jwks": east.jwks()})), "external-ca")
+            .await;
+    assert_eq!(s, 202, "{r}");
+    let id = r["request_id"].as_str().unwrap();
+    let (s, _) = a.call("POST", &format!("/v1/requests/{id}/approve"), Some(&a.token("approver")), None).await;
+    assert_eq!(s, 200);
+    let ch = channel(&b).await;
+    // Until `b` (which saw neither request) serves `t`: the first answer that is not a refusal
+    // of the cluster or the token, within a few rounds.
+    let served = |t: String| {
+        let ch = ch.clone();
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                match create(&ch, Call { cluster: Some("east"), ..Call::new(&t, plain_csr()) }).await {
+                    Ok(chain) => return chain,
+                    Err(s) if std::time::Instant::now() < deadline => {
+                        assert!(
+                            matches!(s.code(), Code::PermissionDenied | Code::Unauthenticated | Code::Unavailable),
+                            "{s:?}"
+                        );
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    Err(s) => panic!("the other replica never served it: {s:?}"),
+                }
+            }
+        }
+    };
+    served(east.token(&a, &east.key, "web", "frontend")).await;
+    let rotated = tmp.path().join("east-rotated.key");
+    hsm::generate_key(&hsm::KeyRef::file(&rotated), hsm::KeyAlgorithm::EcdsaP256).unwrap();
+    let fresh = json!({"sa_issuer": east.issuer, "jwks": {"keys": [jwk_of(&rotated)]}, "default_ttl": "3h"});
+    change_settings(&a, "east", fresh).await;
+    let chain = served(east.token(&a, &rotated, "web", "frontend")).await;
+    assert_eq!(lifetime_hours(&chain), 3, "the changed default_ttl on the other replica too");
+}
