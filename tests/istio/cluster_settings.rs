@@ -95,6 +95,8 @@ async fn registered_settings_serve_without_a_restart_and_change_under_two_person
     let id = r["request_id"].as_str().unwrap().to_string();
     let (s, _) = srv.call("GET", "/v1/clusters/east/settings", Some(&srv.token("auditor")), None).await;
     assert_eq!(s, 404, "nothing is stored before the approval");
+    let (s, r) = srv.call("PUT", "/v1/clusters/east/settings", Some(&srv.token("admin")), Some(istio.clone())).await;
+    assert_eq!((s, r["code"].as_str()), (409, Some("cluster-not-active")), "the registration carries them: {r}");
     let ch = channel(&srv).await;
     let t = east.token(&srv, &east.key, "web", "frontend");
     let east_call = |t: String, ttl: i64| {

@@ -321,10 +321,10 @@ pub async fn request_change(state: &AppState, op: &Operator, name: &str, value: 
     if !cluster.is_external_ca() {
         return Err(invalid(format!("cluster {name} is in plug-in mode: istiod applies its own policy")).by(op.actor()));
     }
-    if cluster.status == ClusterStatus::Rejected {
-        return Err(
-            ServiceError::new(ErrorCode::ClusterNotActive, format!("cluster {name} was rejected")).by(op.actor())
-        );
+    // A pending registration carries its own settings: they are what its approval stores.
+    if !cluster.is_active() {
+        return Err(ServiceError::new(ErrorCode::ClusterNotActive, format!("cluster {name} is {}", cluster.status))
+            .by(op.actor()));
     }
     let settings = parse(value).map_err(|e| e.by(op.actor()))?;
     let now = now_secs();
@@ -352,7 +352,7 @@ pub async fn approve_change(
     ChangeClusterSettings { settings }: ChangeClusterSettings,
 ) -> Result<(), ServiceError> {
     let name = &req.subject;
-    let cluster = tx.get_cluster(name).await?.filter(|c| c.is_external_ca() && c.status != ClusterStatus::Rejected);
+    let cluster = tx.get_cluster(name).await?.filter(|c| c.is_external_ca() && c.is_active());
     if cluster.is_none() {
         return Err(ServiceError::new(ErrorCode::ClusterNotActive, format!("cluster {name} takes no settings now"))
             .by(op.actor()));
