@@ -121,13 +121,7 @@ pub async fn issue_server_certificate(
     }
     // A certificate for any name under the mesh root would let one person intercept istiod's
     // traffic: only the names configured for the cluster, never the CA's own.
-    let allowed = state
-        .store
-        .get_cluster_settings(name)
-        .await?
-        .map(|r| crate::service::cluster_settings::from_record(&r).map(|s| s.server_certificate_names))
-        .transpose()?
-        .unwrap_or_else(crate::config::default_server_certificate_names);
+    let allowed = crate::service::cluster_settings::server_certificate_names(state, name).await?;
     let own = state.config.istio.as_ref().map(|c| c.server_names.clone()).unwrap_or_default();
     if let Some(n) = req.dns_names.iter().find(|n| !allowed.contains(n) || own.contains(n)) {
         return Err(deny(ServiceError::new(

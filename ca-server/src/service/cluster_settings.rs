@@ -277,6 +277,15 @@ pub async fn store_new(
     Ok(())
 }
 
+/// The DNS names a cluster's server certificates may carry (istiod's): its settings', or the
+/// default for a cluster without settings.
+pub async fn server_certificate_names(state: &AppState, cluster: &str) -> Result<Vec<String>, ServiceError> {
+    match state.store.get_cluster_settings(cluster).await? {
+        Some(r) => Ok(from_record(&r)?.server_certificate_names),
+        None => Ok(crate::config::default_server_certificate_names()),
+    }
+}
+
 /// A cluster's settings as an operator reads them.
 pub struct SettingsView {
     /// With the current JWKS as `jwks`.
