@@ -5,8 +5,8 @@ mod common;
 use ca_core::audit::verify_chain;
 use ca_store::{
     ApprovalRequest, AuditEvent, BlockedKey, CertFilter, CertIssuer, CertRecord, ClusterMode, ClusterRecord,
-    ClusterReport, ClusterStatus, CrlRecord, RequestStatus, RotationRecord, Store, StoreError, WorkloadRecord,
-    now_secs, spki_sha256,
+    ClusterReport, ClusterStatus, CrlRecord, NamespaceReport, RequestStatus, RotationRecord, Store, StoreError,
+    WorkloadRecord, now_secs, spki_sha256,
 };
 use serde_json::json;
 
@@ -129,6 +129,28 @@ async fn clusters_requests_and_enrolment(s: &Store) {
         ClusterRecord { name: "c10".into(), status: ClusterStatus::Active, enrolment_expires_at: Some(now - 1), ..cl };
     tx.insert_cluster(&old).await.unwrap();
     assert!(!tx.consume_enrolment("c10", "h", now).await.unwrap());
+    tx.commit().await.unwrap();
+
+    // A new token: a plug-in cluster's intermediates stop counting, an external-CA cluster's
+    // (the server's own) stay; either enrols again once.
+    let ext = ClusterRecord {
+        name: "c11".into(),
+        mode: ClusterMode::ExternalCa,
+        enrolment_expires_at: Some(now + 600),
+        current_serial: Some("0e1".into()),
+        ..old
+    };
+    let mut tx = s.write().await.unwrap();
+    tx.insert_cluster(&ext).await.unwrap();
+    assert!(tx.rearm_enrolment("c9", "h2", now + 600).await.unwrap());
+    assert!(tx.rearm_enrolment("c11", "h3", now + 600).await.unwrap());
+    tx.commit().await.unwrap();
+    let c9 = s.get_cluster("c9").await.unwrap().unwrap();
+    assert_eq!((c9.current_serial, c9.previous_serial, c9.enrolled_at), (None, None, None));
+    let c11 = s.get_cluster("c11").await.unwrap().unwrap();
+    assert_eq!((c11.current_serial.as_deref(), c11.enrolled_at), (Some("0e1"), None));
+    let mut tx = s.write().await.unwrap();
+    assert!(tx.consume_enrolment("c11", "h3", now).await.unwrap());
     tx.commit().await.unwrap();
 }
 
@@ -258,6 +280,20 @@ async fn rotations_reports_and_lagging_workloads(s: &Store) {
     assert_eq!(s.cluster_reports().await.unwrap(), vec![report("[\"o\",\"n\"]", now)]);
     assert_eq!(s.get_cluster_report("c1").await.unwrap(), Some(report("[\"o\",\"n\"]", now)));
     assert_eq!(s.get_cluster_report("c2").await.unwrap(), None);
+
+    // So does an agent's namespace report.
+    let ns = |namespaces: &str, at: i64| NamespaceReport {
+        cluster: "c1".into(),
+        namespaces: namespaces.into(),
+        reported_at: at,
+    };
+    assert_eq!(s.get_namespace_report("c1").await.unwrap(), None);
+    let mut tx = s.write().await.unwrap();
+    tx.put_namespace_report(&ns("{\"a\":[\"o\"]}", now - 5)).await.unwrap();
+    tx.put_namespace_report(&ns("{\"a\":[\"n\",\"o\"],\"b\":[]}", now)).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(s.namespace_reports().await.unwrap(), vec![ns("{\"a\":[\"n\",\"o\"],\"b\":[]}", now)]);
+    assert_eq!(s.get_namespace_report("c2").await.unwrap(), None);
 
     // Live workload certificates by issue time and by the age of their intermediate.
     let mut tx = s.write().await.unwrap();
@@ -413,6 +449,15 @@ async fn postgres_server_role_may_only_insert_and_select_audit_rows() {
     assert!(tx.block_key(&block).await.expect("the server role may block keys"));
     tx.commit().await.unwrap();
     assert!(srv.blocked_key(&block.spki_sha256).await.unwrap().is_some());
+    // Agents' namespace reports are replaced in place.
+    for (n, at) in [("{}", 1), ("{\"default\":[]}", 2)] {
+        let r = NamespaceReport { cluster: "c".into(), namespaces: n.into(), reported_at: at };
+        let mut tx = srv.write().await.unwrap();
+        tx.put_namespace_report(&r).await.expect("the server role may replace namespace reports");
+        tx.commit().await.unwrap();
+        assert_eq!(srv.get_namespace_report("c").await.unwrap(), Some(r));
+    }
+    assert_eq!(srv.namespace_reports().await.unwrap().len(), 1);
     let pool = sqlx::PgPool::connect(&role_url).await.unwrap();
     for stmt in [
         "UPDATE audit_log SET actor = 'mallory' WHERE seq = 1",

@@ -10,7 +10,7 @@ use axum::{Json, Router};
 use serde_json::json;
 use utoipa::{Modify, OpenApi};
 
-use super::{audit, certificates, clusters, crl, health, requests, rotations, server_certificates, trust};
+use super::{agent, audit, certificates, clusters, crl, health, requests, rotations, server_certificates, trust};
 use crate::auth::Role;
 use crate::error::{Problem, ServiceError};
 use crate::service::state::AppState;
@@ -35,6 +35,7 @@ pub fn document() -> utoipa::openapi::OpenApi {
         clusters::Doc::openapi(),
         trust::Doc::openapi(),
         server_certificates::Doc::openapi(),
+        agent::Doc::openapi(),
         requests::Doc::openapi(),
         certificates::Doc::openapi(),
         crl::Doc::openapi(),
@@ -81,12 +82,22 @@ impl Modify for BearerAuth {
             },
         );
         components.add_security_scheme(
+            "agent",
+            SecurityScheme::MutualTls {
+                description: Some(
+                    "An external-CA cluster's agent certificate (POST /v1/clusters/{name}/agent-certificate) as the TLS client certificate."
+                        .into(),
+                ),
+                extensions: None,
+            },
+        );
+        components.add_security_scheme(
             "enrolment",
             SecurityScheme::Http(
                 HttpBuilder::new()
                     .scheme(HttpAuthScheme::Bearer)
                     .description(Some(
-                        "A cluster's one-time enrolment token (pet_...). Renewals and reports authenticate with the cluster's intermediate over mTLS instead.",
+                        "A cluster's one-time enrolment token (pet_...), for its intermediate (plug-in) or its agent's certificate (external-CA). Renewals and reports authenticate over mTLS instead.",
                     ))
                     .build(),
             ),

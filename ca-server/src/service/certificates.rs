@@ -94,15 +94,30 @@ pub struct IssuedServerCertificate {
     pub roots: Vec<CertInfo>,
 }
 
+/// The names a cluster's server certificates may carry. Read from the configuration
+/// (`istio.clusters.<name>.server_certificate_names`) until cluster settings live in the
+/// database; this is the one place that reads them.
+fn server_certificate_names(state: &AppState, cluster: &str) -> (Vec<String>, String) {
+    let names = state
+        .config
+        .istio
+        .as_ref()
+        .and_then(|c| c.clusters.get(cluster))
+        .map(|c| c.server_certificate_names.clone())
+        .unwrap_or_else(crate::config::default_server_certificate_names);
+    (names, format!("istio.clusters.{cluster}.server_certificate_names"))
+}
+
 /// Issues a TLS server certificate (e.g. istiod's own, which it needs when its CA is off) from
-/// an external-CA cluster's intermediate.
+/// an external-CA cluster's intermediate, for `actor`: an admin (`user:...`) or the cluster's
+/// agent (`agent:<cluster>`), authenticated by the caller.
 pub async fn issue_server_certificate(
     state: &AppState,
-    op: &Operator,
+    actor: &str,
     name: &str,
     req: ServerCertificate,
 ) -> Result<IssuedServerCertificate, ServiceError> {
-    let deny = |e: ServiceError| e.by(op.actor());
+    let deny = |e: ServiceError| e.by(actor);
     let validity: time::Duration = match &req.validity {
         None => time::Duration::days(30),
         Some(v) => v
@@ -121,18 +136,12 @@ pub async fn issue_server_certificate(
     }
     // A certificate for any name under the mesh root would let one person intercept istiod's
     // traffic: only the names configured for the cluster, never the CA's own.
-    let allowed = state
-        .config
-        .istio
-        .as_ref()
-        .and_then(|c| c.clusters.get(name))
-        .map(|c| c.server_certificate_names.clone())
-        .unwrap_or_else(crate::config::default_server_certificate_names);
+    let (allowed, source) = server_certificate_names(state, name);
     let own = state.config.istio.as_ref().map(|c| c.server_names.clone()).unwrap_or_default();
     if let Some(n) = req.dns_names.iter().find(|n| !allowed.contains(n) || own.contains(n)) {
         return Err(deny(ServiceError::new(
             ErrorCode::NameNotAllowed,
-            format!("{n} is not among istio.clusters.{name}.server_certificate_names ({})", allowed.join(", ")),
+            format!("{n} is not among cluster {name}'s server certificate names ({source}: {})", allowed.join(", ")),
         )));
     }
     let ca = crate::service::cluster_ca::cluster_ca(state, name).await.map_err(deny)?;
@@ -146,10 +155,10 @@ pub async fn issue_server_certificate(
         CertRequest::server(&req.dns_names[0], req.dns_names.clone(), csr.public_key().clone(), not_before, not_after);
     let cert =
         ca.issuer.with_key(state.hsm_timeout(), move |c| ca_core::issue::issue(c, &request)).await.map_err(deny)?.cert;
-    let record = cert_record(&cert, CertIssuer::Cluster(name.to_string()), Some(name), "server", &op.actor());
+    let record = cert_record(&cert, CertIssuer::Cluster(name.to_string()), Some(name), "server", actor);
     let mut tx = state.store.write().await?;
     crate::service::keys::refuse_blocked_tx(&mut tx, &spki).await.map_err(deny)?;
-    record_issued(&mut tx, &record, &op.actor(), json!({"issuer": ca.serial, "names": req.dns_names})).await?;
+    record_issued(&mut tx, &record, actor, json!({"issuer": ca.serial, "names": req.dns_names})).await?;
     tx.commit().await?;
     state.metrics.issued(name, "server", "ok");
     Ok(IssuedServerCertificate { cert, chain_pem: ca.chain_pem.clone(), roots: ca.issuer.roots.clone() })

@@ -1,6 +1,7 @@
 //! The domain layer: what the server does, whichever protocol asked. Nothing here imports
 //! `crate::http` or `crate::grpc` (checked by `ca-core/tests/architecture.rs`).
 
+pub mod agent;
 pub mod approval_kind;
 pub mod approvals;
 pub mod audit;
