@@ -120,23 +120,23 @@ impl Reader {
 #[macro_use]
 mod text;
 
+mod agents;
 mod audit;
 mod blocked_keys;
 mod certificates;
 mod clusters;
 mod crls;
 mod leases;
-mod namespace_reports;
 mod requests;
 mod rotations;
 mod workloads;
 
+pub use agents::{AgentRecord, NamespaceReport};
 pub use audit::AuditEvent;
 pub use blocked_keys::{BLOCKING_REASONS, BlockedKey, spki_sha256};
 pub use certificates::{CertFilter, CertIssuer, CertRecord};
 pub use clusters::{ClusterMode, ClusterRecord, ClusterReport, ClusterStatus};
 pub use crls::CrlRecord;
-pub use namespace_reports::NamespaceReport;
 pub use requests::{ApprovalRequest, RequestStatus};
 pub use rotations::RotationRecord;
 pub use text::UnknownValue;

@@ -4,9 +4,9 @@ mod common;
 
 use ca_core::audit::verify_chain;
 use ca_store::{
-    ApprovalRequest, AuditEvent, BlockedKey, CertFilter, CertIssuer, CertRecord, ClusterMode, ClusterRecord,
-    ClusterReport, ClusterStatus, CrlRecord, NamespaceReport, RequestStatus, RotationRecord, Store, StoreError,
-    WorkloadRecord, now_secs, spki_sha256,
+    AgentRecord, ApprovalRequest, AuditEvent, BlockedKey, CertFilter, CertIssuer, CertRecord, ClusterMode,
+    ClusterRecord, ClusterReport, ClusterStatus, CrlRecord, NamespaceReport, RequestStatus, RotationRecord, Store,
+    StoreError, WorkloadRecord, now_secs, spki_sha256,
 };
 use serde_json::json;
 
@@ -295,6 +295,20 @@ async fn rotations_reports_and_lagging_workloads(s: &Store) {
     assert_eq!(s.namespace_reports().await.unwrap(), vec![ns("{\"a\":[\"n\",\"o\"],\"b\":[]}", now)]);
     assert_eq!(s.get_namespace_report("c2").await.unwrap(), None);
 
+    // An agent's newest certificate: an enrolment starts over, a renewal keeps the one used.
+    assert_eq!(s.get_agent("c1").await.unwrap(), None);
+    let mut tx = s.write().await.unwrap();
+    tx.set_agent_current("c1", "a1", None).await.unwrap();
+    tx.set_agent_current("c1", "a2", Some("a1")).await.unwrap();
+    let want = AgentRecord { cluster: "c1".into(), current_serial: "a2".into(), previous_serial: Some("a1".into()) };
+    assert_eq!(tx.get_agent("c1").await.unwrap(), Some(want.clone()), "seen under the write lock");
+    tx.commit().await.unwrap();
+    assert_eq!(s.get_agent("c1").await.unwrap(), Some(want));
+    let mut tx = s.write().await.unwrap();
+    tx.set_agent_current("c1", "a3", None).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(s.get_agent("c1").await.unwrap().unwrap().previous_serial, None);
+
     // Live workload certificates by issue time and by the age of their intermediate.
     let mut tx = s.write().await.unwrap();
     tx.insert_certificate(&CertRecord { issued_at: now - 100, ..cert("i-old", "c1", now + 3600) }).await.unwrap();
@@ -458,6 +472,10 @@ async fn postgres_server_role_may_only_insert_and_select_audit_rows() {
         assert_eq!(srv.get_namespace_report("c").await.unwrap(), Some(r));
     }
     assert_eq!(srv.namespace_reports().await.unwrap().len(), 1);
+    let mut tx = srv.write().await.unwrap();
+    tx.set_agent_current("c", "a1", None).await.unwrap();
+    tx.set_agent_current("c", "a2", Some("a1")).await.expect("the server role may move an agent's certificate");
+    tx.commit().await.unwrap();
     let pool = sqlx::PgPool::connect(&role_url).await.unwrap();
     for stmt in [
         "UPDATE audit_log SET actor = 'mallory' WHERE seq = 1",

@@ -133,6 +133,9 @@ async fn an_agent_enrols_once_renews_over_mtls_and_revocation_shuts_it_out() {
     let second = agent_certificate(&srv, &first.client(&srv), "dev", None).await.unwrap();
     let third = agent_certificate(&srv, &second.client(&srv), "dev", None).await.unwrap();
     assert!(first.serial != second.serial && second.serial != third.serial);
+    // Only the newest and the one it was renewed from act for the cluster.
+    let (s, e) = agent_certificate(&srv, &first.client(&srv), "dev", None).await.err().unwrap();
+    assert_eq!((s, e["code"].as_str()), (401, Some("client-certificate-superseded")), "{e}");
     // Without any credential: refused.
     let (s, e) = post(&srv.client, &srv, "/v1/clusters/dev/agent-certificate", None, json!({"csr": csr_pem()})).await;
     assert_eq!((s, e["code"].as_str()), (401, Some("unauthenticated")), "{e}");

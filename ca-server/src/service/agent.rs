@@ -3,10 +3,11 @@
 //! agent's reports of the trust bundle each namespace holds, which the rotation gates read.
 //!
 //! An agent certificate is issued by the cluster's environment intermediate, so that the
-//! environment's CRL covers it and operators revoke it like any other certificate. Revoking
-//! one of a cluster's agent certificates shuts out every certificate that agent holds until it
-//! enrols again with a new token (`POST /v1/clusters/{name}/enrolment`): an operator who
-//! revokes the serial they see must not be defeated by the one it was renewed from.
+//! environment's CRL covers it and operators revoke it like any other certificate. Only the
+//! agent's newest certificate, and the one it last renewed with, act for the cluster (as for a
+//! plug-in cluster's intermediates); revoking the newest shuts the agent out until it enrols
+//! again with a new token (`POST /v1/clusters/{name}/enrolment`), so that an operator who
+//! revokes the serial they see is not defeated by the one it was renewed from.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -61,9 +62,8 @@ pub async fn claimed_cluster(state: &AppState, name: &str) -> Result<ClusterReco
 
 /// The agent certificate presented over mTLS (`peer_der`), if it may act for `cluster`: an
 /// agent certificate recorded for that cluster (found by SHA-256 fingerprint; TLS only proved
-/// the client holds its key) that chains to `tls.client_ca`, is unexpired, was issued since
-/// the cluster's latest enrolment, and neither it nor any agent certificate issued to the
-/// cluster since then is revoked.
+/// the client holds its key) that chains to `tls.client_ca`, unrevoked, unexpired, and the
+/// agent's newest or the one it last renewed with (see [`may_act`]).
 pub async fn authenticate(
     state: &AppState,
     cluster: &ClusterRecord,
@@ -90,40 +90,33 @@ pub async fn authenticate(
         Some(r) if r.profile == PROFILE && r.cluster.as_deref() == Some(name.as_str()) => r,
         _ => return Err(rejected()),
     };
-    let revoked = revoked_since_enrolment(state.store.revoked_by_issuer(&cluster.environment).await?, cluster);
-    may_act(&rec, cluster, revoked.as_ref(), now_secs()).map_err(|e| e.by(actor(name)))?;
+    let agent = state.store.get_agent(name).await?;
+    let successor_revoked = match &agent {
+        Some(a) if a.current_serial != rec.serial => {
+            state.store.get_certificate(&a.current_serial).await?.is_some_and(|c| c.revoked_at.is_some())
+        }
+        _ => false,
+    };
+    may_act(&rec, cluster, agent.as_ref(), successor_revoked, now_secs()).map_err(|e| e.by(actor(name)))?;
     Ok(rec)
 }
 
-/// The first revoked agent certificate issued to `cluster` since its latest enrolment.
-fn revoked_since_enrolment(revoked: Vec<CertRecord>, cluster: &ClusterRecord) -> Option<CertRecord> {
-    let since = cluster.enrolled_at?;
-    revoked
-        .into_iter()
-        .find(|r| r.profile == PROFILE && r.cluster.as_deref() == Some(cluster.name.as_str()) && r.issued_at >= since)
-}
-
-/// Whether agent certificate `rec` may act for `cluster` now (`revoked`: an agent certificate
-/// of the same enrolment that was revoked, if any).
+/// Whether agent certificate `rec` may act for `cluster` now: unrevoked, unexpired, the
+/// cluster active and enrolled (a new token retires what the agent held), and the agent's
+/// newest certificate, or the one it last renewed with (whose successor may have been lost on
+/// the way back) unless that successor is revoked: revoking an agent's newest certificate
+/// shuts the agent out until it enrols again.
 fn may_act(
     rec: &CertRecord,
     cluster: &ClusterRecord,
-    revoked: Option<&CertRecord>,
+    agent: Option<&ca_store::AgentRecord>,
+    successor_revoked: bool,
     now: i64,
 ) -> Result<(), ServiceError> {
     if rec.revoked_at.is_some() {
         return Err(ServiceError::new(
             ErrorCode::ClientCertificateRevoked,
             format!("agent certificate {} is revoked; enrol again with a new enrolment token", rec.serial),
-        ));
-    }
-    if let Some(r) = revoked {
-        return Err(ServiceError::new(
-            ErrorCode::ClientCertificateRevoked,
-            format!(
-                "agent certificate {} of this enrolment is revoked, and with it every certificate the agent holds; enrol again with a new enrolment token",
-                r.serial
-            ),
         ));
     }
     if rec.not_after <= now {
@@ -138,17 +131,29 @@ fn may_act(
             format!("cluster {} is {}", cluster.name, cluster.status),
         ));
     }
-    // A new enrolment token (re-issued by operators) retires whatever the agent held before.
-    if cluster.enrolled_at.is_none_or(|e| rec.issued_at < e) {
-        return Err(ServiceError::new(
-            ErrorCode::ClientCertificateSuperseded,
-            format!(
-                "agent certificate {} predates the cluster's latest enrolment token; enrol with that token",
-                rec.serial
-            ),
-        ));
+    let serial = rec.serial.as_str();
+    match agent {
+        _ if cluster.enrolled_at.is_none() => {}
+        Some(a) if a.current_serial == serial => return Ok(()),
+        Some(a) if a.previous_serial.as_deref() == Some(serial) && !successor_revoked => return Ok(()),
+        Some(a) if a.previous_serial.as_deref() == Some(serial) => {
+            return Err(ServiceError::new(
+                ErrorCode::ClientCertificateRevoked,
+                format!(
+                    "agent certificate {} was renewed into {}, which is revoked; enrol again with a new enrolment token",
+                    rec.serial, a.current_serial
+                ),
+            ));
+        }
+        _ => {}
     }
-    Ok(())
+    Err(ServiceError::new(
+        ErrorCode::ClientCertificateSuperseded,
+        format!(
+            "agent certificate {} has been superseded (by a renewal or a new enrolment token); use the newest one or enrol with the new token",
+            rec.serial
+        ),
+    ))
 }
 
 enum Caller {
@@ -175,6 +180,9 @@ pub async fn issue(
         )));
     }
     let now = now_secs();
+    // The agent's newest certificate before anything is checked or signed, to detect a
+    // concurrent renewal under the write lock.
+    let newest = state.store.get_agent(name).await?.map(|a| a.current_serial);
     let token_invalid = || {
         ServiceError::new(ErrorCode::EnrolmentTokenInvalid, "the enrolment token is invalid, expired or already used")
     };
@@ -243,8 +251,24 @@ pub async fn issue(
                 .get_certificate(serial)
                 .await?
                 .ok_or_else(|| ServiceError::internal("presented certificate vanished"))?;
-            let revoked = revoked_since_enrolment(tx.revoked_by_issuer(&current.environment).await?, &current);
-            may_act(&presented, &current, revoked.as_ref(), now).map_err(&deny)?;
+            let agent = tx.get_agent(name).await?;
+            let successor_revoked = match &agent {
+                Some(a) if a.current_serial != *serial => {
+                    tx.get_certificate(&a.current_serial).await?.is_some_and(|c| c.revoked_at.is_some())
+                }
+                _ => false,
+            };
+            may_act(&presented, &current, agent.as_ref(), successor_revoked, now).map_err(&deny)?;
+            // Two renewals with the same certificate, signed at once: the first to commit
+            // wins, and the other is refused rather than silently superseding it.
+            if agent.as_ref().map(|a| &a.current_serial) != newest.as_ref() {
+                return Err(deny(ServiceError::new(
+                    ErrorCode::RenewalSuperseded,
+                    format!(
+                        "a concurrent renewal with agent certificate {serial} completed first; this one was not recorded"
+                    ),
+                )));
+            }
             ("renewal", Some(serial.clone()))
         }
     };
@@ -252,6 +276,7 @@ pub async fn issue(
     let record = cert_record(&cert, CertIssuer::Environment(issuer.name.clone()), Some(name), PROFILE, &actor);
     record_issued(&mut tx, &record, &actor, json!({"issuer": issuer.name, "via": via, "renewed_from": renewed_from}))
         .await?;
+    tx.set_agent_current(name, &cert.serial, renewed_from.as_deref()).await?;
     tx.commit().await?;
     state.metrics.issued(&issuer.name, PROFILE, "ok");
     Ok(Issued { cert, chain: issuer_chain(&issuer), roots: issuer.roots.clone() })
