@@ -137,11 +137,11 @@ async fn clusters_requests_and_enrolment(s: &Store) {
         name: "c11".into(),
         mode: ClusterMode::ExternalCa,
         enrolment_expires_at: Some(now + 600),
-        current_serial: Some("0e1".into()),
         ..old
     };
     let mut tx = s.write().await.unwrap();
     tx.insert_cluster(&ext).await.unwrap();
+    tx.set_current("c11", "0e1", None).await.unwrap();
     assert!(tx.rearm_enrolment("c9", "h2", now + 600).await.unwrap());
     assert!(tx.rearm_enrolment("c11", "h3", now + 600).await.unwrap());
     tx.commit().await.unwrap();
