@@ -216,17 +216,12 @@ impl NamespaceBundles {
         if self.reported_at.is_none() {
             return Some("no namespace report from the agent yet".into());
         }
-        if self.lagging_total == 0 {
-            return None;
-        }
         let more = self.lagging_total.saturating_sub(self.lagging.len());
         let tail = if more > 0 { format!(" and {more} more") } else { String::new() };
-        Some(format!(
-            "{} of {} namespaces do not hold the current trust bundle in istio-ca-root-cert: {}{tail}",
-            self.lagging_total,
-            self.reported,
-            self.lagging.join(", ")
-        ))
+        (self.lagging_total > 0).then(|| {
+            let (n, of, named) = (self.lagging_total, self.reported, self.lagging.join(", "));
+            format!("{n} of {of} namespaces do not hold the current trust bundle in istio-ca-root-cert: {named}{tail}")
+        })
     }
 }
 

@@ -64,6 +64,11 @@ async fn inventory_and_revocation(s: &Store) {
     assert_eq!(s.list_certificates(&valid).await.unwrap().len(), 1);
     assert_eq!(s.revoked_by_issuer("prod").await.unwrap().len(), 1);
     assert_eq!(s.get_certificate_by_fingerprint("fp-0b").await.unwrap().unwrap().serial, "0b");
+    // A cluster's expiry is its intermediate's: its agent's or server certificates do not count.
+    let mut tx = s.write().await.unwrap();
+    tx.insert_certificate(&CertRecord { profile: "agent".into(), ..cert("0d", "c1", now + 86400 * 60) }).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(s.cluster_expiries(now).await.unwrap(), vec![("c1".to_string(), now + 3600)]);
 }
 
 async fn clusters_requests_and_enrolment(s: &Store) {
