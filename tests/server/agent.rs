@@ -136,6 +136,12 @@ async fn an_agent_enrols_once_renews_over_mtls_and_revocation_shuts_it_out() {
     // Only the newest and the one it was renewed from act for the cluster.
     let (s, e) = agent_certificate(&srv, &first.client(&srv), "dev", None).await.err().unwrap();
     assert_eq!((s, e["code"].as_str()), (401, Some("client-certificate-superseded")), "{e}");
+    // An answer lost on the way back does not strand the agent: the one it renewed with still
+    // renews, and then the lost one is superseded.
+    let lost = third;
+    let third = agent_certificate(&srv, &second.client(&srv), "dev", None).await.unwrap();
+    let (s, e) = agent_certificate(&srv, &lost.client(&srv), "dev", None).await.err().unwrap();
+    assert_eq!((s, e["code"].as_str()), (401, Some("client-certificate-superseded")), "{e}");
     // Without any credential: refused.
     let (s, e) = post(&srv.client, &srv, "/v1/clusters/dev/agent-certificate", None, json!({"csr": csr_pem()})).await;
     assert_eq!((s, e["code"].as_str()), (401, Some("unauthenticated")), "{e}");
@@ -154,10 +160,10 @@ async fn an_agent_enrols_once_renews_over_mtls_and_revocation_shuts_it_out() {
         .into_iter()
         .filter(|r| r["action"] == "certificate.issued" && r["details"]["profile"] == "agent")
         .collect();
-    assert_eq!(issued.len(), 3, "{issued:#?}");
+    assert_eq!(issued.len(), 4, "{issued:#?}");
     assert!(issued.iter().all(|r| r["actor"] == "agent:dev"), "{issued:#?}");
     assert_eq!(issued[0]["details"]["via"], "enrolment");
-    assert_eq!(issued[2]["details"]["renewed_from"], json!(second.serial));
+    assert_eq!(issued[3]["details"]["renewed_from"], json!(second.serial));
 
     // Revoked through the ordinary two-person flow: the newest certificate and every one the
     // agent held before stop working, and the environment's CRL lists it.
@@ -257,7 +263,9 @@ async fn external_ca_registration_arms_an_agent_token_and_plug_in_clusters_are_r
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agent_gets_istiods_certificate_and_reports_namespaces() {
     let tmp = tempfile::tempdir().unwrap();
-    let srv = Server::start(&tmp.path().join("dev"), &Opts::default());
+    // On PostgreSQL (the other tests here run on SQLite).
+    let opts = Opts { database_url: backend_url("postgres").await, ..Opts::default() };
+    let srv = Server::start(&tmp.path().join("dev"), &opts);
     srv.wait_ready().await;
     let agent = enrolled(&srv, "dev").await;
     let c = agent.client(&srv);
