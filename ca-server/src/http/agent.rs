@@ -100,10 +100,15 @@ pub(crate) struct NamespaceReportRequest {
 pub(crate) struct NamespaceReportResponse {
     /// The bundle every namespace should hold now (PEM roots).
     trust_bundle: Vec<String>,
+    /// True when the agent should renew its certificate now (an environment rotation moved
+    /// the environment to a new key), with why.
+    renew: bool,
+    reason: Option<String>,
 }
 
 /// An external-CA cluster's agent reports which roots each namespace's `istio-ca-root-cert`
-/// holds (at most 10000 namespaces, 16 roots each), and learns the bundle they should hold.
+/// holds (at most 10000 namespaces, 16 roots each), and learns the bundle they should hold
+/// and whether to renew its certificate now.
 /// Stored when it changed; the rotation gates hold a stage back while a namespace lacks the
 /// bundle it hands out.
 #[utoipa::path(tag = "agent", post, path = "/v1/clusters/{name}/namespace-report", request_body = NamespaceReportRequest,
@@ -122,15 +127,19 @@ pub(crate) async fn report_namespaces(
     let peer = conn.as_ref().and_then(|c| c.peer_cert.as_deref());
     // The agent is authenticated before its (possibly large) body is read.
     let cluster = crate::service::agent::claimed_cluster(&state, &name).await?;
-    crate::service::agent::authenticate(&state, &cluster, peer).await?;
+    let presented = crate::service::agent::authenticate(&state, &cluster, peer).await?;
     let actor = crate::service::agent::actor(&name);
     if let Some(a) = request.extensions().get::<crate::edge::Authenticated>() {
         a.set(actor.clone());
     }
     let limit = REPORT_MAX_BYTES.max(state.config.policy.max_body_bytes);
     let req: NamespaceReportRequest = read_json(request, limit).await.map_err(|e| e.by(actor))?;
-    let roots = crate::service::agent::report_namespaces(&state, &cluster, &req.namespaces).await?;
-    Ok(Json(NamespaceReportResponse { trust_bundle: roots.iter().map(CertInfo::pem).collect() }))
+    let advice = crate::service::agent::report_namespaces(&state, &cluster, &presented, &req.namespaces).await?;
+    Ok(Json(NamespaceReportResponse {
+        trust_bundle: advice.roots.iter().map(CertInfo::pem).collect(),
+        renew: advice.renew_because.is_some(),
+        reason: advice.renew_because,
+    }))
 }
 
 // The documented bounds are the enforced ones.

@@ -335,13 +335,23 @@ fn canonical(namespaces: &Namespaces) -> Result<BTreeMap<&str, BTreeSet<&str>>, 
     Ok(out)
 }
 
-/// The agent of `cluster` (authenticated as `agent`) reports its namespaces' bundles, and
-/// learns the bundle every namespace should hold. Stored (and audited) only when it changed.
+/// What the agent should do after its report.
+pub struct Advice {
+    /// The bundle every namespace should hold now.
+    pub roots: Vec<CertInfo>,
+    /// Why the agent should renew its certificate now, if it should.
+    pub renew_because: Option<String>,
+}
+
+/// The agent of `cluster` (authenticated with `presented`) reports its namespaces' bundles,
+/// and learns the bundle every namespace should hold and whether to renew now. Stored (and
+/// audited) only when it changed.
 pub async fn report_namespaces(
     state: &AppState,
     cluster: &ClusterRecord,
+    presented: &CertRecord,
     namespaces: &Namespaces,
-) -> Result<Vec<CertInfo>, ServiceError> {
+) -> Result<Advice, ServiceError> {
     let name = &cluster.name;
     let actor = actor(name);
     let report = canonical(namespaces).map_err(|d| ServiceError::new(ErrorCode::InvalidReport, d).by(actor.clone()))?;
@@ -370,7 +380,21 @@ pub async fn report_namespaces(
         tx.audit(AuditEvent::new(actor, "cluster.namespace_report", name, details)).await?;
         tx.commit().await?;
     }
-    Ok(issuer.roots.clone())
+    // An environment rotation moves the environment to a new key: an agent certificate from
+    // the old one stops chaining once the rotation ends, so the agent moves over now.
+    let renew_because = (!issued_by(&presented.pem, &issuer.cert))
+        .then(|| format!("the agent certificate was not issued by {}'s current certificate; renew now", issuer.name));
+    Ok(Advice { roots: issuer.roots.clone(), renew_because })
+}
+
+/// Whether `issuer` signed the certificate in `pem`.
+fn issued_by(pem: &str, issuer: &CertInfo) -> bool {
+    let Some(cert) =
+        ca_core::cert::parse_certs(pem.as_bytes(), "agent certificate").ok().and_then(|c| c.into_iter().next())
+    else {
+        return false;
+    };
+    cert.issuer_raw == issuer.subject_raw && issuer.public_key().is_ok_and(|k| cert.verify_signed_by(&k).is_ok())
 }
 
 /// What the gate sees of an external-CA cluster's namespaces: `None` when the cluster has no
