@@ -60,6 +60,10 @@ pub const RULES: &[(&str, &str)] = &[
         "server certificates carry keyUsage digitalSignature+keyEncipherment, extendedKeyUsage serverAuth only, and only DNS or IP names",
     ),
     (
+        "policy.agent-usage",
+        "agent certificates carry keyUsage digitalSignature, extendedKeyUsage clientAuth only, a subject and no subjectAltName",
+    ),
+    (
         "policy.uri-sans",
         "URI SANs are SPIFFE IDs: spiffe://<trust-domain> on CAs, one workload ID on leaves; leaves carry no DNS, IP or email names",
     ),
@@ -257,6 +261,12 @@ pub fn lint_certificate(der: &[u8], draft_tbs: &[u8], ctx: &LintContext<'_>) -> 
                 "policy.server-usage",
                 || "keyUsage or extendedKeyUsage does not match the server profile".into(),
             );
+        } else if ctx.profile == ProfileKind::Agent {
+            f.check(
+                ku.map(|(_, flags)| flags) == Some(KU_DIGITAL_SIGNATURE) && matches!(eku, Some((false, true, false))),
+                "policy.agent-usage",
+                || "keyUsage or extendedKeyUsage does not match the agent profile".into(),
+            );
         } else {
             f.check(
                 ku.map(|(_, flags)| flags) == Some(KU_DIGITAL_SIGNATURE | KU_KEY_ENCIPHERMENT)
@@ -296,6 +306,10 @@ pub fn lint_certificate(der: &[u8], draft_tbs: &[u8], ctx: &LintContext<'_>) -> 
             "policy.uri-sans",
             || format!("CA URI SANs must be spiffe://<trust-domain>: {uris:?}"),
         );
+    } else if ctx.profile == ProfileKind::Agent {
+        f.check(names.is_empty() && !subject_empty, "policy.agent-usage", || {
+            format!("an agent certificate names its cluster in its subject and carries no other names: {names:?}")
+        });
     } else if ctx.profile == ProfileKind::Server {
         f.check(
             !names.is_empty() && names.iter().all(|n| matches!(n, GeneralName::DNSName(_) | GeneralName::IPAddress(_))),

@@ -26,11 +26,15 @@ pub enum ProfileKind {
     CrossSign,
     /// TLS server certificate for the CA's own endpoints.
     Server,
+    /// TLS client certificate of a cluster's in-cluster agent (external-CA mode): issued
+    /// online only, so no ceremony file or `ca-cli sign` can name it.
+    #[serde(skip_deserializing)]
+    Agent,
 }
 
 impl ProfileKind {
     pub fn is_ca(self) -> bool {
-        !matches!(self, ProfileKind::Workload | ProfileKind::Server)
+        !matches!(self, ProfileKind::Workload | ProfileKind::Server | ProfileKind::Agent)
     }
 
     /// The fixed pathLen of intermediate profiles (root and cross-sign take theirs from the request).
@@ -52,6 +56,7 @@ impl fmt::Display for ProfileKind {
             ProfileKind::Workload => "workload",
             ProfileKind::CrossSign => "cross-sign",
             ProfileKind::Server => "server",
+            ProfileKind::Agent => "agent",
         })
     }
 }
@@ -203,6 +208,12 @@ impl CertRequest {
                         .map_err(|_| PolicyError::Invalid(format!("{n:?} is not a DNS name"))),
                 })
                 .collect::<Result<_, _>>()?;
+        } else if self.profile == ProfileKind::Agent {
+            // A client credential and nothing else: it names the cluster in its subject only,
+            // so that no SPIFFE-checking peer could take it for a workload.
+            p.is_ca = IsCa::ExplicitNoCa;
+            p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+            p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         } else {
             p.is_ca = IsCa::ExplicitNoCa;
             p.distinguished_name = DistinguishedName::new();
@@ -267,6 +278,19 @@ impl CertRequest {
             server_names: names,
             ..Self::new(ProfileKind::Server, subject, subject_key, not_before, not_after)
         }
+    }
+
+    /// The client certificate of a cluster's agent: `CN=ca-agent <cluster>`, clientAuth only,
+    /// no names.
+    pub fn agent_client(
+        cluster: &str,
+        subject_key: hsm::PublicKey,
+        not_before: OffsetDateTime,
+        not_after: OffsetDateTime,
+    ) -> Self {
+        let mut subject = DistinguishedName::new();
+        subject.push(DnType::CommonName, format!("ca-agent {cluster}"));
+        Self::new(ProfileKind::Agent, subject, subject_key, not_before, not_after)
     }
 }
 
@@ -352,5 +376,23 @@ mod tests {
         assert_eq!(cn(&s), ["CommonName=ca-server"]);
         assert_eq!(s.server_names, ["ca.example.com"]);
         assert!(s.trust_domains.is_empty() && s.spiffe_id.is_none());
+
+        let a = CertRequest::agent_client("east", key(), nb, na);
+        assert_eq!(a.profile, ProfileKind::Agent);
+        assert_eq!(cn(&a), ["CommonName=ca-agent east"]);
+        assert!(a.trust_domains.is_empty() && a.spiffe_id.is_none() && a.server_names.is_empty());
+        let p = a.to_params(SerialNumber::from(vec![0x42; 17])).unwrap();
+        assert_eq!(p.is_ca, IsCa::ExplicitNoCa);
+        assert_eq!(p.key_usages, [KeyUsagePurpose::DigitalSignature]);
+        assert_eq!(p.extended_key_usages, [ExtendedKeyUsagePurpose::ClientAuth]);
+        assert!(p.subject_alt_names.is_empty(), "an agent certificate names no SPIFFE ID");
+    }
+
+    /// The agent profile is online only: a ceremony file cannot ask for it.
+    #[test]
+    fn agent_profile_is_not_read_from_files() {
+        assert!(serde_json::from_str::<ProfileKind>("\"agent\"").is_err());
+        assert!("agent".parse::<ProfileKind>().is_err());
+        assert_eq!(ProfileKind::Agent.to_string(), "agent");
     }
 }

@@ -192,6 +192,37 @@ pub struct ClusterProgress {
     pub stale_bundle_workloads: i64,
     /// External-CA: live workload certificates issued before the chain last changed.
     pub stale_chain_workloads: i64,
+    /// External-CA with an agent: what its last namespace report showed (`None`: the cluster
+    /// has no agent, and only workload certificates are judged).
+    pub namespaces: Option<NamespaceBundles>,
+}
+
+/// What an external-CA cluster's agent last reported of its namespaces' `istio-ca-root-cert`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct NamespaceBundles {
+    /// When; `None` until the agent first reports.
+    pub reported_at: Option<i64>,
+    /// How many namespaces the report covered.
+    pub reported: usize,
+    /// Up to a few namespaces whose ConfigMap does not hold exactly the current bundle ...
+    pub lagging: Vec<String>,
+    /// ... and how many there are in all.
+    pub lagging_total: usize,
+}
+
+impl NamespaceBundles {
+    /// Why the cluster's namespaces do not all hold the current bundle, if they do not.
+    pub fn blocker(&self) -> Option<String> {
+        if self.reported_at.is_none() {
+            return Some("no namespace report from the agent yet".into());
+        }
+        let more = self.lagging_total.saturating_sub(self.lagging.len());
+        let tail = if more > 0 { format!(" and {more} more") } else { String::new() };
+        (self.lagging_total > 0).then(|| {
+            let (n, of, named) = (self.lagging_total, self.reported, self.lagging.join(", "));
+            format!("{n} of {of} namespaces do not hold the current trust bundle in istio-ca-root-cert: {named}{tail}")
+        })
+    }
 }
 
 /// Everything a stage gate looks at.
@@ -251,6 +282,11 @@ fn stale_chain_blocker(c: &ClusterProgress, which: &str) -> Option<Blocker> {
 pub fn cluster_blockers(g: &GateInput<'_>, c: &ClusterProgress) -> Vec<Blocker> {
     let mut out = Vec::new();
     if c.external_ca {
+        // The agent's report says what each namespace's ConfigMap holds: a stage that would
+        // leave one without the bundle it hands out now waits for it.
+        if let Some(why) = c.namespaces.as_ref().and_then(NamespaceBundles::blocker) {
+            out.push(Blocker::cluster(&c.name, why));
+        }
         if bundle_grew(g.kind, g.from) && c.stale_bundle_workloads > 0 {
             out.push(Blocker::cluster(
                 &c.name,
@@ -511,6 +547,50 @@ mod tests {
         assert_eq!(blockers(&g).len(), 1);
         let fresh = ClusterProgress { stale_bundle_workloads: 0, ..ext.clone() };
         g.clusters = std::slice::from_ref(&fresh);
+        assert!(blockers(&g).is_empty());
+    }
+
+    /// An external-CA cluster with an agent is held back by its namespaces' ConfigMaps, named
+    /// (a few of them) in the reason; one without an agent is judged as before.
+    #[test]
+    fn external_ca_with_an_agent_waits_for_every_namespace() {
+        let ext = ClusterProgress {
+            name: "x".into(),
+            external_ca: true,
+            chain_ok: true,
+            intermediate_issued_at: Some(50),
+            ..Default::default()
+        };
+        let mut g = gate(Stage::Distribute, Stage::Reissue, std::slice::from_ref(&ext));
+        g.chain_changed_at = 0;
+        assert!(blockers(&g).is_empty(), "no agent: judged from workload certificates only");
+        let silent = ClusterProgress { namespaces: Some(NamespaceBundles::default()), ..ext.clone() };
+        g.clusters = std::slice::from_ref(&silent);
+        assert_eq!(blockers(&g)[0].reason, "no namespace report from the agent yet");
+        let lagging = ClusterProgress {
+            namespaces: Some(NamespaceBundles {
+                reported_at: Some(100),
+                reported: 40,
+                lagging: vec!["a".into(), "b".into()],
+                lagging_total: 7,
+            }),
+            ..ext.clone()
+        };
+        g.clusters = std::slice::from_ref(&lagging);
+        let b = blockers(&g);
+        assert_eq!(b.len(), 1, "{b:?}");
+        assert_eq!(
+            b[0].reason,
+            "7 of 40 namespaces do not hold the current trust bundle in istio-ca-root-cert: a, b and 5 more"
+        );
+        let current = ClusterProgress {
+            namespaces: Some(NamespaceBundles { reported_at: Some(100), reported: 40, ..Default::default() }),
+            ..ext.clone()
+        };
+        g.clusters = std::slice::from_ref(&current);
+        assert!(blockers(&g).is_empty());
+        // Leaving prepared needs nothing from clusters, report or not.
+        let g = gate(Stage::Prepared, Stage::Distribute, std::slice::from_ref(&silent));
         assert!(blockers(&g).is_empty());
     }
 }

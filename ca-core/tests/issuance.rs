@@ -210,6 +210,25 @@ fn each_broken_rule_is_caught() {
     p.extended_key_usages.push(ExtendedKeyUsagePurpose::ClientAuth);
     cases.push(("policy.server-usage", p, ProfileKind::Server, None));
 
+    // Agent client certificates: clientAuth only, a subject and no names.
+    let agent = |f: &Fixture| {
+        let _ = f;
+        let now = time::OffsetDateTime::now_utc();
+        CertRequest::agent_client("east", pk.clone(), now, now + Duration::days(7))
+            .to_params(SerialNumber::from(vec![0x42; 17]))
+            .unwrap()
+    };
+    assert_eq!(lint_params(&f, &agent(&f), ProfileKind::Agent, None), Vec::<String>::new());
+    let mut p = agent(&f);
+    p.extended_key_usages.push(ExtendedKeyUsagePurpose::ServerAuth);
+    cases.push(("policy.agent-usage", p, ProfileKind::Agent, None));
+    let mut p = agent(&f);
+    p.subject_alt_names.push(SanType::URI("spiffe://prod.example.com/x".try_into().unwrap()));
+    cases.push(("policy.agent-usage", p, ProfileKind::Agent, None));
+    let mut p = agent(&f);
+    p.key_usages.push(rcgen::KeyUsagePurpose::KeyEncipherment);
+    cases.push(("policy.agent-usage", p, ProfileKind::Agent, None));
+
     for (rule, params, profile, path_len) in cases {
         let failures = lint_params(&f, &params, profile, path_len);
         assert_rule(&failures, rule);

@@ -263,6 +263,9 @@ pub struct PolicyConfig {
     pub cluster_validity: Validity,
     #[serde(default = "default_enrolment_ttl", with = "validity")]
     pub enrolment_token_ttl: Validity,
+    /// Lifetime of an external-CA cluster's agent client certificate (clamped to the issuer's).
+    #[serde(default = "default_agent_certificate_validity", with = "validity")]
+    pub agent_certificate_validity: Validity,
     #[serde(default = "default_max_body")]
     pub max_body_bytes: usize,
     /// How long a request may wait for the HSM before it fails with 503.
@@ -347,6 +350,9 @@ fn default_cluster_validity() -> Validity {
 }
 fn default_enrolment_ttl() -> Validity {
     v("24h")
+}
+fn default_agent_certificate_validity() -> Validity {
+    v("7d")
 }
 fn default_max_body() -> usize {
     64 * 1024
@@ -441,6 +447,7 @@ impl Default for PolicyConfig {
         PolicyConfig {
             cluster_validity: default_cluster_validity(),
             enrolment_token_ttl: default_enrolment_ttl(),
+            agent_certificate_validity: default_agent_certificate_validity(),
             max_body_bytes: default_max_body(),
             hsm_timeout: default_hsm_timeout(),
         }

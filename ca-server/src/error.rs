@@ -100,6 +100,7 @@ error_codes! {
     NotFound = "not-found", NotFound;
     NotRecorded = "not-recorded", Unavailable;
     PayloadTooLarge = "payload-too-large", TooLarge;
+    PluginCluster = "plugin-cluster", Conflict;
     Policy = "policy", Invalid;
     RateLimited = "rate-limited", RateLimited;
     Rejected = "rejected", Invalid;

@@ -166,7 +166,7 @@ impl Store {
     pub async fn cluster_expiries(&self, now: i64) -> Result<Vec<(String, i64)>> {
         Ok(on_pool!(self, p => sqlx::query_as(
             "SELECT cluster, MAX(not_after) FROM certificates
-             WHERE cluster IS NOT NULL AND revoked_at IS NULL AND not_after > $1
+             WHERE cluster IS NOT NULL AND profile = 'cluster' AND revoked_at IS NULL AND not_after > $1
              GROUP BY cluster ORDER BY cluster")
             .bind(now).fetch_all(p).await)?)
     }

@@ -132,10 +132,14 @@ impl Tx {
         Ok(())
     }
 
-    /// Arms a new enrolment token for a cluster (after an approved re-enrolment request). The
-    /// cluster's intermediates stop renewing it: only the new enrolment can.
+    /// Arms a new enrolment token for a cluster (after an approved re-enrolment request). A
+    /// plug-in cluster's intermediates stop renewing it: only the new enrolment can. An
+    /// external-CA cluster's token is its agent's, and its intermediate (held here) stays.
     pub async fn rearm_enrolment(&mut self, name: &str, token_hash: &str, expires_at: i64) -> Result<bool> {
-        let r = on_tx!(self, c => sqlx::query("UPDATE clusters SET enrolment_token_hash = $1, enrolment_expires_at = $2, enrolled_at = NULL, current_serial = NULL, previous_serial = NULL WHERE name = $3 AND status = 'active'")
+        let r = on_tx!(self, c => sqlx::query("UPDATE clusters SET enrolment_token_hash = $1, enrolment_expires_at = $2, enrolled_at = NULL,
+                 current_serial = CASE WHEN mode = 'plugin' THEN NULL ELSE current_serial END,
+                 previous_serial = CASE WHEN mode = 'plugin' THEN NULL ELSE previous_serial END
+             WHERE name = $3 AND status = 'active'")
             .bind(token_hash).bind(expires_at).bind(name).execute(c).await.map(|r| r.rows_affected()))?;
         Ok(r == 1)
     }

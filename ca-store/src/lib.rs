@@ -120,6 +120,7 @@ impl Reader {
 #[macro_use]
 mod text;
 
+mod agents;
 mod audit;
 mod blocked_keys;
 mod certificates;
@@ -131,6 +132,7 @@ mod requests;
 mod rotations;
 mod workloads;
 
+pub use agents::{AgentRecord, NamespaceReport};
 pub use audit::AuditEvent;
 pub use blocked_keys::{BLOCKING_REASONS, BlockedKey, spki_sha256};
 pub use certificates::{CertFilter, CertIssuer, CertRecord};

@@ -4,9 +4,9 @@ mod common;
 
 use ca_core::audit::verify_chain;
 use ca_store::{
-    ApprovalRequest, AuditEvent, BlockedKey, CertFilter, CertIssuer, CertRecord, ClusterMode, ClusterRecord,
-    ClusterReport, ClusterSettingsRecord, ClusterStatus, CrlRecord, RequestStatus, RotationRecord, Store, StoreError,
-    WorkloadRecord, now_secs, spki_sha256,
+    AgentRecord, ApprovalRequest, AuditEvent, BlockedKey, CertFilter, CertIssuer, CertRecord, ClusterMode,
+    ClusterRecord, ClusterReport, ClusterSettingsRecord, ClusterStatus, CrlRecord, NamespaceReport, RequestStatus,
+    RotationRecord, Store, StoreError, WorkloadRecord, now_secs, spki_sha256,
 };
 use serde_json::json;
 
@@ -64,6 +64,11 @@ async fn inventory_and_revocation(s: &Store) {
     assert_eq!(s.list_certificates(&valid).await.unwrap().len(), 1);
     assert_eq!(s.revoked_by_issuer("prod").await.unwrap().len(), 1);
     assert_eq!(s.get_certificate_by_fingerprint("fp-0b").await.unwrap().unwrap().serial, "0b");
+    // A cluster's expiry is its intermediate's: its agent's or server certificates do not count.
+    let mut tx = s.write().await.unwrap();
+    tx.insert_certificate(&CertRecord { profile: "agent".into(), ..cert("0d", "c1", now + 86400 * 60) }).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(s.cluster_expiries(now).await.unwrap(), vec![("c1".to_string(), now + 3600)]);
 }
 
 async fn clusters_requests_and_enrolment(s: &Store) {
@@ -129,6 +134,28 @@ async fn clusters_requests_and_enrolment(s: &Store) {
         ClusterRecord { name: "c10".into(), status: ClusterStatus::Active, enrolment_expires_at: Some(now - 1), ..cl };
     tx.insert_cluster(&old).await.unwrap();
     assert!(!tx.consume_enrolment("c10", "h", now).await.unwrap());
+    tx.commit().await.unwrap();
+
+    // A new token: a plug-in cluster's intermediates stop counting, an external-CA cluster's
+    // (the server's own) stay; either enrols again once.
+    let ext = ClusterRecord {
+        name: "c11".into(),
+        mode: ClusterMode::ExternalCa,
+        enrolment_expires_at: Some(now + 600),
+        ..old
+    };
+    let mut tx = s.write().await.unwrap();
+    tx.insert_cluster(&ext).await.unwrap();
+    tx.set_current("c11", "0e1", None).await.unwrap();
+    assert!(tx.rearm_enrolment("c9", "h2", now + 600).await.unwrap());
+    assert!(tx.rearm_enrolment("c11", "h3", now + 600).await.unwrap());
+    tx.commit().await.unwrap();
+    let c9 = s.get_cluster("c9").await.unwrap().unwrap();
+    assert_eq!((c9.current_serial, c9.previous_serial, c9.enrolled_at), (None, None, None));
+    let c11 = s.get_cluster("c11").await.unwrap().unwrap();
+    assert_eq!((c11.current_serial.as_deref(), c11.enrolled_at), (Some("0e1"), None));
+    let mut tx = s.write().await.unwrap();
+    assert!(tx.consume_enrolment("c11", "h3", now).await.unwrap());
     tx.commit().await.unwrap();
 }
 
@@ -258,6 +285,34 @@ async fn rotations_reports_and_lagging_workloads(s: &Store) {
     assert_eq!(s.cluster_reports().await.unwrap(), vec![report("[\"o\",\"n\"]", now)]);
     assert_eq!(s.get_cluster_report("c1").await.unwrap(), Some(report("[\"o\",\"n\"]", now)));
     assert_eq!(s.get_cluster_report("c2").await.unwrap(), None);
+
+    // So does an agent's namespace report.
+    let ns = |namespaces: &str, at: i64| NamespaceReport {
+        cluster: "c1".into(),
+        namespaces: namespaces.into(),
+        reported_at: at,
+    };
+    assert_eq!(s.get_namespace_report("c1").await.unwrap(), None);
+    let mut tx = s.write().await.unwrap();
+    tx.put_namespace_report(&ns("{\"a\":[\"o\"]}", now - 5)).await.unwrap();
+    tx.put_namespace_report(&ns("{\"a\":[\"n\",\"o\"],\"b\":[]}", now)).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(s.namespace_reports().await.unwrap(), vec![ns("{\"a\":[\"n\",\"o\"],\"b\":[]}", now)]);
+    assert_eq!(s.get_namespace_report("c2").await.unwrap(), None);
+
+    // An agent's newest certificate: an enrolment starts over, a renewal keeps the one used.
+    assert_eq!(s.get_agent("c1").await.unwrap(), None);
+    let mut tx = s.write().await.unwrap();
+    tx.set_agent_current("c1", "a1", None).await.unwrap();
+    tx.set_agent_current("c1", "a2", Some("a1")).await.unwrap();
+    let want = AgentRecord { cluster: "c1".into(), current_serial: "a2".into(), previous_serial: Some("a1".into()) };
+    assert_eq!(tx.get_agent("c1").await.unwrap(), Some(want.clone()), "seen under the write lock");
+    tx.commit().await.unwrap();
+    assert_eq!(s.get_agent("c1").await.unwrap(), Some(want));
+    let mut tx = s.write().await.unwrap();
+    tx.set_agent_current("c1", "a3", None).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(s.get_agent("c1").await.unwrap().unwrap().previous_serial, None);
 
     // Live workload certificates by issue time and by the age of their intermediate.
     let mut tx = s.write().await.unwrap();
@@ -478,6 +533,19 @@ async fn postgres_server_role_may_only_insert_and_select_audit_rows() {
     assert!(tx.block_key(&block).await.expect("the server role may block keys"));
     tx.commit().await.unwrap();
     assert!(srv.blocked_key(&block.spki_sha256).await.unwrap().is_some());
+    // Agents' namespace reports are replaced in place.
+    for (n, at) in [("{}", 1), ("{\"default\":[]}", 2)] {
+        let r = NamespaceReport { cluster: "c".into(), namespaces: n.into(), reported_at: at };
+        let mut tx = srv.write().await.unwrap();
+        tx.put_namespace_report(&r).await.expect("the server role may replace namespace reports");
+        tx.commit().await.unwrap();
+        assert_eq!(srv.get_namespace_report("c").await.unwrap(), Some(r));
+    }
+    assert_eq!(srv.namespace_reports().await.unwrap().len(), 1);
+    let mut tx = srv.write().await.unwrap();
+    tx.set_agent_current("c", "a1", None).await.unwrap();
+    tx.set_agent_current("c", "a2", Some("a1")).await.expect("the server role may move an agent's certificate");
+    tx.commit().await.unwrap();
     let pool = sqlx::PgPool::connect(&role_url).await.unwrap();
     for stmt in [
         "UPDATE audit_log SET actor = 'mallory' WHERE seq = 1",

@@ -24,6 +24,7 @@ use proto::istio_certificate_service_client::IstioCertificateServiceClient;
 use serde_json::{Value, json};
 use support::*;
 
+mod agent;
 mod intermediate;
 mod root;
 mod simulation_and_runbooks;

@@ -12,6 +12,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use support::*;
 
+mod agent;
 mod bad_input;
 mod lifecycle;
 mod replicas_and_audit;

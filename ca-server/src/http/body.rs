@@ -24,24 +24,28 @@ impl<T: serde::de::DeserializeOwned> FromRequest<AppState> for Body<T> {
     type Rejection = ServiceError;
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
-        if !is_json(req.headers()) {
-            return Err(ServiceError::new(
-                ErrorCode::UnsupportedMediaType,
-                "request bodies are JSON: send Content-Type: application/json",
-            ));
-        }
-        let limit = state.config.policy.max_body_bytes;
-        let bytes = axum::body::to_bytes(req.into_body(), limit).await.map_err(|e| {
-            // Only the limit is the client sending too much; anything else is a body that could
-            // not be read as sent (bad chunked framing, a connection cut short).
-            if e.into_inner().downcast_ref::<http_body_util::LengthLimitError>().is_some() {
-                ServiceError::new(ErrorCode::PayloadTooLarge, format!("request bodies are limited to {limit} bytes"))
-            } else {
-                ServiceError::new(ErrorCode::MalformedBody, "the request body could not be read as framed")
-            }
-        })?;
-        serde_json::from_slice(&bytes)
-            .map(Body)
-            .map_err(|e| ServiceError::new(ErrorCode::MalformedJson, format!("request body: {e}")))
+        read_json(req, state.config.policy.max_body_bytes).await.map(Body)
     }
+}
+
+/// As [`Body`], up to `limit` bytes: for the few endpoints whose callers are authenticated
+/// before the body is read and whose documents may be larger.
+pub(crate) async fn read_json<T: serde::de::DeserializeOwned>(req: Request, limit: usize) -> Result<T, ServiceError> {
+    if !is_json(req.headers()) {
+        return Err(ServiceError::new(
+            ErrorCode::UnsupportedMediaType,
+            "request bodies are JSON: send Content-Type: application/json",
+        ));
+    }
+    let bytes = axum::body::to_bytes(req.into_body(), limit).await.map_err(|e| {
+        // Only the limit is the client sending too much; anything else is a body that could
+        // not be read as sent (bad chunked framing, a connection cut short).
+        if e.into_inner().downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+            ServiceError::new(ErrorCode::PayloadTooLarge, format!("request bodies are limited to {limit} bytes"))
+        } else {
+            ServiceError::new(ErrorCode::MalformedBody, "the request body could not be read as framed")
+        }
+    })?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| ServiceError::new(ErrorCode::MalformedJson, format!("request body: {e}")))
 }

@@ -82,8 +82,9 @@ pub(crate) struct RegisterResponse {
     cluster: String,
     status: String,
     request_id: String,
-    /// One-time enrolment token (plug-in mode). Usable once the registration is approved,
-    /// until it expires. Only its hash is stored.
+    /// One-time enrolment token: a plug-in cluster's intermediate, or an external-CA
+    /// cluster's agent, enrols with it. Usable once the registration is approved, until it
+    /// expires. Only its hash is stored.
     #[serde(skip_serializing_if = "Option::is_none")]
     enrolment_token: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]

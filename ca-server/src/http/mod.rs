@@ -9,6 +9,7 @@ use axum::http::StatusCode;
 use crate::error::ServiceError;
 use crate::service::state::AppState;
 
+pub mod agent;
 pub mod audit;
 pub mod body;
 pub mod certificates;
@@ -35,6 +36,7 @@ pub fn router(state: AppState) -> Router {
         .merge(cluster_settings::routes())
         .merge(trust::routes())
         .merge(server_certificates::routes())
+        .merge(agent::routes())
         .merge(requests::routes())
         .merge(certificates::routes())
         .merge(crl::routes())

@@ -11,7 +11,8 @@ use serde_json::json;
 use utoipa::{Modify, OpenApi};
 
 use super::{
-    audit, certificates, cluster_settings, clusters, crl, health, requests, rotations, server_certificates, trust,
+    agent, audit, certificates, cluster_settings, clusters, crl, health, requests, rotations, server_certificates,
+    trust,
 };
 use crate::auth::Role;
 use crate::error::{Problem, ServiceError};
@@ -38,6 +39,7 @@ pub fn document() -> utoipa::openapi::OpenApi {
         cluster_settings::Doc::openapi(),
         trust::Doc::openapi(),
         server_certificates::Doc::openapi(),
+        agent::Doc::openapi(),
         requests::Doc::openapi(),
         certificates::Doc::openapi(),
         crl::Doc::openapi(),
@@ -87,7 +89,7 @@ impl Modify for BearerAuth {
             "agent",
             SecurityScheme::MutualTls {
                 description: Some(
-                    "The cluster's agent certificate (profile agent, issued by this server for that cluster) as the TLS client certificate."
+                    "An external-CA cluster's agent certificate (POST /v1/clusters/{name}/agent-certificate) as the TLS client certificate."
                         .into(),
                 ),
                 extensions: None,
@@ -99,7 +101,7 @@ impl Modify for BearerAuth {
                 HttpBuilder::new()
                     .scheme(HttpAuthScheme::Bearer)
                     .description(Some(
-                        "A cluster's one-time enrolment token (pet_...). Renewals and reports authenticate with the cluster's intermediate over mTLS instead.",
+                        "A cluster's one-time enrolment token (pet_...), for its intermediate (plug-in) or its agent's certificate (external-CA). Renewals and reports authenticate over mTLS instead.",
                     ))
                     .build(),
             ),

@@ -95,14 +95,15 @@ pub struct IssuedServerCertificate {
 }
 
 /// Issues a TLS server certificate (e.g. istiod's own, which it needs when its CA is off) from
-/// an external-CA cluster's intermediate.
+/// an external-CA cluster's intermediate, for `actor`: an admin (`user:...`) or the cluster's
+/// agent (`agent:<cluster>`), authenticated by the caller.
 pub async fn issue_server_certificate(
     state: &AppState,
-    op: &Operator,
+    actor: &str,
     name: &str,
     req: ServerCertificate,
 ) -> Result<IssuedServerCertificate, ServiceError> {
-    let deny = |e: ServiceError| e.by(op.actor());
+    let deny = |e: ServiceError| e.by(actor);
     let validity: time::Duration = match &req.validity {
         None => time::Duration::days(30),
         Some(v) => v
@@ -140,10 +141,10 @@ pub async fn issue_server_certificate(
         CertRequest::server(&req.dns_names[0], req.dns_names.clone(), csr.public_key().clone(), not_before, not_after);
     let cert =
         ca.issuer.with_key(state.hsm_timeout(), move |c| ca_core::issue::issue(c, &request)).await.map_err(deny)?.cert;
-    let record = cert_record(&cert, CertIssuer::Cluster(name.to_string()), Some(name), "server", &op.actor());
+    let record = cert_record(&cert, CertIssuer::Cluster(name.to_string()), Some(name), "server", actor);
     let mut tx = state.store.write().await?;
     crate::service::keys::refuse_blocked_tx(&mut tx, &spki).await.map_err(deny)?;
-    record_issued(&mut tx, &record, &op.actor(), json!({"issuer": ca.serial, "names": req.dns_names})).await?;
+    record_issued(&mut tx, &record, actor, json!({"issuer": ca.serial, "names": req.dns_names})).await?;
     tx.commit().await?;
     state.metrics.issued(name, "server", "ok");
     Ok(IssuedServerCertificate { cert, chain_pem: ca.chain_pem.clone(), roots: ca.issuer.roots.clone() })

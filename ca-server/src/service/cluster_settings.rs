@@ -396,7 +396,7 @@ pub async fn push_keys(
     let der = peer.ok_or_else(|| {
         ServiceError::new(ErrorCode::Unauthenticated, "push keys over mTLS with the cluster's agent certificate")
     })?;
-    crate::service::agent::authenticate(state, &cluster, der).await?;
+    crate::service::agent::authenticate(state, &cluster, Some(der)).await?;
     let actor = format!("agent:{name}");
     let stored = state.store.get_cluster_settings(name).await?.ok_or_else(|| {
         ServiceError::new(ErrorCode::ClusterNotActive, format!("cluster {name} has no settings yet")).by(actor.clone())

@@ -25,8 +25,8 @@ pub struct Registration {
     pub istio: Option<serde_json::Value>,
 }
 
-/// A request waiting for a second operator, with the enrolment token it will arm (plug-in
-/// clusters only).
+/// A request waiting for a second operator, with the enrolment token it will arm (a plug-in
+/// cluster's intermediate, or an external-CA cluster's agent, enrols with it).
 pub struct Requested {
     pub cluster: String,
     pub request_id: String,
@@ -158,10 +158,10 @@ pub async fn register(state: &AppState, op: &Operator, req: Registration) -> Res
         (None, false) => None,
     };
     let now = now_secs();
-    // A plug-in cluster enrols with a one-time token; an external-CA cluster has nothing to
-    // enrol: the server issues its intermediate on approval.
-    let token = (!external).then(new_token);
-    let expires = (!external).then(|| now + state.config.policy.enrolment_token_ttl.duration().whole_seconds());
+    // A one-time token enrols what runs in the cluster: a plug-in cluster's intermediate, or
+    // an external-CA cluster's agent (whose intermediate the server issues on approval).
+    let token = Some(new_token());
+    let expires = Some(now + state.config.policy.enrolment_token_ttl.duration().whole_seconds());
     let request_id = uuid::Uuid::new_v4().to_string();
     let payload = RegisterCluster {
         name: req.name.clone(),
@@ -203,8 +203,8 @@ pub async fn register(state: &AppState, op: &Operator, req: Registration) -> Res
     Ok(Requested { cluster: req.name, request_id, enrolment_token: token, enrolment_expires_at: expires })
 }
 
-/// Asks for a new one-time enrolment token for an existing plug-in cluster. Takes effect when
-/// a different operator approves.
+/// Asks for a new one-time enrolment token for an existing cluster (for its intermediate, or
+/// an external-CA cluster's agent). Takes effect when a different operator approves.
 pub async fn reissue_enrolment(state: &AppState, op: &Operator, name: &str) -> Result<Requested, ServiceError> {
     let cluster = state
         .store
@@ -214,13 +214,6 @@ pub async fn reissue_enrolment(state: &AppState, op: &Operator, name: &str) -> R
     if !cluster.is_active() {
         return Err(ServiceError::new(ErrorCode::ClusterNotActive, format!("cluster {name} is {}", cluster.status))
             .by(op.actor()));
-    }
-    if cluster.is_external_ca() {
-        return Err(ServiceError::new(
-            ErrorCode::ExternalCaCluster,
-            format!("cluster {name} is in external-ca mode: the server holds its key, nothing enrols"),
-        )
-        .by(op.actor()));
     }
     let now = now_secs();
     let token = new_token();

@@ -50,6 +50,16 @@ pub async fn issue(
     let claimed = |e: ServiceError| ServiceError { detail: format!("{} (claimed cluster {name:?})", e.detail), ..e };
     let cluster =
         state.store.get_cluster(name).await?.ok_or_else(|| claimed(ServiceError::not_found("no such cluster")))?;
+    // An external-CA cluster's intermediate is the server's; its enrolment token is for its
+    // agent's client certificate (`service::agent`), never for a CA certificate.
+    if cluster.is_external_ca() {
+        return Err(claimed(ServiceError::new(
+            ErrorCode::ExternalCaCluster,
+            format!(
+                "cluster {name} is in external-ca mode: the server holds its intermediate; its agent enrols at /v1/clusters/{name}/agent-certificate"
+            ),
+        )));
+    }
     let now = now_secs();
     let token_invalid = || {
         ServiceError::new(ErrorCode::EnrolmentTokenInvalid, "the enrolment token is invalid, expired or already used")

@@ -67,7 +67,7 @@ pub async fn request(
 pub struct Revoked {
     /// The issuer whose CRL now changes.
     issuer: String,
-    /// The cluster whose intermediate it was, if any.
+    /// The cluster whose intermediate it was, if it was one.
     cluster: Option<String>,
     /// The key was blocked (revoked for compromise).
     key_blocked: bool,
@@ -113,7 +113,10 @@ pub async fn revoke(
         key_blocked = true;
     }
     tx.audit(AuditEvent::new(op.actor(), "certificate.revoked", &serial, details)).await?;
-    Ok(Some(Revoked { issuer: cert.issuer.to_string(), cluster: cert.cluster.clone(), key_blocked }))
+    // Only a cluster's intermediate has a successor; an agent's certificate is simply gone
+    // (its agent enrols again with a new token).
+    let cluster = cert.cluster.clone().filter(|_| cert.profile == "cluster");
+    Ok(Some(Revoked { issuer: cert.issuer.to_string(), cluster, key_blocked }))
 }
 
 /// After the revocation committed. It stands even if the HSM is away right now: the CRL

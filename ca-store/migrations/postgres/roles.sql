@@ -7,8 +7,10 @@ GRANT SELECT, INSERT, UPDATE ON clusters, certificates, approval_requests, crls,
 -- Workload certificates are pruned after their retention period.
 GRANT SELECT, INSERT, DELETE ON workload_certificates TO ca_server;
 GRANT SELECT ON _sqlx_migrations TO ca_server;
--- Rotations change stage, and cluster reports are replaced on every report.
-GRANT SELECT, INSERT, UPDATE ON rotations, cluster_reports TO ca_server;
+-- Rotations change stage, and cluster and namespace reports are replaced on every report.
+GRANT SELECT, INSERT, UPDATE ON rotations, cluster_reports, namespace_reports TO ca_server;
+-- An agent's newest certificate moves on every renewal.
+GRANT SELECT, INSERT, UPDATE ON agents TO ca_server;
 -- Compromised keys are only ever added, never unblocked by the server.
 GRANT SELECT, INSERT ON blocked_keys TO ca_server;
 -- Cluster settings change on approval and when a cluster's agent pushes new keys.

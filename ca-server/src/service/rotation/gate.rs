@@ -37,6 +37,8 @@ type Progress = (Vec<(ClusterRecord, ClusterProgress)>, Vec<(ClusterRecord, Stri
 async fn progress(state: &AppState, r: &Rotation, now: i64) -> Result<Progress, ServiceError> {
     let reports: BTreeMap<String, ca_store::ClusterReport> =
         state.store.cluster_reports().await?.into_iter().map(|r| (r.cluster.clone(), r)).collect();
+    let namespace_reports: BTreeMap<String, ca_store::NamespaceReport> =
+        state.store.namespace_reports().await?.into_iter().map(|r| (r.cluster.clone(), r)).collect();
     // A replica learns of a bundle change within one background round; a certificate issued
     // in that window may still carry the old bundle.
     let grace = state.config.jobs.interval.duration().whole_seconds() + 1;
@@ -66,7 +68,12 @@ async fn progress(state: &AppState, r: &Rotation, now: i64) -> Result<Progress, 
                 p.intermediate_issued_at = Some(rec.issued_at);
                 p.chain_ok = signed_by(&rec.pem, &env.cert);
             }
-            p.bundle_ok = true;
+            // With an agent, its report says what each namespace's ConfigMap holds; without
+            // one, the server hands the bundle out itself and only workload certificates lag.
+            let namespaces = crate::service::agent::namespace_bundles(&c, namespace_reports.get(&c.name), &bundle)?;
+            p.bundle_ok = namespaces.as_ref().is_none_or(|n| n.blocker().is_none());
+            p.reported_at = namespaces.as_ref().and_then(|n| n.reported_at);
+            p.namespaces = namespaces;
             p.stale_bundle_workloads =
                 state.store.count_workloads_issued_before(&c.name, now, r.spec.bundle_changed_at + grace).await?;
             p.stale_chain_workloads =
