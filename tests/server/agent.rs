@@ -232,7 +232,8 @@ async fn external_ca_registration_arms_an_agent_token_and_plug_in_clusters_are_r
     let key = tmp.path().join("edge.key");
     hsm::generate_key(&hsm::KeyRef::file(&key), hsm::KeyAlgorithm::EcdsaP256).unwrap();
     let body = json!({"name": "edge", "environment": "dev", "trust_domain": "cluster.local", "mode": "external-ca",
-                      "key": format!("file:{}", key.display())});
+                      "key": format!("file:{}", key.display()),
+                      "istio": {"sa_issuer": "https://edge.k8s.example"}});
     let (s, r) = srv.call("POST", "/v1/clusters", Some(&srv.token("admin")), Some(body)).await;
     assert_eq!(s, 202, "{r}");
     let token = r["enrolment_token"].as_str().expect("an external-CA registration arms the agent's token").to_string();
