@@ -5,6 +5,7 @@ pub mod audit;
 pub mod ceremony;
 pub mod cluster;
 pub mod crl;
+pub mod database;
 pub mod csr;
 pub mod istio;
 pub mod key;
