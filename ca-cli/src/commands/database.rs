@@ -13,9 +13,8 @@ pub fn run(cmd: DatabaseCmd, output: Output) -> Result<()> {
         DatabaseCmd::Migrate { database } => {
             let shown = ca_store::redact_url(&database);
             block_on(async {
-                let store = ca_store::Store::connect(&database, true)
-                    .await
-                    .with_context(|| format!("migrating {shown}"))?;
+                let store =
+                    ca_store::Store::connect(&database, true).await.with_context(|| format!("migrating {shown}"))?;
                 store.close().await;
                 Ok(())
             })?;
