@@ -173,7 +173,11 @@ async fn served_document_declares_parameters_problems_and_enums() {
     let register = &schemas["RegisterCluster"];
     assert_eq!(register["properties"]["environment"]["enum"], json!(["dev"]));
     assert_eq!(register["properties"]["trust_domain"]["enum"], json!(["cluster.local"]));
-    assert_eq!(register["oneOf"][1]["required"], json!(["mode", "key"]), "external-ca needs a key: {register}");
+    assert_eq!(
+        register["oneOf"][1]["required"],
+        json!(["mode", "key", "istio"]),
+        "external-ca needs a key and Istio settings: {register}"
+    );
 }
 
 /// A TLS connection to the server that writes `request` as given and returns the whole answer.

@@ -51,7 +51,7 @@ async fn revoke(srv: &Server, serial: &str, reason: &str) {
 /// Registers (admin) an external-CA cluster with `key`; the raw answer.
 async fn register_external(srv: &Server, name: &str, key: &str) -> (u16, Value) {
     let body = json!({"name": name, "environment": "dev", "trust_domain": "cluster.local", "mode": "external-ca",
-                      "key": key});
+                      "key": key, "istio": {"sa_issuer": "https://kubernetes.default.svc.cluster.local"}});
     srv.call("POST", "/v1/clusters", Some(&srv.token("admin")), Some(body)).await
 }
 

@@ -75,7 +75,7 @@ impl Roots {
                     }
                     Some(Ok(watcher::Event::InitDone)) => {
                         live = relisting.take().unwrap_or_default();
-                        self.held.lock().unwrap_or_else(|p| p.into_inner()).retain(|k, _| live.contains(k));
+                        self.track(&live);
                         self.status.api_ok();
                         self.publish_all(&live).await;
                     }
@@ -84,6 +84,7 @@ impl Roots {
                         if active(&ns) {
                             if live.insert(name.clone()) {
                                 tracing::info!(namespace = %name, "new namespace");
+                                self.track(&live);
                             }
                             self.publish(&name).await;
                         } else {
@@ -114,8 +115,9 @@ impl Roots {
                     }
                     Some(Ok(watcher::Event::Delete(cm))) => {
                         let ns = cm.metadata.namespace.clone().unwrap_or_default();
-                        self.record(&ns, Vec::new());
+                        // Gone with its namespace: nothing to report for it.
                         if live.contains(&ns) {
+                            self.record(&ns, Vec::new());
                             tracing::info!(namespace = %ns, "istio-ca-root-cert was deleted; putting it back");
                             self.publish(&ns).await;
                         }
@@ -159,6 +161,17 @@ impl Roots {
 
     fn current(&self, data: &str) -> bool {
         fingerprints_of(data) == self.want_fps()
+    }
+
+    /// The report covers exactly the live namespaces: one whose ConfigMap never got written is
+    /// reported as holding nothing, so the gates see it.
+    fn track(&self, live: &BTreeSet<String>) {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        held.retain(|k, _| live.contains(k));
+        for ns in live {
+            held.entry(ns.clone()).or_default();
+        }
+        self.changed.notify_one();
     }
 
     fn record(&self, ns: &str, fps: Vec<String>) {

@@ -69,7 +69,7 @@ pub struct LimitsConfig {
 #[serde(deny_unknown_fields)]
 pub struct RotationConfig {
     /// The longest workload certificate any cluster issues (istiod's `MAX_WORKLOAD_CERT_TTL`
-    /// in plug-in clusters, `istio.clusters.*.max_ttl` here): the drain stage lasts at least
+    /// in plug-in clusters, an external-CA cluster's `max_ttl` setting here): the drain stage lasts at least
     /// this long after the last cluster moved to the new chain.
     #[serde(default = "default_workload_ttl", with = "validity")]
     pub workload_ttl: Validity,
@@ -108,10 +108,49 @@ pub struct IstioConfig {
     /// Requests in flight on one connection; more are refused likewise.
     #[serde(default = "default_max_concurrent_requests_per_connection")]
     pub max_concurrent_requests_per_connection: usize,
-    /// Per-cluster token validation and TTL policy, keyed by cluster name (the `ClusterID`
-    /// the agents send). The cluster itself is registered through the API in external-ca mode.
+    /// How long service-account keys that a cluster replaced (pushed by its agent, or changed
+    /// in its settings) still verify tokens.
+    #[serde(default = "default_jwks_grace", with = "validity")]
+    pub jwks_grace: Validity,
+    /// Deprecated: per-cluster settings now live in the database (registration and
+    /// `PUT /v1/clusters/<name>/settings`). A table here only seeds a registered external-CA
+    /// cluster that has no settings yet, at start, with a warning.
     #[serde(default)]
     pub clusters: std::collections::BTreeMap<String, IstioClusterConfig>,
+}
+
+/// An external-CA cluster's Istio settings: registration's `istio` object, the body of
+/// `PUT /v1/clusters/<name>/settings`, and what the database keeps (`ca_store::ClusterSettingsRecord`).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct IstioSettings {
+    /// Expected `iss` of the cluster's service-account tokens.
+    pub sa_issuer: String,
+    #[serde(default = "default_audiences")]
+    pub audiences: Vec<String>,
+    /// `namespace/serviceaccount` of callers allowed to send `ImpersonatedIdentity` (ztunnel).
+    #[serde(default)]
+    pub trusted_node_accounts: Vec<String>,
+    #[serde(default = "default_workload_ttl", with = "validity")]
+    pub default_ttl: Validity,
+    #[serde(default = "default_max_workload_ttl", with = "validity")]
+    pub max_ttl: Validity,
+    #[serde(default = "default_over_max")]
+    pub over_max: ca_core::workload::OverMax,
+    /// Clock skew allowed on `exp` and `nbf`.
+    #[serde(default = "default_leeway", with = "validity")]
+    pub leeway: Validity,
+    /// DNS names `POST /v1/clusters/<name>/server-certificates` may issue (istiod's).
+    #[serde(default = "default_server_certificate_names")]
+    pub server_certificate_names: Vec<String>,
+    /// The cluster's service-account keys (a JWKS document), when given by an operator;
+    /// otherwise its agent pushes them, or they come from `oidc_discovery_url`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks: Option<serde_json::Value>,
+    /// An OIDC discovery document whose `issuer` is `sa_issuer` and whose `jwks_uri` is
+    /// fetched and refreshed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oidc_discovery_url: Option<String>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -368,6 +407,9 @@ fn default_over_max() -> ca_core::workload::OverMax {
 }
 fn default_jwks_refresh() -> Validity {
     v("10m")
+}
+fn default_jwks_grace() -> Validity {
+    v("1h")
 }
 fn default_drain_margin() -> Validity {
     v("1h")

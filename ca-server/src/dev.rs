@@ -163,14 +163,8 @@ listen = "{DEFAULT_METRICS_LISTEN}"
 [istio]
 listen = "{DEFAULT_GRPC_LISTEN}"
 server_names = ["localhost", "127.0.0.1"]
-
-[istio.clusters.{DEV_CLUSTER}]
-sa_issuer = "{SA_ISSUER}"
-jwks_file = "sa-jwks.json"
-trusted_node_accounts = ["istio-system/ztunnel"]
-default_ttl = "24h"
-max_ttl = "7d"
-over_max = "reject"
+# The dev cluster's settings (issuer, keys, lifetimes) are in the database: see
+# GET /v1/clusters/{DEV_CLUSTER}/settings.
 "#,
         env_key = report.environment_key
     );
@@ -222,11 +216,31 @@ pub fn mint_sa_token(dir: &Path, namespace: &str, service_account: &str) -> Resu
     Ok(jsonwebtoken::encode(&header, &claims, &enc)?)
 }
 
-/// Registers the dev cluster in external-CA mode on first start. The two-person rule is
-/// skipped here only (there is one person in a dev setup); the audit record says so.
+/// The dev cluster's Istio settings: its stand-in API server's issuer and keys
+/// (`sa-jwks.json`), ztunnel as the trusted node account, the default lifetimes.
+fn dev_settings(setup: &DevSetup) -> Result<crate::config::IstioSettings> {
+    let jwks: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(setup.dir.join("sa-jwks.json"))?)?;
+    Ok(serde_json::from_value(json!({"sa_issuer": SA_ISSUER, "jwks": jwks,
+        "trusted_node_accounts": ["istio-system/ztunnel"], "default_ttl": "24h", "max_ttl": "7d", "over_max": "reject"}))?)
+}
+
+/// Registers the dev cluster in external-CA mode on first start, with its settings (also when
+/// a dev database from before settings were stored has the cluster without them). The
+/// two-person rule is skipped here only (there is one person in a dev setup); the audit
+/// record says so.
 pub async fn register_dev_cluster(setup: &DevSetup, state: &crate::service::state::AppState) -> Result<()> {
     let keyref_path = setup.dir.join("cluster-dev.keyref");
-    if state.store.get_cluster(DEV_CLUSTER).await?.is_some() || !keyref_path.exists() {
+    if !keyref_path.exists() {
+        return Ok(());
+    }
+    if state.store.get_cluster(DEV_CLUSTER).await?.is_some() {
+        if state.store.get_cluster_settings(DEV_CLUSTER).await?.is_none()
+            && state.config.istio.as_ref().is_none_or(|i| !i.clusters.contains_key(DEV_CLUSTER))
+        {
+            let mut tx = state.store.write().await?;
+            store_dev_settings(setup, &mut tx).await?;
+            tx.commit().await?;
+        }
         return Ok(());
     }
     let key_ref = std::fs::read_to_string(&keyref_path)?.trim().to_string();
@@ -257,7 +271,30 @@ pub async fn register_dev_cluster(setup: &DevSetup, state: &crate::service::stat
                "two_person_rule": "skipped: ca-server --dev"}),
     ))
     .await?;
+    store_dev_settings(setup, &mut tx).await?;
     tx.commit().await?;
+    Ok(())
+}
+
+async fn store_dev_settings(setup: &DevSetup, tx: &mut ca_store::Tx) -> Result<()> {
+    let settings = dev_settings(setup)?;
+    crate::service::cluster_settings::store_new(
+        tx,
+        DEV_CLUSTER,
+        &settings,
+        crate::service::cluster_settings::SOURCE_REGISTRATION,
+        "dev-setup",
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("storing the dev cluster's settings: {}", e.detail))?;
+    tx.audit(ca_store::AuditEvent::new(
+        "dev-setup",
+        "cluster.settings.changed",
+        DEV_CLUSTER,
+        json!({"settings": crate::service::cluster_settings::audit_view(&settings),
+               "two_person_rule": "skipped: ca-server --dev"}),
+    ))
+    .await?;
     Ok(())
 }
 

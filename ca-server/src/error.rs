@@ -68,6 +68,7 @@ error_codes! {
     InvalidCluster = "invalid-cluster", Invalid;
     InvalidEnvironment = "invalid-environment", Invalid;
     InvalidImpersonatedIdentity = "invalid-impersonated-identity", Invalid;
+    InvalidJwks = "invalid-jwks", Invalid;
     InvalidKey = "invalid-key", Invalid;
     InvalidKind = "invalid-kind", Invalid;
     InvalidMode = "invalid-mode", Invalid;
@@ -80,10 +81,12 @@ error_codes! {
     InvalidReport = "invalid-report", Invalid;
     InvalidRequest = "invalid-request", Invalid;
     InvalidRoot = "invalid-root", Invalid;
+    InvalidSettings = "invalid-settings", Invalid;
     InvalidToken = "invalid-token", Unauthenticated;
     InvalidTrustDomain = "invalid-trust-domain", Invalid;
     InvalidValidity = "invalid-validity", Invalid;
     IssuerExpiring = "issuer-expiring", Unavailable;
+    IssuerMismatch = "issuer-mismatch", Conflict;
     KeyBlocked = "key-blocked", Invalid;
     KeyCompromised = "key-compromised", Unavailable;
     MalformedBody = "malformed-body", Invalid;

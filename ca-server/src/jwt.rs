@@ -56,10 +56,41 @@ pub struct KeySet {
     /// Re-read at least this often (by whoever calls [`KeySet::due`]).
     every: Duration,
     keys: RwLock<Arc<HashMap<String, DecodingKey>>>,
+    /// Keys given as documents rather than read from `source` (a cluster's stored JWKS): the
+    /// current set, and the one it replaced while that is still accepted.
+    documents: RwLock<Documents>,
     last_fetch: Mutex<Option<Instant>>,
     /// Bumped at every re-read, so that callers caching verified tokens can drop them.
     generation: AtomicU64,
     http: reqwest::Client,
+}
+
+/// Keys given as JWKS documents: the current set, and the previous one until a Unix time.
+#[derive(Default)]
+struct Documents {
+    current: HashMap<String, DecodingKey>,
+    previous: HashMap<String, DecodingKey>,
+    previous_until: i64,
+}
+
+/// The usable verification keys of a JWKS, by `kid`. Keys without a `kid`, or that
+/// jsonwebtoken cannot use, are skipped (and logged).
+fn usable_keys(owner: &str, jwks: &JwkSet) -> HashMap<String, DecodingKey> {
+    let mut keys = HashMap::new();
+    for jwk in &jwks.keys {
+        let Some(kid) = jwk.common.key_id.clone() else { continue };
+        match DecodingKey::from_jwk(jwk) {
+            Ok(k) => {
+                keys.insert(kid, k);
+            }
+            Err(e) => tracing::warn!(%owner, %kid, error = %e, "skipping unusable JWKS key"),
+        }
+    }
+    keys
+}
+
+fn unix_now() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
 }
 
 impl KeySet {
@@ -69,6 +100,7 @@ impl KeySet {
             source,
             every,
             keys: RwLock::new(Arc::new(HashMap::new())),
+            documents: RwLock::new(Documents::default()),
             last_fetch: Mutex::new(None),
             generation: AtomicU64::new(0),
             http: reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?,
@@ -99,9 +131,46 @@ impl KeySet {
         &self.owner
     }
 
-    /// Changes at every re-read of the keys.
+    pub fn source(&self) -> &KeySource {
+        &self.source
+    }
+
+    /// Installs keys given as documents, beside whatever `source` yields: `current`, and
+    /// `previous` (the set it replaced) until the Unix time given with it. Either may be absent.
+    pub fn set_documents(&self, current: Option<&JwkSet>, previous: Option<(&JwkSet, i64)>) {
+        let docs = Documents {
+            current: current.map(|j| usable_keys(&self.owner, j)).unwrap_or_default(),
+            previous: previous.map(|(j, _)| usable_keys(&self.owner, j)).unwrap_or_default(),
+            previous_until: previous.map_or(0, |(_, until)| until),
+        };
+        *self.documents.write().unwrap_or_else(|p| p.into_inner()) = docs;
+        self.generation.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Changes at every re-read of the keys, and when the previous document's grace ends (so
+    /// that tokens verified with it are not remembered past it).
     pub fn generation(&self) -> u64 {
+        let expired = {
+            let docs = self.documents.read().unwrap_or_else(|p| p.into_inner());
+            !docs.previous.is_empty() && unix_now() >= docs.previous_until
+        };
+        if expired {
+            let mut docs = self.documents.write().unwrap_or_else(|p| p.into_inner());
+            if !docs.previous.is_empty() && unix_now() >= docs.previous_until {
+                docs.previous.clear();
+                self.generation.fetch_add(1, Ordering::SeqCst);
+            }
+        }
         self.generation.load(Ordering::SeqCst)
+    }
+
+    /// Takes over the keys `other` read from the same source, so that a rebuilt key set does
+    /// not have to fetch them again at once.
+    pub fn adopt_fetched(&self, other: &KeySet) {
+        let keys = other.keys.read().unwrap_or_else(|p| p.into_inner()).clone();
+        *self.keys.write().unwrap_or_else(|p| p.into_inner()) = keys;
+        *self.last_fetch.lock().unwrap_or_else(|p| p.into_inner()) =
+            *other.last_fetch.lock().unwrap_or_else(|p| p.into_inner());
     }
 
     /// The periodic re-read is due.
@@ -166,16 +235,7 @@ impl KeySet {
     /// Keys without a `kid`, or that jsonwebtoken cannot use, are skipped (and logged); a set
     /// left with none is refused, keeping what was held.
     fn install(&self, jwks: &JwkSet) -> Result<()> {
-        let mut keys = HashMap::new();
-        for jwk in &jwks.keys {
-            let Some(kid) = jwk.common.key_id.clone() else { continue };
-            match DecodingKey::from_jwk(jwk) {
-                Ok(k) => {
-                    keys.insert(kid, k);
-                }
-                Err(e) => tracing::warn!(owner = %self.owner, %kid, error = %e, "skipping unusable JWKS key"),
-            }
-        }
+        let keys = usable_keys(&self.owner, jwks);
         if keys.is_empty() {
             bail!("the JWKS of {} holds no usable key with a kid", self.owner);
         }
@@ -185,7 +245,14 @@ impl KeySet {
     }
 
     fn key(&self, kid: &str) -> Option<DecodingKey> {
-        self.keys.read().unwrap_or_else(|p| p.into_inner()).get(kid).cloned()
+        if let Some(k) = self.keys.read().unwrap_or_else(|p| p.into_inner()).get(kid) {
+            return Some(k.clone());
+        }
+        let docs = self.documents.read().unwrap_or_else(|p| p.into_inner());
+        docs.current
+            .get(kid)
+            .or_else(|| (unix_now() < docs.previous_until).then(|| docs.previous.get(kid)).flatten())
+            .cloned()
     }
 
     /// The key for `kid`; an unknown one triggers a (rate-limited) re-read first.
@@ -361,6 +428,34 @@ mod tests {
             let _ = decode::<serde_json::Value>(&keys, &token(&enc2, kid, claims("ca-server")), &expect(&auds)).await;
         }
         assert_eq!(keys.generation(), before + 1, "unknown kids within the interval read nothing");
+    }
+
+    /// A replaced document's keys verify until its grace ends; then they are gone, and the
+    /// generation changes so that tokens verified with them are not remembered.
+    #[tokio::test]
+    async fn a_previous_document_verifies_until_its_grace_ends() {
+        let (enc1, jwk1) = key_pair("k1");
+        let (enc2, jwk2) = key_pair("k2");
+        let set = |j: &serde_json::Value| serde_json::from_value::<JwkSet>(json!({"keys": [j]})).unwrap();
+        let keys = KeySet::unloaded("the cluster's keys", KeySource::Fixed, Duration::MAX).unwrap();
+        let auds = vec!["ca-server".to_string()];
+        let verify = |enc: &EncodingKey, kid: &str| {
+            let t = token(enc, kid, claims("ca-server"));
+            let keys = &keys;
+            let auds = &auds;
+            async move { decode::<serde_json::Value>(keys, &t, &expect(auds)).await }
+        };
+        keys.set_documents(Some(&set(&jwk1)), None);
+        assert!(verify(&enc1, "k1").await.is_ok());
+        assert!(verify(&enc2, "k2").await.is_err(), "not published yet");
+        keys.set_documents(Some(&set(&jwk2)), Some((&set(&jwk1), unix_now() + 2)));
+        assert!(verify(&enc2, "k2").await.is_ok());
+        assert!(verify(&enc1, "k1").await.is_ok(), "within the grace");
+        let before = keys.generation();
+        tokio::time::sleep(Duration::from_millis(2100)).await;
+        assert_eq!(keys.generation(), before + 1, "the end of the grace is a new generation");
+        assert_eq!(verify(&enc1, "k1").await.unwrap_err(), "token key \"k1\" is not among the cluster's keys");
+        assert!(verify(&enc2, "k2").await.is_ok());
     }
 
     #[test]

@@ -19,7 +19,7 @@ use ca_server::service::checkpoint;
 use ca_server::service::hsm_call::HsmFailure;
 use ca_server::service::issuer::{Issuer, Issuers};
 use ca_server::service::state::{AppState, Inner};
-use ca_server::service::{external_ca, istio, jobs, rotation};
+use ca_server::service::{cluster_settings, external_ca, istio, jobs, rotation};
 use ca_server::{auth, dev, edge, grpc, http, metrics, service, tls};
 
 #[derive(Parser)]
@@ -207,7 +207,14 @@ async fn run(args: Args) -> Result<()> {
         if let Some(d) = &dev {
             dev::register_dev_cluster(d, &state).await?;
         }
-        state.istio.load_keys().await;
+        // Token validators from the stored settings (deprecated configuration tables seed a
+        // registered cluster that has none yet).
+        cluster_settings::seed_from_config(&state)
+            .await
+            .map_err(|e| anyhow::anyhow!("seeding cluster settings: {}", e.detail))?;
+        cluster_settings::reload(&state)
+            .await
+            .map_err(|e| anyhow::anyhow!("loading cluster settings: {}", e.detail))?;
         // Clusters approved while no replica was up get their intermediates now.
         if let Err(e) = external_ca::maintain(&state, true).await {
             tracing::warn!(error = %format!("{e:#}"), "external-CA start-up maintenance failed; will retry");

@@ -7,8 +7,8 @@
 //! connection from the read pool or with the transaction's.
 //!
 //! One module per aggregate holds its record types and its queries: `certificates`,
-//! `clusters` (with cluster reports), `requests` (approvals), `audit`, `rotations`,
-//! `workloads`, `crls`, `leases`, `blocked_keys`. Everything is re-exported at the crate root.
+//! `clusters` (with cluster reports), `cluster_settings`, `requests` (approvals), `audit`,
+//! `rotations`, `workloads`, `crls`, `leases`, `blocked_keys`. Everything is re-exported at the crate root.
 //!
 //! Writes happen in a [`Tx`]. Every transaction is serialised: SQLite has one writer
 //! connection and `BEGIN IMMEDIATE`; PostgreSQL takes a transaction-scoped advisory lock. That
@@ -123,6 +123,7 @@ mod text;
 mod audit;
 mod blocked_keys;
 mod certificates;
+mod cluster_settings;
 mod clusters;
 mod crls;
 mod leases;
@@ -133,6 +134,7 @@ mod workloads;
 pub use audit::AuditEvent;
 pub use blocked_keys::{BLOCKING_REASONS, BlockedKey, spki_sha256};
 pub use certificates::{CertFilter, CertIssuer, CertRecord};
+pub use cluster_settings::ClusterSettingsRecord;
 pub use clusters::{ClusterMode, ClusterRecord, ClusterReport, ClusterStatus};
 pub use crls::CrlRecord;
 pub use requests::{ApprovalRequest, RequestStatus};

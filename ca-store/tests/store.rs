@@ -5,8 +5,8 @@ mod common;
 use ca_core::audit::verify_chain;
 use ca_store::{
     ApprovalRequest, AuditEvent, BlockedKey, CertFilter, CertIssuer, CertRecord, ClusterMode, ClusterRecord,
-    ClusterReport, ClusterStatus, CrlRecord, RequestStatus, RotationRecord, Store, StoreError, WorkloadRecord,
-    now_secs, spki_sha256,
+    ClusterReport, ClusterSettingsRecord, ClusterStatus, CrlRecord, RequestStatus, RotationRecord, Store, StoreError,
+    WorkloadRecord, now_secs, spki_sha256,
 };
 use serde_json::json;
 
@@ -332,6 +332,69 @@ async fn blocked_keys(s: &Store) {
     assert_eq!(s.list_blocked_keys().await.unwrap(), vec![block("b1")]);
 }
 
+/// Cluster settings: written whole, the version grows with every write, and a row needs its
+/// cluster.
+async fn cluster_settings(s: &Store) {
+    let now = now_secs();
+    let cl = ClusterRecord {
+        name: "x1".into(),
+        environment: "prod".into(),
+        trust_domain: "prod.example.com".into(),
+        status: ClusterStatus::Active,
+        request_id: "r-x1".into(),
+        enrolment_token_hash: None,
+        enrolment_expires_at: None,
+        enrolled_at: None,
+        created_by: "alice".into(),
+        created_at: now,
+        current_serial: None,
+        previous_serial: None,
+        mode: ClusterMode::ExternalCa,
+        key_ref: Some("file:/k".into()),
+    };
+    let mut rec = ClusterSettingsRecord {
+        cluster: "x1".into(),
+        sa_issuer: "https://kubernetes.default.svc".into(),
+        audiences: r#"["istio-ca"]"#.into(),
+        trusted_node_accounts: "[]".into(),
+        default_ttl: "24h".into(),
+        max_ttl: "7d".into(),
+        over_max: "reject".into(),
+        leeway: "30s".into(),
+        server_certificate_names: r#"["istiod.istio-system.svc"]"#.into(),
+        oidc_discovery_url: None,
+        jwks: None,
+        jwks_source: None,
+        jwks_updated_at: None,
+        previous_jwks: None,
+        previous_jwks_until: None,
+        version: 0,
+        updated_at: now,
+        updated_by: "operator:bob".into(),
+    };
+    let mut tx = s.write().await.unwrap();
+    assert!(tx.put_cluster_settings(&rec).await.is_err(), "settings need a registered cluster");
+    drop(tx);
+    let mut tx = s.write().await.unwrap();
+    tx.insert_cluster(&cl).await.unwrap();
+    assert_eq!(tx.put_cluster_settings(&rec).await.unwrap(), 1);
+    tx.commit().await.unwrap();
+    assert_eq!(
+        s.get_cluster_settings("x1").await.unwrap().unwrap(),
+        ClusterSettingsRecord { version: 1, ..rec.clone() }
+    );
+    rec.jwks = Some(r#"{"keys":[]}"#.into());
+    rec.jwks_source = Some("agent".into());
+    rec.previous_jwks_until = Some(now + 3600);
+    let mut tx = s.write().await.unwrap();
+    assert_eq!(tx.put_cluster_settings(&rec).await.unwrap(), 2);
+    assert_eq!(tx.get_cluster_settings("x1").await.unwrap().unwrap().jwks_source.as_deref(), Some("agent"));
+    tx.commit().await.unwrap();
+    let all = s.list_cluster_settings().await.unwrap();
+    assert_eq!(all, vec![ClusterSettingsRecord { version: 2, ..rec }]);
+    assert_eq!(s.get_cluster_settings("nobody").await.unwrap(), None);
+}
+
 macro_rules! conformance {
     ($($backend:ident),*) => { $(
         mod $backend {
@@ -350,6 +413,8 @@ macro_rules! conformance {
             async fn rotations() { rotations_reports_and_lagging_workloads(&common::$backend().await.store).await }
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn blocked() { blocked_keys(&common::$backend().await.store).await }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn settings() { cluster_settings(&common::$backend().await.store).await }
         }
     )* };
 }

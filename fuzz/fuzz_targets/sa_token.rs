@@ -9,7 +9,7 @@
 use std::sync::OnceLock;
 
 use ca_server::auth::service_account::TokenValidator;
-use ca_server::config::IstioClusterConfig;
+use ca_server::config::IstioSettings;
 use libfuzzer_sys::fuzz_target;
 
 const JWKS: &str = include_str!("../fixtures/jwks.json");
@@ -17,24 +17,21 @@ const JWKS: &str = include_str!("../fixtures/jwks.json");
 struct World {
     rt: tokio::runtime::Runtime,
     validator: TokenValidator,
-    _dir: tempfile::TempDir,
 }
 
 fn world() -> &'static World {
     static W: OnceLock<World> = OnceLock::new();
     W.get_or_init(|| {
-        let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(dir.path().join("jwks.json"), JWKS).expect("write JWKS");
-        // Through the configuration parser, so that defaults (audiences, leeway) are the
+        // Through the settings' deserialiser, so that defaults (audiences, leeway) are the
         // server's own.
-        let cfg: IstioClusterConfig = toml::from_str(&format!(
-            "sa_issuer = \"https://kubernetes.default.svc.cluster.local\"\njwks_file = {:?}\n",
-            dir.path().join("jwks.json")
-        ))
-        .expect("cluster config");
+        let jwks: serde_json::Value = serde_json::from_str(JWKS).expect("fixture JWKS");
+        let cfg: IstioSettings = serde_json::from_value(
+            serde_json::json!({"sa_issuer": "https://kubernetes.default.svc.cluster.local", "jwks": jwks}),
+        )
+        .expect("cluster settings");
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
         let validator = rt.block_on(TokenValidator::load("fuzz", cfg)).expect("JWKS loads");
-        World { rt, validator, _dir: dir }
+        World { rt, validator }
     })
 }
 

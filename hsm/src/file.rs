@@ -56,7 +56,10 @@ pub(crate) fn load(path: &Path) -> Result<(KeyPair, PublicKey, KeyAlgorithm)> {
 pub(crate) fn parse_pem(pem: &str, what: &str) -> Result<(KeyPair, PublicKey, KeyAlgorithm)> {
     let parsed = pem::parse(pem).map_err(|_| HsmError::KeyFormat(format!("{what}: not a PEM file")))?;
     if parsed.tag() != "PRIVATE KEY" {
-        return Err(HsmError::KeyFormat(format!("{what}: expected a PKCS#8 \"PRIVATE KEY\", found {:?}", parsed.tag())));
+        return Err(HsmError::KeyFormat(format!(
+            "{what}: expected a PKCS#8 \"PRIVATE KEY\", found {:?}",
+            parsed.tag()
+        )));
     }
     // The key type is only known once parsed; try each algorithm we support.
     for alg in [KeyAlgorithm::EcdsaP256, KeyAlgorithm::EcdsaP384, KeyAlgorithm::Rsa3072] {

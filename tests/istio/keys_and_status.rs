@@ -40,17 +40,7 @@ async fn keys_from_oidc_discovery_follow_rotation() {
     }
     *jwks.lock().unwrap() = json!({"keys": [jwk_of(&first)]});
 
-    let opts = Opts {
-        env: vec![
-            ("CA_SERVER_ISTIO__CLUSTERS__DISC__SA_ISSUER".into(), issuer.clone()),
-            (
-                "CA_SERVER_ISTIO__CLUSTERS__DISC__OIDC_DISCOVERY_URL".into(),
-                format!("{base}/.well-known/openid-configuration"),
-            ),
-        ],
-        ..Opts::default()
-    };
-    let srv = Server::start(&dir, &opts);
+    let srv = Server::start(&dir, &Opts::default());
     srv.wait_ready().await;
     let key = tmp.path().join("disc-cluster.key");
     hsm::generate_key(&hsm::KeyRef::file(&key), hsm::KeyAlgorithm::EcdsaP256).unwrap();
@@ -60,7 +50,8 @@ async fn keys_from_oidc_discovery_follow_rotation() {
             "/v1/clusters",
             Some(&srv.token("admin")),
             Some(json!({"name": "disc", "environment": "dev", "trust_domain": "cluster.local", "mode": "external-ca",
-                        "key": format!("file:{}", key.display())})),
+                        "key": format!("file:{}", key.display()),
+                        "istio": {"sa_issuer": issuer, "oidc_discovery_url": format!("{base}/.well-known/openid-configuration")}})),
         )
         .await;
     assert_eq!(s, 202, "{r}");

@@ -23,6 +23,7 @@ use support::*;
 use tonic::Code;
 use tonic::transport::Channel;
 
+mod cluster_settings;
 mod keys_and_status;
 mod mtls;
 mod storm_and_registration;
@@ -43,6 +44,27 @@ fn jwk_of(key: &Path) -> Value {
     let raw = k.public_key().raw().to_vec();
     let b64 = |b: &[u8]| base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, b);
     json!({"kty": "EC", "crv": "P-256", "x": b64(&raw[1..33]), "y": b64(&raw[33..65]), "kid": kid_of(key), "alg": "ES256", "use": "sig"})
+}
+
+/// The dev cluster's settings, as the dev setup stores them, with `edit` applied.
+fn dev_settings(srv: &Server, edit: impl FnOnce(&mut Value)) -> Value {
+    let jwks: Value = serde_json::from_str(&std::fs::read_to_string(srv.dir.join("sa-jwks.json")).unwrap()).unwrap();
+    let mut v = json!({"sa_issuer": srv.env["CA_SA_ISSUER"], "jwks": jwks,
+                       "trusted_node_accounts": ["istio-system/ztunnel"]});
+    edit(&mut v);
+    v
+}
+
+/// Changes a cluster's settings: asked for by an admin, approved by a second operator; the
+/// approval answer.
+async fn change_settings(srv: &Server, cluster: &str, settings: Value) -> Value {
+    let (s, r) =
+        srv.call("PUT", &format!("/v1/clusters/{cluster}/settings"), Some(&srv.token("admin")), Some(settings)).await;
+    assert_eq!(s, 202, "{r}");
+    let id = r["request_id"].as_str().unwrap();
+    let (s, a) = srv.call("POST", &format!("/v1/requests/{id}/approve"), Some(&srv.token("approver")), None).await;
+    assert_eq!(s, 200, "{a}");
+    a
 }
 
 struct Call<'a> {

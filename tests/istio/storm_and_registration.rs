@@ -12,16 +12,19 @@ async fn storm(backend: &str) {
         "sqlite" => None,
         _ => Some(fresh_pg_url().await),
     };
-    let opts = Opts {
-        database_url: database_url.clone(),
-        env: vec![
-            ("CA_SERVER_ISTIO__CLUSTERS__DEV__OVER_MAX".into(), "clamp".into()),
-            ("CA_SERVER_ISTIO__CLUSTERS__DEV__MAX_TTL".into(), "400d".into()),
-        ],
-        ..Opts::default()
-    };
+    let opts = Opts { database_url: database_url.clone(), ..Opts::default() };
     let srv = Server::start(&dir, &opts);
     srv.wait_ready().await;
+    // Over-long requests are clamped rather than refused, up to 400 days.
+    change_settings(
+        &srv,
+        "dev",
+        dev_settings(&srv, |s| {
+            s["over_max"] = json!("clamp");
+            s["max_ttl"] = json!("400d");
+        }),
+    )
+    .await;
     let ch = channel(&srv).await;
     let n = 300;
     let mut tasks = Vec::new();
@@ -83,21 +86,13 @@ async fn registration_two_person_rule_and_unreachable_key() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("dev");
     let key = tmp.path().join("edge.key");
-    let opts = Opts {
-        env: vec![
-            (
-                "CA_SERVER_ISTIO__CLUSTERS__EDGE__SA_ISSUER".into(),
-                "https://kubernetes.default.svc.cluster.local".into(),
-            ),
-            ("CA_SERVER_ISTIO__CLUSTERS__EDGE__JWKS_FILE".into(), "sa-jwks.json".into()),
-        ],
-        ..Opts::default()
-    };
+    let opts = Opts::default();
     let srv = Server::start(&dir, &opts);
     srv.wait_ready().await;
     hsm::generate_key(&hsm::KeyRef::file(&key), hsm::KeyAlgorithm::EcdsaP256).unwrap();
+    // The same stand-in API server (issuer and keys) as the dev cluster's.
     let body = json!({"name": "edge", "environment": "dev", "trust_domain": "cluster.local", "mode": "external-ca",
-                      "key": format!("file:{}", key.display())});
+                      "key": format!("file:{}", key.display()), "istio": dev_settings(&srv, |_| {})});
     let (s, r) = srv.call("POST", "/v1/clusters", Some(&srv.token("admin")), Some(body.clone())).await;
     assert_eq!(s, 202, "{r}");
     assert!(r.get("enrolment_token").is_none(), "external-CA clusters have nothing to enrol: {r}");

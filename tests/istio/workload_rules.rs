@@ -157,13 +157,11 @@ async fn workload_certificates_follow_every_rule() {
         &jsonwebtoken::EncodingKey::from_secret(b"guess")).unwrap();
     expect_code(create(&ch, Call::new(&hs, plain_csr())).await, Code::Unauthenticated, "HS256");
 
-    // Key rotation: the cluster publishes a second key; tokens signed with it are accepted
-    // without a restart (an unknown kid re-reads the JWKS).
+    // Key rotation: the cluster publishes a second key (an approved settings change here);
+    // tokens signed with it are accepted without a restart.
     let rotated = tmp.path().join("rotated.key");
     hsm::generate_key(&hsm::KeyRef::file(&rotated), hsm::KeyAlgorithm::EcdsaP256).unwrap();
-    let jwks_path = srv.dir.join("sa-jwks.json");
-    let mut jwks: Value = serde_json::from_str(&std::fs::read_to_string(&jwks_path).unwrap()).unwrap();
-    jwks["keys"].as_array_mut().unwrap().push(jwk_of(&rotated));
+    let rotated_settings = dev_settings(&srv, |s| s["jwks"]["keys"].as_array_mut().unwrap().push(jwk_of(&rotated)));
     // A token accepted once (here within the 30 s leeway) is refused once it is past it, even
     // though its verification was cached.
     let nearly = sa_token(&srv, "default", "default", |c| {
@@ -171,14 +169,13 @@ async fn workload_certificates_follow_every_rule() {
     });
     create(&ch, Call::new(&nearly, plain_csr())).await.expect("within leeway");
     create(&ch, Call::new(&nearly, plain_csr())).await.expect("again, from the cache");
-    // The refresh after the earlier unknown kid is rate-limited to one per 10 s.
     tokio::time::sleep(Duration::from_secs(11)).await;
     expect_code(
         create(&ch, Call::new(&nearly, plain_csr())).await,
         Code::Unauthenticated,
         "past the leeway, cached or not",
     );
-    std::fs::write(&jwks_path, serde_json::to_vec(&jwks).unwrap()).unwrap();
+    change_settings(&srv, "dev", rotated_settings).await;
     let t = sa_token_with(&srv, &rotated, "default", "default", |_| {});
     create(&ch, Call::new(&t, plain_csr())).await.expect("token from the rotated key");
 

@@ -1,23 +1,28 @@
-//! Kubernetes projected service-account tokens, validated offline against each cluster's JWKS
-//! (from a file or OIDC discovery): the identity of a workload asking Istio's certificate API.
+//! Kubernetes projected service-account tokens, validated offline against each cluster's keys
+//! (its stored JWKS, the one it replaced during the grace, and keys from OIDC discovery): the
+//! identity of a workload asking Istio's certificate API.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::time::Duration;
 
 use anyhow::Result;
 use ca_core::names::is_k8s_object_name;
 use ca_store::now_secs;
+use jsonwebtoken::jwk::JwkSet;
 use serde::Deserialize;
 use sha2::Digest;
 
-use crate::config::IstioClusterConfig;
+use crate::config::IstioSettings;
 use crate::error::{ErrorCode, ServiceError};
 use crate::jwt::{Expect, KeySet, KeySource};
 
 /// Validates one cluster's projected service-account tokens offline.
 pub struct TokenValidator {
     pub(crate) cluster: String,
-    cfg: IstioClusterConfig,
+    cfg: IstioSettings,
+    /// The stored settings' version these were built from.
+    version: i64,
     keys: KeySet,
     /// Tokens that verified, by SHA-256, with when to stop trusting the result: an agent sends
     /// the same token for every renewal until the kubelet rotates it, and its signature and
@@ -81,24 +86,70 @@ struct Named {
     name: Option<String>,
 }
 
+/// How often keys from OIDC discovery are re-read (an unknown `kid` re-reads them sooner).
+pub const DISCOVERY_REFRESH: Duration = Duration::from_secs(600);
+
+/// A cluster's keys: its stored JWKS document, the one that one replaced with the Unix time
+/// until which it is still accepted, and an OIDC discovery URL to fetch more from.
+#[derive(Default)]
+pub struct Keys {
+    pub current: Option<JwkSet>,
+    pub previous: Option<(JwkSet, i64)>,
+    pub discovery: Option<String>,
+}
+
 impl TokenValidator {
-    pub(crate) fn new(cluster: &str, cfg: IstioClusterConfig) -> Result<Self> {
-        let source = match (&cfg.jwks_file, &cfg.oidc_discovery_url) {
-            (Some(path), _) => KeySource::File(path.clone()),
-            (None, Some(url)) => KeySource::Discovery { url: url.clone(), issuer: cfg.sa_issuer.clone() },
-            (None, None) => anyhow::bail!("cluster {cluster}: no jwks_file or oidc_discovery_url (validated at load)"),
+    /// A validator for `cluster`'s `settings` (their `jwks` and `oidc_discovery_url` are not
+    /// read here: `keys` says where the keys come from). Keys from discovery are read at the
+    /// first [`TokenValidator::refresh`].
+    pub(crate) fn new(cluster: &str, settings: IstioSettings, version: i64, keys: Keys) -> Result<Self> {
+        let source = match &keys.discovery {
+            Some(url) => KeySource::Discovery { url: url.clone(), issuer: settings.sa_issuer.clone() },
+            None => KeySource::Fixed,
         };
         let owner = format!("cluster {cluster}'s service-account keys");
-        let keys = KeySet::unloaded(&owner, source, cfg.jwks_refresh.duration().unsigned_abs())?;
-        Ok(TokenValidator { cluster: cluster.to_string(), cfg, keys, verified: Mutex::new(Verified::default()) })
+        let set = KeySet::unloaded(&owner, source, DISCOVERY_REFRESH)?;
+        set.set_documents(keys.current.as_ref(), keys.previous.as_ref().map(|(j, until)| (j, *until)));
+        Ok(TokenValidator {
+            cluster: cluster.to_string(),
+            cfg: settings,
+            version,
+            keys: set,
+            verified: Mutex::new(Verified::default()),
+        })
     }
 
-    /// A validator with its keys read now from the configured source, as `Istio::load_keys`
-    /// does at start; for the fuzz target and tests, which have no `Istio`.
-    pub async fn load(cluster: &str, cfg: IstioClusterConfig) -> Result<Self> {
-        let v = Self::new(cluster, cfg)?;
+    /// A validator with the keys its settings name (`jwks`, `oidc_discovery_url`) read now;
+    /// for the fuzz target and tests, which have no database.
+    pub async fn load(cluster: &str, settings: IstioSettings) -> Result<Self> {
+        let current = settings.jwks.clone().map(serde_json::from_value).transpose()?;
+        let keys = Keys { current, previous: None, discovery: settings.oidc_discovery_url.clone() };
+        let v = Self::new(cluster, settings, 0, keys)?;
         v.refresh(true).await?;
         Ok(v)
+    }
+
+    /// The settings this validator (and the cluster's issuance policy) follows.
+    pub fn settings(&self) -> &IstioSettings {
+        &self.cfg
+    }
+
+    pub(crate) fn version(&self) -> i64 {
+        self.version
+    }
+
+    pub(crate) fn discovery(&self) -> Option<&str> {
+        match self.keys.source() {
+            KeySource::Discovery { url, .. } => Some(url),
+            _ => None,
+        }
+    }
+
+    /// Takes over the keys `old` fetched from the same discovery URL.
+    pub(crate) fn adopt_fetched(&self, old: &TokenValidator) {
+        if self.discovery().is_some() && self.discovery() == old.discovery() {
+            self.keys.adopt_fetched(&old.keys);
+        }
     }
 
     pub(crate) fn due(&self) -> bool {

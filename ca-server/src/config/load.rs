@@ -118,10 +118,8 @@ impl Config {
                     }
                 }
             }
-            if let Some(s) = &istio.serving_cluster
-                && !istio.clusters.contains_key(s)
-            {
-                bail!("istio.serving_cluster {s:?} is not in istio.clusters");
+            if istio.jwks_grace.duration() < time::Duration::ZERO {
+                bail!("istio.jwks_grace must not be negative");
             }
             if istio.server_names.is_empty() {
                 bail!("istio.server_names must name the gRPC endpoint");

@@ -65,7 +65,7 @@ impl IstioCertificateService for IstioApi {
             Ok(chain) => Ok(Response::new(IstioCertificateResponse { cert_chain: chain })),
             Err(r) => {
                 use crate::edge::{MAX_TEXT, cap};
-                // The ClusterID header is the caller's say-so: only a configured name becomes a
+                // The ClusterID header is the caller's say-so: only a served name becomes a
                 // metric label or goes into the audit trail as is.
                 let claimed = r.cluster.clone().unwrap_or_default();
                 let known = self.state.istio.serves(&claimed);

@@ -69,6 +69,12 @@ pub(crate) struct RegisterCluster {
         pattern = "^(file:.+|pkcs11:token=[A-Za-z0-9._-]+;object=[A-Za-z0-9._-]+[?]pin-source=env:[A-Za-z_][A-Za-z0-9_]*)$"
     )]
     key: Option<String>,
+    /// external-ca only, and required there: the cluster's Istio settings (at least
+    /// `sa_issuer`), stored when the registration is approved.
+    // A JSON value here so that a wrong field is `invalid-settings`, not a JSON error.
+    #[serde(default)]
+    #[schema(value_type = Option<crate::http::cluster_settings::IstioSettingsDoc>)]
+    istio: Option<serde_json::Value>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -152,6 +158,7 @@ pub(crate) async fn register_cluster(
         trust_domain: req.trust_domain,
         mode: req.mode,
         key: req.key,
+        istio: req.istio,
     };
     let requested = crate::service::clusters::register(&state, &op, req).await?;
     Ok((StatusCode::ACCEPTED, Json(RegisterResponse::from(requested))).into_response())

@@ -12,6 +12,7 @@ use crate::service::state::AppState;
 pub mod audit;
 pub mod body;
 pub mod certificates;
+pub mod cluster_settings;
 pub mod clusters;
 pub mod crl;
 pub mod extract;
@@ -31,6 +32,7 @@ pub fn router(state: AppState) -> Router {
         .merge(health::routes())
         .merge(openapi::routes())
         .merge(clusters::routes())
+        .merge(cluster_settings::routes())
         .merge(trust::routes())
         .merge(server_certificates::routes())
         .merge(requests::routes())

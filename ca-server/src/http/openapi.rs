@@ -10,7 +10,9 @@ use axum::{Json, Router};
 use serde_json::json;
 use utoipa::{Modify, OpenApi};
 
-use super::{audit, certificates, clusters, crl, health, requests, rotations, server_certificates, trust};
+use super::{
+    audit, certificates, cluster_settings, clusters, crl, health, requests, rotations, server_certificates, trust,
+};
 use crate::auth::Role;
 use crate::error::{Problem, ServiceError};
 use crate::service::state::AppState;
@@ -33,6 +35,7 @@ pub fn document() -> utoipa::openapi::OpenApi {
     for part in [
         health::Doc::openapi(),
         clusters::Doc::openapi(),
+        cluster_settings::Doc::openapi(),
         trust::Doc::openapi(),
         server_certificates::Doc::openapi(),
         requests::Doc::openapi(),
@@ -75,6 +78,16 @@ impl Modify for BearerAuth {
             SecurityScheme::MutualTls {
                 description: Some(
                     "The cluster's newest intermediate (or the one it last renewed with) as the TLS client certificate."
+                        .into(),
+                ),
+                extensions: None,
+            },
+        );
+        components.add_security_scheme(
+            "agent",
+            SecurityScheme::MutualTls {
+                description: Some(
+                    "The cluster's agent certificate (profile agent, issued by this server for that cluster) as the TLS client certificate."
                         .into(),
                 ),
                 extensions: None,
@@ -187,10 +200,11 @@ async fn openapi(State(state): State<AppState>) -> Response {
         Err(e) => return ServiceError::internal(format!("OpenAPI document: {e}")).into_response(),
     };
     let issuers = state.issuers.all();
-    // utoipa derives no rule across fields: a key goes with external-ca mode, and only with it.
+    // utoipa derives no rule across fields: a key and Istio settings go with external-ca mode,
+    // and only with it.
     doc["components"]["schemas"]["RegisterCluster"]["oneOf"] = json!([
-        {"properties": {"mode": {"enum": ["plugin", null]}, "key": {"type": "null"}}},
-        {"required": ["mode", "key"], "properties": {"mode": {"const": "external-ca"}}},
+        {"properties": {"mode": {"enum": ["plugin", null]}, "key": {"type": "null"}, "istio": {"type": "null"}}},
+        {"required": ["mode", "key", "istio"], "properties": {"mode": {"const": "external-ca"}}},
     ]);
     let register = &mut doc["components"]["schemas"]["RegisterCluster"]["properties"];
     register["environment"]["enum"] = json!(issuers.iter().map(|i| i.name.clone()).collect::<Vec<_>>());

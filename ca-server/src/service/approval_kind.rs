@@ -10,6 +10,7 @@ use ca_core::rotation::{RotationKind, Stage};
 use ca_store::{ApprovalRequest, CertIssuer, ClusterMode};
 use serde::{Deserialize, Serialize};
 
+use crate::config::IstioSettings;
 use crate::error::ServiceError;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -24,6 +25,8 @@ pub enum Approval {
     StartRotation(StartRotation),
     /// A rotation moving from one stage to another.
     RotationStage(RotationStage),
+    /// New Istio settings for an external-CA cluster (the request's subject).
+    ChangeClusterSettings(ChangeClusterSettings),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,6 +37,14 @@ pub struct RegisterCluster {
     pub mode: ClusterMode,
     /// external-ca: the server-side key.
     pub key: Option<String>,
+    /// external-ca: the cluster's Istio settings, stored when the registration is approved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub istio: Option<IstioSettings>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ChangeClusterSettings {
+    pub settings: IstioSettings,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -103,6 +114,7 @@ mod tests {
             trust_domain: "prod.example.com".into(),
             mode: ClusterMode::Plugin,
             key: None,
+            istio: None,
         });
         let r = register.request("r2", "east", "alice", 7);
         assert_eq!(r.kind, "register-cluster");
@@ -138,5 +150,23 @@ mod tests {
         assert_eq!(r.kind, "start-rotation");
         assert_eq!(r.payload, r#"{"kind":"cluster","rotation":"rot1","spec":{"environments":{}},"target":"east"}"#);
         assert_eq!(Approval::of(&r).unwrap(), start);
+
+        // A registration stored before settings existed reads back without them.
+        let old = ApprovalRequest::pending(
+            "r6",
+            "register-cluster",
+            "east",
+            &serde_json::json!({"environment": "prod",
+            "key": "file:/k", "mode": "external-ca", "name": "east", "trust_domain": "prod.example.com"}),
+            "alice",
+            7,
+        );
+        let Approval::RegisterCluster(p) = Approval::of(&old).unwrap() else { panic!("a registration") };
+        assert_eq!(p.istio, None);
+        let settings: IstioSettings = serde_json::from_value(serde_json::json!({"sa_issuer": "https://k"})).unwrap();
+        let change = Approval::ChangeClusterSettings(ChangeClusterSettings { settings });
+        let r = change.request("r7", "east", "alice", 7);
+        assert_eq!(r.kind, "change-cluster-settings");
+        assert_eq!(Approval::of(&r).unwrap(), change);
     }
 }

@@ -48,9 +48,15 @@ pub async fn decide(state: &AppState, op: &Operator, id: &str, approve: bool) ->
     let mut revoked = None;
     let mut external_ca = None;
     let mut rotation = None;
+    // Settings changed: this replica's token validators follow at once (others within a round).
+    let mut settings_changed = false;
     // Each kind's effect lives in the module that owns what it changes.
     if approve {
         match approval {
+            Approval::ChangeClusterSettings(p) => {
+                crate::service::cluster_settings::approve_change(state, &mut tx, op, &req, p).await?;
+                settings_changed = true;
+            }
             Approval::StartRotation(p) => {
                 rotation = Some(crate::service::rotation::approve_start(state, &mut tx, &req, op, p).await?);
             }
@@ -58,6 +64,7 @@ pub async fn decide(state: &AppState, op: &Operator, id: &str, approve: bool) ->
                 rotation = Some(crate::service::rotation::approve_stage(state, &mut tx, &req, op, p).await?);
             }
             Approval::RegisterCluster(p) => {
+                settings_changed = p.istio.is_some();
                 if crate::service::clusters::approve_registration(&mut tx, op, &req, p).await? {
                     external_ca = Some(req.subject.clone());
                 }
@@ -71,6 +78,9 @@ pub async fn decide(state: &AppState, op: &Operator, id: &str, approve: bool) ->
         crate::service::clusters::reject_registration(&mut tx, &req).await?;
     }
     tx.commit().await?;
+    if settings_changed {
+        crate::service::cluster_settings::reload_quietly(state).await;
+    }
     if let Some(a) = rotation {
         crate::service::rotation::after_commit(state, a, &op.actor()).await;
     }

@@ -121,18 +121,12 @@ pub async fn issue_server_certificate(
     }
     // A certificate for any name under the mesh root would let one person intercept istiod's
     // traffic: only the names configured for the cluster, never the CA's own.
-    let allowed = state
-        .config
-        .istio
-        .as_ref()
-        .and_then(|c| c.clusters.get(name))
-        .map(|c| c.server_certificate_names.clone())
-        .unwrap_or_else(crate::config::default_server_certificate_names);
+    let allowed = crate::service::cluster_settings::server_certificate_names(state, name).await?;
     let own = state.config.istio.as_ref().map(|c| c.server_names.clone()).unwrap_or_default();
     if let Some(n) = req.dns_names.iter().find(|n| !allowed.contains(n) || own.contains(n)) {
         return Err(deny(ServiceError::new(
             ErrorCode::NameNotAllowed,
-            format!("{n} is not among istio.clusters.{name}.server_certificate_names ({})", allowed.join(", ")),
+            format!("{n} is not among cluster {name}'s server_certificate_names ({})", allowed.join(", ")),
         )));
     }
     let ca = crate::service::cluster_ca::cluster_ca(state, name).await.map_err(deny)?;

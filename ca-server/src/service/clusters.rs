@@ -21,6 +21,8 @@ pub struct Registration {
     pub mode: Option<String>,
     /// The server-side key (external-CA mode only).
     pub key: Option<String>,
+    /// The Istio settings (external-CA mode only, and required there), as sent.
+    pub istio: Option<serde_json::Value>,
 }
 
 /// A request waiting for a second operator, with the enrolment token it will arm (plug-in
@@ -137,6 +139,24 @@ pub async fn register(state: &AppState, op: &Operator, req: Registration) -> Res
         }
         (None, false) => None,
     };
+    let istio = match (req.istio, external) {
+        (Some(v), true) => Some(crate::service::cluster_settings::parse(v).map_err(|e| e.by(op.actor()))?),
+        (None, true) => {
+            return Err(ServiceError::new(
+                ErrorCode::InvalidSettings,
+                "external-ca mode needs the cluster's Istio settings (istio, with at least sa_issuer)",
+            )
+            .by(op.actor()));
+        }
+        (Some(_), false) => {
+            return Err(ServiceError::new(
+                ErrorCode::InvalidSettings,
+                "istio settings are for external-ca mode only: a plug-in cluster's istiod applies its own",
+            )
+            .by(op.actor()));
+        }
+        (None, false) => None,
+    };
     let now = now_secs();
     // A plug-in cluster enrols with a one-time token; an external-CA cluster has nothing to
     // enrol: the server issues its intermediate on approval.
@@ -149,6 +169,7 @@ pub async fn register(state: &AppState, op: &Operator, req: Registration) -> Res
         trust_domain: td.to_string(),
         mode,
         key: key_ref.clone(),
+        istio,
     };
     let mut tx = state.store.write().await?;
     tx.insert_cluster(&ClusterRecord {
@@ -175,7 +196,7 @@ pub async fn register(state: &AppState, op: &Operator, req: Registration) -> Res
         op.actor(),
         "cluster.register.requested",
         &req.name,
-        json!({"request_id": request_id, "cluster": payload}),
+        json!({"request_id": request_id, "cluster": audit_view(&payload)}),
     ))
     .await?;
     tx.commit().await?;
@@ -229,9 +250,28 @@ pub async fn approve_registration(
 ) -> Result<bool, ServiceError> {
     tx.set_cluster_status(&req.subject, ClusterStatus::Active).await?;
     let external = payload.mode == ClusterMode::ExternalCa;
-    let details = serde_json::to_value(payload).map_err(ServiceError::internal)?;
+    if let Some(settings) = &payload.istio {
+        crate::service::cluster_settings::store_new(
+            tx,
+            &req.subject,
+            settings,
+            crate::service::cluster_settings::SOURCE_REGISTRATION,
+            &op.actor(),
+        )
+        .await?;
+    }
+    let details = audit_view(&payload);
     tx.audit(AuditEvent::new(op.actor(), "cluster.registered", &req.subject, details)).await?;
     Ok(external)
+}
+
+/// A registration as audit records show it: the settings' JWKS reduced to its key ids.
+fn audit_view(p: &RegisterCluster) -> serde_json::Value {
+    let mut v = serde_json::to_value(p).unwrap_or_default();
+    if let Some(s) = &p.istio {
+        v["istio"] = crate::service::cluster_settings::audit_view(s);
+    }
+    v
 }
 
 pub async fn reject_registration(tx: &mut Tx, req: &ApprovalRequest) -> Result<(), ServiceError> {

@@ -21,7 +21,9 @@ use crate::service::recorder::Recorder;
 
 /// Everything external-CA mode keeps in memory.
 pub struct Istio {
-    tokens: HashMap<String, Arc<TokenValidator>>,
+    /// One validator per external-CA cluster with settings, built from the database by
+    /// `cluster_settings::reload` and replaced whenever the stored settings change.
+    tokens: RwLock<HashMap<String, Arc<TokenValidator>>>,
     clusters: RwLock<HashMap<String, Arc<ClusterCa>>>,
     /// Single-flight loading of a cluster's CA, so that a storm on a cold cache opens the key once.
     pub(super) loading: tokio::sync::Mutex<()>,
@@ -64,15 +66,9 @@ impl Istio {
         store: Store,
         batch_metrics: Arc<crate::metrics::Metrics>,
     ) -> Result<Istio> {
-        let mut tokens = HashMap::new();
-        if let Some(cfg) = config {
-            for (name, c) in &cfg.clusters {
-                tokens.insert(name.clone(), Arc::new(TokenValidator::new(name, c.clone())?));
-            }
-        }
         let batch_max = config.map_or(1, |c| c.batch_max);
         Ok(Istio {
-            tokens,
+            tokens: RwLock::new(HashMap::new()),
             clusters: RwLock::new(HashMap::new()),
             loading: tokio::sync::Mutex::new(()),
             failed: Mutex::new(HashMap::new()),
@@ -85,14 +81,27 @@ impl Istio {
         })
     }
 
-    /// Whether the cluster is configured for external-CA mode here.
+    /// Whether the cluster is served here: an active external-CA cluster with settings.
     pub fn serves(&self, name: &str) -> bool {
-        self.tokens.contains_key(name)
+        self.tokens.read().unwrap_or_else(|p| p.into_inner()).contains_key(name)
     }
 
-    /// The cluster's service-account token validator, if it is configured here.
-    pub fn validator(&self, name: &str) -> Option<&Arc<TokenValidator>> {
-        self.tokens.get(name)
+    /// The cluster's service-account token validator (with its settings), if it is served.
+    pub fn validator(&self, name: &str) -> Option<Arc<TokenValidator>> {
+        self.tokens.read().unwrap_or_else(|p| p.into_inner()).get(name).cloned()
+    }
+
+    /// The clusters served here, by name.
+    pub fn served(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.tokens.read().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect();
+        names.sort();
+        names
+    }
+
+    /// Serves exactly `validators` from now on (a validator of the same version is kept, with
+    /// its cache of verified tokens).
+    pub(super) fn install_validators(&self, validators: HashMap<String, Arc<TokenValidator>>) {
+        *self.tokens.write().unwrap_or_else(|p| p.into_inner()) = validators;
     }
 
     pub(super) fn cached(&self, name: &str) -> Option<Arc<ClusterCa>> {
@@ -133,18 +142,11 @@ impl Istio {
         self.clusters.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
     }
 
-    /// Loads initial keys for every cluster (discovery URLs are fetched here).
-    pub async fn load_keys(&self) {
-        for v in self.tokens.values() {
-            if let Err(e) = v.refresh(true).await {
-                tracing::warn!(cluster = %v.cluster, error = %format!("{e:#}"), "service-account keys not loaded yet; will retry on first use");
-            }
-        }
-    }
-
-    /// Re-reads every cluster's keys when their refresh period has passed.
+    /// Re-reads every cluster's keys from OIDC discovery when their refresh period has passed.
     pub async fn refresh_keys(&self) {
-        for v in self.tokens.values() {
+        let validators: Vec<Arc<TokenValidator>> =
+            self.tokens.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+        for v in validators {
             if v.due()
                 && let Err(e) = v.refresh(true).await
             {

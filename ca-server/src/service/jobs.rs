@@ -1,5 +1,6 @@
-//! Background work. The HSM probe and the expiry gauges run on every replica; CRL refresh and
-//! audit checkpoints run on one replica at a time, whichever holds the `jobs` lease.
+//! Background work. The HSM probe, the expiry gauges and the reload of cluster settings (token
+//! validators) run on every replica; CRL refresh and audit checkpoints run on one replica at a
+//! time, whichever holds the `jobs` lease.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -94,6 +95,10 @@ async fn tick(state: &AppState) -> anyhow::Result<()> {
     // Before maintenance: a stage approved on another replica changes the issuers here.
     if let Err(e) = crate::service::rotation::refresh(state).await {
         tracing::warn!(error = %e.detail, "rotation state not applied; retrying next round");
+    }
+    // Settings changed on another replica (an approval, an agent's key push) apply here now.
+    if state.config.istio.is_some() {
+        crate::service::cluster_settings::reload_quietly(state).await;
     }
     if let Err(e) = crate::service::external_ca::maintain(state, leader).await {
         tracing::warn!(error = %format!("{e:#}"), "external-CA maintenance failed; retrying next round");

@@ -1,12 +1,14 @@
 //! The domain layer: what the server does, whichever protocol asked. Nothing here imports
 //! `crate::http` or `crate::grpc` (checked by `ca-core/tests/architecture.rs`).
 
+pub mod agent;
 pub mod approval_kind;
 pub mod approvals;
 pub mod audit;
 pub mod certificates;
 pub mod checkpoint;
 pub mod cluster_ca;
+pub mod cluster_settings;
 pub mod clusters;
 pub mod crl;
 pub mod denials;

@@ -22,16 +22,16 @@ fn chain_id(ca: &ClusterCa) -> String {
     ca.serving_chain.iter().map(CertInfo::fingerprint).collect::<Vec<_>>().join(",")
 }
 
-/// The configured serving cluster, or else the first configured cluster (by name) that is
-/// active here: a configured but not yet approved cluster must not keep the listener dark.
+/// The configured serving cluster, or else the first served cluster (by name) whose CA loads:
+/// a cluster whose intermediate is not issued yet must not keep the listener dark.
 async fn serving_ca(state: &AppState, cfg: &IstioConfig) -> Result<(String, Arc<ClusterCa>), ServiceError> {
     if let Some(name) = &cfg.serving_cluster {
         return Ok((name.clone(), cluster_ca(state, name).await?));
     }
     let mut last = ServiceError::new(ErrorCode::IntermediateNotReady, "no external-CA cluster is active yet");
-    for name in cfg.clusters.keys() {
-        match cluster_ca(state, name).await {
-            Ok(ca) => return Ok((name.clone(), ca)),
+    for name in state.istio.served() {
+        match cluster_ca(state, &name).await {
+            Ok(ca) => return Ok((name, ca)),
             Err(e) => last = e,
         }
     }

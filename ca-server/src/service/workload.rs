@@ -12,15 +12,10 @@ use sha2::Digest;
 use time::OffsetDateTime;
 
 use crate::auth::service_account::Caller;
-use crate::config::IstioClusterConfig;
 use crate::error::{ErrorCode, ServiceError};
 use crate::service::cluster_ca::cluster_ca;
 use crate::service::recorder::Entry;
 use crate::service::state::AppState;
-
-fn cluster_config<'a>(state: &'a AppState, cluster: &str) -> Option<&'a IstioClusterConfig> {
-    state.config.istio.as_ref()?.clusters.get(cluster)
-}
 
 fn not_served(cluster: &str) -> ServiceError {
     ServiceError::new(ErrorCode::ClusterNotServed, format!("cluster {cluster:?} is not served by this CA"))
@@ -29,7 +24,7 @@ fn not_served(cluster: &str) -> ServiceError {
 /// The workload a service-account token (`None`: none was sent) speaks for in `cluster`.
 /// Every refusal here is of a caller not yet authenticated.
 pub async fn authenticate(state: &AppState, cluster: &str, token: Option<&str>) -> Result<Caller, ServiceError> {
-    let (Some(validator), Some(_)) = (state.istio.validator(cluster), cluster_config(state, cluster)) else {
+    let Some(validator) = state.istio.validator(cluster) else {
         return Err(not_served(cluster));
     };
     let token = token.ok_or_else(|| {
@@ -53,7 +48,9 @@ pub async fn issue(
     csr: String,
     validity: i64,
 ) -> Result<Vec<String>, ServiceError> {
-    let ccfg = cluster_config(state, cluster).ok_or_else(|| not_served(cluster))?;
+    // The settings as served now (the database's, reloaded by `cluster_settings::reload`).
+    let validator = state.istio.validator(cluster).ok_or_else(|| not_served(cluster))?;
+    let ccfg = validator.settings();
     let ca = cluster_ca(state, cluster).await?;
     let mut identity = SpiffeId::istio(&ca.trust_domain, &caller.namespace, &caller.service_account)
         .map_err(|e| ServiceError::new(ErrorCode::InvalidToken, e.to_string()))?;

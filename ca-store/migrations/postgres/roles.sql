@@ -11,3 +11,5 @@ GRANT SELECT ON _sqlx_migrations TO ca_server;
 GRANT SELECT, INSERT, UPDATE ON rotations, cluster_reports TO ca_server;
 -- Compromised keys are only ever added, never unblocked by the server.
 GRANT SELECT, INSERT ON blocked_keys TO ca_server;
+-- Cluster settings change on approval and when a cluster's agent pushes new keys.
+GRANT SELECT, INSERT, UPDATE ON cluster_settings TO ca_server;
