@@ -10,7 +10,7 @@ import yaml
 
 POD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"}
 ALLOWED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
-                   "projected", "secret", "image"}
+                   "projected", "secret"}
 SECCOMP_OK = {"RuntimeDefault", "Localhost"}
 
 
