@@ -59,6 +59,9 @@ pub enum Cmd {
     /// Audit trail verification.
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// The server's database schema.
+    #[command(subcommand)]
+    Database(DatabaseCmd),
     /// Every issuer and cluster intermediate a ca-server knows: expiry and renewal state.
     /// The operator or auditor token comes from CA_TOKEN, never the command line.
     Status {
@@ -240,6 +243,19 @@ pub enum ClusterCmd {
     Rollback {
         #[arg(long)]
         state_dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum DatabaseCmd {
+    /// Apply ca-store's migrations and exit, as the schema owner, so that ca-server itself can
+    /// run with `database.migrate = false` under a role that may not change the schema (the
+    /// Helm chart's pre-install/pre-upgrade Job). The URL, with its password, comes from
+    /// CA_DATABASE_URL, never argv.
+    Migrate {
+        /// sqlite://PATH or postgres://...
+        #[arg(long, env = "CA_DATABASE_URL", hide_env_values = true)]
+        database: String,
     },
 }
 

@@ -78,6 +78,7 @@ fn run(cmd: Cmd, output: Output) -> Result<()> {
         Cmd::Quickstart(a) => quickstart::run(a, output),
         Cmd::Cluster(c) => cluster::run(c, output),
         Cmd::Audit(c) => audit::run(c, output),
+        Cmd::Database(c) => database::run(c, output),
         Cmd::Status { server, ca_root } => status::run(server, ca_root, output),
         Cmd::Rotation(c) => rotation::run(c, output),
         Cmd::Request(c) => request::run(c, output),

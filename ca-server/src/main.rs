@@ -40,6 +40,10 @@ struct Args {
     /// Listen address, overriding the configuration (port 0 picks a free port).
     #[arg(long)]
     listen: Option<String>,
+    /// Parse and validate --config (environment overrides included), print OK and exit,
+    /// without opening the database, the keys or any listener: the Helm chart's check uses it.
+    #[arg(long, requires = "config")]
+    check_config: bool,
 }
 
 fn main() -> ExitCode {
@@ -59,6 +63,21 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if args.check_config
+        && let Some(path) = &args.config
+    {
+        return match Config::load(path) {
+            Ok(_) => {
+                println!("ca-server: {} OK", path.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                let chain: Vec<String> = e.chain().map(|c| c.to_string().replace('\n', " ")).collect();
+                eprintln!("error: {}", chain.join(": "));
+                ExitCode::FAILURE
+            }
+        };
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

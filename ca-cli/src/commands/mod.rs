@@ -6,6 +6,7 @@ pub mod ceremony;
 pub mod cluster;
 pub mod crl;
 pub mod csr;
+pub mod database;
 pub mod istio;
 pub mod key;
 pub mod quickstart;
