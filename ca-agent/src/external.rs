@@ -38,6 +38,8 @@ pub struct External {
     pushed_keys: Option<[u8; 32]>,
     /// Issued but not yet written (an API outage): written first on the next pass.
     pending_credential: Option<(IssuedCert, hsm::SecretKey)>,
+    /// ca-server asked for a renewal of the agent certificate before its time.
+    pub renew_asked: Option<String>,
 }
 
 impl External {
@@ -63,6 +65,7 @@ impl External {
             dns_names,
             pushed_keys: None,
             pending_credential: None,
+            renew_asked: None,
         }
     }
 
@@ -95,8 +98,12 @@ impl External {
             },
         };
         let now = OffsetDateTime::now_utc();
+        let asked = self.renew_asked.take();
+        if let Some(why) = &asked {
+            tracing::info!(reason = %why, "ca-server asks for a new agent certificate");
+        }
         match id {
-            Some(id) if !due(&id.chain[0], CLUSTER_RENEWAL, now) => {
+            Some(id) if asked.is_none() && !due(&id.chain[0], CLUSTER_RENEWAL, now) => {
                 self.status.expires(CREDENTIAL, id.chain[0].not_after.unix_timestamp());
                 self.status.synced(CREDENTIAL);
                 Ok(id)
@@ -117,6 +124,7 @@ impl External {
                     Err(e) => {
                         self.status.server_failed(e.cause());
                         tracing::warn!(error = %e, "renewing the agent certificate failed; using the current one");
+                        self.renew_asked = asked;
                         Ok(id)
                     }
                 }

@@ -235,9 +235,10 @@ async fn external_pass(
         .collect();
     if !snapshot.is_empty() {
         match ext.server.namespace_report(&id, &snapshot).await {
-            Ok(_) => {
+            Ok(renew) => {
                 ext.status.server_ok();
                 ext.status.synced("namespace-report");
+                ext.renew_asked = renew;
             }
             Err(e) => {
                 ext.status.server_failed(e.cause());

@@ -235,19 +235,20 @@ impl CaServer {
         Ok(v.get("changed").and_then(Value::as_bool).unwrap_or(false))
     }
 
-    /// External-CA mode: which roots each namespace's `istio-ca-root-cert` holds. Answers the
-    /// bundle every namespace should hold.
+    /// External-CA mode: which roots each namespace's `istio-ca-root-cert` holds. Answers
+    /// why the agent should renew its own certificate now (an environment rotation moved the
+    /// environment to a new key), if it should.
     pub async fn namespace_report(
         &self,
         id: &Identity,
         namespaces: &BTreeMap<String, Vec<String>>,
-    ) -> Result<Vec<String>, CallError> {
+    ) -> Result<Option<String>, CallError> {
         let what = "the namespace report";
         let body = json!({"namespaces": namespaces});
         let resp = self.call(what, reqwest::Method::POST, "/namespace-report", Auth::Mtls(id), Some(body)).await?;
         let v: Value = Self::json(what, resp).await?;
-        let bundle = v.get("trust_bundle").and_then(Value::as_array).cloned().unwrap_or_default();
-        Ok(bundle.into_iter().filter_map(|p| p.as_str().map(str::to_string)).collect())
+        let renew = v.get("renew").and_then(Value::as_bool).unwrap_or(false);
+        Ok(renew.then(|| v.get("reason").and_then(Value::as_str).unwrap_or("ca-server asks for it").to_string()))
     }
 
     /// The cluster's trust bundle (public).
