@@ -1,4 +1,5 @@
 //! Running ca-agent against a stand-in, and reading what it wrote.
+#![allow(dead_code)] // shared by the agent and rotation tests, each using part of it
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

@@ -31,19 +31,10 @@ async fn enrol_dev_agent(srv: &Server) -> (Vec<u8>, Vec<u8>) {
     (pem::parse(issued["certificate"].as_str().unwrap()).unwrap().into_contents(), kp.serialize_der())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_external_ca_cluster_with_an_agent_is_gated_on_its_namespaces() {
-    let tmp = tempfile::tempdir().unwrap();
-    let srv = Server::start(&tmp.path().join("dev"), &opts());
-    srv.wait_ready().await;
-
-    let (cert, key) = enrol_dev_agent(&srv).await;
-    let report = |namespaces: Value| {
-        agent_post(&srv, &cert, &key, "/v1/clusters/dev/namespace-report", json!({"namespaces": namespaces}))
-    };
-
-    // A new root, and the environment certified under it (the offline part).
-    let cer = tmp.path().join("ceremonies");
+/// A new root, and the dev environment certified under it (the offline part of a root
+/// rotation): the new root's certificate and the cross-signed environment.
+pub(crate) fn new_root_and_cross_signed_environment(srv: &Server, dir: &Path) -> (PathBuf, PathBuf) {
+    let cer = dir.join("ceremonies");
     std::fs::create_dir_all(&cer).unwrap();
     let conf = Some(srv.dir.join("hierarchy/softhsm/softhsm2.conf"));
     let root_key = cer.join("root-b.key");
@@ -76,29 +67,32 @@ async fn an_external_ca_cluster_with_an_agent_is_gated_on_its_namespaces() {
         ),
         conf.as_deref(),
     );
-    let old = load_cert(&srv.root()).unwrap().fingerprint();
-    let new = load_cert(&cer.join("root-b.pem")).unwrap().fingerprint();
+    (cer.join("root-b.pem"), cer.join("env-under-b.pem"))
+}
 
-    let started = json_of(&cli(
-        &srv,
-        "admin",
-        &["rotation", "start", "root", "--new-root", cer.join("root-b.pem").to_str().unwrap()],
-    ));
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_external_ca_cluster_with_an_agent_is_gated_on_its_namespaces() {
+    let tmp = tempfile::tempdir().unwrap();
+    let srv = Server::start(&tmp.path().join("dev"), &opts());
+    srv.wait_ready().await;
+
+    let (cert, key) = enrol_dev_agent(&srv).await;
+    let report = |namespaces: Value| {
+        agent_post(&srv, &cert, &key, "/v1/clusters/dev/namespace-report", json!({"namespaces": namespaces}))
+    };
+
+    let (root_b, env_under_b) = new_root_and_cross_signed_environment(&srv, tmp.path());
+    let old = load_cert(&srv.root()).unwrap().fingerprint();
+    let new = load_cert(&root_b).unwrap().fingerprint();
+
+    let started = json_of(&cli(&srv, "admin", &["rotation", "start", "root", "--new-root", root_b.to_str().unwrap()]));
     let id = started["rotation"].as_str().unwrap().to_string();
     json_of(&cli(&srv, "approver", &["request", "approve", started["request_id"].as_str().unwrap()]));
     advance(&srv, &id, "distribute");
     json_of(&cli(
         &srv,
         "admin",
-        &[
-            "rotation",
-            "certificate",
-            &id,
-            "--environment",
-            "dev",
-            "--certificate",
-            cer.join("env-under-b.pem").to_str().unwrap(),
-        ],
+        &["rotation", "certificate", &id, "--environment", "dev", "--certificate", env_under_b.to_str().unwrap()],
     ));
     // An agent that has not reported yet holds the gate.
     refused(&srv, &id, &["cluster dev: no namespace report from the agent yet"]);

@@ -24,7 +24,15 @@ use proto::istio_certificate_service_client::IstioCertificateServiceClient;
 use serde_json::{Value, json};
 use support::*;
 
+#[path = "../agent/support.rs"]
+mod agent_support;
+/// `agent_support` names the server rig by the name the agent tests give it.
+mod server_support {
+    pub use super::support::*;
+}
+
 mod agent;
+mod agent_live;
 mod intermediate;
 mod root;
 mod simulation_and_runbooks;

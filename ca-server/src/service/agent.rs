@@ -21,7 +21,7 @@ use sha2::Digest;
 use time::OffsetDateTime;
 
 use crate::error::{ErrorCode, ServiceError};
-use crate::service::clusters::token_hash;
+use crate::service::enrolment_token::token_hash;
 use crate::service::intermediates::Credential;
 use crate::service::issuance::{cert_record, issuer_chain, record_issued};
 use crate::service::issuer::Issuer;

@@ -2,14 +2,13 @@
 //! second operator approves (`service::approvals`); reads say whether an external-CA cluster
 //! stopped on a compromised key.
 
-use base64::Engine;
 use ca_store::{ApprovalRequest, AuditEvent, ClusterMode, ClusterRecord, ClusterStatus, Tx, now_secs};
 use serde_json::json;
-use sha2::Digest;
 
 use crate::auth::Operator;
 use crate::error::{ErrorCode, ServiceError};
 use crate::service::approval_kind::{Approval, RegisterCluster, ReissueEnrolment};
+use crate::service::enrolment_token::{new_token, token_hash};
 use crate::service::state::AppState;
 
 /// What an operator asks to register.
@@ -39,17 +38,6 @@ pub struct ClusterInfo {
     pub record: ClusterRecord,
     /// external-CA: the key of its newest intermediate was revoked for compromise.
     pub key_compromised: bool,
-}
-
-pub fn token_hash(token: &str) -> String {
-    hex::encode(sha2::Sha256::digest(token.as_bytes()))
-}
-
-/// 256 random bits; the `pet_` prefix makes leaked tokens easy to spot in scanners.
-fn new_token() -> String {
-    let mut b = [0u8; 32];
-    aws_lc_rs::rand::fill(&mut b).expect("system RNG");
-    format!("pet_{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b))
 }
 
 /// Whether an external-CA cluster stopped on a compromised key.

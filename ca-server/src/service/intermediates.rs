@@ -10,7 +10,7 @@ use sha2::Digest;
 
 use crate::error::{ErrorCode, ServiceError};
 use crate::service::certificates::normalise_serial;
-use crate::service::clusters::token_hash;
+use crate::service::enrolment_token::token_hash;
 use crate::service::issuance::{cert_record, cluster_request, issuer_chain, record_issued};
 use crate::service::state::AppState;
 

@@ -12,6 +12,7 @@ pub mod cluster_settings;
 pub mod clusters;
 pub mod crl;
 pub mod denials;
+pub mod enrolment_token;
 pub mod external_ca;
 pub mod health;
 pub mod hsm_call;

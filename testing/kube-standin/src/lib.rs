@@ -313,6 +313,11 @@ impl StandIn {
         });
     }
 
+    /// Forgets every fault still waiting to be served by `fail_next`.
+    pub fn clear_faults(&self) {
+        lock(&self.shared.faults).clear();
+    }
+
     /// While true the server is unreachable: open connections (watches too) are closed and new
     /// ones are dropped once accepted. For "every request answers 503" use
     /// `fail_next("*", "/", 503, u32::MAX)`.
