@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use axum::Router;
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, header};
+use axum::http::HeaderMap;
 use axum::routing::post;
 use axum::{Extension, Json};
 use ca_core::cert::CertInfo;
@@ -16,7 +16,6 @@ use crate::error::{Problem, ServiceError};
 use crate::http::body::{Body, read_json};
 use crate::http::extract::Path;
 use crate::service::agent::{MAX_NAMESPACES, MAX_ROOTS_PER_NAMESPACE};
-use crate::service::intermediates::Credential;
 use crate::service::state::AppState;
 use crate::tls::ConnInfo;
 
@@ -65,18 +64,7 @@ pub(crate) async fn issue_agent_certificate(
     headers: HeaderMap,
     Body(req): Body<AgentCertificateRequest>,
 ) -> Result<Json<AgentCertificateResponse>, ServiceError> {
-    let bearer = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    let peer = conn.as_ref().and_then(|c| c.peer_cert.as_deref());
-    // The token wins over a client certificate sent alongside it.
-    let credential = match (bearer, peer) {
-        (Some(token), _) => Credential::Token(token),
-        (None, Some(der)) => Credential::Certificate(der),
-        (None, None) => Credential::None,
-    };
+    let credential = crate::http::extract::enrolment_credential(&headers, conn.as_ref().map(|c| &c.0));
     let issued = crate::service::agent::issue(&state, &name, credential, &req.csr).await?;
     Ok(Json(AgentCertificateResponse {
         serial: issued.cert.serial.clone(),

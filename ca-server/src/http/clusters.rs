@@ -6,7 +6,7 @@ use axum::routing::{get, post};
 use utoipa::OpenApi;
 
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use ca_core::cert::CertInfo;
@@ -18,7 +18,7 @@ use crate::error::{Problem, ServiceError};
 use crate::http::body::Body;
 use crate::http::extract::Path;
 use crate::service::clusters::{ClusterInfo, Registration, Requested};
-use crate::service::intermediates::{Credential, Installed};
+use crate::service::intermediates::Installed;
 use crate::service::state::AppState;
 use crate::tls::ConnInfo;
 
@@ -233,18 +233,7 @@ pub(crate) async fn issue_intermediate(
     headers: HeaderMap,
     Body(req): Body<IntermediateRequest>,
 ) -> Result<Json<IntermediateResponse>, ServiceError> {
-    let bearer = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    let peer = conn.as_ref().and_then(|c| c.peer_cert.as_deref());
-    // The token wins over a client certificate sent alongside it.
-    let credential = match (bearer, peer) {
-        (Some(token), _) => Credential::Token(token),
-        (None, Some(der)) => Credential::Certificate(der),
-        (None, None) => Credential::None,
-    };
+    let credential = crate::http::extract::enrolment_credential(&headers, conn.as_ref().map(|c| &c.0));
     let issued = crate::service::intermediates::issue(&state, &name, credential, &req.csr).await?;
     Ok(Json(IntermediateResponse {
         serial: issued.cert.serial.clone(),

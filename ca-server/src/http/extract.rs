@@ -44,3 +44,23 @@ where
         }
     }
 }
+
+/// How a cluster-side caller authenticated an enrolment or a renewal: the one-time token as
+/// `Authorization: Bearer`, else the TLS client certificate. The token wins over a client
+/// certificate sent alongside it.
+pub fn enrolment_credential<'a>(
+    headers: &'a axum::http::HeaderMap,
+    conn: Option<&'a crate::tls::ConnInfo>,
+) -> crate::service::intermediates::Credential<'a> {
+    use crate::service::intermediates::Credential;
+    let bearer = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match (bearer, conn.and_then(|c| c.peer_cert.as_deref())) {
+        (Some(token), _) => Credential::Token(token),
+        (None, Some(der)) => Credential::Certificate(der),
+        (None, None) => Credential::None,
+    }
+}
