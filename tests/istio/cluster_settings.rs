@@ -175,7 +175,7 @@ async fn registered_settings_serve_without_a_restart_and_change_under_two_person
     // A plug-in cluster has no settings to change; a rejected registration stores none.
     srv.register_approved("plug").await;
     let (s, r) = srv.call("PUT", "/v1/clusters/plug/settings", Some(&srv.token("admin")), Some(istio.clone())).await;
-    assert_eq!((s, r["code"].as_str()), (400, Some("invalid-settings")), "{r}");
+    assert_eq!((s, r["code"].as_str()), (409, Some("plugin-cluster")), "{r}");
     let (s, r) = register(&srv, tmp.path(), "west", Some(istio.clone()), "external-ca").await;
     assert_eq!(s, 202, "{r}");
     let id = r["request_id"].as_str().unwrap();

@@ -328,7 +328,12 @@ pub async fn request_change(state: &AppState, op: &Operator, name: &str, value: 
         .await?
         .ok_or_else(|| ServiceError::not_found(format!("no cluster {name:?}")).by(op.actor()))?;
     if !cluster.is_external_ca() {
-        return Err(invalid(format!("cluster {name} is in plug-in mode: istiod applies its own policy")).by(op.actor()));
+        // The body may be fine: it is the cluster that cannot take it (409, not 400).
+        return Err(ServiceError::new(
+            ErrorCode::PluginCluster,
+            format!("cluster {name} is in plug-in mode: istiod applies its own policy, there are no settings to change"),
+        )
+        .by(op.actor()));
     }
     // A pending registration carries its own settings: they are what its approval stores.
     if !cluster.is_active() {
