@@ -331,7 +331,9 @@ pub async fn request_change(state: &AppState, op: &Operator, name: &str, value: 
         // The body may be fine: it is the cluster that cannot take it (409, not 400).
         return Err(ServiceError::new(
             ErrorCode::PluginCluster,
-            format!("cluster {name} is in plug-in mode: istiod applies its own policy, there are no settings to change"),
+            format!(
+                "cluster {name} is in plug-in mode: istiod applies its own policy, there are no settings to change"
+            ),
         )
         .by(op.actor()));
     }
