@@ -187,6 +187,12 @@ impl CertInfo {
             .map_err(|e| CoreError::Chain(format!("{}: {e}", self.subject)))
     }
 
+    /// Whether `issuer` issued this certificate: its subject is this one's issuer name, and its
+    /// key made this one's signature.
+    pub fn issued_by(&self, issuer: &CertInfo) -> bool {
+        self.issuer_raw == issuer.subject_raw && issuer.public_key().is_ok_and(|k| self.verify_signed_by(&k).is_ok())
+    }
+
     /// Trust domains this CA records as `spiffe://<td>` URI SANs.
     pub fn trust_domains(&self) -> Vec<String> {
         self.uris

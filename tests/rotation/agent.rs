@@ -31,45 +31,6 @@ async fn enrol_dev_agent(srv: &Server) -> (Vec<u8>, Vec<u8>) {
     (pem::parse(issued["certificate"].as_str().unwrap()).unwrap().into_contents(), kp.serialize_der())
 }
 
-/// A new root, and the dev environment certified under it (the offline part of a root
-/// rotation): the new root's certificate and the cross-signed environment.
-pub(crate) fn new_root_and_cross_signed_environment(srv: &Server, dir: &Path) -> (PathBuf, PathBuf) {
-    let cer = dir.join("ceremonies");
-    std::fs::create_dir_all(&cer).unwrap();
-    let conf = Some(srv.dir.join("hierarchy/softhsm/softhsm2.conf"));
-    let root_key = cer.join("root-b.key");
-    ceremony(
-        &cer,
-        "1-key.yaml",
-        &format!(
-            "ceremony-type: key\nkey: \"file:{}\"\nalgorithm: ecdsa-p384\noutputs:\n  public-key: root-b.pub.pem\n",
-            root_key.display()
-        ),
-        conf.as_deref(),
-    );
-    ceremony(
-        &cer,
-        "2-root.yaml",
-        &format!(
-            "ceremony-type: root\nkey: \"file:{}\"\nsubject: \"CN=Dev Root B,O=Test\"\nvalidity: 10y\noutputs:\n  certificate: root-b.pem\n",
-            root_key.display()
-        ),
-        conf.as_deref(),
-    );
-    let env_cert = srv.dir.join("hierarchy/environments/dev/environment.pem");
-    ceremony(
-        &cer,
-        "3-cross.yaml",
-        &format!(
-            "ceremony-type: cross-sign\nissuer:\n  certificate: root-b.pem\n  key: \"file:{}\"\ncertificate: {}\nvalidity: 4y\noutputs:\n  certificate: env-under-b.pem\n",
-            root_key.display(),
-            env_cert.display()
-        ),
-        conf.as_deref(),
-    );
-    (cer.join("root-b.pem"), cer.join("env-under-b.pem"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_external_ca_cluster_with_an_agent_is_gated_on_its_namespaces() {
     let tmp = tempfile::tempdir().unwrap();
@@ -148,61 +109,7 @@ async fn an_environment_rotation_moves_the_agent_certificate_to_the_new_key() {
     let (s, r) = agent_post(&srv, &cert, &key, "/v1/clusters/dev/namespace-report", body.clone()).await;
     assert_eq!((s, r["renew"].as_bool()), (200, Some(false)), "{r}");
 
-    // A new environment intermediate (new key) under the same root.
-    let cer = tmp.path().join("ceremonies");
-    std::fs::create_dir_all(&cer).unwrap();
-    let conf = Some(srv.dir.join("hierarchy/softhsm/softhsm2.conf"));
-    let root_key = std::fs::read_to_string(srv.dir.join("hierarchy/ceremonies/05-environment.yaml"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("key: ").map(|k| k.trim_matches('"').to_string()))
-        .unwrap();
-    let env_key = cer.join("env-2.key");
-    ceremony(
-        &cer,
-        "1-key.yaml",
-        &format!(
-            "ceremony-type: key\nkey: \"file:{}\"\nalgorithm: ecdsa-p256\noutputs:\n  public-key: env-2.pub.pem\n",
-            env_key.display()
-        ),
-        conf.as_deref(),
-    );
-    ceremony(
-        &cer,
-        "2-csr.yaml",
-        &format!(
-            "ceremony-type: csr\nkey: \"file:{}\"\nsubject: \"CN=Dev Environment CA 2,O=Test\"\noutputs:\n  csr: env-2.csr\n",
-            env_key.display()
-        ),
-        conf.as_deref(),
-    );
-    ceremony(
-        &cer,
-        "3-int.yaml",
-        &format!(
-            "ceremony-type: intermediate\nprofile: environment\nissuer:\n  certificate: {}\n  key: \"{root_key}\"\ncsr: env-2.csr\ntrust-domains: [cluster.local]\nvalidity: 3y\noutputs:\n  certificate: env-2.pem\n",
-            srv.root().display()
-        ),
-        conf.as_deref(),
-    );
-    let env2 = load_cert(&cer.join("env-2.pem")).unwrap();
-    let started = json_of(&cli(
-        &srv,
-        "admin",
-        &[
-            "rotation",
-            "start",
-            "environment",
-            "--environment",
-            "dev",
-            "--certificate",
-            cer.join("env-2.pem").to_str().unwrap(),
-            "--key",
-            &format!("file:{}", env_key.display()),
-        ],
-    ));
-    let id = started["rotation"].as_str().unwrap().to_string();
-    json_of(&cli(&srv, "approver", &["request", "approve", started["request_id"].as_str().unwrap()]));
+    let (env2, id) = environment_rotation_started(&srv, tmp.path());
     advance(&srv, &id, "reissue");
 
     // The old certificate still acts for the cluster, and is told to move.

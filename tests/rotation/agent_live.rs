@@ -33,7 +33,7 @@ async fn a_root_rotation_waits_for_the_real_agent_to_publish_every_namespace() {
         .await;
     }
 
-    let (root_b, env_under_b) = agent::new_root_and_cross_signed_environment(&srv, tmp.path());
+    let (root_b, env_under_b) = new_root_and_cross_signed_environment(&srv, tmp.path());
     let new = load_cert(&root_b).unwrap().fingerprint();
     let started = json_of(&cli(&srv, "admin", &["rotation", "start", "root", "--new-root", root_b.to_str().unwrap()]));
     let id = started["rotation"].as_str().unwrap().to_string();

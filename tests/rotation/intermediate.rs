@@ -37,60 +37,7 @@ async fn intermediate_rotations_keep_the_mesh_connected_and_are_gated() {
     m.renew_all("cluster done").await;
 
     // An environment rotation: a new environment intermediate (new key) under the same root.
-    let cer = tmp.path().join("ceremonies");
-    std::fs::create_dir_all(&cer).unwrap();
-    let conf = Some(srv.dir.join("hierarchy/softhsm/softhsm2.conf"));
-    let root_key = std::fs::read_to_string(srv.dir.join("hierarchy/ceremonies/05-environment.yaml"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("key: ").map(|k| k.trim_matches('"').to_string()))
-        .unwrap();
-    let env_key = cer.join("env-2.key");
-    ceremony(
-        &cer,
-        "1-key.yaml",
-        &format!(
-            "ceremony-type: key\nkey: \"file:{}\"\nalgorithm: ecdsa-p256\noutputs:\n  public-key: env-2.pub.pem\n",
-            env_key.display()
-        ),
-        conf.as_deref(),
-    );
-    ceremony(
-        &cer,
-        "2-csr.yaml",
-        &format!(
-            "ceremony-type: csr\nkey: \"file:{}\"\nsubject: \"CN=Dev Environment CA 2,O=Test\"\noutputs:\n  csr: env-2.csr\n",
-            env_key.display()
-        ),
-        conf.as_deref(),
-    );
-    ceremony(
-        &cer,
-        "3-int.yaml",
-        &format!(
-            "ceremony-type: intermediate\nprofile: environment\nissuer:\n  certificate: {}\n  key: \"{root_key}\"\ncsr: env-2.csr\ntrust-domains: [cluster.local]\nvalidity: 3y\noutputs:\n  certificate: env-2.pem\n",
-            srv.root().display()
-        ),
-        conf.as_deref(),
-    );
-    let env2 = load_cert(&cer.join("env-2.pem")).unwrap();
-    let started = json_of(&cli(
-        &srv,
-        "admin",
-        &[
-            "rotation",
-            "start",
-            "environment",
-            "--environment",
-            "dev",
-            "--certificate",
-            cer.join("env-2.pem").to_str().unwrap(),
-            "--key",
-            &format!("file:{}", env_key.display()),
-        ],
-    ));
-    let id = started["rotation"].as_str().unwrap().to_string();
-    json_of(&cli(&srv, "approver", &["request", "approve", started["request_id"].as_str().unwrap()]));
+    let (env2, id) = environment_rotation_started(&srv, tmp.path());
     advance(&srv, &id, "reissue");
     // The plug-in cluster has not moved yet: the next stage waits for it.
     refused(&srv, &id, &["cluster east: has not"]);

@@ -223,6 +223,106 @@ fn ceremony(dir: &Path, name: &str, yaml: &str, softhsm_conf: Option<&Path>) {
     assert!(o.status.success(), "{name}: {}", stderr(&o));
 }
 
+/// A new root, and the dev environment certified under it (the offline part of a root
+/// rotation): the new root's certificate and the cross-signed environment.
+fn new_root_and_cross_signed_environment(srv: &Server, dir: &Path) -> (PathBuf, PathBuf) {
+    let cer = dir.join("ceremonies");
+    std::fs::create_dir_all(&cer).unwrap();
+    let conf = Some(srv.dir.join("hierarchy/softhsm/softhsm2.conf"));
+    let root_key = cer.join("root-b.key");
+    ceremony(
+        &cer,
+        "1-key.yaml",
+        &format!(
+            "ceremony-type: key\nkey: \"file:{}\"\nalgorithm: ecdsa-p384\noutputs:\n  public-key: root-b.pub.pem\n",
+            root_key.display()
+        ),
+        conf.as_deref(),
+    );
+    ceremony(
+        &cer,
+        "2-root.yaml",
+        &format!(
+            "ceremony-type: root\nkey: \"file:{}\"\nsubject: \"CN=Dev Root B,O=Test\"\nvalidity: 10y\noutputs:\n  certificate: root-b.pem\n",
+            root_key.display()
+        ),
+        conf.as_deref(),
+    );
+    let env_cert = srv.dir.join("hierarchy/environments/dev/environment.pem");
+    ceremony(
+        &cer,
+        "3-cross.yaml",
+        &format!(
+            "ceremony-type: cross-sign\nissuer:\n  certificate: root-b.pem\n  key: \"file:{}\"\ncertificate: {}\nvalidity: 4y\noutputs:\n  certificate: env-under-b.pem\n",
+            root_key.display(),
+            env_cert.display()
+        ),
+        conf.as_deref(),
+    );
+    (cer.join("root-b.pem"), cer.join("env-under-b.pem"))
+}
+
+/// An environment rotation of `dev`, started and approved: a new environment intermediate
+/// (a new key) under the same root, made by ceremony in `dir`; the new certificate and the
+/// rotation's id.
+fn environment_rotation_started(srv: &Server, dir: &Path) -> (CertInfo, String) {
+    let cer = dir.join("ceremonies");
+    std::fs::create_dir_all(&cer).unwrap();
+    let conf = Some(srv.dir.join("hierarchy/softhsm/softhsm2.conf"));
+    let root_key = std::fs::read_to_string(srv.dir.join("hierarchy/ceremonies/05-environment.yaml"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("key: ").map(|k| k.trim_matches('"').to_string()))
+        .unwrap();
+    let env_key = cer.join("env-2.key");
+    ceremony(
+        &cer,
+        "1-key.yaml",
+        &format!(
+            "ceremony-type: key\nkey: \"file:{}\"\nalgorithm: ecdsa-p256\noutputs:\n  public-key: env-2.pub.pem\n",
+            env_key.display()
+        ),
+        conf.as_deref(),
+    );
+    ceremony(
+        &cer,
+        "2-csr.yaml",
+        &format!(
+            "ceremony-type: csr\nkey: \"file:{}\"\nsubject: \"CN=Dev Environment CA 2,O=Test\"\noutputs:\n  csr: env-2.csr\n",
+            env_key.display()
+        ),
+        conf.as_deref(),
+    );
+    ceremony(
+        &cer,
+        "3-int.yaml",
+        &format!(
+            "ceremony-type: intermediate\nprofile: environment\nissuer:\n  certificate: {}\n  key: \"{root_key}\"\ncsr: env-2.csr\ntrust-domains: [cluster.local]\nvalidity: 3y\noutputs:\n  certificate: env-2.pem\n",
+            srv.root().display()
+        ),
+        conf.as_deref(),
+    );
+    let env2 = load_cert(&cer.join("env-2.pem")).unwrap();
+    let started = json_of(&cli(
+        srv,
+        "admin",
+        &[
+            "rotation",
+            "start",
+            "environment",
+            "--environment",
+            "dev",
+            "--certificate",
+            cer.join("env-2.pem").to_str().unwrap(),
+            "--key",
+            &format!("file:{}", env_key.display()),
+        ],
+    ));
+    let id = started["rotation"].as_str().unwrap().to_string();
+    json_of(&cli(srv, "approver", &["request", "approve", started["request_id"].as_str().unwrap()]));
+    (env2, id)
+}
+
 fn renew_east(srv: &Server, east: &Path) -> Value {
     let o = Command::new(ca_cli_bin())
         .args(["--output", "json", "cluster", "renew", "--server", &srv.url, "--cluster", "east", "--ca-root"])

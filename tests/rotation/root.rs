@@ -11,54 +11,17 @@ async fn a_root_rotation_moves_a_running_mesh_without_a_failed_handshake() {
     let old_root = load_cert(&srv.root()).unwrap();
 
     // The offline part: a new root and the environment cross-certified under it.
-    let cer = tmp.path().join("ceremonies");
-    std::fs::create_dir_all(&cer).unwrap();
-    let conf = Some(srv.dir.join("hierarchy/softhsm/softhsm2.conf"));
-    let key = cer.join("root-b.key");
-    ceremony(
-        &cer,
-        "1-key.yaml",
-        &format!(
-            "ceremony-type: key\nkey: \"file:{}\"\nalgorithm: ecdsa-p384\noutputs:\n  public-key: root-b.pub.pem\n",
-            key.display()
-        ),
-        conf.as_deref(),
-    );
-    ceremony(
-        &cer,
-        "2-root.yaml",
-        &format!(
-            "ceremony-type: root\nkey: \"file:{}\"\nsubject: \"CN=Dev Root B,O=Test\"\nvalidity: 10y\noutputs:\n  certificate: root-b.pem\n",
-            key.display()
-        ),
-        conf.as_deref(),
-    );
-    let env_cert = srv.dir.join("hierarchy/environments/dev/environment.pem");
-    ceremony(
-        &cer,
-        "3-cross.yaml",
-        &format!(
-            "ceremony-type: cross-sign\nissuer:\n  certificate: root-b.pem\n  key: \"file:{}\"\ncertificate: {}\nvalidity: 4y\noutputs:\n  certificate: env-under-b.pem\n",
-            key.display(),
-            env_cert.display()
-        ),
-        conf.as_deref(),
-    );
-    let new_root = load_cert(&cer.join("root-b.pem")).unwrap();
+    let (root_b, env_under_b) = new_root_and_cross_signed_environment(&srv, tmp.path());
+    let new_root = load_cert(&root_b).unwrap();
     m.extra_roots = new_root.pem();
 
-    let started = json_of(&cli(
-        &srv,
-        "admin",
-        &["rotation", "start", "root", "--new-root", cer.join("root-b.pem").to_str().unwrap()],
-    ));
+    let started = json_of(&cli(&srv, "admin", &["rotation", "start", "root", "--new-root", root_b.to_str().unwrap()]));
     let id = started["rotation"].as_str().unwrap().to_string();
     // Nothing exists until a second operator approves.
     assert!(!cli(&srv, "auditor", &["rotation", "status", &id]).status.success());
     json_of(&cli(&srv, "approver", &["request", "approve", started["request_id"].as_str().unwrap()]));
     // One root rotation at a time.
-    let again =
-        cli(&srv, "admin", &["rotation", "start", "root", "--new-root", cer.join("root-b.pem").to_str().unwrap()]);
+    let again = cli(&srv, "admin", &["rotation", "start", "root", "--new-root", root_b.to_str().unwrap()]);
     assert!(stderr(&again).contains("rotation-in-progress"), "{}", stderr(&again));
 
     // distribute: every bundle carries both roots.
@@ -78,29 +41,13 @@ async fn a_root_rotation_moves_a_running_mesh_without_a_failed_handshake() {
     let wrong = cli(
         &srv,
         "admin",
-        &[
-            "rotation",
-            "certificate",
-            &id,
-            "--environment",
-            "dev",
-            "--certificate",
-            cer.join("root-b.pem").to_str().unwrap(),
-        ],
+        &["rotation", "certificate", &id, "--environment", "dev", "--certificate", root_b.to_str().unwrap()],
     );
     assert!(stderr(&wrong).contains("subject and key"), "{}", stderr(&wrong));
     json_of(&cli(
         &srv,
         "admin",
-        &[
-            "rotation",
-            "certificate",
-            &id,
-            "--environment",
-            "dev",
-            "--certificate",
-            cer.join("env-under-b.pem").to_str().unwrap(),
-        ],
+        &["rotation", "certificate", &id, "--environment", "dev", "--certificate", env_under_b.to_str().unwrap()],
     ));
     // The plug-in cluster picks the bundle up on its next run without renewing.
     let r = renew_east(&srv, &m.east);

@@ -382,19 +382,10 @@ pub async fn report_namespaces(
     }
     // An environment rotation moves the environment to a new key: an agent certificate from
     // the old one stops chaining once the rotation ends, so the agent moves over now.
-    let renew_because = (!issued_by(&presented.pem, &issuer.cert))
-        .then(|| format!("the agent certificate was not issued by {}'s current certificate; renew now", issuer.name));
+    let renew_because = (!crate::service::rotation_record::pem_cert(&presented.pem)
+        .is_ok_and(|c| c.issued_by(&issuer.cert)))
+    .then(|| format!("the agent certificate was not issued by {}'s current certificate; renew now", issuer.name));
     Ok(Advice { roots: issuer.roots.clone(), renew_because })
-}
-
-/// Whether `issuer` signed the certificate in `pem`.
-fn issued_by(pem: &str, issuer: &CertInfo) -> bool {
-    let Some(cert) =
-        ca_core::cert::parse_certs(pem.as_bytes(), "agent certificate").ok().and_then(|c| c.into_iter().next())
-    else {
-        return false;
-    };
-    cert.issuer_raw == issuer.subject_raw && issuer.public_key().is_ok_and(|k| cert.verify_signed_by(&k).is_ok())
 }
 
 /// What the gate sees of an external-CA cluster's namespaces: `None` when the cluster has no

@@ -66,7 +66,7 @@ async fn progress(state: &AppState, r: &Rotation, now: i64) -> Result<Progress, 
         if c.is_external_ca() {
             if let Some(rec) = &current {
                 p.intermediate_issued_at = Some(rec.issued_at);
-                p.chain_ok = signed_by(&rec.pem, &env.cert);
+                p.chain_ok = pem_cert(&rec.pem).is_ok_and(|c| c.issued_by(&env.cert));
             }
             // With an agent, its report says what each namespace's ConfigMap holds; without
             // one, the server hands the bundle out itself and only workload certificates lag.
@@ -91,11 +91,6 @@ async fn progress(state: &AppState, r: &Rotation, now: i64) -> Result<Progress, 
         out.push((c, p));
     }
     Ok((out, excluded))
-}
-
-fn signed_by(pem: &str, issuer: &CertInfo) -> bool {
-    let Ok(cert) = pem_cert(pem) else { return false };
-    cert.issuer_raw == issuer.subject_raw && issuer.public_key().is_ok_and(|k| cert.verify_signed_by(&k).is_ok())
 }
 
 /// The longest a workload certificate lives, plus the margin.
