@@ -51,6 +51,20 @@ pub fn key_and_csr(cn: &str) -> anyhow::Result<(hsm::SecretKey, String)> {
     Ok((key, csr))
 }
 
+/// A certificate and its key as a Secret holds them (`cert_name`, `key_name` name them in
+/// errors), checked to belong together.
+pub fn cert_with_key(
+    cert_pem: &str,
+    key_pem: &str,
+    cert_name: &str,
+    key_name: &str,
+) -> anyhow::Result<(CertInfo, hsm::SecretKey)> {
+    let cert = crate::server::one_cert(cert_pem).map_err(|e| anyhow::anyhow!("{cert_name}: {e:#}"))?;
+    let key = hsm::SecretKey::from_pem(key_pem, key_name)?;
+    anyhow::ensure!(cert.spki_der == key.public_key().spki_der(), "{key_name} is not the key of {cert_name}");
+    Ok((cert, key))
+}
+
 /// Checks an issued certificate before anything is written: it is for our key, and its chain
 /// verifies to the roots that come with it.
 pub fn check_issued(

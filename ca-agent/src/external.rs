@@ -183,7 +183,7 @@ impl External {
         }
         self.status.expires(CREDENTIAL, cert.not_after.unix_timestamp());
         self.status.synced(CREDENTIAL);
-        Ok(Identity { chain: vec![cert], key })
+        Ok(Identity { chain: vec![cert], key: Arc::new(key) })
     }
 
     /// Keeps `istiod-tls` current: renewed at half-life, or when its bundle is not `roots`.
@@ -281,8 +281,7 @@ impl External {
 }
 
 fn parse_credential(s: &Secret) -> Result<Identity> {
-    let cert = crate::server::one_cert(&secret_str(s, "tls.crt").context("tls.crt is missing")?)?;
-    let key = hsm::SecretKey::from_pem(&secret_str(s, "tls.key").context("tls.key is missing")?, "tls.key")?;
-    anyhow::ensure!(cert.spki_der == key.public_key().spki_der(), "tls.key is not the key of tls.crt");
-    Ok(Identity { chain: vec![cert], key })
+    let get = |k: &str| secret_str(s, k).with_context(|| format!("{k} is missing"));
+    let (cert, key) = crate::certs::cert_with_key(&get("tls.crt")?, &get("tls.key")?, "tls.crt", "tls.key")?;
+    Ok(Identity { chain: vec![cert], key: Arc::new(key) })
 }

@@ -12,10 +12,10 @@ use kube::{Api, Error};
 /// Label on every object the agent writes, so that `kubectl get -l` finds them.
 pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "ca-agent");
 
-/// A Secret's value as text; `None` when absent or not UTF-8.
+/// A Secret's value as text; `None` when absent or not UTF-8. (The API server folds
+/// `stringData` into `data` on write, so a Secret read back has only `data`.)
 pub fn secret_str(s: &Secret, key: &str) -> Option<String> {
-    let from_data = s.data.as_ref().and_then(|d| d.get(key)).and_then(|b| String::from_utf8(b.0.clone()).ok());
-    from_data.or_else(|| s.string_data.as_ref().and_then(|d| d.get(key)).cloned())
+    s.data.as_ref().and_then(|d| d.get(key)).and_then(|b| String::from_utf8(b.0.clone()).ok())
 }
 
 /// A Secret's whole data as text.

@@ -84,7 +84,8 @@ async fn run(args: Args) -> Result<()> {
         "--cluster {:?} is not a cluster name",
         args.cluster
     );
-    let server = ca_server(&args)?;
+    // Refuse a bad --ca-root before anything starts; each leadership term reads it afresh.
+    ca_server(&args)?;
     let client = kube_client().await?;
     let status = Status::new();
     let stale = (args.resync.as_secs() as i64 * 3).max(args.lease_duration.as_secs() as i64 * 2);
@@ -93,7 +94,6 @@ async fn run(args: Args) -> Result<()> {
     let election = leader::Election::new(client.clone(), &args.namespace(), args.identity(), args.lease_duration);
     tokio::spawn(election.run(lead_tx, status.clone()));
     tracing::info!(cluster = %args.cluster, mode = ?args.mode, namespace = %args.namespace(), "ca-agent started");
-    let mut server = Some(server);
     loop {
         if health.is_finished() {
             return match health.await {
@@ -105,10 +105,7 @@ async fn run(args: Args) -> Result<()> {
             anyhow::bail!("leader election stopped");
         }
         tracing::info!("leading: controllers start");
-        let srv = match server.take() {
-            Some(s) => s,
-            None => ca_server(&args)?,
-        };
+        let srv = ca_server(&args)?;
         tokio::select! {
             r = controllers(&args, client.clone(), srv, status.clone()) => {
                 if let Err(e) = r {
@@ -140,7 +137,7 @@ async fn controllers(args: &Args, client: Client, server: CaServer, status: Arc<
                     Ok(()) => backoff.reset(),
                     Err(e) => tracing::warn!(error = %format!("{e:#}"), "plug-in pass failed"),
                 }
-                tokio::time::sleep(backoff.next_after(p_failed(&status))).await;
+                tokio::time::sleep(backoff.next_after(status.degraded())).await;
             }
         }
         Mode::ExternalCa => {
@@ -176,7 +173,7 @@ async fn controllers(args: &Args, client: Client, server: CaServer, status: Arc<
                         Ok(()) => backoff.reset(),
                         Err(e) => tracing::warn!(error = %format!("{e:#}"), "external-CA pass failed"),
                     }
-                    let wait = backoff.next_after(p_failed(&status));
+                    let wait = backoff.next_after(status.degraded());
                     // A namespace's ConfigMap changed: report it without waiting for the resync.
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => {}
@@ -190,10 +187,6 @@ async fn controllers(args: &Args, client: Client, server: CaServer, status: Arc<
             }
         }
     }
-}
-
-fn p_failed(status: &Status) -> bool {
-    status.readiness(i64::MAX).is_err()
 }
 
 async fn external_pass(

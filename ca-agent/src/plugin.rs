@@ -16,7 +16,7 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
 use time::OffsetDateTime;
 
-use crate::certs::{bundle_change_allowed, check_issued, due, key_and_csr, pem_of, same_bundle};
+use crate::certs::{bundle_change_allowed, cert_with_key, check_issued, due, key_and_csr, pem_of, same_bundle};
 use crate::k8s::{secret, secret_map, secret_str, write_secret};
 use crate::server::{Auth, CaServer, CallError, Identity};
 use crate::status::Status;
@@ -28,7 +28,8 @@ const FILES: [&str; 4] = ["ca-cert.pem", "ca-key.pem", "cert-chain.pem", "root-c
 /// The four files istiod reads, parsed and checked to belong together.
 pub struct CaSet {
     pub cert: CertInfo,
-    pub key: hsm::SecretKey,
+    /// Shared with the [`Identity`] that presents the intermediate over mTLS.
+    pub key: Arc<hsm::SecretKey>,
     /// `cert-chain.pem`: the intermediate, then each parent up to and including the root.
     pub chain: Vec<CertInfo>,
     pub roots: Vec<CertInfo>,
@@ -37,9 +38,8 @@ pub struct CaSet {
 impl CaSet {
     pub fn from_secret(s: &Secret) -> Result<CaSet> {
         let get = |k: &str| secret_str(s, k).with_context(|| format!("{k} is missing"));
-        let cert = crate::server::one_cert(&get("ca-cert.pem")?).context("ca-cert.pem")?;
-        let key = hsm::SecretKey::from_pem(&get("ca-key.pem")?, "ca-key.pem")?;
-        anyhow::ensure!(cert.spki_der == key.public_key().spki_der(), "ca-key.pem is not the key of ca-cert.pem");
+        let (cert, key) = cert_with_key(&get("ca-cert.pem")?, &get("ca-key.pem")?, "ca-cert.pem", "ca-key.pem")?;
+        let key = Arc::new(key);
         let chain = parse_certs(get("cert-chain.pem")?.as_bytes(), "cert-chain.pem")?;
         let roots = parse_certs(get("root-cert.pem")?.as_bytes(), "root-cert.pem")?;
         Ok(CaSet { cert, key, chain, roots })
@@ -55,9 +55,8 @@ impl CaSet {
     }
 
     /// The intermediate as an mTLS credential: ca-server authenticates renewals and reports by it.
-    fn identity(&self) -> Result<Identity> {
-        let key = hsm::SecretKey::from_pem(self.key.expose_pem(), "ca-key.pem")?;
-        Ok(Identity { chain: vec![self.cert.clone()], key })
+    fn identity(&self) -> Identity {
+        Identity { chain: vec![self.cert.clone()], key: self.key.clone() }
     }
 }
 
@@ -115,7 +114,7 @@ impl Plugin {
         };
         self.status.blocked(None);
         self.status.expires(CACERTS, installed.cert.not_after.unix_timestamp());
-        let id = installed.identity()?;
+        let id = installed.identity();
         let advice = match self
             .server
             .report(&id, fingerprints(&installed.roots), self.chain_fps(&installed), &installed.cert.serial)
@@ -218,7 +217,7 @@ impl Plugin {
                 "the new trust bundle neither contains nor is contained in the installed one; istiod would refuse it"
             );
         }
-        Ok(CaSet { cert, key, chain, roots })
+        Ok(CaSet { cert, key: Arc::new(key), chain, roots })
     }
 
     /// Writes `next` as `cacerts`, first saving what it replaces as `cacerts-previous`.

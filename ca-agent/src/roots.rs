@@ -50,16 +50,14 @@ impl Roots {
     pub async fn run(mut self) -> Result<()> {
         // Nothing to publish before ca-server has given a bundle.
         let _ = self.bundle.wait_for(Option::is_some).await;
-        let namespaces =
+        let mut namespaces =
             watcher(Api::<Namespace>::all(self.client.clone()), watcher::Config::default()).default_backoff().boxed();
-        let maps = watcher(
+        let mut maps = watcher(
             Api::<ConfigMap>::all(self.client.clone()),
             watcher::Config::default().fields(&format!("metadata.name={NAME}")),
         )
         .default_backoff()
         .boxed();
-        let mut namespaces = namespaces;
-        let mut maps = maps;
         let mut live: BTreeSet<String> = BTreeSet::new();
         let mut relisting: Option<BTreeSet<String>> = None;
         let mut tick = tokio::time::interval(self.resync);

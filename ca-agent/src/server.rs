@@ -90,7 +90,7 @@ pub fn parse_all(pems: &[String]) -> anyhow::Result<Vec<CertInfo>> {
 /// The credential presented over mTLS: a certificate chain and its key.
 pub struct Identity {
     pub chain: Vec<CertInfo>,
-    pub key: hsm::SecretKey,
+    pub key: Arc<hsm::SecretKey>,
 }
 
 /// How a call authenticates.

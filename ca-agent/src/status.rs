@@ -121,6 +121,14 @@ impl Status {
         *self.not_ready.lock().unwrap_or_else(|p| p.into_inner()) = why;
     }
 
+    /// Whether the last pass left something wrong that an early retry may fix: ca-server did not
+    /// answer, a controller is blocked, or nothing reached ca-server yet.
+    pub fn degraded(&self) -> bool {
+        self.server_failing.load(Ordering::Relaxed)
+            || self.not_ready.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+            || self.server_ok_at.load(Ordering::Relaxed) == 0
+    }
+
     /// `Ok` when ready, else why not. `stale` is how old the last answer may be.
     pub fn readiness(&self, stale: i64) -> Result<&'static str, String> {
         let now = now();
