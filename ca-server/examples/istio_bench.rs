@@ -30,7 +30,7 @@ use proto::istio_certificate_service_client::IstioCertificateServiceClient;
 use serde_json::{Value, json};
 
 mod common;
-use common::{cpu_seconds, env, rate, sa_token as token};
+use common::{context_switches, cpu_seconds, cpu_split, env, rate, sa_token as token};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 const IDENTITIES: usize = 1000;
@@ -203,6 +203,225 @@ fn fsync_latency(dir: &Path, n: usize) -> (f64, f64, f64) {
     (lat[n / 2], lat[n * 99 / 100], lat[n - 1])
 }
 
+/// Runs `n` requests, each index once, `concurrency` at a time; panics on any error (a
+/// callgrind phase must count exactly `n` issuances).
+async fn fixed(load: &Load, n: usize, concurrency: usize) {
+    let next = Arc::new(AtomicU64::new(0));
+    let tasks: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let (load, next) = (load.clone(), next.clone());
+            tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                    if i >= n {
+                        break;
+                    }
+                    load.one(i).await.expect("every request of a callgrind phase succeeds");
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+/// The stages of one issuance, each as the functions whose inclusive cost is the stage's
+/// (none nested in another of the list). What none of them covers is the remainder: the
+/// runtime's scheduling, tower's layers, channels, allocation and the handler's own glue.
+const STAGES: &[(&str, &[&str])] = &[
+    (
+        "connection: TLS and HTTP/2 framing, HPACK (hyper's connection task)",
+        &["<hyper::proto::h2::server::Server<T,S,B,E> as core::future::future::Future>::poll"],
+    ),
+    (
+        "gRPC decode (body frames, protobuf)",
+        &["<tonic::codec::decode::Streaming<T> as futures_core::stream::Stream>::poll_next"],
+    ),
+    (
+        "token (service-account JWT: cache lookup; signature and claims when not cached)",
+        &[
+            "ca_server::auth::service_account::Validator::cached",
+            "ca_server::auth::service_account::Validator::verify_uncached::{{closure}}",
+        ],
+    ),
+    ("CSR parse (PEM, DER) + signature verify", &["ca_core::csr::VerifiedCsr::parse"]),
+    ("judge (names, lifetime; CSR excluded)", &["ca_server::service::workload::judge"]),
+    ("build (serial, parameters, rcgen draft)", &["ca_core::issue::draft_params", "ca_core::issue::build_draft"]),
+    ("lint (parse the draft, 36 rules)", &["ca_core::issue::lint_draft"]),
+    ("sign (issuer key)", &["hsm::KeySigner::sign_bytes"]),
+    ("self-verify (parse the certificate, verify its signature)", &["ca_core::issue::self_verify"]),
+    (
+        "record: group commit task (audit record, hash chain, binds)",
+        &["ca_server::service::recorder::record_loop::{{closure}}"],
+    ),
+    (
+        "commit: SQLite statements (sqlx worker thread)",
+        &[
+            "<sqlx_sqlite::connection::execute::ExecuteIter as core::iter::traits::iterator::Iterator>::next",
+            "sqlx_sqlite::connection::handle::ConnectionHandle::exec",
+        ],
+    ),
+    (
+        "response encode (PEM, protobuf)",
+        &["pem::encode_config", "<tonic::codec::encode::EncodeBody<T,U> as http_body::Body>::poll_frame"],
+    ),
+];
+
+/// Shown beside the stages, not added up: parts of a stage above.
+const PARTS: &[(&str, &[&str])] = &[(
+    "of the connection: TLS record layer (rustls, AES-GCM)",
+    &[
+        "<tokio_rustls::server::TlsStream<IO> as tokio::io::async_write::AsyncWrite>::poll_write_vectored",
+        "tokio_rustls::common::Stream<IO,C>::read_io",
+    ],
+)];
+
+/// `callgrind_annotate --inclusive=yes` of a dump: (program total, inclusive cost per function).
+fn annotate(file: &Path) -> (u64, std::collections::HashMap<String, u64>) {
+    let out = Command::new("callgrind_annotate")
+        .args(["--inclusive=yes", "--threshold=100"])
+        .arg(file)
+        .output()
+        .expect("callgrind_annotate (valgrind) is installed");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut total = 0;
+    let mut by_fn = std::collections::HashMap::new();
+    for line in text.lines() {
+        let line = line.trim();
+        let Some((count, rest)) = line.split_once(' ') else { continue };
+        let Ok(n) = count.replace(',', "").parse::<u64>() else { continue };
+        if rest.contains("PROGRAM TOTALS") {
+            total = n;
+            continue;
+        }
+        // "(12.3%)  file:function [object]"
+        let rest = rest.trim_start();
+        let rest = rest.strip_prefix('(').and_then(|r| r.split_once(')')).map_or(rest, |(_, r)| r).trim();
+        let name = rest.split_once(':').map_or(rest, |(_, f)| f);
+        let name = name.rsplit_once(" [").map_or(name, |(f, _)| f).trim();
+        *by_fn.entry(name.to_string()).or_insert(0) += n;
+    }
+    (total, by_fn)
+}
+
+/// Starts counting at zero, runs `n` issuances, dumps: the dump's file.
+async fn callgrind_phase(pid: u32, dir: &Path, load: &Load, n: usize, concurrency: usize) -> PathBuf {
+    let before: std::collections::HashSet<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+    let ctl = |arg: &str| {
+        let ok =
+            Command::new("callgrind_control").arg(arg).arg(pid.to_string()).stdout(Stdio::null()).status().unwrap();
+        assert!(ok.success(), "callgrind_control {arg}");
+    };
+    ctl("-z");
+    fixed(load, n, concurrency).await;
+    ctl("-d");
+    loop {
+        let new: Vec<PathBuf> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| !before.contains(p) && p.file_name().unwrap().to_string_lossy().starts_with("cg.out"))
+            .collect();
+        if let Some(p) = new.into_iter().next() {
+            // The dump is written by the server's next scheduled thread: wait until it is whole.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            return p;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Prints the per-stage instruction table of two dumps (new tokens, then the same tokens
+/// again), per certificate.
+fn callgrind_table(n: usize, uncached: &Path, cached: &Path) {
+    // ISTIO_BENCH_KEEP=<dir>: keep both dumps for callgrind_annotate or kcachegrind.
+    if let Some(keep) = std::env::var_os("ISTIO_BENCH_KEEP") {
+        let keep = PathBuf::from(keep);
+        std::fs::create_dir_all(&keep).unwrap();
+        std::fs::copy(uncached, keep.join("callgrind.uncached")).unwrap();
+        std::fs::copy(cached, keep.join("callgrind.cached")).unwrap();
+    }
+    let (tu, fu) = annotate(uncached);
+    let (tc, fc) = annotate(cached);
+    let per = |x: u64| x as f64 / n as f64;
+    let stage = |f: &std::collections::HashMap<String, u64>, names: &[&str]| -> u64 {
+        names.iter().map(|n| f.get(*n).copied().unwrap_or(0)).sum()
+    };
+    println!("\n| stage, instructions per certificate | token not seen before | token cached |\n| --- | ---: | ---: |");
+    let mut rows: Vec<(u64, u64)> = STAGES.iter().map(|(_, names)| (stage(&fu, names), stage(&fc, names))).collect();
+    // The judge's inclusive cost holds the CSR's: shown on its own line.
+    let csr = STAGES.iter().position(|(l, _)| l.starts_with("CSR")).unwrap();
+    let judge = STAGES.iter().position(|(l, _)| l.starts_with("judge")).unwrap();
+    rows[judge] = (rows[judge].0.saturating_sub(rows[csr].0), rows[judge].1.saturating_sub(rows[csr].1));
+    let (mut su, mut sc) = (0u64, 0u64);
+    for ((label, names), (u, c)) in STAGES.iter().zip(rows) {
+        if u == 0 && c == 0 {
+            eprintln!("callgrind: no function of stage {label:?} found ({names:?})");
+        }
+        su += u;
+        sc += c;
+        println!("| {label} | {:.0} | {:.0} |", per(u), per(c));
+    }
+    for (label, names) in PARTS {
+        println!("| ({label}) | ({:.0}) | ({:.0}) |", per(stage(&fu, names)), per(stage(&fc, names)));
+    }
+    println!(
+        "| everything else (scheduling, tower layers, channels, allocation, glue) | {:.0} | {:.0} |",
+        per(tu.saturating_sub(su)),
+        per(tc.saturating_sub(sc))
+    );
+    println!("| **whole server process** | **{:.0}** | **{:.0}** |", per(tu), per(tc));
+    if std::env::var_os("ISTIO_BENCH_TOP").is_some() {
+        let mut top: Vec<_> = fc.iter().collect();
+        top.sort_by(|a, b| b.1.cmp(a.1));
+        for (f, c) in top.into_iter().take(600) {
+            eprintln!("{:>10.0}  {f}", per(*c));
+        }
+    }
+}
+
+/// CPU seconds of every process named `postgres` (the server and its backends) by pid;
+/// empty when none runs.
+fn postgres_cpu() -> std::collections::HashMap<String, f64> {
+    let Ok(procs) = std::fs::read_dir("/proc") else { return Default::default() };
+    procs
+        .filter_map(|p| {
+            let pid = p.ok()?.file_name().to_string_lossy().to_string();
+            pid.parse::<u32>().ok()?;
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+            (comm.trim() == "postgres").then(|| (pid.clone(), cpu_seconds(&pid)))
+        })
+        .collect()
+}
+
+/// Samples `ca_hsm_sessions` every 100 ms until `go` turns false: (open at the end, most in
+/// use in one sample, mean in use), summed over tokens; `None` without PKCS#11 tokens.
+async fn sample_sessions(port: u16, go: Arc<AtomicBool>) -> Option<(u64, u64, f64)> {
+    let http = reqwest::Client::new();
+    let read = |state: &'static str, text: &str| -> Option<u64> {
+        let v: Vec<u64> = text
+            .lines()
+            .filter(|l| l.starts_with("ca_hsm_sessions{") && l.contains(&format!("state=\"{state}\"")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+            .collect();
+        (!v.is_empty()).then(|| v.iter().sum())
+    };
+    let (mut open, mut busiest, mut total, mut n) = (None, 0u64, 0u64, 0u64);
+    while go.load(Ordering::Relaxed) {
+        if let Ok(r) = http.get(format!("http://127.0.0.1:{port}/metrics")).send().await
+            && let Ok(text) = r.text().await
+            && let Some(in_use) = read("in_use", &text)
+        {
+            busiest = busiest.max(in_use);
+            total += in_use;
+            n += 1;
+            open = read("open", &text);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    open.map(|o| (o, busiest, total as f64 / n.max(1) as f64))
+}
+
 fn peak_rss_mb(pid: u32) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
@@ -218,22 +437,50 @@ async fn main() {
     let args: Vec<String> = std::env::args().collect();
     let seconds: u64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(60);
     let concurrency: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(64);
-    let exe = std::env::current_exe().unwrap();
-    let bin: PathBuf = exe.parent().unwrap().parent().unwrap().join("ca-server");
+    // ISTIO_BENCH_SERVER: another build's ca-server (before and after in one run).
+    let bin: PathBuf = std::env::var_os("ISTIO_BENCH_SERVER").map(PathBuf::from).unwrap_or_else(|| {
+        let exe = std::env::current_exe().unwrap();
+        exe.parent().unwrap().parent().unwrap().join("ca-server")
+    });
     assert!(bin.exists(), "{} missing: cargo build --release -p ca-server --bins --examples", bin.display());
+    // ISTIO_BENCH_KEY=hsm: the cluster's key in the dev SoftHSM2 token, as production holds it.
+    let hsm_key = match std::env::var("ISTIO_BENCH_KEY").as_deref() {
+        Ok("hsm") => true,
+        Ok("file") | Err(_) => false,
+        Ok(other) => panic!("ISTIO_BENCH_KEY is hsm or file, not {other}"),
+    };
+    // ISTIO_BENCH_CALLGRIND=N: the server runs under callgrind; N issuances with tokens it has
+    // not seen, then the same N again (tokens cached), each phase dumped on its own.
+    let callgrind: Option<usize> = std::env::var("ISTIO_BENCH_CALLGRIND")
+        .ok()
+        .map(|v| v.parse().expect("ISTIO_BENCH_CALLGRIND=<number of issuances>"));
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("dev");
-    let key = tmp.path().join("bench-cluster.key");
-    hsm::generate_key(&hsm::KeyRef::file(&key), hsm::KeyAlgorithm::EcdsaP256).unwrap();
-    let mut child = Command::new(&bin)
+    let cg_dir = tmp.path().join("callgrind");
+    std::fs::create_dir_all(&cg_dir).unwrap();
+    let mut cmd = match callgrind {
+        Some(_) => {
+            let mut c = Command::new("valgrind");
+            c.args(["--tool=callgrind", "--dump-instr=no"])
+                .arg(format!("--callgrind-out-file={}", cg_dir.join("cg.out").display()))
+                .arg(&bin)
+                // Under callgrind everything runs about fifty times slower.
+                .env("CA_SERVER_ISTIO__REQUEST_TIMEOUT", "300s")
+                .env("CA_SERVER_POLICY__HSM_TIMEOUT", "300s")
+                .env("CA_SERVER_LIMITS__HANDSHAKE_TIMEOUT", "300s");
+            c
+        }
+        None => Command::new(&bin),
+    };
+    // A known metrics port, to watch the PKCS#11 session pool.
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut child = cmd
         .args(["--dev", "--dev-dir"])
         .arg(&dir)
         .args(["--listen", "127.0.0.1:0"])
         .env("CA_SERVER_ISTIO__LISTEN", "127.0.0.1:0")
-        .env("CA_SERVER_METRICS__LISTEN", "127.0.0.1:0")
+        .env("CA_SERVER_METRICS__LISTEN", format!("127.0.0.1:{metrics_port}"))
         .env("CA_SERVER_LOG__LEVEL", "warn")
-        .env("CA_SERVER_ISTIO__CLUSTERS__BENCH__SA_ISSUER", "https://kubernetes.default.svc.cluster.local")
-        .env("CA_SERVER_ISTIO__CLUSTERS__BENCH__JWKS_FILE", "sa-jwks.json")
         .stdout(Stdio::piped())
         .stderr(Stdio::from(std::fs::File::create(tmp.path().join("server.log")).unwrap()))
         .spawn()
@@ -241,6 +488,19 @@ async fn main() {
     let (url, grpc) = common::listeners(&mut child);
     std::thread::sleep(Duration::from_secs(1));
     let e = env(&dir);
+    let key: hsm::KeyRef = if hsm_key {
+        // Beside the dev cluster's key in the dev token: same module, token and PIN source.
+        let dev_ref = std::fs::read_to_string(dir.join("cluster-dev.keyref")).unwrap();
+        let (head, tail) = dev_ref.trim().split_once("object=").expect("the dev token is SoftHSM2 (install softhsm2)");
+        let rest = tail.find(['?', ';']).map_or("", |i| &tail[i..]);
+        hsm::softhsm::use_config(&dir.join("hierarchy/softhsm/softhsm2.conf"));
+        format!("{head}object=bench-cluster-key{rest}").parse().unwrap()
+    } else {
+        hsm::KeyRef::file(tmp.path().join("bench-cluster.key"))
+    };
+    hsm::generate_key(&key, hsm::KeyAlgorithm::EcdsaP256).unwrap();
+    // The dev cluster's service-account keys stand in for the bench cluster's too.
+    let sa_jwks: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("sa-jwks.json")).unwrap()).unwrap();
     let root = std::fs::read(dir.join("hierarchy/root/root.pem")).unwrap();
     let mut roots = rustls::RootCertStore::empty();
     for p in pem::parse_many(&root).unwrap() {
@@ -264,14 +524,15 @@ async fn main() {
         "/v1/clusters".into(),
         &e["CA_ADMIN_TOKEN"],
         Some(json!({"name": "bench", "environment": "dev", "trust_domain": "cluster.local", "mode": "external-ca",
-                    "key": format!("file:{}", key.display())})),
+                    "key": key.to_string(),
+                    "istio": {"sa_issuer": e["CA_SA_ISSUER"], "jwks": sa_jwks}})),
     )
     .await
     .unwrap()
     .json()
     .await
     .unwrap();
-    let id = r["request_id"].as_str().expect("registered").to_string();
+    let id = r["request_id"].as_str().unwrap_or_else(|| panic!("registration refused: {r}")).to_string();
     let a =
         call(reqwest::Method::POST, format!("/v1/requests/{id}/approve"), &e["CA_APPROVER_TOKEN"], None).await.unwrap();
     assert!(a.status().is_success());
@@ -316,7 +577,7 @@ async fn main() {
         .unwrap();
     let inter =
         ca_core::cert::CertInfo::from_der(pem::parse(cert["pem"].as_str().unwrap()).unwrap().into_contents()).unwrap();
-    let ca = ca_core::issue::CaIssuer::new(inter, hsm::open_signer(&hsm::KeyRef::file(&key)).unwrap()).unwrap();
+    let ca = ca_core::issue::CaIssuer::new(inter, hsm::open_signer(&key).unwrap()).unwrap();
     let sample = csr();
     let id_ = ca_core::names::SpiffeId::istio(&"cluster.local".parse().unwrap(), "bench", "core").unwrap();
     let core = rate(3.0, || {
@@ -363,11 +624,33 @@ async fn main() {
     let load = Load { channels, work: Arc::new(work) };
     load.one(0).await.expect("warm-up request");
 
+    if let Some(n) = callgrind {
+        eprintln!("callgrind: pre-generating {n} CSRs and tokens never sent before");
+        let cg_work: Vec<(String, String)> =
+            (0..n).map(|i| (csr(), token(&dir, &issuer, "callgrind", &format!("w-{i}")))).collect();
+        let cg_load = Load { channels: load.channels.clone(), work: Arc::new(cg_work) };
+        eprintln!("callgrind: {n} issuances, new tokens");
+        let uncached = callgrind_phase(child.id(), &cg_dir, &cg_load, n, concurrency).await;
+        eprintln!("callgrind: the same {n} again, tokens cached");
+        let cached = callgrind_phase(child.id(), &cg_dir, &cg_load, n, concurrency).await;
+        let _ = child.kill();
+        callgrind_table(n, &uncached, &cached);
+        return;
+    }
+
     eprintln!("sustained: {seconds} s at concurrency {concurrency}");
     let server_pid = child.id().to_string();
     let (srv0, me0) = (cpu_seconds(&server_pid), cpu_seconds("self"));
+    let (split0, cs0, pg0) = (cpu_split(&server_pid), context_switches(&server_pid), postgres_cpu());
+    let sampling = Arc::new(AtomicBool::new(true));
+    let sampler = tokio::spawn(sample_sessions(metrics_port, sampling.clone()));
     let mut sustained = closed_loop(&load, seconds, concurrency).await;
+    sampling.store(false, Ordering::Relaxed);
+    let sessions = sampler.await.unwrap();
     let (srv_cpu, me_cpu) = (cpu_seconds(&server_pid) - srv0, cpu_seconds("self") - me0);
+    let (split1, cs1, pg1) = (cpu_split(&server_pid), context_switches(&server_pid), postgres_cpu());
+    let (user, sys) = (split1.0 - split0.0, split1.1 - split0.1);
+    let pg_cpu: f64 = pg1.iter().map(|(pid, c)| c - pg0.get(pid).copied().unwrap_or(0.0)).sum();
     eprintln!("open loop: 20 s at 2,000/s");
     let mut paced = open_loop(&load, 20, 2000).await;
     eprintln!("burst: 10,000 at once");
@@ -424,6 +707,21 @@ async fn main() {
         srv_cpu * 1e6 / sustained.ok.max(1) as f64,
         me_cpu / sustained.elapsed.as_secs_f64()
     );
+    let n = sustained.ok.max(1) as f64;
+    println!(
+        "| server CPU per certificate, split | {:.0} µs user + {:.0} µs system; {:.1} context switches |",
+        user * 1e6 / n,
+        sys * 1e6 / n,
+        cs1.saturating_sub(cs0) as f64 / n
+    );
+    if std::env::var("CA_SERVER_DATABASE__URL").is_ok_and(|u| u.starts_with("postgres")) {
+        println!(
+            "| PostgreSQL's processes during the sustained phase | {:.2} cores ({:.0} µs per certificate); server + PostgreSQL {:.0} µs per certificate |",
+            pg_cpu / sustained.elapsed.as_secs_f64(),
+            pg_cpu * 1e6 / n,
+            (srv_cpu + pg_cpu) * 1e6 / n
+        );
+    }
     println!(
         "| 2,000 requests/s offered, 20 s | {:.0} certs/s ({} ok, {} errors); p50 {:.1} ms, p95 {:.1} ms, p99 {:.1} ms |",
         paced.ok as f64 / paced.elapsed.as_secs_f64(),
@@ -441,6 +739,11 @@ async fn main() {
         b.pct(0.5),
         b.pct(0.99)
     );
+    if let Some((open, busiest, mean)) = sessions.filter(|_| hsm_key) {
+        println!(
+            "| PKCS#11 sessions during the sustained phase (sampled every 100 ms) | {open} open; in use: at most {busiest}, {mean:.2} on average |"
+        );
+    }
     println!("| peak server RSS (VmHWM) | {rss:.0} MB |");
     println!("| answered / stored / listed in audit records | {answered} / {stored} / {audited} |");
 }
