@@ -6,7 +6,7 @@ use x509_parser::prelude::FromDer;
 use x509_parser::revocation_list::CertificateRevocationList;
 
 use crate::error::{CoreError, PolicyError, Result};
-use crate::issue::{CaIssuer, sign_linted};
+use crate::issue::{CaIssuer, draft_issuer, sign_linted};
 use crate::lint;
 
 /// One revoked certificate.
@@ -136,14 +136,10 @@ pub fn create_crl(issuer: &CaIssuer, req: &CrlRequest) -> Result<Vec<u8>> {
             .collect(),
         key_identifier_method: KeyIdMethod::PreSpecified(key_id),
     };
-    let issuer_der = rustls_pki_types::CertificateDer::from(issuer.cert.der.clone());
     sign_linted(
         &issuer.signer,
         issuer.public_key(),
-        |k| {
-            let iss = rcgen::Issuer::from_ca_cert_der(&issuer_der, k)?;
-            params.signed_by(&iss).map(|c| c.der().to_vec())
-        },
+        |_| params.signed_by(draft_issuer(issuer)).map(|c| c.der().to_vec()),
         |der, tbs| lint::lint_crl(der, tbs, &issuer.cert),
         |der| {
             let (_, crl) =

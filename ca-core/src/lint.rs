@@ -179,8 +179,10 @@ pub fn lint_certificate(der: &[u8], draft_tbs: &[u8], ctx: &LintContext<'_>) -> 
     let (mut bc, mut ku, mut eku, mut ski, mut aki, mut san, mut nc) = (None, None, None, None, None, None, None);
     let mut urls = Vec::new();
     for ext in tbs.extensions() {
-        let oid = ext.oid.to_id_string();
-        f.check(seen.insert(oid.clone()), "x509.unique-extensions", || format!("{oid} appears twice"));
+        // Compared as encoded: the dotted form is only needed for the finding.
+        f.check(seen.insert(ext.oid.as_bytes()), "x509.unique-extensions", || {
+            format!("{} appears twice", ext.oid.to_id_string())
+        });
         match ext.parsed_extension() {
             ParsedExtension::BasicConstraints(b) => bc = Some((ext.critical, b.clone())),
             ParsedExtension::KeyUsage(k) => ku = Some((ext.critical, k.flags)),
@@ -225,7 +227,7 @@ pub fn lint_certificate(der: &[u8], draft_tbs: &[u8], ctx: &LintContext<'_>) -> 
                 }));
             }
             _ => f.check(!ext.critical, "x509.no-unknown-critical", || {
-                format!("critical extension {oid} is not understood")
+                format!("critical extension {} is not understood", ext.oid.to_id_string())
             }),
         }
     }
