@@ -18,6 +18,7 @@ use std::fmt;
 pub use error::{HsmError, Result};
 pub use file::write_new_private;
 pub use keyref::{KeyRef, PinSource, Pkcs11Ref};
+pub use pkcs11::{SessionStats, session_stats};
 pub use public::{KeyAlgorithm, PublicKey, PublicKeyKind};
 pub use secret::SecretKey;
 

@@ -36,6 +36,29 @@ fn tokens() -> &'static Tokens {
     T.get_or_init(Default::default)
 }
 
+/// The sessions of one logged-in token.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionStats {
+    pub token: String,
+    /// Sessions open. The pool opens one only when every open one is in use and never closes
+    /// a live one, so this is also the most that were ever in use at once.
+    pub open: usize,
+    /// Sessions in use now.
+    pub in_use: usize,
+}
+
+/// The session pools of every token this process has logged in to.
+pub fn session_stats() -> Vec<SessionStats> {
+    let tokens: Vec<Arc<Token>> = tokens().lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+    tokens
+        .iter()
+        .map(|t| {
+            let pool = t.pool.lock().unwrap_or_else(|p| p.into_inner());
+            SessionStats { token: t.label.clone(), open: pool.open, in_use: pool.open - pool.idle.len() }
+        })
+        .collect()
+}
+
 /// Loads and initialises a module once per process.
 pub(crate) fn module(path: &Path) -> Result<Pkcs11> {
     let mut map = modules().lock().unwrap_or_else(|p| p.into_inner());
