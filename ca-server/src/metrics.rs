@@ -37,6 +37,14 @@ pub struct IssuerLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SessionLabels {
+    /// A token label from the configuration's key references.
+    pub token: String,
+    /// `open` or `in_use`.
+    pub state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ClusterLabels {
     pub cluster: String,
 }
@@ -63,6 +71,7 @@ pub struct Metrics {
     pub issuer_expiry: Family<IssuerLabels, FGauge>,
     pub cluster_expiry: Family<ClusterLabels, FGauge>,
     pub hsm_up: Family<IssuerLabels, Gauge>,
+    pub hsm_sessions: Family<SessionLabels, Gauge>,
     pub workload_latency: Family<OutcomeLabels, Histogram>,
     pub workload_batch: Histogram,
     pub anonymous_denials: Family<DenialLabels, Counter>,
@@ -104,6 +113,12 @@ impl Metrics {
         );
         let hsm_up = Family::<IssuerLabels, Gauge>::default();
         registry.register("hsm_up", "1 when the issuer's key answered the last probe", hsm_up.clone());
+        let hsm_sessions = Family::<SessionLabels, Gauge>::default();
+        registry.register(
+            "hsm_sessions",
+            "PKCS#11 sessions per token: open (also the most ever in use at once) and in use",
+            hsm_sessions.clone(),
+        );
         let workload_latency = Family::<OutcomeLabels, Histogram>::new_with_constructor(|| {
             Histogram::new(exponential_buckets(0.0005, 2.0, 16))
         });
@@ -159,6 +174,7 @@ impl Metrics {
             issuer_expiry,
             cluster_expiry,
             hsm_up,
+            hsm_sessions,
             workload_latency,
             workload_batch,
         }
@@ -171,6 +187,11 @@ impl Metrics {
     }
 
     pub fn encode(&self) -> String {
+        for t in hsm::session_stats() {
+            for (state, n) in [("open", t.open), ("in_use", t.in_use)] {
+                self.hsm_sessions.get_or_create(&SessionLabels { token: t.token.clone(), state }).set(n as i64);
+            }
+        }
         let mut out = String::new();
         let registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
         prometheus_client::encoding::text::encode(&mut out, &registry).expect("writing to a String");

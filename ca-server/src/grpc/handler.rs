@@ -141,8 +141,12 @@ impl IstioApi {
         let claimed = |e: ServiceError| Refusal { error: e, actor: "anonymous".into(), cluster: Some(cluster.clone()) };
         let token = metadata_str(md, "authorization").and_then(|v| v.strip_prefix("Bearer ")).map(str::trim);
         let caller = workload::authenticate(state, &cluster, token).await.map_err(claimed)?;
-        let actor = format!("serviceaccount:{cluster}/{}", caller.account());
-        let refuse = |e: ServiceError| Refusal { error: e, actor: actor.clone(), cluster: Some(cluster.clone()) };
+        // Named only when refused: most requests are not.
+        let refuse = |e: ServiceError| Refusal {
+            error: e,
+            actor: format!("serviceaccount:{cluster}/{}", caller.account()),
+            cluster: Some(cluster.clone()),
+        };
         let request = request.into_inner();
         let impersonated = request
             .metadata

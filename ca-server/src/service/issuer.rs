@@ -157,6 +157,27 @@ impl Issuer {
         timeout: Duration,
         f: impl FnOnce(&CaIssuer) -> ca_core::Result<T> + Send + 'static,
     ) -> Result<T, ServiceError> {
+        self.with_key_on(timeout, false, f).await
+    }
+
+    /// `with_key` for short CPU-bound work on the request path (one workload certificate):
+    /// with a key held in memory (a file key), which cannot hang, `f` runs in place, sparing
+    /// two thread hand-offs per certificate; a device's key still goes to a blocking thread
+    /// under `timeout`.
+    pub async fn with_key_short<T: Send + 'static>(
+        self: &Arc<Self>,
+        timeout: Duration,
+        f: impl FnOnce(&CaIssuer) -> ca_core::Result<T> + Send + 'static,
+    ) -> Result<T, ServiceError> {
+        self.with_key_on(timeout, true, f).await
+    }
+
+    async fn with_key_on<T: Send + 'static>(
+        self: &Arc<Self>,
+        timeout: Duration,
+        in_place_if_software: bool,
+        f: impl FnOnce(&CaIssuer) -> ca_core::Result<T> + Send + 'static,
+    ) -> Result<T, ServiceError> {
         if !self.is_healthy() {
             return Err(ServiceError::new(
                 ErrorCode::HsmUnavailable,
@@ -169,7 +190,12 @@ impl Issuer {
                 format!("the key of issuer {} is not loaded", self.name),
             ));
         };
-        match run(timeout, move || f(&signer)).await {
+        let result = if in_place_if_software && !signer.signer.is_hardware() {
+            f(&signer).map_err(HsmFailure::Failed)
+        } else {
+            run(timeout, move || f(&signer)).await
+        };
+        match result {
             Err(HsmFailure::TimedOut) => {
                 self.set_healthy(false);
                 Err(ServiceError::new(

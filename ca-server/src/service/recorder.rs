@@ -57,35 +57,37 @@ async fn record_loop(
     let mut batch: Vec<Pending> = Vec::with_capacity(batch_max);
     while rx.recv_many(&mut batch, batch_max).await > 0 {
         let started = Instant::now();
-        let result = write_batch(&store, &batch).await;
+        let count = batch.len();
+        let (entries, waiting): (Vec<Entry>, Vec<_>) = batch.drain(..).map(|p| (p.entry, p.done)).unzip();
+        let result = write_batch(&store, entries).await;
         let took = started.elapsed();
         metrics.workload_commit.observe(took.as_secs_f64());
         if took > Duration::from_millis(100) {
             // Every waiting request waits this long: worth a line when it happens.
-            tracing::warn!(ms = took.as_millis() as u64, count = batch.len(), "slow workload commit");
+            tracing::warn!(ms = took.as_millis() as u64, count, "slow workload commit");
         }
         if let Err(e) = &result {
-            tracing::error!(error = %e, count = batch.len(), "writing a batch of workload records failed; the requests fail");
+            tracing::error!(error = %e, count, "writing a batch of workload records failed; the requests fail");
         }
-        metrics.workload_batch.observe(batch.len() as f64);
-        for p in batch.drain(..) {
-            let _ = p.done.send(result.as_ref().map(|_| ()).map_err(|_| ()));
+        metrics.workload_batch.observe(count as f64);
+        for done in waiting {
+            let _ = done.send(result.as_ref().map(|_| ()).map_err(|_| ()));
         }
     }
 }
 
-async fn write_batch(store: &Store, batch: &[Pending]) -> Result<(), ca_store::StoreError> {
-    let mut issued = Vec::new();
-    let mut listed = Vec::new();
+async fn write_batch(store: &Store, batch: Vec<Entry>) -> Result<(), ca_store::StoreError> {
+    let mut issued = Vec::with_capacity(batch.len());
+    let mut listed = Vec::with_capacity(batch.len());
     let mut denied = Vec::new();
-    for p in batch {
-        match &p.entry {
+    for entry in batch {
+        match entry {
             Entry::Issued { record, sha256 } => {
                 listed.push(json!({"serial": record.serial, "cluster": record.cluster, "identity": record.identity,
                     "not_after": record.not_after, "sha256": sha256}));
-                issued.push(record.clone());
+                issued.push(record);
             }
-            Entry::Denied(v) => denied.push(v.clone()),
+            Entry::Denied(v) => denied.push(v),
         }
     }
     let mut tx = store.write().await?;

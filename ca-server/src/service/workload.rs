@@ -95,8 +95,8 @@ pub async fn issue(
         // The key is away: a bad request is still the caller's error, a good one waits.
         judge(&csr, &identity, validity, &policy, ca.issuer.cert.not_after).map_err(judged_error)?;
     }
-    // Judging and signing share one trip to a blocking thread: the CSR check is CPU work
-    // of the same order as the signature.
+    // Judging and signing share one trip to a blocking thread (none for a file key): the
+    // CSR check is CPU work of the same order as the signature.
     let id = identity.clone();
     let permit = state
         .istio
@@ -106,7 +106,7 @@ pub async fn issue(
         .map_err(|_| ServiceError::new(ErrorCode::ShuttingDown, "the server is stopping"))?;
     let issued = ca
         .issuer
-        .with_key(state.hsm_timeout(), move |ca| match judge(&csr, &id, validity, &policy, ca.cert.not_after) {
+        .with_key_short(state.hsm_timeout(), move |ca| match judge(&csr, &id, validity, &policy, ca.cert.not_after) {
             Ok(req) => ca_core::issue::issue(ca, &req).map(Ok),
             Err(j) => Ok(Err(j)),
         })
