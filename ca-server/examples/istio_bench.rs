@@ -232,7 +232,7 @@ async fn fixed(load: &Load, n: usize, concurrency: usize) {
 const STAGES: &[(&str, &[&str])] = &[
     (
         "connection: TLS and HTTP/2 framing, HPACK (hyper's connection task)",
-        &["<hyper::proto::h2::server::Server<T,S,B,E> as core::future::future::Future>::poll"],
+        &["<hyper::server::conn::http2::Connection<I,S,E> as core::future::future::Future>::poll"],
     ),
     (
         "gRPC decode (body frames, protobuf)",
@@ -240,10 +240,7 @@ const STAGES: &[(&str, &[&str])] = &[
     ),
     (
         "token (service-account JWT: cache lookup; signature and claims when not cached)",
-        &[
-            "ca_server::auth::service_account::Validator::cached",
-            "ca_server::auth::service_account::Validator::verify_uncached::{{closure}}",
-        ],
+        &["ca_server::auth::service_account::TokenValidator::cached", "ca_server::jwt::decode::{{closure}}"],
     ),
     ("CSR parse (PEM, DER) + signature verify", &["ca_core::csr::VerifiedCsr::parse"]),
     ("judge (names, lifetime; CSR excluded)", &["ca_server::service::workload::judge"]),
