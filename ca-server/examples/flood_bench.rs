@@ -57,9 +57,73 @@ fn pct(samples: &Samples, from: Instant, to: Instant, p: f64) -> (usize, f64) {
     (l.len(), l[((l.len() as f64 - 1.0) * p).round() as usize].as_secs_f64() * 1000.0)
 }
 
+type Answers = std::collections::BTreeMap<String, u64>;
+
+/// 32 senders, half REST with 30 KB paths, half gRPC with a bogus token, until `requests`
+/// were sent: (how long, what was answered, how often).
+async fn run_flood(url: &str, grpc: &str, root: &Path, requests: u64) -> (Duration, Answers) {
+    let long = format!("{url}/v1/clusters/{}/trust-bundle", "a".repeat(30_000));
+    let port = grpc.rsplit_once(':').unwrap().1.to_string();
+    let root_pem = std::fs::read_to_string(root).unwrap();
+    let sent = Arc::new(AtomicU64::new(0));
+    let answers: Arc<std::sync::Mutex<Answers>> = Default::default();
+    let mut senders = Vec::new();
+    for _ in 0..16 {
+        let ch = Endpoint::from_shared(format!("https://localhost:{port}"))
+            .unwrap()
+            .tls_config(
+                ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&root_pem)).domain_name("localhost"),
+            )
+            .unwrap()
+            .timeout(Duration::from_secs(30))
+            .connect()
+            .await
+            .unwrap();
+        for grpc in [false, true] {
+            let (sent, answers, long, ch) = (sent.clone(), answers.clone(), long.clone(), ch.clone());
+            let rest = client(root, None);
+            senders.push(tokio::spawn(async move {
+                while sent.fetch_add(1, Ordering::Relaxed) < requests {
+                    let answer = if grpc {
+                        let mut req = tonic::Request::new(IstioCertificateRequest {
+                            csr: String::new(),
+                            validity_duration: 0,
+                            metadata: None,
+                        });
+                        req.metadata_mut().insert("authorization", "Bearer not.a.jwt".parse().unwrap());
+                        req.metadata_mut().insert("clusterid", "dev".parse().unwrap());
+                        match IstioCertificateServiceClient::new(ch.clone()).create_certificate(req).await {
+                            Ok(_) => "gRPC OK".into(),
+                            Err(st) => format!("gRPC {:?}", st.code()),
+                        }
+                    } else {
+                        match rest.get(&long).send().await {
+                            Ok(r) => format!("REST {}", r.status().as_u16()),
+                            Err(_) => "REST error".into(),
+                        }
+                    };
+                    *answers.lock().unwrap().entry(answer).or_default() += 1;
+                }
+            }));
+        }
+    }
+    let started = Instant::now();
+    for f in senders {
+        f.await.unwrap();
+    }
+    (started.elapsed(), answers.lock().unwrap().clone())
+}
+
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--flood-only") {
+        // The attacker process of FLOOD_ATTACKER=idle: flood, then report as JSON.
+        let (url, grpc, root, requests) = (&args[2], &args[3], PathBuf::from(&args[4]), args[5].parse().unwrap());
+        let (took, answers) = run_flood(url, grpc, &root, requests).await;
+        println!("{}", json!({"seconds": took.as_secs_f64(), "answers": answers, "cpu": cpu_seconds("self")}));
+        return;
+    }
     let requests: u64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(100_000);
     let idle: u64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(30);
     let exe = std::env::current_exe().unwrap();
@@ -210,50 +274,35 @@ async fn main() {
             }
         }
     };
-    let long = format!("{url}/v1/clusters/{}/trust-bundle", "a".repeat(30_000));
-    // 32 senders, half REST with 30 KB paths, half gRPC with a bogus token.
+    // FLOOD_ATTACKER=idle: the flood comes from a child process at SCHED_IDLE (`chrt --idle 0`),
+    // which runs only on CPU the server and the valid clients leave: an attacker on another
+    // machine, whose own CPU is not the server's to share. Unset, it shares this process.
+    let attacker_idle = match std::env::var("FLOOD_ATTACKER").as_deref() {
+        Ok("idle") => true,
+        Ok("shared") | Err(_) => false,
+        Ok(other) => panic!("FLOOD_ATTACKER is idle or shared, not {other}"),
+    };
     let flood = |requests: u64| {
-        let (long, root) = (long.clone(), root.clone());
-        let channels: Vec<_> = (0..16).map(|_| channel()).collect();
+        let (url, grpc, root) = (url.clone(), grpc.clone(), root.clone());
         async move {
-            let sent = Arc::new(AtomicU64::new(0));
-            let answers: Arc<std::sync::Mutex<std::collections::BTreeMap<String, u64>>> = Default::default();
-            let mut senders = Vec::new();
-            for ch in channels {
-                let ch = ch.await;
-                for grpc in [false, true] {
-                    let (sent, answers, long, ch) = (sent.clone(), answers.clone(), long.clone(), ch.clone());
-                    let rest = client(&root, None);
-                    senders.push(tokio::spawn(async move {
-                        while sent.fetch_add(1, Ordering::Relaxed) < requests {
-                            let answer = if grpc {
-                                let mut req = tonic::Request::new(IstioCertificateRequest {
-                                    csr: String::new(),
-                                    validity_duration: 0,
-                                    metadata: None,
-                                });
-                                req.metadata_mut().insert("authorization", "Bearer not.a.jwt".parse().unwrap());
-                                req.metadata_mut().insert("clusterid", "dev".parse().unwrap());
-                                match IstioCertificateServiceClient::new(ch.clone()).create_certificate(req).await {
-                                    Ok(_) => "gRPC OK".into(),
-                                    Err(st) => format!("gRPC {:?}", st.code()),
-                                }
-                            } else {
-                                match rest.get(&long).send().await {
-                                    Ok(r) => format!("REST {}", r.status().as_u16()),
-                                    Err(_) => "REST error".into(),
-                                }
-                            };
-                            *answers.lock().unwrap().entry(answer).or_default() += 1;
-                        }
-                    }));
-                }
+            if !attacker_idle {
+                let (took, answers) = run_flood(&url, &grpc, &root, requests).await;
+                return (took, answers, None);
             }
-            let started = Instant::now();
-            for f in senders {
-                f.await.unwrap();
-            }
-            (started.elapsed(), answers.lock().unwrap().clone())
+            let out = tokio::process::Command::new("chrt")
+                .args(["--idle", "0"])
+                .arg(std::env::current_exe().unwrap())
+                .args(["--flood-only", &url, &grpc])
+                .arg(&root)
+                .arg(requests.to_string())
+                .stderr(Stdio::inherit())
+                .output()
+                .await
+                .expect("chrt (util-linux) runs the attacker");
+            assert!(out.status.success(), "the attacker process failed");
+            let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+            let answers = serde_json::from_value(v["answers"].clone()).unwrap();
+            (Duration::from_secs_f64(v["seconds"].as_f64().unwrap()), answers, v["cpu"].as_f64())
         }
     };
 
@@ -262,8 +311,10 @@ async fn main() {
     let seq_before = audit(0).await.last().map_or(0, |r| r["seq"].as_i64().unwrap());
     let server_pid = child.id().to_string();
     let (cpu_server0, cpu_self0) = (cpu_seconds(&server_pid), cpu_seconds("self"));
-    let (alone, answers_alone) = flood(requests).await;
+    let (alone, answers_alone, attacker_cpu) = flood(requests).await;
     let (cpu_server, cpu_self) = (cpu_seconds(&server_pid) - cpu_server0, cpu_seconds("self") - cpu_self0);
+    // The load generator's CPU: this process's, plus the attacker process's when there is one.
+    let cpu_self = cpu_self + attacker_cpu.unwrap_or(0.0);
     tokio::time::sleep(Duration::from_secs(6)).await;
     let bytes_after = db_bytes(&db);
     let records = audit(seq_before).await;
@@ -273,7 +324,7 @@ async fn main() {
     let t0 = Instant::now();
     tokio::time::sleep(Duration::from_secs(idle)).await;
     let t1 = Instant::now();
-    let (with_traffic, answers) = flood(requests).await;
+    let (with_traffic, answers, _) = flood(requests).await;
     let t2 = Instant::now();
     stop.store(true, Ordering::Relaxed);
     for t in tasks {
@@ -293,6 +344,14 @@ async fn main() {
 
     println!("| measurement | value |");
     println!("| --- | --- |");
+    println!(
+        "| the attacker | {} |",
+        if attacker_idle {
+            "a process of its own at SCHED_IDLE (FLOOD_ATTACKER=idle)"
+        } else {
+            "this process, at the same priority as the valid clients"
+        }
+    );
     println!("| raw ECDSA P-256 sign, software (aws-lc-rs), 1 thread | {sign_rate:.0}/s |");
     println!(
         "| flood alone: {requests} anonymous bad requests | {:.1} s ({:.0}/s); CPU: server {cpu_server:.1} s, load generator {cpu_self:.1} s |",
