@@ -231,16 +231,13 @@ async fn fixed(load: &Load, n: usize, concurrency: usize) {
 /// runtime's scheduling, tower's layers, channels, allocation and the handler's own glue.
 const STAGES: &[(&str, &[&str])] = &[
     (
-        "connection: TLS and HTTP/2 framing, HPACK (hyper's connection task)",
-        &["<hyper::server::conn::http2::Connection<I,S,E> as core::future::future::Future>::poll"],
+        "connection: TLS, HTTP/2 frames, HPACK (h2's accept loop)",
+        &["h2::server::Connection<T,B>::poll_accept"],
     ),
+    ("gRPC decode (body frames, protobuf)", &["<tonic::codec::decode::Streaming<T> as futures_core::stream::Stream>::poll_next"]),
     (
-        "gRPC decode (body frames, protobuf)",
-        &["<tonic::codec::decode::Streaming<T> as futures_core::stream::Stream>::poll_next"],
-    ),
-    (
-        "token (service-account JWT: cache lookup; signature and claims when not cached)",
-        &["ca_server::auth::service_account::TokenValidator::cached", "ca_server::jwt::decode::{{closure}}"],
+        "token (service-account JWT: cache lookup; signature and header when not cached)",
+        &["ca_server::auth::service_account::TokenValidator::cached", "jsonwebtoken::decoding::verify_signature"],
     ),
     ("CSR parse (PEM, DER) + signature verify", &["ca_core::csr::VerifiedCsr::parse"]),
     ("judge (names, lifetime; CSR excluded)", &["ca_server::service::workload::judge"]),
@@ -248,10 +245,7 @@ const STAGES: &[(&str, &[&str])] = &[
     ("lint (parse the draft, 36 rules)", &["ca_core::issue::lint_draft"]),
     ("sign (issuer key)", &["hsm::KeySigner::sign_bytes"]),
     ("self-verify (parse the certificate, verify its signature)", &["ca_core::issue::self_verify"]),
-    (
-        "record: group commit task (audit record, hash chain, binds)",
-        &["ca_server::service::recorder::record_loop::{{closure}}"],
-    ),
+    ("record: group commit task (audit record, hash chain, binds)", &["ca_server::service::recorder::record_loop::{{closure}}"]),
     (
         "commit: SQLite statements (sqlx worker thread)",
         &[
@@ -259,18 +253,15 @@ const STAGES: &[(&str, &[&str])] = &[
             "sqlx_sqlite::connection::handle::ConnectionHandle::exec",
         ],
     ),
-    (
-        "response encode (PEM, protobuf)",
-        &["pem::encode_config", "<tonic::codec::encode::EncodeBody<T,U> as http_body::Body>::poll_frame"],
-    ),
+    ("response encode (PEM, protobuf)", &["pem::encode_config", "prost::message::Message::encode"]),
 ];
 
 /// Shown beside the stages, not added up: parts of a stage above.
 const PARTS: &[(&str, &[&str])] = &[(
-    "of the connection: TLS record layer (rustls, AES-GCM)",
+    "of the connection: TLS records (rustls read, and AES-GCM for the answers)",
     &[
-        "<tokio_rustls::server::TlsStream<IO> as tokio::io::async_write::AsyncWrite>::poll_write_vectored",
         "tokio_rustls::common::Stream<IO,C>::read_io",
+        "<rustls::conn::ConnectionCommon<T> as rustls::conn::connection::PlaintextSink>::write_vectored",
     ],
 )];
 
@@ -332,7 +323,7 @@ async fn callgrind_phase(pid: u32, dir: &Path, load: &Load, n: usize, concurrenc
 /// again), per certificate.
 fn callgrind_table(n: usize, uncached: &Path, cached: &Path) {
     // ISTIO_BENCH_KEEP=<dir>: keep both dumps for callgrind_annotate or kcachegrind.
-    if let Some(keep) = std::env::var_os("ISTIO_BENCH_KEEP") {
+    if let Some(keep) = std::env::var_os("ISTIO_BENCH_KEEP").filter(|_| std::env::var_os("ISTIO_BENCH_REPORT").is_none()) {
         let keep = PathBuf::from(keep);
         std::fs::create_dir_all(&keep).unwrap();
         std::fs::copy(uncached, keep.join("callgrind.uncached")).unwrap();
@@ -446,6 +437,14 @@ async fn main() {
         Ok("file") | Err(_) => false,
         Ok(other) => panic!("ISTIO_BENCH_KEY is hsm or file, not {other}"),
     };
+    // ISTIO_BENCH_REPORT=<dir> with ISTIO_BENCH_CALLGRIND=N: the table of dumps an earlier
+    // run kept (ISTIO_BENCH_KEEP), without running anything.
+    if let (Some(dir), Ok(n)) = (std::env::var_os("ISTIO_BENCH_REPORT"), std::env::var("ISTIO_BENCH_CALLGRIND")) {
+        let dir = PathBuf::from(dir);
+        let n = n.parse().expect("ISTIO_BENCH_CALLGRIND=<number of issuances>");
+        callgrind_table(n, &dir.join("callgrind.uncached"), &dir.join("callgrind.cached"));
+        return;
+    }
     // ISTIO_BENCH_CALLGRIND=N: the server runs under callgrind; N issuances with tokens it has
     // not seen, then the same N again (tokens cached), each phase dumped on its own.
     let callgrind: Option<usize> = std::env::var("ISTIO_BENCH_CALLGRIND")
