@@ -230,11 +230,11 @@ async fn fixed(load: &Load, n: usize, concurrency: usize) {
 /// (none nested in another of the list). What none of them covers is the remainder: the
 /// runtime's scheduling, tower's layers, channels, allocation and the handler's own glue.
 const STAGES: &[(&str, &[&str])] = &[
+    ("connection: TLS, HTTP/2 frames, HPACK (h2's accept loop)", &["h2::server::Connection<T,B>::poll_accept"]),
     (
-        "connection: TLS, HTTP/2 frames, HPACK (h2's accept loop)",
-        &["h2::server::Connection<T,B>::poll_accept"],
+        "gRPC decode (body frames, protobuf)",
+        &["<tonic::codec::decode::Streaming<T> as futures_core::stream::Stream>::poll_next"],
     ),
-    ("gRPC decode (body frames, protobuf)", &["<tonic::codec::decode::Streaming<T> as futures_core::stream::Stream>::poll_next"]),
     (
         "token (service-account JWT: cache lookup; signature and header when not cached)",
         &["ca_server::auth::service_account::TokenValidator::cached", "jsonwebtoken::decoding::verify_signature"],
@@ -245,7 +245,10 @@ const STAGES: &[(&str, &[&str])] = &[
     ("lint (parse the draft, 36 rules)", &["ca_core::issue::lint_draft"]),
     ("sign (issuer key)", &["hsm::KeySigner::sign_bytes"]),
     ("self-verify (parse the certificate, verify its signature)", &["ca_core::issue::self_verify"]),
-    ("record: group commit task (audit record, hash chain, binds)", &["ca_server::service::recorder::record_loop::{{closure}}"]),
+    (
+        "record: group commit task (audit record, hash chain, binds)",
+        &["ca_server::service::recorder::record_loop::{{closure}}"],
+    ),
     (
         "commit: SQLite statements (sqlx worker thread)",
         &[
@@ -323,7 +326,9 @@ async fn callgrind_phase(pid: u32, dir: &Path, load: &Load, n: usize, concurrenc
 /// again), per certificate.
 fn callgrind_table(n: usize, uncached: &Path, cached: &Path) {
     // ISTIO_BENCH_KEEP=<dir>: keep both dumps for callgrind_annotate or kcachegrind.
-    if let Some(keep) = std::env::var_os("ISTIO_BENCH_KEEP").filter(|_| std::env::var_os("ISTIO_BENCH_REPORT").is_none()) {
+    if let Some(keep) =
+        std::env::var_os("ISTIO_BENCH_KEEP").filter(|_| std::env::var_os("ISTIO_BENCH_REPORT").is_none())
+    {
         let keep = PathBuf::from(keep);
         std::fs::create_dir_all(&keep).unwrap();
         std::fs::copy(uncached, keep.join("callgrind.uncached")).unwrap();
