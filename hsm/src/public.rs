@@ -290,6 +290,22 @@ mod tests {
     }
 
     #[test]
+    fn the_parsed_key_is_shared_by_clones_and_still_checks() {
+        let (a, b) = (KeyPair::generate().unwrap(), KeyPair::generate().unwrap());
+        let pk = PublicKey::from_spki_der(&a.subject_public_key_info()).unwrap();
+        let sig_a = rcgen::SigningKey::sign(&a, b"msg").unwrap();
+        let sig_b = rcgen::SigningKey::sign(&b, b"msg").unwrap();
+        pk.verify(pk.signature_oid(), b"msg", &sig_a).unwrap();
+        let clone = pk.clone();
+        assert!(clone.parsed.0.get().is_some_and(Option::is_some), "the clone shares the parsed key");
+        clone.verify(clone.signature_oid(), b"msg", &sig_a).unwrap();
+        assert!(clone.verify(clone.signature_oid(), b"msg", &sig_b).is_err(), "another key's signature");
+        assert!(clone.verify(clone.signature_oid(), b"msg", b"\x30\x00").is_err(), "garbage");
+        // Another algorithm than the key's own goes the unparsed way, and is checked too.
+        assert!(clone.verify("1.2.840.10045.4.3.3", b"msg", &sig_a).is_err());
+    }
+
+    #[test]
     fn rejects_unknown_algorithm_names() {
         assert!("ecdsa-p521".parse::<KeyAlgorithm>().is_err());
         assert_eq!("rsa-4096".parse::<KeyAlgorithm>().unwrap(), KeyAlgorithm::Rsa4096);

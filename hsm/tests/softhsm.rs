@@ -137,3 +137,34 @@ fn token_rng_gives_fresh_bytes() {
     assert_eq!(a.len(), 16);
     assert_ne!(a, b);
 }
+
+#[test]
+fn session_stats_report_each_tokens_pool() {
+    let e = token("stats");
+    let r = key_ref(e, "stats", "k");
+    hsm::generate_key(&r, KeyAlgorithm::EcdsaP256).unwrap();
+    let signer = Arc::new(hsm::open_signer(&r).unwrap());
+    let stats = |label: &str| hsm::session_stats().into_iter().find(|s| s.token == label);
+    signer.sign_bytes(b"one").unwrap();
+    let one = stats("stats").expect("a logged-in token is reported");
+    assert!(one.open >= 1, "{one:?}");
+    assert_eq!(one.in_use, 0, "every session went back to the pool: {one:?}");
+    // Many callers at once: the pool grows, never past its cap, and every session comes back.
+    let handles: Vec<_> = (0..24)
+        .map(|t| {
+            let s = signer.clone();
+            std::thread::spawn(move || {
+                for i in 0..20 {
+                    s.sign_bytes(format!("{t}-{i}").as_bytes()).unwrap();
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    let busy = stats("stats").unwrap();
+    assert!(busy.open >= one.open && busy.open <= 16, "{busy:?}");
+    assert_eq!(busy.in_use, 0, "{busy:?}");
+    assert!(stats("never-logged-in").is_none());
+}
