@@ -6,7 +6,7 @@ use x509_parser::prelude::FromDer;
 use x509_parser::revocation_list::CertificateRevocationList;
 
 use crate::error::{CoreError, PolicyError, Result};
-use crate::issue::{CaIssuer, draft_issuer, sign_linted};
+use crate::issue::{CaIssuer, sign_linted};
 use crate::lint;
 
 /// One revoked certificate.
@@ -139,7 +139,7 @@ pub fn create_crl(issuer: &CaIssuer, req: &CrlRequest) -> Result<Vec<u8>> {
     sign_linted(
         &issuer.signer,
         issuer.public_key(),
-        |_| params.signed_by(draft_issuer(issuer)).map(|c| c.der().to_vec()),
+        |_| params.signed_by(&issuer.draft).map(|c| c.der().to_vec()),
         |der, tbs| lint::lint_crl(der, tbs, &issuer.cert),
         |der| {
             let (_, crl) =

@@ -19,7 +19,7 @@ pub struct CaIssuer {
     pub signer: hsm::KeySigner,
     /// The certificate as rcgen's issuer, with the draft signer: parsed once here rather than
     /// at every issuance.
-    draft: rcgen::Issuer<'static, Draft>,
+    pub(crate) draft: rcgen::Issuer<'static, Draft>,
 }
 
 impl std::fmt::Debug for CaIssuer {
@@ -84,7 +84,7 @@ thread_local! {
 /// Draft signer: presents the real issuer key and algorithm, so the TBS rcgen encodes is
 /// byte-identical to the one the real key will sign, records it, and returns a placeholder
 /// signature (lint never looks at the signature value, only at the TBS and the algorithms).
-struct Draft {
+pub(crate) struct Draft {
     public: hsm::PublicKey,
     alg: &'static rcgen::SignatureAlgorithm,
 }
@@ -302,11 +302,6 @@ fn draft_params(
     let subject_key = rcgen::SubjectPublicKeyInfo::from_der(req.subject_key.spki_der())
         .map_err(|e| CoreError::Parse(format!("subject key: {e}")))?;
     Ok((params, subject_key))
-}
-
-/// The issuer as rcgen signs with it, for a CRL (its draft signer records the TBS).
-pub(crate) fn draft_issuer(issuer: &CaIssuer) -> &rcgen::Issuer<'static, impl SigningKey> {
-    &issuer.draft
 }
 
 pub fn check_issuer_policy(issuer: &CertInfo, req: &CertRequest) -> Result<()> {

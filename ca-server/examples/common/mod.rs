@@ -71,18 +71,15 @@ pub fn sa_token(dir: &Path, issuer: &str, ns: &str, sa: &str) -> String {
 
 /// CPU seconds (user + system) of a process so far (`self` for this one).
 pub fn cpu_seconds(pid: &str) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which is in parentheses and may hold spaces).
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // utime and stime are fields 14 and 15 of stat, 12 and 13 after the command name.
-    (ticks(11) + ticks(12)) / 100.0
+    let (user, system) = cpu_split(pid);
+    user + system
 }
 
 /// CPU seconds of a process so far, split: (user, system).
 pub fn cpu_split(pid: &str) -> (f64, f64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which is in parentheses and may hold spaces); utime and
+    // stime are fields 14 and 15 of stat, 12 and 13 after the command name.
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
     let f: Vec<&str> = rest.split_whitespace().collect();
     let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
